@@ -1,0 +1,9 @@
+"""streammerge: merge Hugging Face checkpoints one tensor at a time, in bounded memory."""
+
+__version__ = "0.1.0"
+
+from streammerge.api import merge, schedule  # noqa: E402
+from streammerge.errors import StreamMergeError  # noqa: E402
+from streammerge.plan import MergePlan, load_plan  # noqa: E402
+
+__all__ = ["MergePlan", "StreamMergeError", "__version__", "load_plan", "merge", "schedule"]

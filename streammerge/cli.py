@@ -1,0 +1,113 @@
+"""Command line: ``streammerge run``, ``streammerge plan``, ``streammerge methods``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from streammerge import __version__
+from streammerge.api import merge, schedule
+from streammerge.errors import StreamMergeError
+from streammerge.methods import get_method, method_names
+from streammerge.plan.schema import parse_size
+
+
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+_plan_options = [
+    click.option("--shard-size", type=_Size(), help="Largest output shard, e.g. 5GB (default) or 500MB."),
+    click.option("--max-memory", type=_Size(), help="Peak memory budget, e.g. 2GiB; chunks are sized to fit it."),
+    click.option("--chunk-size", type=click.IntRange(min=1), help="Elements per chunk (rounded to whole rows); overrides --max-memory."),
+    click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float64"]),
+                 help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
+    click.option("--seed", type=int, help="Seed for random methods (dare_*); the same seed gives the same bytes."),
+]
+
+
+def _add(options: list) -> Any:
+    def wrap(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return wrap
+
+
+def _fail(e: StreamMergeError) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="streammerge")
+def main() -> None:
+    """Merge Hugging Face checkpoints one tensor at a time, in bounded memory.
+
+    A plan is a mergekit YAML config (models, base_model, merge_method, parameters, dtype,
+    out_dtype), optionally with streammerge's own keys (output, shard_size, max_memory,
+    chunk_size, compute_dtype, seed).
+    """
+
+
+@main.command()
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides the plan's 'output').")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_add(_plan_options)
+def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, quiet: bool, **overrides: Any) -> None:
+    """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output')."""
+    if out is not None and output is not None and out != output:
+        _fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
+    try:
+        result = merge(plan, output or out, overwrite=overwrite, quiet=quiet, **overrides)
+    except StreamMergeError as e:
+        _fail(e)
+    if not quiet:
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"wrote {result.output}: {result.tensors} tensors in {result.shards} shard(s), "
+                   f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s", err=True)
+
+
+@main.command("plan")
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@_add(_plan_options)
+def plan_command(plan: Path, **overrides: Any) -> None:
+    """Print PLAN's schedule (tensors, shards, bytes, predicted peak memory) from headers alone."""
+    from streammerge.schedule import describe
+
+    try:
+        sched = schedule(plan, **overrides)
+    except StreamMergeError as e:
+        _fail(e)
+    try:
+        click.echo(describe(sched))
+    finally:
+        sched.close()
+
+
+@main.command()
+def methods() -> None:
+    """List merge methods and their parameters."""
+    for name in method_names():
+        m = get_method(name)
+        click.echo(f"{name}  ({m.paper})")
+        for p in m.params:
+            default = "required" if p.required else f"default {p.default}"
+            click.echo(f"    {p.name:<10} {'per model' if p.per_model else 'global':<9} {default:<14} {p.doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The files that make the shards a Hugging Face model: index, config, tokenizer and model card."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import yaml
+
+from streammerge.io.writer import StagedOutput
+from streammerge.schedule import Schedule
+
+# Copied verbatim from the tokenizer donor, as mergekit does.
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
+    "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) -> None:
+    if len(schedule.shards) > 1:
+        staged.write_json("model.safetensors.index.json", {
+            "metadata": {"total_size": sum(j.out_bytes for j in schedule.jobs), "streammerge_version": version},
+            "weight_map": {name: s.filename for s in schedule.shards for name in s.tensors},
+        })
+    ref = schedule.checkpoints[schedule.reference]
+    config = ref.config()
+    out_dtypes = {str(j.out_dtype).removeprefix("torch.") for j in schedule.jobs if j.method is not None}
+    if len(out_dtypes) == 1:
+        config["torch_dtype"] = out_dtypes.pop()
+        if "dtype" in config:  # transformers 5 writes `dtype` instead
+            config["dtype"] = config["torch_dtype"]
+    staged.write_json("config.json", config)
+    donor = Path(schedule.plan.tokenizer_source) if schedule.plan.tokenizer_source not in (None, "base") else ref.path
+    for name in TOKENIZER_FILES:
+        if (donor / name).is_file():
+            staged.copy_in(donor / name)
+    staged.write_text("README.md", model_card(schedule, version))
+
+
+def _fingerprint(path: Path) -> str:
+    """sha256 over the checkpoint's shard headers and sizes (cheap: no tensor data is read)."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+def model_card(schedule: Schedule, version: str) -> str:
+    plan = schedule.plan
+    meta = {"base_model": [plan.base_model] if plan.base_model else [], "library_name": "transformers", "tags": ["merge", "streammerge"]}
+    plan_yaml = yaml.safe_dump(plan.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    inputs = "\n".join(f"- `{c.path}` (header sha256 {_fingerprint(c.path)})" for c in schedule.checkpoints)
+    return (
+        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
+        f"# Merged model\n\n"
+        f"Merged with streammerge {version} using `{plan.merge_method}`"
+        + (f", base model `{plan.base_model}`" if plan.base_model else "")
+        + ".\n\n## Inputs\n\n" + inputs + "\n\n## Plan\n\n```yaml\n" + plan_yaml + "```\n"
+    )

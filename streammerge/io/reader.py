@@ -1,0 +1,203 @@
+"""Lazy readers for Hugging Face checkpoints: one tensor, or a row range of it, at a time.
+
+``ShardReader`` parses a safetensors header itself and reads with ``pread`` into a buffer it owns,
+so no mapping of the file outlives a read; ``release`` tells the kernel the pages may be dropped
+from the page cache (cgroup-limited sessions count the cache against their memory).
+``Checkpoint`` resolves a model directory: ``model.safetensors``, sharded safetensors with
+``model.safetensors.index.json``, or PyTorch ``.bin`` files (loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streammerge.errors import CheckpointError
+from streammerge.io.safetensors_format import TensorEntry, parse_header
+
+_HEADER_PROBE = 1 << 16
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done} (truncated?)")
+        done += n
+
+
+class ShardReader:
+    """One safetensors file: its parsed header and positioned reads of its tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+        size = os.fstat(self._fd).st_size
+        probe = os.pread(self._fd, min(size, _HEADER_PROBE), 0)
+        if len(probe) >= 8:
+            need = 8 + int.from_bytes(probe[:8], "little")
+            if len(probe) < need <= size:
+                probe += os.pread(self._fd, need - len(probe), len(probe))
+        self.entries, self.metadata = parse_header(probe, size, str(path))
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor ``name`` (or rows ``rows`` of its first dimension) in a freshly owned buffer."""
+        e = self.entries[name]
+        shape, offset, nbytes = e.shape, e.offset, e.nbytes
+        if rows is not None and e.shape:
+            row_bytes = nbytes // e.shape[0] if e.shape[0] else 0
+            start, stop, _ = rows.indices(e.shape[0])
+            shape = (stop - start, *e.shape[1:])
+            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            _pread_exact(self._fd, memoryview(buf.numpy()), offset, str(self.path))
+        return buf.view(e.dtype).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Let the kernel drop this tensor's pages from the page cache."""
+        e = self.entries[name]
+        if e.nbytes and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class BinReader:
+    """A PyTorch pickle checkpoint, opened with ``weights_only=True`` and ``mmap=True`` per read.
+
+    Re-opening per read keeps no mapping alive between tensors, so touched pages never pile up.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        state = self._load()
+        self.entries = {
+            name: TensorEntry(name, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size()) for name, t in state.items()
+        }
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        try:
+            state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.path}: cannot load as a weights-only PyTorch checkpoint ({first})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{self.path}: not a state dict of tensors")
+        return state
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        t = self._load()[name]
+        return (t[rows] if rows is not None and t.dim() else t).clone()
+
+    def release(self, name: str) -> None:  # the mapping is already gone after read()
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class Checkpoint:
+    """A local Hugging Face model directory, read lazily tensor by tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: model directory not found")
+        self._shards: dict[str, ShardReader | BinReader] = {}
+        self._where: dict[str, ShardReader | BinReader] = {}
+        for shard in self._shard_files():
+            reader = self._open(shard)
+            for name in reader.entries:
+                if name in self._where:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} is stored twice ({self._where[name].path.name} and {shard.name})"
+                    )
+                self._where[name] = reader
+        self.tensors = {name: TensorInfo(r.entries[name].dtype, r.entries[name].shape) for name, r in self._where.items()}
+
+    def _open(self, shard: Path) -> ShardReader | BinReader:
+        if shard.name not in self._shards:
+            self._shards[shard.name] = ShardReader(shard) if shard.suffix == ".safetensors" else BinReader(shard)
+        return self._shards[shard.name]
+
+    def _shard_files(self) -> list[Path]:
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.path / index_name
+            if index.is_file():
+                return self._indexed_shards(index)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (self.path / single).is_file():
+                return [self.path / single]
+        found = sorted(self.path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        raise CheckpointError(
+            f"{self.path}: no weights found (expected model.safetensors, model.safetensors.index.json with shards, or pytorch_model.bin)"
+        )
+
+    def _indexed_shards(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' is not an object")
+        root = self.path.resolve()
+        shards = []
+        for file in sorted(set(weight_map.values())):
+            shard = (self.path / str(file)).resolve()
+            if shard.parent != root:
+                raise CheckpointError(f"{index}: shard path {file!r} points outside the model directory")
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: names shard {file!r}, which does not exist")
+            shards.append(self.path / str(file))
+        for name, file in weight_map.items():
+            reader = self._open(self.path / str(file))
+            if name not in reader.entries:
+                raise CheckpointError(f"{index}: maps tensor {name!r} to {file}, which does not contain it")
+        return shards
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name].path
+
+    def offset_of(self, name: str) -> int:
+        return self._where[name].entries[name].offset
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        return self._where[name].read(name, rows)
+
+    def release(self, name: str) -> None:
+        self._where[name].release(name)
+
+    def config(self) -> dict:
+        path = self.path / "config.json"
+        if not path.is_file():
+            return {}
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: not a JSON object")
+        return config
+
+    def close(self) -> None:
+        for reader in self._shards.values():
+            reader.close()

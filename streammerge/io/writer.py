@@ -1,0 +1,113 @@
+"""Streaming output: shard headers written first, tensor bytes pwritten at their offsets.
+
+``StagedOutput`` builds the model in a staging directory beside the destination and renames it
+into place only when every shard, the index, the config and the card are written and fsynced, so
+the destination path never holds a half-written model.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from streammerge.errors import OutputError
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"{path}: disk full while writing ({e.strerror}); free space and run again") from None
+        raise
+
+
+class ShardWriter:
+    """One output shard: its exact header, then tensors (or row chunks of them) at known offsets."""
+
+    def __init__(self, path: Path, header: bytes, size: int):
+        self.path = path
+        self._fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        try:
+            os.posix_fallocate(self._fd, 0, size)  # reserve the space now: a full disk fails here, not midway
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                os.close(self._fd)
+                raise OutputError(f"{path}: not enough disk space for {size} bytes; free space and run again") from None
+            os.ftruncate(self._fd, size)  # filesystems without fallocate
+        _pwrite_all(self._fd, memoryview(header), 0, path)
+
+    def write(self, offset: int, tensor: torch.Tensor) -> None:
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        _pwrite_all(self._fd, memoryview(data), offset, self.path)
+
+    def close(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StagedOutput:
+    """A staging directory that becomes ``destination`` atomically on ``commit``."""
+
+    def __init__(self, destination: Path, overwrite: bool):
+        self.destination = destination
+        if destination.exists() and not overwrite:
+            raise OutputError(f"{destination}: output already exists; pass --overwrite to replace it")
+        if destination.exists() and not destination.is_dir():
+            raise OutputError(f"{destination}: exists and is not a directory")
+        self.staging = destination.parent / f".{destination.name}.streammerge-partial"
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if self.staging.exists():
+                shutil.rmtree(self.staging)
+            self.staging.mkdir()
+        except OSError as e:
+            raise OutputError(f"{self.staging}: cannot create the staging directory ({e.strerror})") from None
+
+    def path(self, filename: str) -> Path:
+        return self.staging / filename
+
+    def write_text(self, filename: str, text: str) -> None:
+        with open(self.staging / filename, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_json(self, filename: str, obj: object) -> None:
+        self.write_text(filename, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def copy_in(self, source: Path) -> None:
+        shutil.copyfile(source, self.staging / source.name)
+        with open(self.staging / source.name, "rb") as f:
+            os.fsync(f.fileno())
+
+    def commit(self) -> None:
+        _fsync_dir(self.staging)
+        old = None
+        if self.destination.exists():
+            old = self.destination.parent / f".{self.destination.name}.streammerge-old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.destination, old)
+        os.rename(self.staging, self.destination)
+        _fsync_dir(self.destination.parent)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)

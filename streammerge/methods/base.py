@@ -1,0 +1,135 @@
+"""What a merge method is: a pure function over row chunks, plus optional statistics passes.
+
+The engine feeds a method one row chunk of every input at a time (``Chunk``). Methods that need a
+whole-tensor statistic (a k-th largest magnitude, a dot product, an L1 norm) declare ``StatPass``es:
+the engine runs each pass over all chunks, *adds* the partial results, and hands the totals to the
+pass's ``finish``, whose result (``stats``) the next pass and the final ``merge`` receive.
+
+Partials are added, so they must be exact under addition for the result not to depend on the chunk
+size: integer counts, or floating values per row scattered into a rows-long vector (``per_row``),
+where adding zeros is exact. ``finish`` then reduces the rows in a fixed order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+Stats = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one tensor: method-wide values and one mapping per model."""
+
+    globals: Mapping[str, Any]
+    models: tuple[Mapping[str, Any], ...]
+
+    def per_model(self, name: str) -> list[Any]:
+        return [m[name] for m in self.models]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``[row_start, row_stop)`` of one output tensor's inputs, in the compute dtype.
+
+    ``models`` excludes the base for methods that take one. ``model_ids`` are stable per-model keys
+    (the model's position in the plan) for counter-based randomness.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+    params: TensorParams
+    row_start: int
+    row_stop: int
+    seed: int
+    model_ids: tuple[int, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def element_start(self) -> int:
+        """Flat index of this chunk's first element in the whole tensor."""
+        return self.row_start * (self.numel // self.total_rows if self.total_rows else 0)
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """Scatter per-row values ``[..., chunk_rows]`` into a zero ``[..., total_rows]`` vector."""
+        out = values.new_zeros((*values.shape[:-1], self.total_rows))
+        out[..., self.row_start : self.row_stop] = values
+        return out
+
+
+@dataclass(frozen=True)
+class StatPass:
+    collect: Callable[[Chunk, Stats], dict[str, torch.Tensor]]
+    finish: Callable[[dict[str, torch.Tensor], Chunk, Stats], Stats]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter. ``per_model`` parameters are read per model, others once per tensor."""
+
+    name: str
+    kind: type
+    default: Any = None
+    required: bool = False
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    doc: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """None if ``value`` is valid, else what would be valid."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "true or false"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"a number{self._range()}"
+        if self.kind is int and not float(value).is_integer():
+            return f"an integer{self._range()}"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"a number{self._range()}"
+        if self.high is not None and value > self.high:
+            return f"a number{self._range()}"
+        return None
+
+    def _range(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        lo = "" if self.low is None else f"{self.low} {'<' if self.low_open else '<='} "
+        hi = "" if self.high is None else f" <= {self.high}"
+        return f" with {lo}{self.name}{hi}"
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    ``base``: "required" (task-vector methods, slerp's t = 0 end), or "none" (the base, if any,
+    is just one of the models). ``precision``: "load" computes in the plan's ``dtype`` (mergekit's
+    task-arithmetic family), "float32" computes in at least float32 (mergekit's linear and slerp).
+    """
+
+    name: str
+    merge: Callable[[Chunk, Stats], torch.Tensor]
+    params: tuple[Param, ...]
+    base: str
+    precision: str
+    paper: str
+    passes: tuple[StatPass, ...] = ()
+    models_exactly: int | None = None
+    min_models: int = 1
+    doc: str = field(default="", compare=False)

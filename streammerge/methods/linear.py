@@ -1,0 +1,35 @@
+"""Weighted average of whole models."""
+
+from __future__ import annotations
+
+import torch
+
+from streammerge.methods.base import Chunk, MergeMethod, Param, Stats
+from streammerge.methods.registry import register
+
+
+def linear_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
+    """out = Σ w_i x_i, divided by Σ w_i when ``normalize`` (default true).
+
+    Model soups: Wortsman et al., "Model soups", ICML 2022 (arXiv 2203.05482).
+    """
+    weights = chunk.params.per_model("weight")
+    out = torch.stack(chunk.models).mul_(torch.tensor(weights, dtype=chunk.models[0].dtype).view(-1, *[1] * chunk.models[0].dim())).sum(0)
+    if chunk.params.globals["normalize"]:
+        out /= sum(weights)
+    return out
+
+
+register(
+    MergeMethod(
+        name="linear",
+        merge=linear_merge,
+        params=(
+            Param("weight", float, required=True, per_model=True, doc="the model's weight"),
+            Param("normalize", bool, default=True, doc="divide by the sum of the weights"),
+        ),
+        base="none",
+        precision="float32",
+        paper="arXiv:2203.05482",
+    )
+)

@@ -1,0 +1,71 @@
+"""The plan schema: mergekit's keys for what mergekit has, native keys for the rest."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# A parameter value: a scalar, a gradient (list of numbers, interpolated over the layers) or a list
+# of {filter, value} conditionals whose value may itself be a gradient.
+Scalar = Union[bool, int, float, str]
+Gradient = list[Union[int, float]]
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: Optional[str] = None
+    value: Union[Scalar, Gradient]
+
+
+ParamValue = Union[Scalar, Gradient, list[Conditional]]
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as "5GB", "512M", "2GiB" (K/M/G/T: powers of 1000; KiB/MiB/...: 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _SIZE.match(str(value))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a size (use bytes or a string such as '5GB', '512MiB')")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class MergePlan(BaseModel):
+    """A validated plan. Model paths are resolved; nothing has been read from the checkpoints yet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # mergekit's keys
+    merge_method: str
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: Optional[str] = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Optional[Literal["bfloat16", "float16", "float32", "float64"]] = None
+    out_dtype: Optional[Literal["bfloat16", "float16", "float32", "float64"]] = None
+    tokenizer_source: Optional[str] = None
+
+    # native keys
+    output: Optional[str] = None
+    shard_size: int = 5_000_000_000
+    max_memory: Optional[int] = None
+    chunk_size: Optional[int] = Field(default=None, gt=0)
+    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
+    seed: int = 0
+    device: Literal["cpu"] = "cpu"
+
+    @field_validator("shard_size", "max_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)

@@ -1,0 +1,275 @@
+"""The schedule: every output tensor, its inputs, parameters, dtypes, chunking and place on disk.
+
+Built from the plan and the checkpoints' headers alone (no tensor data is read), so everything
+that can be checked without data (key sets, shapes, dtypes, parameters) fails here, before any
+output exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from streammerge.errors import PlanError
+from streammerge.io.reader import Checkpoint
+from streammerge.io.safetensors_format import build_header
+from streammerge.methods import MergeMethod, TensorParams, get_method
+from streammerge.plan.parameters import evaluate, gradient_position, layer_index
+from streammerge.plan.schema import MergePlan
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+DEFAULT_WORKING_BYTES = 256 << 20  # chunk working set when the plan sets no memory budget
+MIN_WORKING_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor. ``inputs`` index ``Schedule.checkpoints``; with ``has_base`` the first is
+    the base. A job with ``method`` None copies ``inputs[0]`` unchanged (non-float tensors)."""
+
+    name: str
+    shape: tuple[int, ...]
+    method: MergeMethod | None
+    inputs: tuple[int, ...]
+    has_base: bool
+    model_ids: tuple[int, ...]
+    params: TensorParams
+    load_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+    rows_per_chunk: int
+    shard: int
+    offset: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def out_bytes(self) -> int:
+        return math.prod(self.shape) * self.out_dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    header: bytes
+    size: int
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    plan: MergePlan
+    checkpoints: tuple[Checkpoint, ...]
+    jobs: tuple[TensorJob, ...]
+    shards: tuple[Shard, ...]
+    reference: int
+    read_bytes: int
+    notes: tuple[str, ...]
+    baseline_rss: int
+    peak_working_bytes: int
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def predicted_peak_rss(self) -> int:
+        return self.baseline_rss + self.peak_working_bytes
+
+    def close(self) -> None:
+        for c in self.checkpoints:
+            c.close()
+
+
+def build_schedule(plan: MergePlan) -> Schedule:
+    method = get_method(plan.merge_method)
+    paths = list(dict.fromkeys([*( [plan.base_model] if plan.base_model else []), *(m.model for m in plan.models)]))
+    checkpoints = tuple(Checkpoint(p) for p in paths)
+    try:
+        return _build(plan, method, checkpoints, paths)
+    except BaseException:
+        for c in checkpoints:
+            c.close()
+        raise
+
+
+def _build(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], paths: list[str]) -> Schedule:
+    index = {p: i for i, p in enumerate(paths)}
+    uses_base = method.base == "required"
+    if uses_base and plan.base_model is None:
+        raise PlanError(f"base_model: {method.name} needs a base_model")
+    if not uses_base and plan.base_model is not None and plan.base_model not in {m.model for m in plan.models}:
+        raise PlanError(f"base_model: {method.name} does not use a base model; list it under 'models' with a weight, or remove base_model")
+    # Models the method merges: for base-using methods the base is excluded from them.
+    entries = [(i, m) for i, m in enumerate(plan.models) if not (uses_base and m.model == plan.base_model)]
+    if method.models_exactly is not None and len(entries) != method.models_exactly:
+        total = method.models_exactly + (1 if uses_base else 0)
+        raise PlanError(f"models: {method.name} merges exactly {total} models including base_model, got {len(entries) + (1 if uses_base else 0)}")
+    if not entries:
+        raise PlanError(f"models: {method.name} needs at least one model besides base_model")
+    inputs = ([index[plan.base_model]] if uses_base else []) + [index[m.model] for _, m in entries]
+    reference = index[plan.base_model] if plan.base_model else inputs[0]
+    ref = checkpoints[reference]
+    config = ref.config()
+    num_layers = int(config.get("num_hidden_layers") or 1 + max((layer_index(n) or 0) for n in ref.tensors))
+
+    notes = _check_key_sets(checkpoints, inputs, reference)
+    specs = [(e.model, e.parameters) for _, e in entries]
+    jobs_meta = []
+    for name in sorted(ref.tensors, key=lambda n: (str(ref.file_of(n)), ref.offset_of(n))):
+        info = ref.tensors[name]
+        for i in inputs:
+            other = checkpoints[i].tensors[name]
+            if other.shape != info.shape:
+                raise PlanError(f"tensor {name!r}: shape {list(other.shape)} in {checkpoints[i].path} does not match {list(info.shape)} in {ref.path}")
+        load = DTYPES[plan.dtype] if plan.dtype else info.dtype
+        out = DTYPES[plan.out_dtype] if plan.out_dtype else load
+        if not info.dtype.is_floating_point:
+            jobs_meta.append((name, info.shape, None, (reference,), TensorParams({}, ()), info.dtype, info.dtype, info.dtype))
+            continue
+        params = _resolve_params(method, plan, specs, name, gradient_position(name, num_layers))
+        jobs_meta.append((name, info.shape, method, tuple(inputs), params, load, _compute_dtype(plan, method, load), out))
+    if any(m[2] is None for m in jobs_meta):
+        notes.append(f"{sum(m[2] is None for m in jobs_meta)} non-float tensors copied unchanged from {ref.path}")
+
+    working_budget = _working_budget(plan)
+    shards = _assign_shards(jobs_meta, plan.shard_size)
+    offsets = {name: off for s in shards for name, off in s[1].items()}
+    shard_of = {name: k for k, s in enumerate(shards) for name in s[1]}
+    jobs, peak, read_bytes = [], 0, 0
+    model_ids = tuple(i for i, _ in entries)
+    for name, shape, meth, ins, params, load, compute, out in jobs_meta:
+        per_elem = _bytes_per_element(checkpoints, ins, name, compute, len(ins))
+        rows = shape[0] if shape else 1
+        row_numel = math.prod(shape) // rows if rows else 0
+        rows_per_chunk = _rows_per_chunk(plan, row_numel, per_elem, working_budget, rows)
+        peak = max(peak, rows_per_chunk * row_numel * per_elem)
+        read_bytes += sum(math.prod(shape) * checkpoints[i].tensors[name].dtype.itemsize for i in ins)
+        jobs.append(TensorJob(name, shape, meth, ins, uses_base and meth is not None, model_ids, params, load, compute, out,
+                              rows_per_chunk, shard_of[name], offsets[name]))
+    shard_list = tuple(
+        Shard(_shard_name(k, len(shards)), header, size, tuple(names)) for k, (header, names, size) in enumerate((s[0], s[1], s[2]) for s in shards)
+    )
+    return Schedule(plan, checkpoints, tuple(jobs), shard_list, reference, read_bytes, tuple(notes),
+                    psutil.Process().memory_info().rss, peak)
+
+
+def _check_key_sets(checkpoints: tuple[Checkpoint, ...], inputs: list[int], reference: int) -> list[str]:
+    ref = checkpoints[reference]
+    notes = []
+    for i in inputs:
+        missing = [n for n in ref.tensors if n not in checkpoints[i].tensors]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise PlanError(f"tensor {missing[0]!r}{more} missing from {checkpoints[i].path} (present in {ref.path})")
+        extra = [n for n in checkpoints[i].tensors if n not in ref.tensors]
+        if extra:
+            notes.append(f"{len(extra)} tensors of {checkpoints[i].path} absent from {ref.path} are not merged (e.g. {extra[0]!r})")
+    return notes
+
+
+def _resolve_params(method: MergeMethod, plan: MergePlan, specs: list[tuple[str, dict]], tensor: str, t: float) -> TensorParams:
+    def value(spec: Any, own: dict | None) -> Any:
+        for source in (own, plan.parameters):
+            if source is not None and spec.name in source:
+                v = evaluate(source[spec.name], tensor, t)
+                if v is not None:
+                    return v
+        return spec.default
+
+    globals_ = {}
+    for spec in method.params:
+        if not spec.per_model:
+            globals_[spec.name] = value(spec, None)
+            if globals_[spec.name] is None and spec.required:
+                raise PlanError(f"parameters.{spec.name}: {method.name} needs {spec.name!r} (for tensor {tensor!r})")
+    models = []
+    for model, own in specs:
+        per = {}
+        for spec in method.params:
+            if spec.per_model:
+                per[spec.name] = value(spec, own)
+                if per[spec.name] is None and spec.required:
+                    raise PlanError(f"models: {method.name} needs parameter {spec.name!r} for model {model} (tensor {tensor!r})")
+        models.append(per)
+    return TensorParams(globals_, tuple(models))
+
+
+def _compute_dtype(plan: MergePlan, method: MergeMethod, load: torch.dtype) -> torch.dtype:
+    if plan.compute_dtype != "auto":
+        return DTYPES[plan.compute_dtype]
+    if method.precision == "load":
+        return load
+    return torch.float64 if load == torch.float64 else torch.float32
+
+
+def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], inputs: tuple[int, ...], name: str, compute: torch.dtype, n: int) -> int:
+    """Working bytes per element of a chunk: the raw inputs, their compute-dtype copies, and the
+    method's temporaries (deltas, a stacked copy, masks and the output: about n + 4 more)."""
+    raw = sum(checkpoints[i].tensors[name].dtype.itemsize for i in inputs)
+    return raw + (2 * n + 4) * compute.itemsize
+
+
+def _working_budget(plan: MergePlan) -> int:
+    if plan.max_memory is None:
+        return DEFAULT_WORKING_BYTES
+    baseline = psutil.Process().memory_info().rss
+    return max(MIN_WORKING_BYTES, plan.max_memory - baseline)
+
+
+def _rows_per_chunk(plan: MergePlan, row_numel: int, per_elem: int, budget: int, rows: int) -> int:
+    if row_numel == 0:
+        return max(rows, 1)
+    if plan.chunk_size is not None:
+        return max(1, min(rows, plan.chunk_size // row_numel))
+    return max(1, min(rows, budget // (row_numel * per_elem)))
+
+
+def _assign_shards(jobs_meta: list[tuple], shard_size: int) -> list[tuple[bytes, dict[str, int], int]]:
+    """Greedy, in schedule order: a new shard starts when the next tensor would overflow this one."""
+    groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape, *_, out in jobs_meta:
+        nbytes = math.prod(shape) * out.itemsize
+        if groups[-1] and size + nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, out, shape))
+        size += nbytes
+    shards = []
+    for group in groups:
+        header, offsets = build_header(group, {"format": "pt"})
+        shards.append((header, offsets, len(header) + sum(math.prod(s) * d.itemsize for _, d, s in group)))
+    return shards
+
+
+def _shard_name(k: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def describe(schedule: Schedule) -> str:
+    """The human summary that ``streammerge plan`` prints."""
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    plan = schedule.plan
+    merged = sum(j.method is not None for j in schedule.jobs)
+    chunked = sum(j.rows_per_chunk < j.rows for j in schedule.jobs)
+    lines = [
+        f"method        {plan.merge_method}",
+        f"inputs        {len(schedule.checkpoints)} checkpoints" + (f" (base: {plan.base_model})" if plan.base_model else ""),
+        f"tensors       {len(schedule.jobs)} ({merged} merged, {len(schedule.jobs) - merged} copied; {chunked} in several chunks)",
+        f"shards        {len(schedule.shards)}: " + ", ".join(s.filename for s in schedule.shards[:3]) + (" ..." if len(schedule.shards) > 3 else ""),
+        f"read          {gib(schedule.read_bytes)}",
+        f"write         {gib(schedule.write_bytes)}",
+        f"peak memory   {gib(schedule.predicted_peak_rss)} predicted ({gib(schedule.baseline_rss)} process + {gib(schedule.peak_working_bytes)} largest chunk working set)",
+    ]
+    dts = sorted({(str(j.compute_dtype), str(j.out_dtype)) for j in schedule.jobs if j.method is not None})
+    lines.append("dtypes        " + ", ".join(f"compute {c.removeprefix('torch.')} -> write {o.removeprefix('torch.')}" for c, o in dts))
+    lines += [f"note          {n}" for n in schedule.notes]
+    return "\n".join(lines)

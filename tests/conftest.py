@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoint_builder import Family, write_family
+
+
+@pytest.fixture(scope="session")
+def fp32_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return write_family(tmp_path_factory.mktemp("fp32"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def sharded_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return write_family(tmp_path_factory.mktemp("sharded"), dtype=torch.float32, shards=3)
+
+
+@pytest.fixture(scope="session")
+def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return write_family(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
+
+
+def load_output(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face output directory, read with safetensors' own loader."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(str(path / "model.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out |= load_file(str(path / shard))
+    return out

@@ -1,0 +1,145 @@
+"""The command line: run, plan, overrides, and one-line errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from checkpoint_builder import Family, write_checkpoint
+from conftest import load_output
+from streammerge.cli import main
+
+
+def _plan(family: Family, **extra) -> dict:
+    return {"merge_method": "ties", "base_model": str(family.base), "dtype": "float32",
+            "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in family.models]} | extra
+
+
+def _write(tmp_path: Path, plan: dict) -> Path:
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_run_with_positional_output_and_plan_output(fp32_family: Family, tmp_path: Path) -> None:
+    result = _invoke("run", _write(tmp_path, _plan(fp32_family)), tmp_path / "a", "-q")
+    assert result.exit_code == 0, result.output
+    plan_out = _write(tmp_path, _plan(fp32_family, output=str(tmp_path / "from_plan")))
+    assert _invoke("run", plan_out, "-q").exit_code == 0
+    assert _invoke("run", plan_out, "-o", tmp_path / "override", "-q").exit_code == 0
+    a, b = load_output(tmp_path / "a"), load_output(tmp_path / "override")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "from_plan" / "model.safetensors").exists()
+
+
+def test_run_prints_a_progress_bar_and_summary_unless_quiet(fp32_family: Family, tmp_path: Path) -> None:
+    plan = _write(tmp_path, _plan(fp32_family))
+    loud = _invoke("run", plan, tmp_path / "a")
+    assert loud.exit_code == 0
+    assert "merging" in loud.output and "100%" in loud.output and "wrote" in loud.output
+    quiet = _invoke("run", plan, tmp_path / "b", "--quiet")
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_plan_prints_the_schedule_without_writing(fp32_family: Family, tmp_path: Path) -> None:
+    result = _invoke("plan", _write(tmp_path, _plan(fp32_family)), "--shard-size", "30KB")
+    assert result.exit_code == 0, result.output
+    n = len(fp32_family.tensors[fp32_family.base])
+    assert f"tensors       {n} ({n} merged" in result.output
+    assert "model-00001-of-" in result.output and "peak memory" in result.output and "predicted" in result.output
+    read = sum(t.numel() * 4 for p in [fp32_family.base, *fp32_family.models] for t in fp32_family.tensors[p].values())
+    assert f"read          {read / 2**20:.1f} MiB" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml"]
+
+
+def test_overwrite_replaces_an_existing_output(fp32_family: Family, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    plan = _write(tmp_path, _plan(fp32_family))
+    refused = _invoke("run", plan, out)
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert _invoke("run", plan, out, "--overwrite", "-q").exit_code == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+
+
+def _mismatched(tmp_path: Path, family: Family) -> dict:
+    tensors = dict(family.tensors[family.models[0]])
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    bad = write_checkpoint(tmp_path / "bad", tensors, family.arch.config(torch.float32))
+    plan = _plan(family)
+    plan["models"][0]["model"] = str(bad)
+    return plan
+
+
+BAD_PLANS = {
+    "missing model directory": (lambda t, f: _plan(f) | {"base_model": str(t / "nope")}, ["base_model", "nope", "not found"]),
+    "mismatched shapes": (_mismatched, ["model.layers.1.mlp.up_proj.weight", "[3, 3]", "bad"]),
+    "unknown method": (lambda t, f: _plan(f) | {"merge_method": "tiez"}, ["merge_method", "tiez", "ties"]),
+    "unknown parameter": (lambda t, f: _plan(f) | {"parameters": {"densty": 0.5}}, ["parameters.densty", "valid", "density"]),
+    "out-of-range parameter": (
+        lambda t, f: _plan(f) | {"models": [{"model": str(f.models[0]), "parameters": {"weight": 1, "density": 1.5}}]},
+        ["models[0].parameters.density", "1.5", "<= 1.0"]),
+    "missing weight": (lambda t, f: _plan(f) | {"models": [{"model": str(f.models[0])}]}, ["weight", "ft1"]),
+    "unknown key": (lambda t, f: _plan(f) | {"shard_sise": "1GB"}, ["shard_sise"]),
+    "bad size": (lambda t, f: _plan(f) | {"shard_size": "lots"}, ["shard_size", "lots"]),
+    "slerp with three models": (lambda t, f: {"merge_method": "slerp", "base_model": str(f.base), "parameters": {"t": 0.5},
+                                              "models": [{"model": str(m)} for m in f.models]}, ["slerp", "exactly 2"]),
+    "no base for ties": (lambda t, f: {k: v for k, v in _plan(f).items() if k != "base_model"}, ["base_model", "ties"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLANS))
+def test_bad_input_is_one_line_and_writes_nothing(case: str, fp32_family: Family, tmp_path: Path) -> None:
+    make, expected = BAD_PLANS[case]
+    plan = _write(tmp_path, make(tmp_path, fp32_family))
+    out = tmp_path / "out"
+    result = _invoke("run", plan, out)
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for word in expected:
+        assert word in lines[0], (word, lines[0])
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path: Path) -> None:
+    plan = _write(tmp_path, {"merge_method": "linear", "models": [{"model": str(tmp_path / "missing"), "parameters": {"weight": 1}}]})
+    proc = subprocess.run([sys.executable, "-m", "streammerge", "run", str(plan), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: {plan}: models[0].model: model directory '{tmp_path / 'missing'}' not found "
+                                                "(relative paths are tried from the current directory, then the plan's)"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_help_lists_the_commands_and_options() -> None:
+    top = _invoke("--help").output
+    assert "run" in top and "plan" in top and "methods" in top
+    run = _invoke("run", "--help").output
+    for option in ("--output", "--overwrite", "--quiet", "--shard-size", "--max-memory", "--chunk-size", "--compute-dtype", "--seed"):
+        assert option in run
+    assert "ties" in _invoke("methods").output
+
+
+def test_relative_model_paths_resolve_from_the_plan_directory(fp32_family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = fp32_family.base.parent
+    plan = {"merge_method": "linear", "models": [{"model": "ft1", "parameters": {"weight": 1}}, {"model": "ft2", "parameters": {"weight": 1}}]}
+    (root / "rel.yaml").write_text(yaml.safe_dump(plan))
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("run", root / "rel.yaml", "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"

@@ -1,0 +1,157 @@
+"""The safetensors reader: header parsing, dtypes, row ranges, refusals, and no lasting mappings."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from streammerge.errors import CheckpointError
+from streammerge.io.reader import Checkpoint, ShardReader
+from streammerge.io.safetensors_format import build_header, parse_header
+
+ALL_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
+              torch.int32, torch.int64, torch.bool]
+
+
+def test_every_dtype_and_row_range_reads_back_exactly(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dt in enumerate(ALL_DTYPES):
+        x = torch.randn(7, 5, generator=g) * 50
+        tensors[f"t{i}"] = x > 0 if dt == torch.bool else x.to(dt)
+    tensors["scalar"] = torch.tensor(3.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    r = ShardReader(tmp_path / "a.safetensors")
+    for name, want in tensors.items():
+        got = r.read(name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+        if want.dim() and want.shape[0] > 3:
+            assert torch.equal(r.read(name, slice(2, 5)), want[2:5]), name
+        r.release(name)
+    r.close()
+
+
+def test_header_roundtrip_with_safetensors(tmp_path: Path) -> None:
+    """A header built here is read by safetensors itself."""
+    from safetensors import safe_open
+
+    spec = [("a", torch.bfloat16, (3, 4)), ("b", torch.float32, (5,))]
+    header, offsets = build_header(spec, {"format": "pt"})
+    assert len(header) % 8 == 0
+    a, b = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4), torch.arange(5, dtype=torch.float32)
+    data = bytearray(header) + a.view(torch.uint8).numpy().tobytes() + b.view(torch.uint8).numpy().tobytes()
+    assert offsets == {"a": len(header), "b": len(header) + 24}
+    (tmp_path / "x.safetensors").write_bytes(bytes(data))
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("a"), a) and torch.equal(f.get_tensor("b"), b)
+
+
+def _file(tmp_path: Path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _raw(tmp_path: Path, data: bytes) -> Path:
+    (tmp_path / "bad.safetensors").write_bytes(data)
+    return tmp_path / "bad.safetensors"
+
+
+BAD = {
+    "header longer than file": (lambda t: _file(t, {}, length=10**6), "exceeds the file size"),
+    "not json": (lambda t: _file(t, b"{nope"), "not valid JSON"),
+    "not an object": (lambda t: _file(t, b"[1, 2]"), "not a JSON object"),
+    "unknown dtype": (lambda t: _file(t, {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0"), "unsupported dtype 'F8_E4M3'"),
+    "out of bounds": (lambda t: _file(t, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "past the end"),
+    "size mismatch": (lambda t: _file(t, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16), "needs 16"),
+    "overlap": (lambda t: _file(t, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlap"),
+    "truncated": (lambda t: _raw(t, b"\x05\0"), "not a safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_malformed_files_are_refused_with_the_file_named(case: str, tmp_path: Path) -> None:
+    make, words = BAD[case]
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        ShardReader(path)
+    assert str(path) in str(e.value) and words in str(e.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=400))
+def test_header_parser_only_raises_its_own_error(raw: bytes, size: int) -> None:
+    try:
+        entries, _ = parse_header(raw, size, "fuzz")
+    except CheckpointError:
+        return
+    for e in entries.values():
+        assert e.offset + e.nbytes <= size
+
+
+def test_index_problems_are_named(tmp_path: Path) -> None:
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "s1.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    with pytest.raises(CheckpointError, match="names shard 's2.safetensors', which does not exist"):
+        Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../s1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        Checkpoint(tmp_path)
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "s2.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "x": "s2.safetensors"}}))
+    with pytest.raises(CheckpointError, match="maps tensor 'x' to s2.safetensors, which does not contain it"):
+        Checkpoint(tmp_path)
+
+
+def test_duplicate_tensor_across_shards(tmp_path: Path) -> None:
+    save_file({"a": torch.zeros(2), "b": torch.zeros(1)}, str(tmp_path / "s1.safetensors"))
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s2.safetensors"))
+    idx = {"weight_map": {"a": "s2.safetensors", "b": "s1.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match="stored twice"):
+        Checkpoint(tmp_path)
+
+
+def test_bin_with_code_in_its_pickle_is_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": torch.zeros(2), "x": Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot load as a weights-only"):
+        Checkpoint(tmp_path)
+
+
+def _mapped(path: Path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def test_reads_leave_no_mapping_and_no_file_pages_resident(tmp_path: Path) -> None:
+    """After reading every tensor of a 64 MiB file, nothing of it is mapped and RssFile has not grown."""
+    tensors = {f"w{i}": torch.full((1024, 1024), float(i)) for i in range(16)}
+    save_file(tensors, str(tmp_path / "big.safetensors"))
+
+    def rss_file() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no RssFile")
+
+    before = rss_file()
+    r = ShardReader(tmp_path / "big.safetensors")
+    for name in tensors:
+        assert r.read(name)[0, 0].item() == float(name[1:])
+        r.release(name)
+    assert not _mapped(tmp_path / "big.safetensors")
+    assert rss_file() - before < 8 << 20
+    r.close()
