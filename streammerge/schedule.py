@@ -8,7 +8,7 @@ output exists.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class Schedule:
 
 def build_schedule(plan: MergePlan) -> Schedule:
     method = get_method(plan.merge_method)
-    paths = list(dict.fromkeys([*( [plan.base_model] if plan.base_model else []), *(m.model for m in plan.models)]))
+    paths = list(dict.fromkeys(([plan.base_model] if plan.base_model else []) + [m.model for m in plan.models]))
     checkpoints = tuple(Checkpoint(p) for p in paths)
     try:
         return _build(plan, method, checkpoints, paths)
@@ -122,42 +122,31 @@ def _build(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, 
 
     notes = _check_key_sets(checkpoints, inputs, reference)
     specs = [(e.model, e.parameters) for _, e in entries]
-    jobs_meta = []
-    for name in sorted(ref.tensors, key=lambda n: (str(ref.file_of(n)), ref.offset_of(n))):
+    model_ids = tuple(i for i, _ in entries)
+    budget = _working_budget(plan)
+    jobs = []
+    for name in sorted(ref.tensors, key=lambda n: (str(ref.file_of(n)), ref.offset_of(n))):  # read order
         info = ref.tensors[name]
         for i in inputs:
             other = checkpoints[i].tensors[name]
             if other.shape != info.shape:
                 raise PlanError(f"tensor {name!r}: shape {list(other.shape)} in {checkpoints[i].path} does not match {list(info.shape)} in {ref.path}")
-        load = DTYPES[plan.dtype] if plan.dtype else info.dtype
-        out = DTYPES[plan.out_dtype] if plan.out_dtype else load
-        if not info.dtype.is_floating_point:
-            jobs_meta.append((name, info.shape, None, (reference,), TensorParams({}, ()), info.dtype, info.dtype, info.dtype))
-            continue
-        params = _resolve_params(method, plan, specs, name, gradient_position(name, num_layers))
-        jobs_meta.append((name, info.shape, method, tuple(inputs), params, load, _compute_dtype(plan, method, load), out))
-    if any(m[2] is None for m in jobs_meta):
-        notes.append(f"{sum(m[2] is None for m in jobs_meta)} non-float tensors copied unchanged from {ref.path}")
-
-    working_budget = _working_budget(plan)
-    shards = _assign_shards(jobs_meta, plan.shard_size)
-    offsets = {name: off for s in shards for name, off in s[1].items()}
-    shard_of = {name: k for k, s in enumerate(shards) for name in s[1]}
-    jobs, peak, read_bytes = [], 0, 0
-    model_ids = tuple(i for i, _ in entries)
-    for name, shape, meth, ins, params, load, compute, out in jobs_meta:
-        per_elem = _bytes_per_element(checkpoints, ins, name, compute, len(ins))
-        rows = shape[0] if shape else 1
-        row_numel = math.prod(shape) // rows if rows else 0
-        rows_per_chunk = _rows_per_chunk(plan, row_numel, per_elem, working_budget, rows)
-        peak = max(peak, rows_per_chunk * row_numel * per_elem)
-        read_bytes += sum(math.prod(shape) * checkpoints[i].tensors[name].dtype.itemsize for i in ins)
-        jobs.append(TensorJob(name, shape, meth, ins, uses_base and meth is not None, model_ids, params, load, compute, out,
-                              rows_per_chunk, shard_of[name], offsets[name]))
-    shard_list = tuple(
-        Shard(_shard_name(k, len(shards)), header, size, tuple(names)) for k, (header, names, size) in enumerate((s[0], s[1], s[2]) for s in shards)
-    )
-    return Schedule(plan, checkpoints, tuple(jobs), shard_list, reference, read_bytes, tuple(notes),
+        if info.dtype.is_floating_point:
+            load = DTYPES[plan.dtype] if plan.dtype else info.dtype
+            params = _resolve_params(method, plan, specs, name, gradient_position(name, num_layers))
+            job = TensorJob(name, info.shape, method, tuple(inputs), uses_base, model_ids, params, load,
+                            _compute_dtype(plan, method, load), DTYPES[plan.out_dtype] if plan.out_dtype else load, 0, 0, 0)
+        else:
+            job = TensorJob(name, info.shape, None, (reference,), False, (), TensorParams({}, ()), info.dtype, info.dtype, info.dtype, 0, 0, 0)
+        per_elem = _bytes_per_element(checkpoints, job)
+        jobs.append(replace(job, rows_per_chunk=_rows_per_chunk(plan, job, per_elem, budget)))
+    copied = sum(j.method is None for j in jobs)
+    if copied:
+        notes.append(f"{copied} non-float tensors copied unchanged from {ref.path}")
+    shards, jobs = _place(jobs, plan.shard_size)
+    peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j) for j in jobs)
+    read_bytes = sum(math.prod(j.shape) * checkpoints[i].tensors[j.name].dtype.itemsize for j in jobs for i in j.inputs)
+    return Schedule(plan, checkpoints, tuple(jobs), shards, reference, read_bytes, tuple(notes),
                     psutil.Process().memory_info().rss, peak)
 
 
@@ -210,11 +199,11 @@ def _compute_dtype(plan: MergePlan, method: MergeMethod, load: torch.dtype) -> t
     return torch.float64 if load == torch.float64 else torch.float32
 
 
-def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], inputs: tuple[int, ...], name: str, compute: torch.dtype, n: int) -> int:
+def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob) -> int:
     """Working bytes per element of a chunk: the raw inputs, their compute-dtype copies, and the
     method's temporaries (deltas, a stacked copy, masks and the output: about n + 4 more)."""
-    raw = sum(checkpoints[i].tensors[name].dtype.itemsize for i in inputs)
-    return raw + (2 * n + 4) * compute.itemsize
+    raw = sum(checkpoints[i].tensors[job.name].dtype.itemsize for i in job.inputs)
+    return raw + (2 * len(job.inputs) + 4) * job.compute_dtype.itemsize
 
 
 def _working_budget(plan: MergePlan) -> int:
@@ -224,30 +213,32 @@ def _working_budget(plan: MergePlan) -> int:
     return max(MIN_WORKING_BYTES, plan.max_memory - baseline)
 
 
-def _rows_per_chunk(plan: MergePlan, row_numel: int, per_elem: int, budget: int, rows: int) -> int:
+def _rows_per_chunk(plan: MergePlan, job: TensorJob, per_elem: int, budget: int) -> int:
+    row_numel = math.prod(job.shape) // job.rows if job.rows else 0
     if row_numel == 0:
-        return max(rows, 1)
+        return max(job.rows, 1)
     if plan.chunk_size is not None:
-        return max(1, min(rows, plan.chunk_size // row_numel))
-    return max(1, min(rows, budget // (row_numel * per_elem)))
+        return max(1, min(job.rows, plan.chunk_size // row_numel))
+    return max(1, min(job.rows, budget // (row_numel * per_elem)))
 
 
-def _assign_shards(jobs_meta: list[tuple], shard_size: int) -> list[tuple[bytes, dict[str, int], int]]:
-    """Greedy, in schedule order: a new shard starts when the next tensor would overflow this one."""
-    groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+def _place(jobs: list[TensorJob], shard_size: int) -> tuple[tuple[Shard, ...], list[TensorJob]]:
+    """Assign shards greedily in schedule order (a new shard starts when the next tensor would
+    overflow this one) and give every job its absolute offset in its shard."""
+    groups: list[list[TensorJob]] = [[]]
     size = 0
-    for name, shape, *_, out in jobs_meta:
-        nbytes = math.prod(shape) * out.itemsize
-        if groups[-1] and size + nbytes > shard_size:
+    for job in jobs:
+        if groups[-1] and size + job.out_bytes > shard_size:
             groups.append([])
             size = 0
-        groups[-1].append((name, out, shape))
-        size += nbytes
-    shards = []
-    for group in groups:
-        header, offsets = build_header(group, {"format": "pt"})
-        shards.append((header, offsets, len(header) + sum(math.prod(s) * d.itemsize for _, d, s in group)))
-    return shards
+        groups[-1].append(job)
+        size += job.out_bytes
+    shards, placed = [], []
+    for k, group in enumerate(groups):
+        header, offsets = build_header([(j.name, j.out_dtype, j.shape) for j in group], {"format": "pt"})
+        shards.append(Shard(_shard_name(k, len(groups)), header, len(header) + sum(j.out_bytes for j in group), tuple(j.name for j in group)))
+        placed += [replace(j, shard=k, offset=offsets[j.name]) for j in group]
+    return tuple(shards), placed
 
 
 def _shard_name(k: int, n: int) -> str:
