@@ -20,7 +20,7 @@ from streammerge.io.reader import Checkpoint
 from streammerge.io.safetensors_format import build_header
 from streammerge.methods import MergeMethod, TensorParams, get_method
 from streammerge.plan.parameters import evaluate, gradient_position, layer_index
-from streammerge.plan.schema import MergePlan
+from streammerge.plan.schema import MergePlan, ModelEntry
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 DEFAULT_WORKING_BYTES = 256 << 20  # chunk working set when the plan sets no memory budget
@@ -102,18 +102,21 @@ def build_schedule(plan: MergePlan) -> Schedule:
 
 def _build(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], paths: list[str]) -> Schedule:
     index = {p: i for i, p in enumerate(paths)}
-    uses_base = method.base == "required"
-    if uses_base and plan.base_model is None:
+    uses_base = method.base == "required" or (method.base == "optional" and plan.base_model is not None)
+    if method.base == "required" and plan.base_model is None:
         raise PlanError(f"base_model: {method.name} needs a base_model")
-    if not uses_base and plan.base_model is not None and plan.base_model not in {m.model for m in plan.models}:
-        raise PlanError(f"base_model: {method.name} does not use a base model; list it under 'models' with a weight, or remove base_model")
-    # Models the method merges: for base-using methods the base is excluded from them.
-    entries = [(i, m) for i, m in enumerate(plan.models) if not (uses_base and m.model == plan.base_model)]
-    if method.models_exactly is not None and len(entries) != method.models_exactly:
-        total = method.models_exactly + (1 if uses_base else 0)
-        raise PlanError(f"models: {method.name} merges exactly {total} models including base_model, got {len(entries) + (1 if uses_base else 0)}")
-    if not entries:
-        raise PlanError(f"models: {method.name} needs at least one model besides base_model")
+    entries = list(enumerate(plan.models))
+    if uses_base:  # the base is the method's own input, not one of the merged models
+        entries = [(i, m) for i, m in entries if m.model != plan.base_model]
+    elif plan.base_model is not None and plan.base_model not in {m.model for m in plan.models}:
+        entries.append((len(plan.models), ModelEntry(model=plan.base_model)))  # mergekit adds the base as a model
+    given = len(entries) + uses_base
+    if method.models_exactly is not None and given != method.models_exactly:
+        counted = " including base_model" if uses_base else ""
+        raise PlanError(f"models: {method.name} merges exactly {method.models_exactly} models{counted}, got {given}")
+    if len(entries) < method.min_models:
+        counted = " besides base_model" if uses_base else ""
+        raise PlanError(f"models: {method.name} needs at least {method.min_models} model(s){counted}, got {len(entries)}")
     inputs = ([index[plan.base_model]] if uses_base else []) + [index[m.model] for _, m in entries]
     reference = index[plan.base_model] if plan.base_model else inputs[0]
     ref = checkpoints[reference]

@@ -34,3 +34,15 @@ def load_output(path: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
         out |= load_file(str(path / shard))
     return out
+
+
+def merge_with_chunk_sizes(plan: dict, tmp_path: Path, sizes: tuple[int, ...] = (32, 7 * 32, 10**9)) -> list[dict[str, bytes]]:
+    """The output shards' bytes for each chunk size (elements; the fixtures' rows are 32 wide)."""
+    import streammerge
+
+    outputs = []
+    for size in sizes:
+        out = tmp_path / f"chunk{size}"
+        streammerge.merge(plan, out, quiet=True, chunk_size=size)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
+    return outputs

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import streammerge
 from checkpoint_builder import Family
-from conftest import load_output
+from conftest import load_output, merge_with_chunk_sizes
 
 PLANS = {
     "ties": lambda f: {"merge_method": "ties", "base_model": str(f.base), "models": [
@@ -31,11 +31,7 @@ def _shard_bytes(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("method", list(PLANS))
 def test_chunk_size_does_not_change_a_byte(method: str, bf16_family: Family, tmp_path: Path) -> None:
     """Row chunks of 1 row, 7 rows and whole tensors (the embedding is 96 x 32) give the same shards."""
-    outputs = []
-    for chunk in (32, 7 * 32, 10**9):
-        out = tmp_path / f"c{chunk}"
-        streammerge.merge(PLANS[method](bf16_family), out, quiet=True, chunk_size=chunk)
-        outputs.append(_shard_bytes(out))
+    outputs = merge_with_chunk_sizes(PLANS[method](bf16_family), tmp_path)
     assert outputs[0] == outputs[1] == outputs[2]
 
 

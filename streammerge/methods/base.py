@@ -118,8 +118,9 @@ class Param:
 class MergeMethod:
     """A registered merge method.
 
-    ``base``: "required" (task-vector methods, slerp's t = 0 end), or "none" (the base, if any,
-    is just one of the models). ``precision``: "load" computes in the plan's ``dtype`` (mergekit's
+    ``base``: "required" (task-vector methods, slerp's t = 0 end), "optional" (used as the base
+    when the plan names one), or "model" (the base, if any, is one more model, as mergekit treats
+    it for linear and karcher). ``Chunk.base`` is None unless the method takes a base. ``precision``: "load" computes in the plan's ``dtype`` (mergekit's
     task-arithmetic family), "float32" computes in at least float32 (mergekit's linear and slerp).
     """
 
@@ -130,6 +131,6 @@ class MergeMethod:
     precision: str
     paper: str
     passes: tuple[StatPass, ...] = ()
-    models_exactly: int | None = None
-    min_models: int = 1
+    models_exactly: int | None = None  # counting the base, when the method takes one
+    min_models: int = 1  # not counting the base
     doc: str = field(default="", compare=False)

@@ -28,7 +28,7 @@ register(
             Param("weight", float, required=True, per_model=True, doc="the model's weight"),
             Param("normalize", bool, default=True, doc="divide by the sum of the weights"),
         ),
-        base="none",
+        base="model",
         precision="float32",
         paper="arXiv:2203.05482",
     )

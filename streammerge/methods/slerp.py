@@ -48,6 +48,6 @@ register(
         precision="float32",
         paper="doi:10.1145/325165.325242",
         passes=(StatPass(_collect, _finish),),
-        models_exactly=1,
+        models_exactly=2,
     )
 )
