@@ -66,7 +66,7 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Any) -> None:
             write(c.row_start, c.models[0])
         return
     stats: dict[str, Any] = {}
-    for p in job.method.passes:
+    for p in job.method.passes_for(job.params):
         totals: dict[str, torch.Tensor] = {}
         last = None
         for c in chunks():

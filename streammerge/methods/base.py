@@ -130,7 +130,10 @@ class MergeMethod:
     base: str
     precision: str
     paper: str
-    passes: tuple[StatPass, ...] = ()
+    passes: tuple[StatPass, ...] | Callable[[TensorParams], tuple[StatPass, ...]] = ()  # a function: passes depend on parameters
     models_exactly: int | None = None  # counting the base, when the method takes one
     min_models: int = 1  # not counting the base
     doc: str = field(default="", compare=False)
+
+    def passes_for(self, params: TensorParams) -> tuple[StatPass, ...]:
+        return self.passes(params) if callable(self.passes) else self.passes
