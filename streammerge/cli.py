@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,10 @@ _plan_options = [
     click.option("--chunk-size", type=click.IntRange(min=1), help="Elements per chunk (rounded to whole rows); overrides --max-memory."),
     click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float64"]),
                  help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
-    click.option("--seed", type=int, help="Seed for random methods (dare_*); the same seed gives the same bytes."),
+    click.option("--seed", type=int, help="Seed for random methods (dare_*, della*); the same seed gives the same bytes."),
+    click.option("--strict/--lenient", default=None,
+                 help="Unknown keys and parameters are errors (--strict) or warnings (--lenient). "
+                      "Default: lenient for mergekit configs, strict for plans using streammerge's own keys."),
 ]
 
 
@@ -41,6 +45,10 @@ def _add(options: list) -> Any:
             f = opt(f)
         return f
     return wrap
+
+
+def _warn(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _fail(e: StreamMergeError) -> None:
@@ -57,6 +65,7 @@ def main() -> None:
     out_dtype), optionally with streammerge's own keys (output, shard_size, max_memory,
     chunk_size, compute_dtype, seed).
     """
+    warnings.showwarning = _warn
 
 
 @main.command()

@@ -38,8 +38,8 @@ def _row_ranges(job: TensorJob) -> Iterator[tuple[int, int]]:
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int) -> list[torch.Tensor]:
     rows = slice(start, stop) if job.shape else None
     out = []
-    for i in job.inputs:
-        raw = schedule.checkpoints[i].read(job.name, rows)
+    for src in job.inputs:
+        raw = schedule.checkpoints[src.checkpoint].read(src.tensor, rows)
         if job.method is not None and schedule.plan.compute_dtype == "auto":
             raw = raw.to(job.load_dtype)  # mergekit rounds inputs to `dtype` on load
         out.append(raw.to(job.compute_dtype) if job.method is not None else raw)
@@ -93,8 +93,8 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False) 
                     bar.update(tensor.numel() * tensor.element_size())
 
                 merge_tensor(schedule, job, write)
-                for i in job.inputs:
-                    schedule.checkpoints[i].release(job.name)
+                for src in job.inputs:
+                    schedule.checkpoints[src.checkpoint].release(src.tensor)
             bar.update(sum(len(s.header) for s in schedule.shards))
     finally:
         for w in writers:

@@ -25,6 +25,8 @@ def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) ->
         })
     ref = schedule.checkpoints[schedule.reference]
     config = ref.config()
+    if "num_hidden_layers" in config or schedule.plan.slices is not None:
+        config["num_hidden_layers"] = schedule.num_layers  # slices may stack or drop layers
     out_dtypes = {str(j.out_dtype).removeprefix("torch.") for j in schedule.jobs if j.method is not None}
     if len(out_dtypes) == 1:
         config["torch_dtype"] = out_dtypes.pop()

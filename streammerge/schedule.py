@@ -19,8 +19,9 @@ from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
 from streammerge.io.safetensors_format import build_header
 from streammerge.methods import MergeMethod, TensorParams, get_method
-from streammerge.plan.parameters import evaluate, gradient_position, layer_index
-from streammerge.plan.schema import MergePlan, ModelEntry
+from streammerge.plan.architecture import is_pre_layer, layer_index, with_layer
+from streammerge.plan.parameters import evaluate, gradient_position
+from streammerge.plan.schema import MergePlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 DEFAULT_WORKING_BYTES = 256 << 20  # chunk working set when the plan sets no memory budget
@@ -28,23 +29,31 @@ MIN_WORKING_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
+class Source:
+    """One input of an output tensor: a tensor of one checkpoint (``Schedule.checkpoints`` index)."""
+
+    checkpoint: int
+    tensor: str
+
+
+@dataclass(frozen=True)
 class TensorJob:
-    """One output tensor. ``inputs`` index ``Schedule.checkpoints``; with ``has_base`` the first is
-    the base. A job with ``method`` None copies ``inputs[0]`` unchanged (non-float tensors)."""
+    """One output tensor. With ``has_base`` the first input is the base. A job with ``method``
+    None copies ``inputs[0]`` unchanged (non-float tensors)."""
 
     name: str
     shape: tuple[int, ...]
     method: MergeMethod | None
-    inputs: tuple[int, ...]
+    inputs: tuple[Source, ...]
     has_base: bool
     model_ids: tuple[int, ...]
     params: TensorParams
     load_dtype: torch.dtype
     compute_dtype: torch.dtype
     out_dtype: torch.dtype
-    rows_per_chunk: int
-    shard: int
-    offset: int
+    rows_per_chunk: int = 0
+    shard: int = 0
+    offset: int = 0
 
     @property
     def rows(self) -> int:
@@ -70,6 +79,7 @@ class Schedule:
     jobs: tuple[TensorJob, ...]
     shards: tuple[Shard, ...]
     reference: int
+    num_layers: int
     read_bytes: int
     notes: tuple[str, ...]
     baseline_rss: int
@@ -88,88 +98,155 @@ class Schedule:
             c.close()
 
 
+@dataclass(frozen=True)
+class _Slice:
+    """An output slice: its sources (model, layer range or None for all layers, own parameters)."""
+
+    sources: tuple[tuple[str, range | None, dict], ...]
+    base_model: str | None
+    parameters: dict
+
+
+def _slices(plan: MergePlan) -> list[_Slice]:
+    if plan.models is not None:  # a `models:` config is one slice over every layer
+        return [_Slice(tuple((m.model, None, m.parameters) for m in plan.models), plan.base_model, {})]
+    return [_Slice(tuple((src.model, range(*src.layer_range), src.parameters) for src in s.sources),
+                   s.base_model or plan.base_model, s.parameters) for s in plan.slices]
+
+
 def build_schedule(plan: MergePlan) -> Schedule:
     method = get_method(plan.merge_method)
-    paths = list(dict.fromkeys(([plan.base_model] if plan.base_model else []) + [m.model for m in plan.models]))
+    slices = _slices(plan)
+    paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
     checkpoints = tuple(Checkpoint(p) for p in paths)
     try:
-        return _build(plan, method, checkpoints, paths)
+        return _build(plan, method, slices, checkpoints, {p: i for i, p in enumerate(paths)})
     except BaseException:
         for c in checkpoints:
             c.close()
         raise
 
 
-def _build(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], paths: list[str]) -> Schedule:
-    index = {p: i for i, p in enumerate(paths)}
-    uses_base = method.base == "required" or (method.base == "optional" and plan.base_model is not None)
-    if method.base == "required" and plan.base_model is None:
+@dataclass(frozen=True)
+class _SliceInputs:
+    """A slice resolved for the method: inputs (base first when used), their layer ranges, own
+    parameters and model ids."""
+
+    checkpoints: tuple[int, ...]
+    layers: tuple[range, ...]
+    params: tuple[tuple[str, dict], ...]  # (model, own parameters) of the merged models, base excluded
+    model_ids: tuple[int, ...]
+    has_base: bool
+    slice_params: dict
+
+
+def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, int], ckpts: tuple[Checkpoint, ...]) -> _SliceInputs:
+    uses_base = method.base == "required" or (method.base == "optional" and s.base_model is not None)
+    if method.base == "required" and s.base_model is None:
         raise PlanError(f"base_model: {method.name} needs a base_model")
-    entries = list(enumerate(plan.models))
+    entries = list(enumerate(s.sources))
+    base_src = next(((m, r, p) for m, r, p in s.sources if m == s.base_model), None)
+    if s.base_model is not None and base_src is None:  # mergekit adds the base with the slice's layers
+        base_src = (s.base_model, s.sources[0][1], {})
     if uses_base:  # the base is the method's own input, not one of the merged models
-        entries = [(i, m) for i, m in entries if m.model != plan.base_model]
-    elif plan.base_model is not None and plan.base_model not in {m.model for m in plan.models}:
-        entries.append((len(plan.models), ModelEntry(model=plan.base_model)))  # mergekit adds the base as a model
+        entries = [(i, e) for i, e in entries if e[0] != s.base_model]
+    elif base_src is not None and base_src not in s.sources:
+        entries.append((len(s.sources), base_src))  # for linear and karcher the base is one more model
     given = len(entries) + uses_base
     if method.models_exactly is not None and given != method.models_exactly:
         counted = " including base_model" if uses_base else ""
-        raise PlanError(f"models: {method.name} merges exactly {method.models_exactly} models{counted}, got {given}")
+        raise PlanError(f"{where}: {method.name} merges exactly {method.models_exactly} models{counted}, got {given}")
     if len(entries) < method.min_models:
         counted = " besides base_model" if uses_base else ""
-        raise PlanError(f"models: {method.name} needs at least {method.min_models} model(s){counted}, got {len(entries)}")
-    inputs = ([index[plan.base_model]] if uses_base else []) + [index[m.model] for _, m in entries]
-    reference = index[plan.base_model] if plan.base_model else inputs[0]
-    ref = checkpoints[reference]
-    config = ref.config()
-    num_layers = int(config.get("num_hidden_layers") or 1 + max((layer_index(n) or 0) for n in ref.tensors))
+        raise PlanError(f"{where}: {method.name} needs at least {method.min_models} model(s){counted}, got {len(entries)}")
+    chosen = ([base_src] if uses_base else []) + [e for _, e in entries]
+    layers = []
+    for model, r, _ in chosen:
+        n = 1 + max((li for t in ckpts[index[model]].tensors if (li := layer_index(t)) is not None), default=-1)
+        if r is not None and r.stop > n:
+            raise PlanError(f"{where}: layer_range [{r.start}, {r.stop}) of {model}: the model has {n} layers (0-{n - 1})")
+        layers.append(range(n) if r is None else r)
+    if len({len(r) for r in layers}) > 1:
+        raise PlanError(f"{where}: every source of a slice must span the same number of layers, got "
+                        + ", ".join(f"{len(r)} ({m})" for r, (m, _, _) in zip(layers, chosen)))
+    return _SliceInputs(tuple(index[m] for m, _, _ in chosen), tuple(layers), tuple((m, p) for _, (m, _, p) in entries),
+                        tuple(i for i, _ in entries), uses_base, s.parameters)
 
-    notes = _check_key_sets(checkpoints, inputs, reference)
-    specs = [(e.model, e.parameters) for _, e in entries]
-    model_ids = tuple(i for i, _ in entries)
+
+def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoints: tuple[Checkpoint, ...],
+           index: dict[str, int]) -> Schedule:
+    where = "models" if plan.models is not None else "slices[{}]"
+    resolved = [_slice_inputs(method, s, where.format(k), index, checkpoints) for k, s in enumerate(slices)]
+    reference = resolved[0].checkpoints[0]
     budget = _working_budget(plan)
-    jobs = []
-    for name in sorted(ref.tensors, key=lambda n: (str(ref.file_of(n)), ref.offset_of(n))):  # read order
-        info = ref.tensors[name]
-        for i in inputs:
-            other = checkpoints[i].tensors[name]
+    jobs: list[TensorJob] = []
+
+    def add(out_name: str, sl: _SliceInputs, names: list[str], t: float) -> None:
+        sources = tuple(Source(c, n) for c, n in zip(sl.checkpoints, names))
+        for src in sources:
+            if src.tensor not in checkpoints[src.checkpoint].tensors:
+                raise PlanError(f"tensor {src.tensor!r} missing from {checkpoints[src.checkpoint].path} "
+                                f"(present in {checkpoints[sources[0].checkpoint].path})")
+        info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
+        for src in sources[1:]:
+            other = checkpoints[src.checkpoint].tensors[src.tensor]
             if other.shape != info.shape:
-                raise PlanError(f"tensor {name!r}: shape {list(other.shape)} in {checkpoints[i].path} does not match {list(info.shape)} in {ref.path}")
+                raise PlanError(f"tensor {src.tensor!r}: shape {list(other.shape)} in {checkpoints[src.checkpoint].path} "
+                                f"does not match {list(info.shape)} in {checkpoints[sources[0].checkpoint].path}")
         if info.dtype.is_floating_point:
             load = DTYPES[plan.dtype] if plan.dtype else info.dtype
-            params = _resolve_params(method, plan, specs, name, gradient_position(name, num_layers))
-            job = TensorJob(name, info.shape, method, tuple(inputs), uses_base, model_ids, params, load,
-                            _compute_dtype(plan, method, load), DTYPES[plan.out_dtype] if plan.out_dtype else load, 0, 0, 0)
+            job = TensorJob(out_name, info.shape, method, sources, sl.has_base, sl.model_ids,
+                            _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load),
+                            DTYPES[plan.out_dtype] if plan.out_dtype else load)
         else:
-            job = TensorJob(name, info.shape, None, (reference,), False, (), TensorParams({}, ()), info.dtype, info.dtype, info.dtype, 0, 0, 0)
-        per_elem = _bytes_per_element(checkpoints, job)
-        jobs.append(replace(job, rows_per_chunk=_rows_per_chunk(plan, job, per_elem, budget)))
+            job = TensorJob(out_name, info.shape, None, sources[:1], False, (), TensorParams({}, ()), info.dtype, info.dtype, info.dtype)
+        jobs.append(replace(job, rows_per_chunk=_rows_per_chunk(plan, job, _bytes_per_element(checkpoints, job), budget)))
+
+    def ref_tensors(sl: _SliceInputs) -> dict:
+        return checkpoints[sl.checkpoints[0]].tensors
+
+    outside = [n for n in ref_tensors(resolved[0]) if layer_index(n) is None]
+    for name in outside:
+        sl = resolved[0] if is_pre_layer(name) else resolved[-1]  # embeddings from the first slice, the rest from the last
+        if name in ref_tensors(sl):
+            add(name, sl, [name] * len(sl.checkpoints), 0.0)
+    out_layer = 0
+    for sl in resolved:
+        n = len(sl.layers[0])
+        by_layer: dict[int, list[str]] = {}
+        for t in ref_tensors(sl):
+            li = layer_index(t)
+            if li is not None and li in sl.layers[0]:
+                by_layer.setdefault(li, []).append(t)
+        for j in range(n):
+            for name in by_layer.get(sl.layers[0][j], []):
+                add(with_layer(name, out_layer + j), sl, [with_layer(name, r[j]) for r in sl.layers], gradient_position(j, n))
+        out_layer += n
+    jobs.sort(key=lambda j: (layer_index(j.name) if layer_index(j.name) is not None else (-1 if is_pre_layer(j.name) else out_layer),
+                             str(checkpoints[j.inputs[0].checkpoint].file_of(j.inputs[0].tensor)),
+                             checkpoints[j.inputs[0].checkpoint].offset_of(j.inputs[0].tensor)))
+
+    notes = []
+    if plan.models is not None:
+        read = {(s.checkpoint, s.tensor) for j in jobs for s in j.inputs}
+        for c in sorted({s.checkpoint for j in jobs for s in j.inputs}):
+            extra = [t for t in checkpoints[c].tensors if (c, t) not in read]
+            if extra:
+                notes.append(f"{len(extra)} tensors of {checkpoints[c].path} are not in the output (e.g. {extra[0]!r})")
     copied = sum(j.method is None for j in jobs)
     if copied:
-        notes.append(f"{copied} non-float tensors copied unchanged from {ref.path}")
+        notes.append(f"{copied} non-float tensors copied unchanged")
     shards, jobs = _place(jobs, plan.shard_size)
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j) for j in jobs)
-    read_bytes = sum(math.prod(j.shape) * checkpoints[i].tensors[j.name].dtype.itemsize for j in jobs for i in j.inputs)
-    return Schedule(plan, checkpoints, tuple(jobs), shards, reference, read_bytes, tuple(notes),
+    read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
+    return Schedule(plan, checkpoints, tuple(jobs), shards, reference, out_layer, read_bytes, tuple(notes),
                     psutil.Process().memory_info().rss, peak)
 
 
-def _check_key_sets(checkpoints: tuple[Checkpoint, ...], inputs: list[int], reference: int) -> list[str]:
-    ref = checkpoints[reference]
-    notes = []
-    for i in inputs:
-        missing = [n for n in ref.tensors if n not in checkpoints[i].tensors]
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise PlanError(f"tensor {missing[0]!r}{more} missing from {checkpoints[i].path} (present in {ref.path})")
-        extra = [n for n in checkpoints[i].tensors if n not in ref.tensors]
-        if extra:
-            notes.append(f"{len(extra)} tensors of {checkpoints[i].path} absent from {ref.path} are not merged (e.g. {extra[0]!r})")
-    return notes
-
-
-def _resolve_params(method: MergeMethod, plan: MergePlan, specs: list[tuple[str, dict]], tensor: str, t: float) -> TensorParams:
+def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, t: float) -> TensorParams:
+    """First found wins: the model's own parameters, the slice's, the plan's; then the default."""
     def value(spec: Any, own: dict | None) -> Any:
-        for source in (own, plan.parameters):
+        for source in (own, sl.slice_params, plan.parameters):
             if source is not None and spec.name in source:
                 v = evaluate(source[spec.name], tensor, t)
                 if v is not None:
@@ -183,7 +260,7 @@ def _resolve_params(method: MergeMethod, plan: MergePlan, specs: list[tuple[str,
             if globals_[spec.name] is None and spec.required:
                 raise PlanError(f"parameters.{spec.name}: {method.name} needs {spec.name!r} (for tensor {tensor!r})")
     models = []
-    for model, own in specs:
+    for model, own in sl.params:
         per = {}
         for spec in method.params:
             if spec.per_model:
@@ -205,7 +282,7 @@ def _compute_dtype(plan: MergePlan, method: MergeMethod, load: torch.dtype) -> t
 def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob) -> int:
     """Working bytes per element of a chunk: the raw inputs, their compute-dtype copies, and the
     method's temporaries (deltas, a stacked copy, masks and the output: about n + 4 more)."""
-    raw = sum(checkpoints[i].tensors[job.name].dtype.itemsize for i in job.inputs)
+    raw = sum(checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs)
     return raw + (2 * len(job.inputs) + 4) * job.compute_dtype.itemsize
 
 

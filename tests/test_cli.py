@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, fp32_family: Family
     make, expected = BAD_PLANS[case]
     plan = _write(tmp_path, make(tmp_path, fp32_family))
     out = tmp_path / "out"
-    result = _invoke("run", plan, out)
+    result = _invoke("run", plan, out, "--strict")
     assert result.exit_code == 1
     assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = result.output.strip().splitlines()
@@ -143,3 +143,39 @@ def test_relative_model_paths_resolve_from_the_plan_directory(fp32_family: Famil
     result = _invoke("run", root / "rel.yaml", "out", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_mergekit_configs_warn_once_per_meaningless_key(fp32_family: Family, tmp_path: Path) -> None:
+    """Keys mergekit ignores (a model's name, a stray top-level key, a parameter the method lacks)
+    are one warning line each and the merge runs; --strict makes the first one an error."""
+    plan = _plan(fp32_family) | {"normalize": True, "parameters": {"densty": 0.5, "lambda": "0.5"}}
+    plan["models"][0]["name"] = "math"
+    path = _write(tmp_path, plan)
+    result = CliRunner().invoke(main, ["run", str(path), str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3
+    assert any("normalize: unknown key" in w for w in warnings)
+    assert any("models[0].name: unknown key" in w for w in warnings)
+    assert any("parameters.densty: ties has no parameter 'densty'" in w for w in warnings)
+    assert all(w.endswith("it has no effect") for w in warnings)
+    strict = _invoke("run", path, tmp_path / "out2", "--strict")
+    assert strict.exit_code == 1 and strict.output.startswith("error: ") and "unknown key" in strict.output
+
+
+def test_native_plans_are_strict_by_default(fp32_family: Family, tmp_path: Path) -> None:
+    path = _write(tmp_path, _plan(fp32_family, seed=3) | {"parameters": {"densty": 0.5}})
+    result = _invoke("run", path, tmp_path / "out")
+    assert result.exit_code == 1 and "parameters.densty" in result.output
+    assert _invoke("run", path, tmp_path / "out", "--lenient", "-q").exit_code == 0
+
+
+def test_numeric_strings_are_coerced_like_mergekit(fp32_family: Family, tmp_path: Path) -> None:
+    """YAML reads 1e-1 without a dot as a string; mergekit coerces it, so do we."""
+    text = yaml.safe_dump(_plan(fp32_family)).replace("density: 0.5", "density: 5e-1")
+    (tmp_path / "a.yaml").write_text(text)
+    assert yaml.safe_load(text)["models"][0]["parameters"]["density"] == "5e-1"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(_plan(fp32_family)))
+    assert _invoke("run", tmp_path / "a.yaml", tmp_path / "a", "-q").exit_code == 0
+    assert _invoke("run", tmp_path / "b.yaml", tmp_path / "b", "-q").exit_code == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -1,7 +1,15 @@
-"""Read a plan from YAML (or a dict), validate it once, and resolve model paths."""
+"""Read a plan from YAML (or a dict), validate it once, and resolve model paths.
+
+mergekit ignores keys it does not know and published configs rely on it (a ``name:`` per model, a
+stray top-level ``normalize``, parameters a method does not define), so a mergekit config gets one
+warning per such key. Under ``strict`` — the default for native plans, which use a streammerge key
+such as ``output`` — they are errors.
+"""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +19,17 @@ import yaml
 from streammerge.errors import PlanError
 from streammerge.methods import get_method
 from streammerge.methods.base import MergeMethod
-from streammerge.plan.schema import Conditional, MergePlan
+from streammerge.plan.schema import NATIVE_KEYS, Conditional, MergePlan, ModelEntry, OutputSlice, SliceSource
 
 
-def load_plan(source: str | Path | dict[str, Any] | MergePlan) -> MergePlan:
+class PlanWarning(UserWarning):
+    """Something in the plan has no effect."""
+
+
+_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | None = None) -> MergePlan:
     """A validated ``MergePlan`` from a YAML path, a dict or a plan; raises ``PlanError``."""
     if isinstance(source, MergePlan):
         return source
@@ -31,10 +46,13 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan) -> MergePlan:
         except yaml.YAMLError as e:
             raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise PlanError(f"{where}: a plan is a YAML mapping with at least 'merge_method' and 'models'")
-    for key in ("slices", "modules"):
-        if key in data:
-            raise PlanError(f"{where}: '{key}:' configs are not supported yet; use 'models:'")
+        raise PlanError(f"{where}: a plan is a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
+    if "modules" in data:
+        raise PlanError(f"{where}: 'modules:' configs are not supported yet; use 'models:' or 'slices:'")
+    if strict is None:
+        strict = any(k in data for k in NATIVE_KEYS)
+    method = get_method(data["merge_method"]) if isinstance(data.get("merge_method"), str) else None
+    data = _Cleaner(where, strict, method).plan(data)
     try:
         plan = MergePlan.model_validate(data)
     except pydantic.ValidationError as e:
@@ -44,6 +62,78 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan) -> MergePlan:
     return _resolve_paths(plan, root, where)
 
 
+class _Cleaner:
+    """Drops (with a warning) or refuses (when strict) keys that mean nothing, and coerces numeric
+    strings in parameters to numbers, as mergekit's schema does."""
+
+    def __init__(self, where: str, strict: bool, method: MergeMethod | None):
+        self.where, self.strict, self.method = where, strict, method
+
+    def _unknown(self, key: str, what: str) -> None:
+        message = f"{self.where}: {key}: {what}"
+        if self.strict:
+            raise PlanError(message)
+        warnings.warn(f"{message}; it has no effect", PlanWarning, stacklevel=2)
+
+    def _keys(self, data: Any, model: type[pydantic.BaseModel], at: str) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for k, v in data.items():
+            if k in model.model_fields:
+                out[k] = v
+            else:
+                self._unknown(f"{at}{k}", "unknown key")
+        return out
+
+    def _params(self, params: Any, at: str) -> Any:
+        if not isinstance(params, dict) or self.method is None:
+            return params
+        known = {p.name for p in self.method.params}
+        out = {}
+        for name, value in params.items():
+            if name in known:
+                out[name] = _coerce(value)
+            else:
+                self._unknown(f"{at}{name}", f"{self.method.name} has no parameter {name!r} (valid: {', '.join(sorted(known)) or 'none'})")
+        return out
+
+    def plan(self, data: dict) -> dict:
+        data = self._keys(data, MergePlan, "")
+        if "parameters" in data:
+            data["parameters"] = self._params(data["parameters"], "parameters.")
+        if isinstance(data.get("models"), list):
+            data["models"] = [self._entry(m, ModelEntry, f"models[{i}].") for i, m in enumerate(data["models"])]
+        if isinstance(data.get("slices"), list):
+            slices = []
+            for k, s in enumerate(data["slices"]):
+                s = self._keys(s, OutputSlice, f"slices[{k}].")
+                if isinstance(s, dict):
+                    if "parameters" in s:
+                        s["parameters"] = self._params(s["parameters"], f"slices[{k}].parameters.")
+                    if isinstance(s.get("sources"), list):
+                        s["sources"] = [self._entry(src, SliceSource, f"slices[{k}].sources[{i}].") for i, src in enumerate(s["sources"])]
+                slices.append(s)
+            data["slices"] = slices
+        return data
+
+    def _entry(self, entry: Any, model: type[pydantic.BaseModel], at: str) -> Any:
+        entry = self._keys(entry, model, at)
+        if isinstance(entry, dict) and "parameters" in entry:
+            entry["parameters"] = self._params(entry["parameters"], f"{at}parameters.")
+        return entry
+
+
+def _coerce(value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER.match(value):
+        return float(value)
+    if isinstance(value, list):
+        return [_coerce(v) for v in value]
+    if isinstance(value, dict) and "value" in value:
+        return {**value, "value": _coerce(value["value"])}
+    return value
+
+
 def _describe(error: pydantic.ValidationError) -> str:
     err = error.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal", "union")))
@@ -51,21 +141,28 @@ def _describe(error: pydantic.ValidationError) -> str:
         return f"unknown key '{loc}'"
     if err["type"] == "missing":
         return f"missing required key '{loc}'"
-    value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
-    return f"key '{loc}': {msg} (got {value!r})"
+    if not loc:
+        return msg
+    return f"key '{loc}': {msg} (got {err.get('input')!r})"
+
+
+def _sections(plan: MergePlan) -> list[tuple[str, dict, bool]]:
+    """Every parameters mapping: (where, mapping, is it a model's own)."""
+    out = [("parameters", plan.parameters, False)]
+    out += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(plan.models or [])]
+    for k, s in enumerate(plan.slices or []):
+        out.append((f"slices[{k}].parameters", s.parameters, False))
+        out += [(f"slices[{k}].sources[{i}].parameters", src.parameters, True) for i, src in enumerate(s.sources)]
+    return out
 
 
 def _check_parameters(plan: MergePlan, method: MergeMethod, where: str) -> None:
     specs = {p.name: p for p in method.params}
-    valid = ", ".join(specs) or "none"
-    sections = [("parameters", plan.parameters)] + [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(plan.models)]
-    for section, params in sections:
+    for section, params, own in _sections(plan):
         for name, value in params.items():
-            if name not in specs:
-                raise PlanError(f"{where}: {section}.{name}: {method.name} has no parameter {name!r} (valid: {valid})")
             spec = specs[name]
-            if not spec.per_model and section != "parameters":
+            if own and not spec.per_model:
                 raise PlanError(f"{where}: {section}.{name}: {name!r} is a method-wide parameter; set it under top-level 'parameters'")
             for leaf in _leaves(value):
                 problem = spec.check(leaf)
@@ -88,14 +185,26 @@ def _resolve(ref: str, root: Path, key: str, where: str) -> str:
 
 
 def _resolve_paths(plan: MergePlan, root: Path, where: str) -> MergePlan:
-    models = [m.model_copy(update={"model": _resolve(m.model, root, f"models[{i}].model", where)}) for i, m in enumerate(plan.models)]
-    update: dict[str, Any] = {"models": models}
+    def res(ref: str, key: str) -> str:
+        return _resolve(ref, root, key, where)
+
+    update: dict[str, Any] = {}
+    if plan.models is not None:
+        update["models"] = [m.model_copy(update={"model": res(m.model, f"models[{i}].model")}) for i, m in enumerate(plan.models)]
+    if plan.slices is not None:
+        update["slices"] = [
+            s.model_copy(update={
+                "sources": [src.model_copy(update={"model": res(src.model, f"slices[{k}].sources[{i}].model")}) for i, src in enumerate(s.sources)],
+                "base_model": res(s.base_model, f"slices[{k}].base_model") if s.base_model else None,
+            })
+            for k, s in enumerate(plan.slices)
+        ]
     if plan.base_model is not None:
-        update["base_model"] = _resolve(plan.base_model, root, "base_model", where)
+        update["base_model"] = res(plan.base_model, "base_model")
     if plan.tokenizer_source not in (None, "base"):
         if plan.tokenizer_source == "union":
             raise PlanError(f"{where}: tokenizer_source: 'union' is not supported yet; use 'base' or a model path")
-        update["tokenizer_source"] = _resolve(plan.tokenizer_source, root, "tokenizer_source", where)
+        update["tokenizer_source"] = res(plan.tokenizer_source, "tokenizer_source")
     if plan.output is not None:
         update["output"] = str(Path(plan.output).expanduser().absolute())
     return plan.model_copy(update=update)

@@ -8,21 +8,14 @@ name (no filter, or "*", matches everything).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from streammerge.plan.schema import Conditional
 
-_LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
-
-def layer_index(tensor: str) -> int | None:
-    m = _LAYER.search(f".{tensor}.")
-    return int(m.group(1)) if m else None
-
-
-def gradient_position(tensor: str, num_layers: int) -> float:
-    layer = layer_index(tensor)
+def gradient_position(layer: int | None, num_layers: int) -> float:
+    """Position of a slice's ``layer``-th layer (0-based) among its ``num_layers``; None (pre/post
+    tensors) sits at 0 and a one-layer slice at 1, as in mergekit."""
     if layer is None:
         return 0.0
     return 1.0 if num_layers <= 1 else layer / (num_layers - 1)

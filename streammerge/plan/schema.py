@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # A parameter value: a scalar, a gradient (list of numbers, interpolated over the layers) or a list
 # of {filter, value} conditionals whose value may itself be a gradient.
@@ -22,6 +22,8 @@ class Conditional(BaseModel):
 ParamValue = Union[Scalar, Gradient, list[Conditional]]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
+# Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
+NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -42,6 +44,27 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: Optional[str] = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
 class MergePlan(BaseModel):
     """A validated plan. Model paths are resolved; nothing has been read from the checkpoints yet."""
 
@@ -49,7 +72,8 @@ class MergePlan(BaseModel):
 
     # mergekit's keys
     merge_method: str
-    models: list[ModelEntry] = Field(min_length=1)
+    models: Optional[list[ModelEntry]] = Field(default=None, min_length=1)
+    slices: Optional[list[OutputSlice]] = Field(default=None, min_length=1)
     base_model: Optional[str] = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Optional[Literal["bfloat16", "float16", "float32", "float64"]] = None
@@ -64,6 +88,12 @@ class MergePlan(BaseModel):
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
     seed: int = 0
     device: Literal["cpu"] = "cpu"
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "MergePlan":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' and 'slices'")
+        return self
 
     @field_validator("shard_size", "max_memory", mode="before")
     @classmethod
