@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk
-from streammerge.schedule import Schedule, TensorJob
+from streammerge.schedule import Schedule, Source, TensorJob
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,22 @@ def _row_ranges(job: TensorJob) -> Iterator[tuple[int, int]]:
         yield start, min(start + job.rows_per_chunk, job.rows)
 
 
+def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of one input; rows past a shorter input's end come from ``inputs[0]``."""
+    ckpt = schedule.checkpoints[src.checkpoint]
+    if not job.shape:
+        return ckpt.read(src.tensor)
+    if src.rows is None or stop <= src.rows:
+        return ckpt.read(src.tensor, slice(start, stop))
+    own = ckpt.read(src.tensor, slice(start, max(start, src.rows)))
+    fill = _read_source(schedule, job, job.inputs[0], max(start, src.rows), stop)
+    return torch.cat([own, fill.to(own.dtype)])
+
+
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int) -> list[torch.Tensor]:
-    rows = slice(start, stop) if job.shape else None
     out = []
     for src in job.inputs:
-        raw = schedule.checkpoints[src.checkpoint].read(src.tensor, rows)
+        raw = _read_source(schedule, job, src, start, stop)
         if job.method is not None and schedule.plan.compute_dtype == "auto":
             raw = raw.to(job.load_dtype)  # mergekit rounds inputs to `dtype` on load
         out.append(raw.to(job.compute_dtype) if job.method is not None else raw)

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from streammerge.io.writer import StagedOutput
+from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor
 from streammerge.schedule import Schedule
 
 # Copied verbatim from the tokenizer donor, as mergekit does.
@@ -27,6 +28,12 @@ def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) ->
     config = ref.config()
     if "num_hidden_layers" in config or schedule.plan.slices is not None:
         config["num_hidden_layers"] = schedule.num_layers  # slices may stack or drop layers
+    shapes = {j.name: j.shape for j in schedule.jobs}
+    vocab = next((shapes[n][0] for n in shapes if is_vocab_tensor(n) and is_pre_layer(n)), None)
+    if vocab is not None and "vocab_size" in config:
+        config["vocab_size"] = vocab
+    if config.get("tie_word_embeddings") and any(h in shapes for h in TIED_HEADS):
+        config["tie_word_embeddings"] = False  # an untied input's head was kept
     out_dtypes = {str(j.out_dtype).removeprefix("torch.") for j in schedule.jobs if j.method is not None}
     if len(out_dtypes) == 1:
         config["torch_dtype"] = out_dtypes.pop()

@@ -19,7 +19,7 @@ from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
 from streammerge.io.safetensors_format import build_header
 from streammerge.methods import MergeMethod, TensorParams, get_method
-from streammerge.plan.architecture import is_pre_layer, layer_index, with_layer
+from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor, layer_index, tied_partner, with_layer
 from streammerge.plan.parameters import evaluate, gradient_position
 from streammerge.plan.schema import MergePlan
 
@@ -34,6 +34,7 @@ class Source:
 
     checkpoint: int
     tensor: str
+    rows: int | None = None  # rows this input has, when fewer than the output's (the rest come from inputs[0])
 
 
 @dataclass(frozen=True)
@@ -181,34 +182,39 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
     budget = _working_budget(plan)
     jobs: list[TensorJob] = []
 
+    notes: list[str] = []
+
     def add(out_name: str, sl: _SliceInputs, names: list[str], t: float) -> None:
-        sources = tuple(Source(c, n) for c, n in zip(sl.checkpoints, names))
-        for src in sources:
-            if src.tensor not in checkpoints[src.checkpoint].tensors:
-                raise PlanError(f"tensor {src.tensor!r} missing from {checkpoints[src.checkpoint].path} "
-                                f"(present in {checkpoints[sources[0].checkpoint].path})")
+        sources = []
+        for c, n in zip(sl.checkpoints, names):
+            have = checkpoints[c].tensors
+            if n not in have and tied_partner(n, have):
+                notes.append(f"{checkpoints[c].path} ties {n} to its embeddings: using {tied_partner(n, have)} for it")
+                n = tied_partner(n, have)
+            if n not in have:
+                raise PlanError(f"tensor {n!r} missing from {checkpoints[c].path} (present in {checkpoints[sl.checkpoints[0]].path})")
+            sources.append(Source(c, n))
+        shapes = [checkpoints[s.checkpoint].tensors[s.tensor].shape for s in sources]
+        shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
+        sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
-        for src in sources[1:]:
-            other = checkpoints[src.checkpoint].tensors[src.tensor]
-            if other.shape != info.shape:
-                raise PlanError(f"tensor {src.tensor!r}: shape {list(other.shape)} in {checkpoints[src.checkpoint].path} "
-                                f"does not match {list(info.shape)} in {checkpoints[sources[0].checkpoint].path}")
         if info.dtype.is_floating_point:
             load = DTYPES[plan.dtype] if plan.dtype else info.dtype
-            job = TensorJob(out_name, info.shape, method, sources, sl.has_base, sl.model_ids,
+            job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids,
                             _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load),
                             DTYPES[plan.out_dtype] if plan.out_dtype else load)
         else:
-            job = TensorJob(out_name, info.shape, None, sources[:1], False, (), TensorParams({}, ()), info.dtype, info.dtype, info.dtype)
+            job = TensorJob(out_name, shape, None, tuple(sources[:1]), False, (), TensorParams({}, ()), info.dtype, info.dtype, info.dtype)
         jobs.append(replace(job, rows_per_chunk=_rows_per_chunk(plan, job, _bytes_per_element(checkpoints, job), budget)))
 
     def ref_tensors(sl: _SliceInputs) -> dict:
         return checkpoints[sl.checkpoints[0]].tensors
 
     outside = [n for n in ref_tensors(resolved[0]) if layer_index(n) is None]
-    for name in outside:
+    untied = [h for h in TIED_HEADS if h not in outside and any(h in checkpoints[c].tensors for c in resolved[-1].checkpoints)]
+    for name in outside + untied:  # a head any input has is kept; inputs that tie it lend their embeddings
         sl = resolved[0] if is_pre_layer(name) else resolved[-1]  # embeddings from the first slice, the rest from the last
-        if name in ref_tensors(sl):
+        if name in ref_tensors(sl) or name in untied:
             add(name, sl, [name] * len(sl.checkpoints), 0.0)
     out_layer = 0
     for sl in resolved:
@@ -226,7 +232,6 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
                              str(checkpoints[j.inputs[0].checkpoint].file_of(j.inputs[0].tensor)),
                              checkpoints[j.inputs[0].checkpoint].offset_of(j.inputs[0].tensor)))
 
-    notes = []
     if plan.models is not None:
         read = {(s.checkpoint, s.tensor) for j in jobs for s in j.inputs}
         for c in sorted({s.checkpoint for j in jobs for s in j.inputs}):
@@ -241,6 +246,23 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
     read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, out_layer, read_bytes, tuple(notes),
                     psutil.Process().memory_info().rss, peak)
+
+
+def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: list[tuple[int, ...]],
+                  checkpoints: tuple[Checkpoint, ...], notes: list[str]) -> tuple[int, ...]:
+    """The inputs' common shape; for vocabulary matrices whose row counts differ, the rows the
+    plan's ``vocab_policy`` keeps: the common rows (``truncate``) or the first input's (``base``)."""
+    if all(sh == shapes[0] for sh in shapes):
+        return shapes[0]
+    first = checkpoints[sources[0].checkpoint].path
+    for src, sh in zip(sources[1:], shapes[1:]):
+        if not (is_vocab_tensor(name) and sh[1:] == shapes[0][1:]):
+            raise PlanError(f"tensor {src.tensor!r}: shape {list(sh)} in {checkpoints[src.checkpoint].path} does not match "
+                            f"{list(shapes[0])} in {first}")
+    rows = min(sh[0] for sh in shapes) if plan.vocab_policy == "truncate" else shapes[0][0]
+    notes.append(f"{name}: vocabulary sizes differ ({', '.join(str(sh[0]) for sh in shapes)}): "
+                 f"{rows} rows kept (vocab_policy: {plan.vocab_policy})")
+    return (rows, *shapes[0][1:])
 
 
 def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, t: float) -> TensorParams:

@@ -21,6 +21,9 @@ from streammerge.errors import CheckpointError
 from streammerge.io.safetensors_format import TensorEntry, parse_header
 
 _HEADER_PROBE = 1 << 16
+# Tensors that only quantized checkpoints carry (GPTQ/AWQ packed weights, bitsandbytes state).
+_QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4",
+                       ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")
 
 
 def _pread_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
@@ -131,6 +134,18 @@ class Checkpoint:
                     )
                 self._where[name] = reader
         self.tensors = {name: TensorInfo(r.entries[name].dtype, r.entries[name].shape) for name, r in self._where.items()}
+        self._refuse_quantized()
+
+    def _refuse_quantized(self) -> None:
+        quant = self.config().get("quantization_config")
+        if quant is not None:
+            kind = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+            raise CheckpointError(f"{self.path}: quantized checkpoint ({kind}, see config.json quantization_config); "
+                                  "merge the full-precision weights instead")
+        name = next((n for n in self.tensors if n.endswith(_QUANTIZED_SUFFIXES)), None)
+        if name is not None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is quantization state (bitsandbytes/GPTQ/AWQ); "
+                                  "merge the full-precision weights instead")
 
     def _open(self, shard: Path) -> ShardReader | BinReader:
         if shard.name not in self._shards:

@@ -28,3 +28,21 @@ def with_layer(tensor: str, layer: int) -> str:
 
 def is_pre_layer(tensor: str) -> bool:
     return layer_index(tensor) is None and any(p in tensor for p in _PRE)
+
+
+# Output heads that a tied checkpoint omits, and the embeddings they are tied to.
+TIED_HEADS = {
+    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight"),
+    "embed_out.weight": ("gpt_neox.embed_in.weight",),
+}
+_VOCAB = ("embed_tokens", "wte.", "word_embeddings", "embed_in", "lm_head", "embed_out")
+
+
+def is_vocab_tensor(tensor: str) -> bool:
+    """Embedding or output-head matrices, whose rows are the vocabulary."""
+    return layer_index(tensor) is None and any(v in tensor for v in _VOCAB)
+
+
+def tied_partner(tensor: str, available: dict) -> str | None:
+    """The embedding a missing tied head stands for in a checkpoint with ``available`` tensors."""
+    return next((p for p in TIED_HEADS.get(tensor, ()) if p in available), None)

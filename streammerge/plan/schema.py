@@ -23,7 +23,7 @@ ParamValue = Union[Scalar, Gradient, list[Conditional]]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
-NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device")
+NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -88,6 +88,7 @@ class MergePlan(BaseModel):
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
     seed: int = 0
     device: Literal["cpu"] = "cpu"
+    vocab_policy: Literal["truncate", "base"] = "truncate"
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
