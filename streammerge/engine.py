@@ -74,7 +74,7 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Any) -> None:
 
     if job.method is None:
         for c in chunks():
-            write(c.row_start, c.models[0])
+            write(c.row_start, c.models[0].to(job.out_dtype))
         return
     stats: dict[str, Any] = {}
     for p in job.method.passes_for(job.params):

@@ -139,6 +139,7 @@ class _SliceInputs:
     model_ids: tuple[int, ...]
     has_base: bool
     slice_params: dict
+    donor: int  # position of the input that unmerged tensors are copied from: the base, else the first model
 
 
 def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, int], ckpts: tuple[Checkpoint, ...]) -> _SliceInputs:
@@ -170,14 +171,20 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
     if len({len(r) for r in layers}) > 1:
         raise PlanError(f"{where}: every source of a slice must span the same number of layers, got "
                         + ", ".join(f"{len(r)} ({m})" for r, (m, _, _) in zip(layers, chosen)))
+    donor = next((k for k, (m, _, _) in enumerate(chosen) if m == s.base_model), 0)
     return _SliceInputs(tuple(index[m] for m, _, _ in chosen), tuple(layers), tuple((m, p) for _, (m, _, p) in entries),
-                        tuple(i for i, _ in entries), uses_base, s.parameters)
+                        tuple(i for i, _ in entries), uses_base, s.parameters, donor)
 
 
 def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoints: tuple[Checkpoint, ...],
            index: dict[str, int]) -> Schedule:
     where = "models" if plan.models is not None else "slices[{}]"
     resolved = [_slice_inputs(method, s, where.format(k), index, checkpoints) for k, s in enumerate(slices)]
+    total_layers = sum(len(sl.layers[0]) for sl in resolved)
+    if plan.select and plan.select.layers:
+        bad = [li for li in plan.select.layers if not 0 <= li < total_layers]
+        if bad:
+            raise PlanError(f"select.layers: model has {total_layers} layers (0-{total_layers - 1}), got {bad[0]}")
     reference = resolved[0].checkpoints[0]
     budget = _working_budget(plan)
     jobs: list[TensorJob] = []
@@ -198,13 +205,14 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
         shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
         sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
-        if info.dtype.is_floating_point:
-            load = DTYPES[plan.dtype] if plan.dtype else info.dtype
+        load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
+        out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
+        if info.dtype.is_floating_point and _selected(plan, out_name):
             job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids,
-                            _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load),
-                            DTYPES[plan.out_dtype] if plan.out_dtype else load)
-        else:
-            job = TensorJob(out_name, shape, None, tuple(sources[:1]), False, (), TensorParams({}, ()), info.dtype, info.dtype, info.dtype)
+                            _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load), out)
+        else:  # copied unchanged from the donor (rounded to the output dtype)
+            donor = sources[sl.donor]
+            job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
         jobs.append(replace(job, rows_per_chunk=_rows_per_chunk(plan, job, _bytes_per_element(checkpoints, job), budget)))
 
     def ref_tensors(sl: _SliceInputs) -> dict:
@@ -240,12 +248,26 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
                 notes.append(f"{len(extra)} tensors of {checkpoints[c].path} are not in the output (e.g. {extra[0]!r})")
     copied = sum(j.method is None for j in jobs)
     if copied:
-        notes.append(f"{copied} non-float tensors copied unchanged")
+        notes.append(f"{copied} tensors copied unchanged (not selected, or not floating point)")
     shards, jobs = _place(jobs, plan.shard_size)
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j) for j in jobs)
     read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, out_layer, read_bytes, tuple(notes),
                     psutil.Process().memory_info().rss, peak)
+
+
+def _selected(plan: MergePlan, name: str) -> bool:
+    """Whether the plan's ``select`` block lets this output tensor be merged (else it is copied)."""
+    sel = plan.select
+    if sel is None:
+        return True
+    layer = layer_index(name)
+    if sel.layers is not None and (layer is None or layer not in sel.layers):
+        return False
+    if sel.modules is not None and not any(m in name for m in sel.modules):
+        return False
+    kind = "embeddings" if is_pre_layer(name) else "lm_head" if name in TIED_HEADS else None
+    return kind not in sel.keep_from_base
 
 
 def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: list[tuple[int, ...]],

@@ -23,7 +23,7 @@ ParamValue = Union[Scalar, Gradient, list[Conditional]]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
-NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy")
+NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy", "select")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -65,6 +65,15 @@ class OutputSlice(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class Selection(BaseModel):
+    """What to merge; every other tensor is copied from the base (or the first model)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: Optional[list[int]] = Field(default=None, min_length=1)  # only these (output) layers
+    modules: Optional[list[str]] = Field(default=None, min_length=1)  # only tensors whose name contains one of these
+    keep_from_base: list[Literal["embeddings", "lm_head"]] = Field(default_factory=list)
+
+
 class MergePlan(BaseModel):
     """A validated plan. Model paths are resolved; nothing has been read from the checkpoints yet."""
 
@@ -89,6 +98,7 @@ class MergePlan(BaseModel):
     seed: int = 0
     device: Literal["cpu"] = "cpu"
     vocab_policy: Literal["truncate", "base"] = "truncate"
+    select: Optional[Selection] = None
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
