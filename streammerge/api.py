@@ -21,23 +21,25 @@ def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
     return load_plan(MergePlan.model_validate({**plan.model_dump(), **overrides}))
 
 
-def schedule(plan: str | Path | dict | MergePlan, *, strict: bool | None = None, **overrides: Any) -> Schedule:
+def schedule(plan: str | Path | dict | MergePlan, *, strict: bool | None = None, cache_dir: str | None = None,
+             **overrides: Any) -> Schedule:
     """Build the schedule for a plan (headers only). Close it with ``Schedule.close()``."""
-    return build_schedule(_with_overrides(load_plan(plan, strict), overrides))
+    return build_schedule(_with_overrides(load_plan(plan, strict, cache_dir), overrides))
 
 
 def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None, *, overwrite: bool = False,
-          quiet: bool = False, strict: bool | None = None, **overrides: Any) -> MergeResult:
+          quiet: bool = False, strict: bool | None = None, cache_dir: str | None = None, **overrides: Any) -> MergeResult:
     """Merge as ``plan`` says into ``output`` (or the plan's ``output``) and return a summary.
 
     ``overrides`` replace native plan keys: ``shard_size``, ``max_memory``, ``chunk_size``,
     ``compute_dtype``, ``seed``. ``strict``: unknown keys are errors rather than warnings
-    (default: strict for native plans, lenient for mergekit configs).
+    (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
+    named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
     from streammerge import __version__
 
     started = time.perf_counter()
-    resolved = load_plan(plan, strict)
+    resolved = load_plan(plan, strict, cache_dir)
     destination = output if output is not None else resolved.output
     if destination is None:
         raise PlanError("no output directory: give one (streammerge run PLAN OUT, or -o OUT) or set 'output:' in the plan")

@@ -33,6 +33,7 @@ _plan_options = [
     click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float64"]),
                  help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
     click.option("--seed", type=int, help="Seed for random methods (dare_*, della*); the same seed gives the same bytes."),
+    click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache for models named org/name[@revision] on the Hugging Face Hub."),
     click.option("--strict/--lenient", default=None,
                  help="Unknown keys and parameters are errors (--strict) or warnings (--lenient). "
                       "Default: lenient for mergekit configs, strict for plans using streammerge's own keys."),

@@ -7,20 +7,14 @@ from pathlib import Path
 
 import yaml
 
+from streammerge.io.layout import INDEX, TOKENIZER_FILES
 from streammerge.io.writer import StagedOutput
 from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor
 from streammerge.schedule import Schedule
 
-# Copied verbatim from the tokenizer donor, as mergekit does.
-TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
-    "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-)
-
-
 def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) -> None:
     if len(schedule.shards) > 1:
-        staged.write_json("model.safetensors.index.json", {
+        staged.write_json(INDEX, {
             "metadata": {"total_size": sum(j.out_bytes for j in schedule.jobs), "streammerge_version": version},
             "weight_map": {name: s.filename for s in schedule.shards for name in s.tensors},
         })

@@ -122,7 +122,8 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {plan}: models[0].model: model directory '{tmp_path / 'missing'}' not found "
-                                                "(relative paths are tried from the current directory, then the plan's)"]
+                                                "(relative paths are tried from the current directory, then the plan's; "
+                                                "'org/name[@revision]' is fetched from the Hugging Face Hub)"]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 

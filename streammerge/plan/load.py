@@ -17,6 +17,7 @@ import pydantic
 import yaml
 
 from streammerge.errors import PlanError
+from streammerge.io.hub import fetch, is_hub_reference
 from streammerge.methods import get_method
 from streammerge.methods.base import MergeMethod
 from streammerge.plan.schema import NATIVE_KEYS, Conditional, MergePlan, ModelEntry, OutputSlice, SliceSource
@@ -29,8 +30,12 @@ class PlanWarning(UserWarning):
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
-def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | None = None) -> MergePlan:
-    """A validated ``MergePlan`` from a YAML path, a dict or a plan; raises ``PlanError``."""
+def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | None = None, cache_dir: str | None = None) -> MergePlan:
+    """A validated ``MergePlan`` from a YAML path, a dict or a plan; raises ``PlanError``.
+
+    Model references that are not local directories but look like ``org/name[@revision]`` are
+    fetched from the Hugging Face Hub into ``cache_dir`` (or the plan's, or huggingface_hub's).
+    """
     if isinstance(source, MergePlan):
         return source
     where, root = "plan", Path.cwd()
@@ -59,7 +64,7 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
         raise PlanError(f"{where}: {_describe(e)}") from None
     method = get_method(plan.merge_method)
     _check_parameters(plan, method, where)
-    return _resolve_paths(plan, root, where)
+    return _resolve_paths(plan, root, where, cache_dir or plan.cache_dir)
 
 
 class _Cleaner:
@@ -176,17 +181,24 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
-def _resolve(ref: str, root: Path, key: str, where: str) -> str:
+def _resolve(ref: str, root: Path, key: str, where: str, cache_dir: str | None) -> str:
     path = Path(ref).expanduser()
     for candidate in (path, root / path) if not path.is_absolute() else (path,):
         if candidate.is_dir():
             return str(candidate.resolve())
-    raise PlanError(f"{where}: {key}: model directory {ref!r} not found (relative paths are tried from the current directory, then the plan's)")
+    if is_hub_reference(ref):
+        return str(fetch(ref, cache_dir))
+    raise PlanError(f"{where}: {key}: model directory {ref!r} not found (relative paths are tried from the current directory, "
+                    "then the plan's; 'org/name[@revision]' is fetched from the Hugging Face Hub)")
 
 
-def _resolve_paths(plan: MergePlan, root: Path, where: str) -> MergePlan:
+def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | None) -> MergePlan:
+    fetched: dict[str, str] = {}
+
     def res(ref: str, key: str) -> str:
-        return _resolve(ref, root, key, where)
+        if ref not in fetched:  # the same model named twice is fetched once
+            fetched[ref] = _resolve(ref, root, key, where, cache_dir)
+        return fetched[ref]
 
     update: dict[str, Any] = {}
     if plan.models is not None:

@@ -1,0 +1,42 @@
+"""Models named on the Hugging Face Hub (``org/name`` or ``org/name@revision``).
+
+Only what a merge reads is fetched: the config, tokenizer and generation files, the index, and
+the safetensors shards the index names. ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``cache_dir`` are
+honoured by huggingface_hub itself, so a warm cache works without a network.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+from streammerge.errors import CheckpointError
+from streammerge.io.layout import INDEX, TOKENIZER_FILES
+
+_REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_reference(ref: str) -> bool:
+    return bool(_REF.match(ref)) and not ref.startswith((".", "/", "~"))
+
+
+def fetch(ref: str, cache_dir: str | None = None) -> Path:
+    """The local snapshot directory of ``ref``, fetching what is missing."""
+    repo, _, revision = ref.partition("@")
+    try:
+        root = Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir,
+                                      allow_patterns=["config.json", INDEX, *TOKENIZER_FILES]))
+        index = root / INDEX
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        for shard in shards:
+            if "/" in shard or shard.startswith("."):
+                raise CheckpointError(f"{ref}: index names shard {shard!r} outside the model directory")
+            hf_hub_download(repo, shard, revision=revision or None, cache_dir=cache_dir)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub ({type(e).__name__}: {reason})") from None
+    return root
