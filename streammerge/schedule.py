@@ -158,9 +158,11 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
     if method.models_exactly is not None and given != method.models_exactly:
         counted = " including base_model" if uses_base else ""
         raise PlanError(f"{where}: {method.name} merges exactly {method.models_exactly} models{counted}, got {given}")
+    counted = " besides base_model" if uses_base else ""
     if len(entries) < method.min_models:
-        counted = " besides base_model" if uses_base else ""
         raise PlanError(f"{where}: {method.name} needs at least {method.min_models} model(s){counted}, got {len(entries)}")
+    if method.max_models is not None and len(entries) > method.max_models:
+        raise PlanError(f"{where}: {method.name} merges at most {method.max_models} models{counted}, got {len(entries)}")
     chosen = ([base_src] if uses_base else []) + [e for _, e in entries]
     layers = []
     for model, r, _ in chosen:

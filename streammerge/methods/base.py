@@ -133,6 +133,7 @@ class MergeMethod:
     passes: tuple[StatPass, ...] | Callable[[TensorParams], tuple[StatPass, ...]] = ()  # a function: passes depend on parameters
     models_exactly: int | None = None  # counting the base, when the method takes one
     min_models: int = 1  # not counting the base
+    max_models: int | None = None  # not counting the base
     doc: str = field(default="", compare=False)
 
     def passes_for(self, params: TensorParams) -> tuple[StatPass, ...]:

@@ -1,0 +1,114 @@
+"""NuSLERP: spherical interpolation of two models (or of their task vectors) weighted per model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
+from streammerge.methods.registry import register
+from streammerge.methods.sphere import GRAM, combine, pairwise, vectors
+
+
+def _layout(chunk: Chunk) -> str:
+    """'whole': the tensor is one vector; 'last': vectors along the last dim (inside every chunk
+    row); 'first': vectors along dim 0, each spanning every chunk."""
+    g = chunk.params.globals
+    if g["nuslerp_flatten"]:
+        return "whole"
+    if g["nuslerp_row_wise"]:  # mergekit's flag: dim 0, i.e. the columns of a matrix
+        return "first"
+    return "last" if len(chunk.shape) >= 2 else "whole"
+
+
+def _gram_if_whole(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    return GRAM.collect(chunk, stats) if _layout(chunk) == "whole" else {}
+
+
+def _exponent_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    return {"amax": chunk.per_row(torch.stack([v.abs().amax(1) for v in vectors(chunk)]).amax(0))}
+
+
+def _exponent_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    return {**stats, "exponent": math.frexp(float(totals["amax"].max()))[1]}  # every |x| < 2^exponent
+
+
+def _fraction_bits(chunk: Chunk) -> int:
+    return 62 - chunk.total_rows.bit_length()  # rows · 2^bits < 2^62: the int64 column sums cannot overflow
+
+
+def _columns_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    """Per-column Σ_rows x_i·x_j as integers, so that chunk partials add exactly: the inputs are
+    scaled below 1 by a power of two (exact) and each product is rounded to a fixed-point int64."""
+    xs = [v * 2.0 ** -stats["exponent"] for v in vectors(chunk)]
+    quantum = 2.0 ** _fraction_bits(chunk)
+    return {"gram": pairwise(xs, lambda p: torch.round(p * quantum).to(torch.int64).sum(0))}
+
+
+def _columns_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    unit = 2.0 ** (2 * stats["exponent"] - _fraction_bits(chunk))
+    return {**stats, "gram": totals["gram"].to(torch.float64) * unit}
+
+
+_FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish), StatPass(_columns_collect, _columns_finish))
+
+
+def _passes(params: TensorParams) -> tuple[StatPass, ...]:
+    g = params.globals
+    if g["nuslerp_flatten"]:
+        return (GRAM,)
+    if g["nuslerp_row_wise"]:
+        return _FIRST_DIM
+    return (StatPass(_gram_if_whole, GRAM.finish),)  # only 1-D tensors are one vector
+
+
+def _pair_gram(chunk: Chunk, stats: Stats) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The [2, 2, ...] inner products of the two vectors of each slerp, and the shape that their
+    coefficients take to broadcast against the chunk."""
+    layout = _layout(chunk)
+    if layout == "whole":
+        return stats["gram"], ()
+    if layout == "first":
+        return stats["gram"], chunk.shape[1:]
+    v0, v1 = (v.reshape(-1, chunk.shape[-1]) for v in vectors(chunk))
+    return pairwise([v0, v1], lambda p: p.sum(1)), (chunk.row_stop - chunk.row_start, *chunk.shape[1:-1], 1)
+
+
+def nuslerp_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
+    """out = (sin((1−t)θ)·v0 + sin(tθ)·v1) / sin θ, t = w1/(w0+w1) (0.5 when |w0+w1| < 1e-6),
+    cos θ = ⟨v0, v1⟩ / (max(‖v0‖, 1e-7)·max(‖v1‖, 1e-7)); lerp (1−t)·v0 + t·v1 where |sin θ| < 1e-8.
+    v0, v1 are the models, or their task vectors with the base added back. Vectors: the whole
+    tensor (``nuslerp_flatten``), else along the last dim, or along dim 0 with ``nuslerp_row_wise``.
+
+    mergekit's NuSLERP (docs/merge_methods.md); Shoemake, SIGGRAPH 1985.
+    """
+    g, shape = _pair_gram(chunk, stats)
+    w0, w1 = chunk.params.per_model("weight")
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    cos = g[0, 1] / (g[0, 0].sqrt().clamp_min(1e-7) * g[1, 1].sqrt().clamp_min(1e-7))
+    theta = cos.clamp(-1, 1).acos()
+    sin = theta.sin()
+    parallel = sin.abs() < 1e-8
+    s0 = torch.where(parallel, 1 - t, ((1 - t) * theta).sin() / sin)
+    s1 = torch.where(parallel, t, (t * theta).sin() / sin)
+    return combine(chunk, [s0.reshape(shape), s1.reshape(shape)])
+
+
+register(
+    MergeMethod(
+        name="nuslerp",
+        merge=nuslerp_merge,
+        params=(
+            Param("weight", float, required=True, per_model=True, doc="relative weight of the model: t = w2 / (w1 + w2)"),
+            Param("nuslerp_flatten", bool, default=True, doc="slerp each tensor as one vector"),
+            Param("nuslerp_row_wise", bool, default=False, doc="without flatten: slerp along dim 0 (a matrix's columns) instead of the last dim"),
+        ),
+        base="optional",
+        precision="load",
+        paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+        passes=_passes,
+        min_models=2,
+        max_models=2,
+    )
+)

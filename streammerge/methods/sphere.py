@@ -1,0 +1,47 @@
+"""Shared pieces of the spherical methods (nuslerp, multislerp, karcher).
+
+Each of them returns a linear combination Σ_j c_j x_j of its inputs (task vectors when it has a
+base) whose coefficients depend only on the inputs' inner products, so one pass collecting the
+Gram matrix G_ij = ⟨x_i, x_j⟩ replaces any per-element state (a running mean, an iterate).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from streammerge.methods.base import Chunk, StatPass, Stats
+
+
+def vectors(chunk: Chunk) -> list[torch.Tensor]:
+    """The inputs as float64 ``[rows, -1]``: task vectors x_i − base when the method has a base."""
+    rows = chunk.row_stop - chunk.row_start
+    base = 0 if chunk.base is None else chunk.base.to(torch.float64)
+    return [(x.to(torch.float64) - base).reshape(rows, -1) for x in chunk.models]
+
+
+def pairwise(xs: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``[n, n, ...]`` holding reduce(x_i · x_j) at [i, j], each pair computed once."""
+    n = len(xs)
+    done = {(i, j): reduce(xs[i] * xs[j]) for i in range(n) for j in range(i + 1)}
+    return torch.stack([torch.stack([done[max(i, j), min(i, j)] for j in range(n)]) for i in range(n)])
+
+
+def _gram_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    return {"gram": chunk.per_row(pairwise(vectors(chunk), lambda p: p.sum(1)))}
+
+
+def _gram_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    return {**stats, **{key: rows.sum(-1) for key, rows in totals.items()}}  # nothing collected: stats unchanged
+
+
+GRAM = StatPass(_gram_collect, _gram_finish)  # stats["gram"]: the n×n float64 Gram matrix of the whole tensor
+
+
+def combine(chunk: Chunk, coefs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_j c_j x_j in the compute dtype (x_j − base, and the base added back, when there is one);
+    each c_j broadcasts against the chunk."""
+    base = chunk.base
+    out = sum(c.to(x.dtype) * (x if base is None else x - base) for c, x in zip(coefs, chunk.models))
+    return out if base is None else base + out
