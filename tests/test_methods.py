@@ -143,3 +143,21 @@ def test_dare_seed_controls_the_mask(fp32_family: Family, tmp_path: Path) -> Non
 
     assert run(5, "a") == run(5, "b")
     assert run(5, "a2") != run(6, "c")
+
+
+def test_sequential_folds_models_in_order(fp32_family: Family, tmp_path: Path) -> None:
+    t = fp32_family.tensors
+    ws = [0.5, 0.25, 0.75]
+    with_base = {"merge_method": "sequential", "base_model": str(fp32_family.base), "models": _models(fp32_family, ws)}
+    without = {"merge_method": "sequential", "models": _models(fp32_family, ws)}
+    out_a = _merge(tmp_path / "a", with_base)
+    out_b = _merge(tmp_path / "b", without)
+    for name in out_a:
+        r = t[fp32_family.base][name].double()
+        for w, m in zip(ws, fp32_family.models):
+            r = (1 - w) * r + w * t[m][name].double()
+        assert (out_a[name].double() - r).abs().max() <= 1e-6, name
+        r = t[fp32_family.models[0]][name].double()
+        for w, m in zip(ws[1:], fp32_family.models[1:]):
+            r = (1 - w) * r + w * t[m][name].double()
+        assert (out_b[name].double() - r).abs().max() <= 1e-6, name
