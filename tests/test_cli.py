@@ -180,3 +180,20 @@ def test_numeric_strings_are_coerced_like_mergekit(fp32_family: Family, tmp_path
     assert _invoke("run", tmp_path / "a.yaml", tmp_path / "a", "-q").exit_code == 0
     assert _invoke("run", tmp_path / "b.yaml", tmp_path / "b", "-q").exit_code == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"tokenizer": {"source": "union"}}, "'tokenizer:' is not supported yet"),
+    ({"chat_template": "chatml"}, "'chat_template:' is not supported yet"),
+    ({"tokenizer_source": "union"}, "'union' is not supported yet"),
+])
+def test_unsupported_mergekit_features_are_refused_not_ignored(extra: dict, message: str, fp32_family: Family, tmp_path: Path) -> None:
+    result = _invoke("run", _write(tmp_path, _plan(fp32_family) | extra), tmp_path / "out")
+    assert result.exit_code == 1 and message in result.output and not (tmp_path / "out").exists()
+
+
+def test_multi_document_files_are_refused(fp32_family: Family, tmp_path: Path) -> None:
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump(_plan(fp32_family)) + "---\n" + yaml.safe_dump(_plan(fp32_family)))
+    result = _invoke("run", path, tmp_path / "out")
+    assert result.exit_code == 1 and "multi-document files (mergekit-multi) are not supported yet" in result.output

@@ -45,15 +45,20 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
         path = Path(source)
         where, root = str(path), path.parent
         try:
-            data = yaml.safe_load(path.read_text())
+            documents = list(yaml.safe_load_all(path.read_text()))
         except FileNotFoundError:
             raise PlanError(f"{path}: plan file not found") from None
         except yaml.YAMLError as e:
             raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if len(documents) > 1:
+            raise PlanError(f"{path}: multi-document files (mergekit-multi) are not supported yet; split the stages into files")
+        data = documents[0] if documents else None
     if not isinstance(data, dict):
         raise PlanError(f"{where}: a plan is a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
-    if "modules" in data:
-        raise PlanError(f"{where}: 'modules:' configs are not supported yet; use 'models:' or 'slices:'")
+    for key, instead in (("modules", "use 'models:' or 'slices:'"), ("tokenizer", "use tokenizer_source: base or a model"),
+                         ("chat_template", "edit the copied tokenizer_config.json")):
+        if key in data:  # mergekit features that change the output: refused, never ignored
+            raise PlanError(f"{where}: '{key}:' is not supported yet; {instead}")
     if strict is None:
         strict = any(k in data for k in NATIVE_KEYS)
     method = get_method(data["merge_method"]) if isinstance(data.get("merge_method"), str) else None
