@@ -192,8 +192,33 @@ def test_unsupported_mergekit_features_are_refused_not_ignored(extra: dict, mess
     assert result.exit_code == 1 and message in result.output and not (tmp_path / "out").exists()
 
 
-def test_multi_document_files_are_refused(fp32_family: Family, tmp_path: Path) -> None:
+def test_multi_document_files_run_stage_by_stage(fp32_family: Family, tmp_path: Path) -> None:
+    """mergekit-multi: a named stage feeds a later document; a finished stage is not merged again."""
+    f = fp32_family
+    stage = {"name": "soup", "merge_method": "linear", "dtype": "float32",
+             "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in f.models[:2]]}
+    final = {"merge_method": "task_arithmetic", "base_model": str(f.base), "dtype": "float32",
+             "models": [{"model": "soup", "parameters": {"weight": 0.5}}, {"model": str(f.models[2]), "parameters": {"weight": 0.5}}]}
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump(stage) + "---\n" + yaml.safe_dump(final))
+    first = _invoke("run", path, tmp_path / "out", "-q")
+    assert first.exit_code == 0, first.output
+    soup = tmp_path / "out-stages" / "soup"
+    out, mid = load_output(tmp_path / "out"), load_output(soup)
+    t = f.tensors
+    n = "model.layers.1.mlp.up_proj.weight"
+    assert torch.allclose(mid[n].double(), (t[f.models[0]][n].double() + t[f.models[1]][n].double()) / 2, atol=1e-7)
+    want = t[f.base][n].double() + 0.5 * (mid[n].double() - t[f.base][n].double()) + 0.5 * (t[f.models[2]][n].double() - t[f.base][n].double())
+    assert (out[n].double() - want).abs().max() < 1e-6
+    stamp, merged = (soup / "model.safetensors").stat().st_mtime_ns, (tmp_path / "out" / "model.safetensors").read_bytes()
+    again = _invoke("run", path, tmp_path / "out", "--overwrite")  # e.g. after a crash in the last stage
+    assert again.exit_code == 0 and "stage 'soup' is already merged" in again.output
+    assert (soup / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == merged
+
+
+def test_multi_document_stages_need_names(fp32_family: Family, tmp_path: Path) -> None:
     path = tmp_path / "multi.yaml"
     path.write_text(yaml.safe_dump(_plan(fp32_family)) + "---\n" + yaml.safe_dump(_plan(fp32_family)))
     result = _invoke("run", path, tmp_path / "out")
-    assert result.exit_code == 1 and "multi-document files (mergekit-multi) are not supported yet" in result.output
+    assert result.exit_code == 1 and "(document 1): every document but the last needs a 'name:'" in result.output

@@ -30,28 +30,36 @@ class PlanWarning(UserWarning):
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
-def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | None = None, cache_dir: str | None = None) -> MergePlan:
+def read_documents(path: Path) -> list[Any]:
+    """The YAML documents of a plan file (several for a mergekit-multi file)."""
+    try:
+        return list(yaml.safe_load_all(path.read_text()))
+    except FileNotFoundError:
+        raise PlanError(f"{path}: plan file not found") from None
+    except yaml.YAMLError as e:
+        raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | None = None, cache_dir: str | None = None,
+              *, root: Path | None = None, where: str = "plan") -> MergePlan:
     """A validated ``MergePlan`` from a YAML path, a dict or a plan; raises ``PlanError``.
 
-    Model references that are not local directories but look like ``org/name[@revision]`` are
-    fetched from the Hugging Face Hub into ``cache_dir`` (or the plan's, or huggingface_hub's).
+    Relative model paths are tried from the current directory, then from ``root`` (the plan
+    file's directory). Model references that are not local directories but look like
+    ``org/name[@revision]`` are fetched from the Hugging Face Hub into ``cache_dir`` (or the
+    plan's, or huggingface_hub's).
     """
     if isinstance(source, MergePlan):
         return source
-    where, root = "plan", Path.cwd()
+    root = root or Path.cwd()
     if isinstance(source, dict):
         data = source
     else:
         path = Path(source)
         where, root = str(path), path.parent
-        try:
-            documents = list(yaml.safe_load_all(path.read_text()))
-        except FileNotFoundError:
-            raise PlanError(f"{path}: plan file not found") from None
-        except yaml.YAMLError as e:
-            raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        documents = read_documents(path)
         if len(documents) > 1:
-            raise PlanError(f"{path}: multi-document files (mergekit-multi) are not supported yet; split the stages into files")
+            raise PlanError(f"{path}: holds {len(documents)} documents (a mergekit-multi file): run it with streammerge run")
         data = documents[0] if documents else None
     if not isinstance(data, dict):
         raise PlanError(f"{where}: a plan is a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
