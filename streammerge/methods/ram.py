@@ -1,0 +1,82 @@
+"""Reinforced Agent Merging: RAM and its tensor-local RAM+ (ramplus_tl).
+
+With τ_i = x_i − B, model i is *active* at an element when |τ_i| > ε, and c = the number of active
+models there. An element's merged task vector is τ_i where only model i is active (unique), the
+mean Σ τ_i / c of the active ones where c > 1 (shared), and 0 where none is.
+
+RAM+ scales model i's unique entries by λ_i = 1 + r·clamp(s_i / max(u_i, ε), 0, α), with s_i / u_i
+the number of model i's shared / unique entries in the tensor (one integer statistics pass).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats
+from streammerge.methods.registry import register
+
+_EPSILON = Param("epsilon", float, default=1e-5, low=0.0, low_open=True, doc="|τ| at or below it counts as no change")
+
+
+def _active(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Task vectors [N, ...], which are active, and how many models are active per element."""
+    tv = torch.stack([x - chunk.base for x in chunk.models])
+    active = tv.abs() > chunk.params.globals["epsilon"]
+    return tv, active, active.sum(0)
+
+
+def _merge(chunk: Chunk, unique_scale: list[float]) -> torch.Tensor:
+    tv, active, count = _active(chunk)
+    tv = tv * active
+    scale = torch.tensor(unique_scale, dtype=tv.dtype).view(-1, *[1] * chunk.base.dim())
+    # mergekit divides each shared entry by c before summing over the models
+    return chunk.base + (tv * (count == 1) * scale + tv * (count > 1) / count.clamp(min=1)).sum(0)
+
+
+def ram_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
+    """B + Σ_i τ_i·a_i·([c = 1] + [c > 1] / c), a_i = [|τ_i| > ε], c = Σ_i a_i.
+
+    mergekit docs, "Reinforced Agent Merging" (arXiv 2601.13572).
+    """
+    return _merge(chunk, [1.0] * len(chunk.models))
+
+
+def _overlap_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    _, active, count = _active(chunk)
+    dims = list(range(1, active.dim()))
+    return {"shared": (active & (count > 1)).sum(dims), "unique": (active & (count == 1)).sum(dims)}
+
+
+def _overlap_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    g = chunk.params.globals
+    rho = [s / max(u, g["epsilon"]) for s, u in zip(totals["shared"].tolist(), totals["unique"].tolist())]
+    return {"unique_scale": [1 + g["r"] * min(max(x, 0.0), g["alpha"]) for x in rho]}
+
+
+def ramplus_tl_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
+    """RAM with model i's unique entries scaled by 1 + r·clamp(s_i / max(u_i, ε), 0, α), s_i and
+    u_i counted over the whole tensor.
+
+    mergekit docs, "Reinforced Agent Merging Plus (Tensor-Local)" (arXiv 2601.13572).
+    """
+    return _merge(chunk, stats["unique_scale"])
+
+
+register(
+    MergeMethod(
+        name="ram", merge=ram_merge, params=(_EPSILON,), base="required", precision="load",
+        paper="arXiv:2601.13572", doc="unique task-vector entries kept, shared ones averaged",
+    )
+)
+register(
+    MergeMethod(
+        name="ramplus_tl", merge=ramplus_tl_merge, base="required", precision="load", paper="arXiv:2601.13572",
+        params=(
+            Param("r", float, default=0.1, low=0.0, doc="strength of the unique-entry boost"),
+            Param("alpha", float, default=0.2, low=0.0, doc="cap on the shared/unique ratio"),
+            _EPSILON,
+        ),
+        passes=(StatPass(_overlap_collect, _overlap_finish),),
+        doc="RAM with each model's unique entries boosted by its tensor's shared/unique ratio",
+    )
+)
