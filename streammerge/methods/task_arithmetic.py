@@ -1,34 +1,44 @@
-"""The task-arithmetic family: task_arithmetic, ties, dare_ties, dare_linear.
+"""The task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
 
 All share one recipe (mergekit's "generalized task arithmetic"), with B the base and x_i the models:
 
     δ_i = x_i − B                          task vectors
-    δ̂_i = sparsify(δ_i)                    none | top-k magnitude (TIES) | random drop (DARE)
+    δ̂_i = m_i ⊙ δ_i                        keep mask m_i: all | top-k magnitude (TIES) | random (DARE) |
+                                           magnitude band (breadcrumbs) | random by magnitude rank (DELLA)
+    δ̂_i ·= ‖δ_i‖₁ / ‖δ̂_i‖₁  with rescale   (per tensor; skipped when either norm < 1e-7)
     D_i = w_i · δ̂_i
-    mixed = Σ_i D_i                         or, with sign consensus (the *ties methods):
-    mixed = Σ_i D_i·m_i,  m_i = [sign D_i = sign Σ_j D_j]   (a zero sum elects +1)
-    mixed /= divisor  when normalize:  Σ_i w_i (or, with consensus, Σ_i w_i·m_i per element; 0 → 1)
+    mixed = Σ_i D_i                         or, with sign consensus (ties, *_ties, della):
+    mixed = Σ_i D_i·c_i,  c_i = [sign D_i = sign Σ_j D_j]   (a zero sum elects +1)
+    mixed /= divisor  when normalize:  Σ_i w_i (or, with consensus, Σ_i w_i·c_i per element; 0 → 1)
     out = B + λ · mixed
 
 computed in the working dtype, with the same operation order as mergekit so bf16 merges round the
-same way.
+same way. A model with density ≥ 1 keeps its whole task vector, as in mergekit.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats
+from streammerge.errors import PlanError
+from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.random import stream_key, uniform
 from streammerge.methods.registry import register
 from streammerge.methods.selection import top_k_mask, top_k_passes
 
 _WEIGHT = Param("weight", float, required=True, per_model=True, doc="scale of the model's task vector")
 _DENSITY = Param("density", float, default=1.0, per_model=True, low=0.0, high=1.0, low_open=True, doc="fraction of the task vector kept")
+_GAMMA = Param("gamma", float, default=0.01, per_model=True, low=0.0, high=1.0, doc="fraction of largest |δ| dropped as outliers")
+_EPSILON = Param("epsilon", float, default=0.15, per_model=True, low=0.0, high=0.5, doc="keep probability spread: density ± epsilon by magnitude rank")
 _LAMBDA = Param("lambda", float, default=1.0, doc="scale of the merged task vector")
 _INT8_MASK = Param("int8_mask", bool, default=False, doc="accepted for mergekit compatibility; no effect")
+
+Keep = Callable[[Chunk, Stats, int, torch.Tensor], torch.Tensor]  # (chunk, stats, model i, δ_i) → keep mask
+Sparsify = Callable[[Chunk, Stats, list[torch.Tensor]], list[torch.Tensor]]
+Passes = Callable[[TensorParams], tuple[StatPass, ...]]
 
 
 def _normalize(default: bool) -> Param:
@@ -43,59 +53,165 @@ def task_vectors(chunk: Chunk, stats: Stats) -> list[torch.Tensor]:
     return [x - chunk.base for x in chunk.models]
 
 
-def _keep_count(chunk: Chunk) -> list[int | None]:
-    """TIES keeps k = int(density · numel) entries (at least one) of each task vector."""
-    return [None if d >= 1 else max(1, int(d * chunk.numel)) for d in chunk.params.per_model("density")]
+def _whole(d: float) -> bool:
+    return d >= 1
 
 
-def _magnitude(chunk: Chunk, stats: Stats, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [d * top_k_mask(d, i, chunk, stats, "topk") for i, d in enumerate(deltas)]
+def _sparsifier(keep: Keep) -> Sparsify:
+    """δ̂_i = m_i ⊙ δ_i, times the L1 rescale factor when a pass computed one."""
+
+    def sparsify(chunk: Chunk, stats: Stats, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, d in enumerate(deltas):
+            if _whole(chunk.params.models[i]["density"]):
+                out.append(d)
+                continue
+            kept = d * keep(chunk, stats, i, d)
+            if "l1_scale" in stats and stats["l1_scale"][i] != 1.0:
+                kept = kept * stats["l1_scale"][i]
+            out.append(kept)
+        return out
+
+    return sparsify
 
 
-def _dare_keep(chunk: Chunk, i: int, d: torch.Tensor) -> torch.Tensor:
-    """Bernoulli(density) keep mask from the counter-based generator."""
-    key = stream_key(chunk.seed, chunk.name, chunk.model_ids[i])
-    u = uniform(key, chunk.element_start, d.numel(), d.device)
-    return (u < chunk.params.models[i]["density"]).reshape(d.shape)
+def _row_sums(chunk: Chunk, a: torch.Tensor) -> torch.Tensor:
+    """Row sums of a chunk-shaped float64 tensor, scattered into a rows-long vector (exact to add)."""
+    return chunk.per_row(a.reshape(chunk.row_stop - chunk.row_start, -1).sum(1))
 
 
-def _dare_l1_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    if not chunk.params.globals["rescale"]:
-        return {}
+def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, deltas: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """‖δ_i‖₁ and ‖m_i ⊙ δ_i‖₁ per row, for ``_l1_finish``."""
     full, kept = [], []
-    for i, d in enumerate(task_vectors(chunk, stats)):
-        a = d.abs().to(torch.float64).reshape(chunk.row_stop - chunk.row_start, -1)
-        full.append(chunk.per_row(a.sum(1)))
-        kept.append(chunk.per_row((a * _dare_keep(chunk, i, d).reshape(a.shape)).sum(1)))
+    for i, d in enumerate(deltas):
+        a = d.abs().to(torch.float64)
+        full.append(_row_sums(chunk, a))
+        kept.append(_row_sums(chunk, a if _whole(chunk.params.models[i]["density"]) else a * keep(chunk, stats, i, d)))
     return {"full": torch.stack(full), "kept": torch.stack(kept)}
 
 
-def _dare_l1_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
-    if not totals:
-        return stats
+def _l1_pass(keep: Keep) -> StatPass:
+    return StatPass(lambda chunk, stats: _l1_rows(chunk, stats, keep, task_vectors(chunk, stats)), _l1_finish)
+
+
+def _l1_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    """stats["l1_scale"][i] = ‖δ_i‖₁ / ‖m_i ⊙ δ_i‖₁, or 1 when either is below 1e-7 (as mergekit)."""
     scale = []
     for full, kept in zip(totals["full"].sum(1).tolist(), totals["kept"].sum(1).tolist()):
         scale.append(full / kept if full >= 1e-7 and kept >= 1e-7 else 1.0)
     return {**stats, "l1_scale": scale}
 
 
-def _random(chunk: Chunk, stats: Stats, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-    """DARE: drop each entry with probability 1 − density; with ``rescale``, multiply the survivors
-    by ‖δ‖₁ / ‖δ̂‖₁ (mergekit's L1 rescale, equal to the paper's 1/density in expectation)."""
-    out = []
-    for i, d in enumerate(deltas):
-        if chunk.params.models[i]["density"] >= 1:
-            out.append(d)
-            continue
-        kept = d * _dare_keep(chunk, i, d)
-        if "l1_scale" in stats and stats["l1_scale"][i] != 1.0:
-            kept = kept * stats["l1_scale"][i]
-        out.append(kept)
-    return out
+def _with_rescale(passes: tuple[StatPass, ...], keep: Keep) -> Passes:
+    """``passes``, then the L1 pass when ``rescale`` is on (no extra read when it is off)."""
+    l1 = (_l1_pass(keep),)
+    return lambda params: passes + l1 if params.globals["rescale"] else passes
 
 
-Sparsify = Callable[[Chunk, Stats, list[torch.Tensor]], list[torch.Tensor]]
+def _bernoulli(chunk: Chunk, i: int, d: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Keep mask [u < p], u from the counter-based stream of (seed, tensor, model, element)."""
+    u = uniform(stream_key(chunk.seed, chunk.name, chunk.model_ids[i]), chunk.element_start, d.numel(), d.device)
+    return u.reshape(d.shape) < p
 
+
+# --- TIES (Yadav et al., arXiv:2306.01708) -------------------------------------------------------
+
+def _keep_count(chunk: Chunk) -> list[int | None]:
+    """TIES keeps k = int(density · numel) entries (at least one) of each task vector."""
+    return [None if _whole(d) else max(1, int(d * chunk.numel)) for d in chunk.params.per_model("density")]
+
+
+def _top_k_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    return top_k_mask(d, i, chunk, stats, "topk")
+
+
+# --- DARE: keep each entry with probability density (Yu et al., arXiv:2311.03099) ---------------
+
+def _dare_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    return _bernoulli(chunk, i, d, chunk.params.models[i]["density"])
+
+
+# --- Breadcrumbs (Davari & Belilovsky, arXiv:2312.06795) -----------------------------------------
+
+def _band(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """(n_top, target): drop the n_top = int(γ·n) largest |δ| and keep the target = int(density·n)
+    next largest (n_top shrinks when both do not fit). mergekit's ``magnitude_outliers``."""
+    target = int(density * numel)
+    return min(int(gamma * numel), numel - target), target
+
+
+def _band_counts(chunk: Chunk) -> list[int | None]:
+    """Selection sizes for the doubled model list: n_top for each model, then n_top + target.
+    0 and n need no selection (``None``); ``_band_keep`` reads 0 as "none" itself."""
+    bands = [_band(chunk.numel, p["density"], p["gamma"]) for p in chunk.params.models]
+    sizes = [top for top, _ in bands] + [top + target for top, target in bands]
+    return [k if 0 < k < chunk.numel else None for k in sizes]
+
+
+def _band_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    """In the top n_top + target and not in the top n_top (equal |δ|: lower flat index ranks higher)."""
+    p = chunk.params.models[i]
+    n_top, target = _band(chunk.numel, p["density"], p["gamma"])
+    keep = top_k_mask(d, len(chunk.models) + i, chunk, stats, "band") if n_top + target else torch.zeros_like(d, dtype=torch.bool)
+    if n_top:
+        keep &= ~top_k_mask(d, i, chunk, stats, "band")
+    return keep
+
+
+# --- DELLA (Deep et al., arXiv:2406.11617) --------------------------------------------------------
+
+def _rank_norm(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Ascending rank of |a| along ``dim`` scaled to [0, 1] (equal values: lower index first);
+    a lone element gets 1/2."""
+    m = a.shape[dim]
+    if m < 2:
+        return torch.full(a.shape, 0.5, dtype=torch.float64, device=a.device)
+    return a.abs().argsort(dim=dim, stable=True).argsort(dim=dim).to(torch.float64) / (m - 1)
+
+
+def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
+    """Keep with p = density − ε + 2ε·rank_norm, ranking |δ| along dim 1 (mergekit's ``della_magprune``;
+    a tensor below 2-D is one row, ranked whole by ``_della_finish``)."""
+    p = chunk.params.models[i]
+    if d.dim() >= 2:
+        rank = _rank_norm(d, 1)
+    else:
+        rank = stats["della_rank"][i][chunk.row_start : chunk.row_stop].reshape(d.shape)
+    return _bernoulli(chunk, i, d, (p["density"] - p["epsilon"]) + rank * 2 * p["epsilon"])
+
+
+def _della_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    if len(chunk.shape) < 2:  # one engine row per element: gather |δ| to rank the whole tensor
+        return {"magnitude": torch.stack([_row_sums(chunk, d.abs().to(torch.float64)) for d in task_vectors(chunk, stats)])}
+    return _l1_rows(chunk, stats, _della_keep, task_vectors(chunk, stats)) if chunk.params.globals["rescale"] else {}
+
+
+def _della_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    """Ranks of a tensor below 2-D, and the L1 rescale: one pass, so rescaling reads the data once."""
+    if "magnitude" not in totals:
+        return _l1_finish(totals, chunk, stats) if totals else stats
+    stats = {**stats, "della_rank": [_rank_norm(a, 0) for a in totals["magnitude"]]}
+    if not chunk.params.globals["rescale"]:
+        return stats
+    whole = replace(chunk, row_start=0, row_stop=chunk.total_rows)  # only its position is read; |δ| stands for δ
+    return _l1_finish(_l1_rows(whole, stats, _della_keep, list(totals["magnitude"])), chunk, stats)
+
+
+def _della_passes(method: str) -> Passes:
+    """The DELLA pass, after checking 0 < density − ε and density + ε < 1 (mergekit raises too)."""
+    passes = (StatPass(_della_collect, _della_finish),)
+
+    def checked(params: TensorParams) -> tuple[StatPass, ...]:
+        for p in params.models:
+            d, e = p["density"], p["epsilon"]
+            if not _whole(d) and not (0 < d - e and d + e < 1):
+                raise PlanError(f"models: {method} needs 0 < density - epsilon and density + epsilon < 1, got density {d}, epsilon {e}")
+        return passes
+
+    return checked
+
+
+# --- the recipe ----------------------------------------------------------------------------------
 
 def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats], torch.Tensor]:
     def merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
@@ -125,20 +241,30 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
     return merge
 
 
-def _register(name: str, paper: str, doc: str, sparsify: Sparsify | None, consensus: bool,
-              passes: tuple[StatPass, ...], params: tuple[Param, ...]) -> None:
-    register(MergeMethod(name=name, merge=_gta(sparsify, consensus), params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK),
+def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: bool,
+              passes: tuple[StatPass, ...] | Passes, params: tuple[Param, ...]) -> None:
+    register(MergeMethod(name=name, merge=_gta(None if keep is None else _sparsifier(keep), consensus), params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK),
                          base="required", precision="load", paper=paper, passes=passes, doc=doc))
 
 
 _TOPK = top_k_passes(task_vectors, _keep_count, "topk")
-_L1 = (StatPass(_dare_l1_collect, _dare_l1_finish),)
+_DARE = _with_rescale((), _dare_keep)
+# one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
+_BAND = _with_rescale(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band"), _band_keep)
 
 _register("task_arithmetic", "arXiv:2212.04089", "base + λ Σ w_i δ_i (Ilharco et al., ICLR 2023)",
           None, False, (), (_normalize(False),))
 _register("ties", "arXiv:2306.01708", "top-k magnitude trim, sign election by mass, disjoint mean (Yadav et al., NeurIPS 2023)",
-          _magnitude, True, _TOPK, (_DENSITY, _normalize(True)))
+          _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True)))
 _register("dare_ties", "arXiv:2311.03099", "random drop + L1 rescale, then TIES sign election (Yu et al., ICML 2024)",
-          _random, True, _L1, (_DENSITY, _normalize(False), _rescale(True)))
+          _dare_keep, True, _DARE, (_DENSITY, _normalize(False), _rescale(True)))
 _register("dare_linear", "arXiv:2311.03099", "random drop + L1 rescale, then a weighted sum (Yu et al., ICML 2024)",
-          _random, False, _L1, (_DENSITY, _normalize(False), _rescale(True)))
+          _dare_keep, False, _DARE, (_DENSITY, _normalize(False), _rescale(True)))
+_register("breadcrumbs", "arXiv:2312.06795", "drop the largest γ and the smallest |δ| so density stays, then a weighted sum (Davari & Belilovsky, 2023)",
+          _band_keep, False, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)))
+_register("breadcrumbs_ties", "arXiv:2312.06795", "breadcrumbs trim, then TIES sign election (Davari & Belilovsky, 2023)",
+          _band_keep, True, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)))
+_register("della", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then TIES sign election (Deep et al., 2024)",
+          _della_keep, True, _della_passes("della"), (_DENSITY, _EPSILON, _normalize(True), _rescale(True)))
+_register("della_linear", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then a weighted sum (Deep et al., 2024)",
+          _della_keep, False, _della_passes("della_linear"), (_DENSITY, _EPSILON, _normalize(False), _rescale(True)))
