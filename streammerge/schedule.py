@@ -314,7 +314,11 @@ def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tens
                 if per[spec.name] is None and spec.required:
                     raise PlanError(f"models: {method.name} needs parameter {spec.name!r} for model {model} (tensor {tensor!r})")
         models.append(per)
-    return TensorParams(globals_, tuple(models))
+    params = TensorParams(globals_, tuple(models))
+    problem = method.check(params) if method.check else None
+    if problem:
+        raise PlanError(f"parameters: {method.name} {problem} (tensor {tensor!r})")
+    return params
 
 
 def _compute_dtype(plan: MergePlan, method: MergeMethod, load: torch.dtype) -> torch.dtype:

@@ -19,7 +19,7 @@ def _chunks(x: torch.Tensor, rows_per_chunk: int, k: int) -> list[Chunk]:
 
 def _select(x: torch.Tensor, k: int, rows_per_chunk: int) -> torch.Tensor:
     """Run the selection passes the way the engine does, then the mask over each chunk."""
-    passes = top_k_passes(lambda c, s: c.models, lambda c: [k], "sel")
+    passes = top_k_passes(lambda c, s: c.models, lambda c, s: [k], "sel")
     stats: dict = {}
     for p in passes:
         totals: dict = {}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from streammerge.methods.base import Chunk, MergeMethod, StatPass, Stats
 from streammerge.methods.registry import register
-from streammerge.methods.stat_selection import stat_top_k_passes
+from streammerge.methods.selection import top_k_passes
 
 _QUANTILES = (0.25, 0.5, 0.75)
 
@@ -85,7 +85,7 @@ register(
         base="required",
         precision="load",
         paper="mergekit docs: Arcee Fusion",
-        passes=(StatPass(_prepare_collect, _prepare_finish), *stat_top_k_passes(_selected, _counts, "fusion")),
+        passes=(StatPass(_prepare_collect, _prepare_finish), *top_k_passes(_selected, _counts, "fusion")),
         models_exactly=2,
     )
 )

@@ -134,6 +134,7 @@ class MergeMethod:
     models_exactly: int | None = None  # counting the base, when the method takes one
     min_models: int = 1  # not counting the base
     max_models: int | None = None  # not counting the base
+    check: Callable[[TensorParams], str | None] | None = None  # rules across parameters: what is wrong, or None
     doc: str = field(default="", compare=False)
 
     def passes_for(self, params: TensorParams) -> tuple[StatPass, ...]:

@@ -7,7 +7,7 @@ import torch
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.registry import register
 from streammerge.methods.selection import top_k_mask
-from streammerge.methods.stat_selection import stat_top_k_passes
+from streammerge.methods.selection import top_k_passes
 
 
 def _task_vectors(chunk: Chunk) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _count_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -
 
 
 # k = 0 keeps nothing: ``_selected`` handles it, the selection keeps all (None)
-_SELECT = stat_top_k_passes(_variance, lambda chunk, stats: [stats["k"] or None], "sce")
+_SELECT = top_k_passes(_variance, lambda chunk, stats: [stats["k"] or None], "sce")
 
 
 def _weight_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ _HI_BINS = 1 << 15  # |x| is non-negative: the sign bit is always 0
 _LO_BINS = 1 << 16
 
 Values = Callable[[Chunk, Stats], list[torch.Tensor]]
-Counts = Callable[[Chunk], list[int | None]]
+Counts = Callable[[Chunk, Stats], list[int | None]]  # k may depend on earlier passes
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
@@ -37,15 +37,16 @@ def _from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def top_k_passes(values: Values, counts: Counts, key: str) -> tuple[StatPass, ...]:
-    """Passes that find, per model, the threshold keeping exactly ``counts(chunk)[i]`` elements of
+    """Passes that find, per model, the threshold keeping exactly ``counts(chunk, stats)[i]`` elements of
     ``values(chunk)[i]`` by magnitude (``None`` = keep all). Results live in ``stats[key]``."""
 
     def hi_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
         return {"hi": torch.stack([torch.bincount(magnitude_keys(v) >> 16, minlength=_HI_BINS) for v in values(chunk, stats)])}
 
     def hi_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
-        found = [None if k is None else _from_top(totals["hi"][i], k) for i, k in enumerate(counts(chunk))]
-        return {**stats, key: {"k": counts(chunk), "bucket": found}}
+        ks = counts(chunk, stats)
+        found = [None if k is None else _from_top(totals["hi"][i], k) for i, k in enumerate(ks)]
+        return {**stats, key: {"k": ks, "bucket": found}}
 
     def lo_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
         hists = []

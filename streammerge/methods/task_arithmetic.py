@@ -23,7 +23,6 @@ from typing import Callable
 
 import torch
 
-from streammerge.errors import PlanError
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.random import stream_key, uniform
 from streammerge.methods.registry import register
@@ -116,7 +115,7 @@ def _bernoulli(chunk: Chunk, i: int, d: torch.Tensor, p: float | torch.Tensor) -
 
 # --- TIES (Yadav et al., arXiv:2306.01708) -------------------------------------------------------
 
-def _keep_count(chunk: Chunk) -> list[int | None]:
+def _keep_count(chunk: Chunk, stats: Stats) -> list[int | None]:
     """TIES keeps k = int(density · numel) entries (at least one) of each task vector."""
     return [None if _whole(d) else max(1, int(d * chunk.numel)) for d in chunk.params.per_model("density")]
 
@@ -140,7 +139,7 @@ def _band(numel: int, density: float, gamma: float) -> tuple[int, int]:
     return min(int(gamma * numel), numel - target), target
 
 
-def _band_counts(chunk: Chunk) -> list[int | None]:
+def _band_counts(chunk: Chunk, stats: Stats) -> list[int | None]:
     """Selection sizes for the doubled model list: n_top for each model, then n_top + target.
     0 and n need no selection (``None``); ``_band_keep`` reads 0 as "none" itself."""
     bands = [_band(chunk.numel, p["density"], p["gamma"]) for p in chunk.params.models]
@@ -197,18 +196,16 @@ def _della_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -
     return _l1_finish(_l1_rows(whole, stats, _della_keep, list(totals["magnitude"])), chunk, stats)
 
 
-def _della_passes(method: str) -> Passes:
-    """The DELLA pass, after checking 0 < density − ε and density + ε < 1 (mergekit raises too)."""
-    passes = (StatPass(_della_collect, _della_finish),)
+_DELLA = (StatPass(_della_collect, _della_finish),)
 
-    def checked(params: TensorParams) -> tuple[StatPass, ...]:
-        for p in params.models:
-            d, e = p["density"], p["epsilon"]
-            if not _whole(d) and not (0 < d - e and d + e < 1):
-                raise PlanError(f"models: {method} needs 0 < density - epsilon and density + epsilon < 1, got density {d}, epsilon {e}")
-        return passes
 
-    return checked
+def _della_check(params: TensorParams) -> str | None:
+    """DELLA's keep probabilities density ± ε must lie in (0, 1), as mergekit requires."""
+    for p in params.models:
+        d, e = p["density"], p["epsilon"]
+        if not _whole(d) and not (0 < d - e and d + e < 1):
+            return f"needs 0 < density - epsilon and density + epsilon < 1, got density {d}, epsilon {e}"
+    return None
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -242,9 +239,10 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
 
 
 def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: bool,
-              passes: tuple[StatPass, ...] | Passes, params: tuple[Param, ...]) -> None:
+              passes: tuple[StatPass, ...] | Passes, params: tuple[Param, ...],
+              check: Callable[[TensorParams], str | None] | None = None) -> None:
     register(MergeMethod(name=name, merge=_gta(None if keep is None else _sparsifier(keep), consensus), params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK),
-                         base="required", precision="load", paper=paper, passes=passes, doc=doc))
+                         base="required", precision="load", paper=paper, passes=passes, doc=doc, check=check))
 
 
 _TOPK = top_k_passes(task_vectors, _keep_count, "topk")
@@ -265,6 +263,6 @@ _register("breadcrumbs", "arXiv:2312.06795", "drop the largest γ and the smalle
 _register("breadcrumbs_ties", "arXiv:2312.06795", "breadcrumbs trim, then TIES sign election (Davari & Belilovsky, 2023)",
           _band_keep, True, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)))
 _register("della", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then TIES sign election (Deep et al., 2024)",
-          _della_keep, True, _della_passes("della"), (_DENSITY, _EPSILON, _normalize(True), _rescale(True)))
+          _della_keep, True, _DELLA, (_DENSITY, _EPSILON, _normalize(True), _rescale(True)), _della_check)
 _register("della_linear", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then a weighted sum (Deep et al., 2024)",
-          _della_keep, False, _della_passes("della_linear"), (_DENSITY, _EPSILON, _normalize(False), _rescale(True)))
+          _della_keep, False, _DELLA, (_DENSITY, _EPSILON, _normalize(False), _rescale(True)), _della_check)
