@@ -161,3 +161,17 @@ def test_sequential_folds_models_in_order(fp32_family: Family, tmp_path: Path) -
         for w, m in zip(ws[1:], fp32_family.models[1:]):
             r = (1 - w) * r + w * t[m][name].double()
         assert (out_b[name].double() - r).abs().max() <= 1e-6, name
+
+
+def test_ties_rescale_keeps_each_task_vector_l1_norm(fp32_family: Family, tmp_path: Path) -> None:
+    """mergekit's `rescale` on ties: the trimmed task vector is scaled back to ‖δ‖₁."""
+    base, model = fp32_family.base, fp32_family.models[0]
+    plan = {"merge_method": "ties", "base_model": str(base), "parameters": {"rescale": True},
+            "models": [{"model": str(model), "parameters": {"weight": 1.0, "density": 0.3}}]}
+    out = _merge(tmp_path, plan)
+    for name, got in out.items():
+        b = fp32_family.tensors[base][name].double()
+        delta = fp32_family.tensors[model][name].double() - b
+        trimmed = ref.task_family(b, [fp32_family.tensors[model][name]], [1.0], sparsify="magnitude", densities=[0.3]) - b
+        want = b + trimmed * (delta.abs().sum() / trimmed.abs().sum())
+        assert (got.double() - want).abs().max() <= 1e-6, name

@@ -245,15 +245,15 @@ def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: boo
                          base="required", precision="load", paper=paper, passes=passes, doc=doc, check=check))
 
 
-_TOPK = top_k_passes(task_vectors, _keep_count, "topk")
+_TOPK = _with_rescale(top_k_passes(task_vectors, _keep_count, "topk"), _top_k_keep)
 _DARE = _with_rescale((), _dare_keep)
 # one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
 _BAND = _with_rescale(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band"), _band_keep)
 
 _register("task_arithmetic", "arXiv:2212.04089", "base + λ Σ w_i δ_i (Ilharco et al., ICLR 2023)",
-          None, False, (), (_normalize(False),))
+          None, False, (), (_normalize(False), _rescale(False)))  # nothing is dropped: rescale is the identity
 _register("ties", "arXiv:2306.01708", "top-k magnitude trim, sign election by mass, disjoint mean (Yadav et al., NeurIPS 2023)",
-          _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True)))
+          _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True), _rescale(False)))
 _register("dare_ties", "arXiv:2311.03099", "random drop + L1 rescale, then TIES sign election (Yu et al., ICML 2024)",
           _dare_keep, True, _DARE, (_DENSITY, _normalize(False), _rescale(True)))
 _register("dare_linear", "arXiv:2311.03099", "random drop + L1 rescale, then a weighted sum (Yu et al., ICML 2024)",
