@@ -6,10 +6,7 @@ import torch
 
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats
 from streammerge.methods.registry import register
-
-
-def _task_vectors(chunk: Chunk) -> torch.Tensor:
-    return torch.stack([x - chunk.base for x in chunk.models])
+from streammerge.methods.task_vectors import stacked_task_vectors
 
 
 def _gram(tv: torch.Tensor) -> torch.Tensor:
@@ -36,7 +33,7 @@ def _per_fiber(chunk: Chunk) -> bool:
 def _collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     if _per_fiber(chunk):
         return {}
-    tv = _task_vectors(chunk)
+    tv = stacked_task_vectors(chunk)
     return {"gram": chunk.per_row(_gram(tv.reshape(len(tv), chunk.row_stop - chunk.row_start, -1)))}
 
 
@@ -50,7 +47,7 @@ def model_stock_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 
     Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024 (arXiv 2403.19522).
     """
-    t = stats["t"] if "t" in stats else _ratio(_gram(_task_vectors(chunk))).unsqueeze(-1)
+    t = stats["t"] if "t" in stats else _ratio(_gram(stacked_task_vectors(chunk))).unsqueeze(-1)
     t = t.to(chunk.base.dtype)
     return t * (sum(chunk.models) / len(chunk.models)) + (1 - t) * chunk.base
 

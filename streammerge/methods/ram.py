@@ -14,13 +14,14 @@ import torch
 
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats
 from streammerge.methods.registry import register
+from streammerge.methods.task_vectors import stacked_task_vectors
 
 _EPSILON = Param("epsilon", float, default=1e-5, low=0.0, low_open=True, doc="|τ| at or below it counts as no change")
 
 
 def _active(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Task vectors [N, ...], which are active, and how many models are active per element."""
-    tv = torch.stack([x - chunk.base for x in chunk.models])
+    tv = stacked_task_vectors(chunk)
     active = tv.abs() > chunk.params.globals["epsilon"]
     return tv, active, active.sum(0)
 

@@ -8,19 +8,16 @@ from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats,
 from streammerge.methods.registry import register
 from streammerge.methods.selection import top_k_mask
 from streammerge.methods.selection import top_k_passes
-
-
-def _task_vectors(chunk: Chunk) -> torch.Tensor:
-    return torch.stack([x - chunk.base for x in chunk.models])
+from streammerge.methods.task_vectors import sign_agreement, stacked_task_vectors
 
 
 def _variance(chunk: Chunk, stats: Stats) -> list[torch.Tensor]:
-    return [torch.var(_task_vectors(chunk), dim=0, unbiased=False)]
+    return [torch.var(stacked_task_vectors(chunk), dim=0, unbiased=False)]
 
 
 def _selected(chunk: Chunk, stats: Stats) -> torch.Tensor:
     """Task vectors [N, ...] with the positions outside the variance top-k zeroed."""
-    tv = _task_vectors(chunk)
+    tv = stacked_task_vectors(chunk)
     if chunk.params.globals["select_topk"] >= 1:
         return tv
     if stats["k"] == 0:
@@ -57,12 +54,6 @@ def _weight_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) 
 def _passes(params: TensorParams) -> tuple[StatPass, ...]:
     select = (StatPass(_count_collect, _count_finish), *_SELECT) if params.globals["select_topk"] < 1 else ()
     return (*select, StatPass(_weight_collect, _weight_finish))
-
-
-def sign_agreement(tv: torch.Tensor) -> torch.Tensor:
-    """TIES 'sum' election: [sign τ_i = elected], elected = +1 where Σ_i τ_i >= 0, else −1 (zeros never agree)."""
-    elected = (tv.sum(0) >= 0).to(tv.dtype) * 2 - 1
-    return tv.sign() == elected
 
 
 def sce_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:

@@ -27,6 +27,7 @@ from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats,
 from streammerge.methods.random import stream_key, uniform
 from streammerge.methods.registry import register
 from streammerge.methods.selection import top_k_mask, top_k_passes
+from streammerge.methods.task_vectors import sign_agreement, task_vectors
 
 _WEIGHT = Param("weight", float, required=True, per_model=True, doc="scale of the model's task vector")
 _DENSITY = Param("density", float, default=1.0, per_model=True, low=0.0, high=1.0, low_open=True, doc="fraction of the task vector kept")
@@ -46,10 +47,6 @@ def _normalize(default: bool) -> Param:
 
 def _rescale(default: bool) -> Param:
     return Param("rescale", bool, default=default, doc="scale survivors so each task vector keeps its L1 norm")
-
-
-def task_vectors(chunk: Chunk, stats: Stats) -> list[torch.Tensor]:
-    return [x - chunk.base for x in chunk.models]
 
 
 def _whole(d: float) -> bool:
@@ -220,8 +217,7 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
         weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas.dtype).view(-1, *[1] * base.dim())
         weighted = deltas * weights
         if consensus:
-            elected = (weighted.sum(0) >= 0).to(weighted.dtype) * 2 - 1
-            agree = weighted.sign() == elected
+            agree = sign_agreement(weighted)
             mixed = (weighted * agree).sum(0)
             divisor = (weights * agree).sum(0)
             divisor[divisor == 0] = 1
