@@ -119,9 +119,11 @@ def build_schedule(plan: MergePlan) -> Schedule:
     method = get_method(plan.merge_method)
     slices = _slices(plan)
     paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
-    checkpoints = tuple(Checkpoint(p) for p in paths)
+    checkpoints: list[Checkpoint] = []
     try:
-        return _build(plan, method, slices, checkpoints, {p: i for i, p in enumerate(paths)})
+        for p in paths:
+            checkpoints.append(Checkpoint(p))
+        return _build(plan, method, slices, tuple(checkpoints), {p: i for i, p in enumerate(paths)})
     except BaseException:
         for c in checkpoints:
             c.close()

@@ -155,3 +155,22 @@ def test_reads_leave_no_mapping_and_no_file_pages_resident(tmp_path: Path) -> No
     assert not _mapped(tmp_path / "big.safetensors")
     assert rss_file() - before < 8 << 20
     r.close()
+
+
+def test_a_failed_open_leaves_no_file_descriptor(fp32_family, tmp_path: Path) -> None:
+    """A plan whose third model is broken closes the files of the two it already opened."""
+    import os
+
+    import streammerge
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file({"a": torch.zeros(2)}, str(bad / "s1.safetensors"))
+    save_file({"a": torch.ones(2)}, str(bad / "s2.safetensors"))
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    plan = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}}
+                                                 for m in (*fp32_family.models[:2], bad)]}
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(CheckpointError):
+        streammerge.merge(plan, tmp_path / "out", quiet=True)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -125,6 +125,13 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: model directory not found")
         self._shards: dict[str, ShardReader | BinReader] = {}
         self._where: dict[str, ShardReader | BinReader] = {}
+        try:
+            self._index_shards()
+        except BaseException:
+            self.close()
+            raise
+
+    def _index_shards(self) -> None:
         for shard in self._shard_files():
             reader = self._open(shard)
             for name in reader.entries:
