@@ -19,7 +19,8 @@ from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
 from streammerge.io.safetensors_format import build_header
 from streammerge.methods import MergeMethod, TensorParams, get_method
-from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor, layer_index, tied_partner, with_layer
+from streammerge.plan.architecture import (TIED_HEADS, is_pre_layer, is_vocab_tensor, layer_index, module_fragments,
+                                           tied_partner, with_layer)
 from streammerge.plan.parameters import evaluate, gradient_position
 from streammerge.plan.schema import MergePlan
 
@@ -191,6 +192,7 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
             raise PlanError(f"select.layers: model has {total_layers} layers (0-{total_layers - 1}), got {bad[0]}")
     reference = resolved[0].checkpoints[0]
     budget = _working_budget(plan)
+    fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
     jobs: list[TensorJob] = []
 
     notes: list[str] = []
@@ -211,7 +213,7 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
-        if info.dtype.is_floating_point and _selected(plan, out_name):
+        if info.dtype.is_floating_point and _selected(plan, fragments, out_name):
             job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids,
                             _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load), out)
         else:  # copied unchanged from the donor (rounded to the output dtype)
@@ -260,7 +262,20 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
                     psutil.Process().memory_info().rss, peak)
 
 
-def _selected(plan: MergePlan, name: str) -> bool:
+def _module_fragments(plan: MergePlan, model_type: str | None) -> tuple[str, ...] | None:
+    """Every tensor-name fragment ``select.modules`` stands for in this architecture."""
+    if plan.select is None or plan.select.modules is None:
+        return None
+    fragments: list[str] = []
+    for module in plan.select.modules:
+        found = module_fragments(model_type, module)
+        if isinstance(found, str):
+            raise PlanError(f"select.modules: {module!r}: {found}")
+        fragments += found
+    return tuple(fragments)
+
+
+def _selected(plan: MergePlan, fragments: tuple[str, ...] | None, name: str) -> bool:
     """Whether the plan's ``select`` block lets this output tensor be merged (else it is copied)."""
     sel = plan.select
     if sel is None:
@@ -268,7 +283,7 @@ def _selected(plan: MergePlan, name: str) -> bool:
     layer = layer_index(name)
     if sel.layers is not None and (layer is None or layer not in sel.layers):
         return False
-    if sel.modules is not None and not any(m in name for m in sel.modules):
+    if fragments is not None and not any(f in name for f in fragments):
         return False
     kind = "embeddings" if is_pre_layer(name) else "lm_head" if name in TIED_HEADS else None
     return kind not in sel.keep_from_base

@@ -55,3 +55,26 @@ def test_keep_embeddings_and_head_from_base_in_the_output_dtype(fp32_family: Fam
 def test_a_layer_outside_the_model_is_named(fp32_family: Family, tmp_path: Path) -> None:
     with pytest.raises(PlanError, match=r"model has 3 layers \(0-2\), got 30"):
         streammerge.merge(_plan(fp32_family, {"layers": [1, 30]}), tmp_path / "out", quiet=True)
+
+
+def test_module_kinds_name_the_same_tensors_as_fragments(fp32_family: Family, tmp_path: Path) -> None:
+    by_kind = _plan(fp32_family, {"modules": ["q", "k", "v"]})
+    by_name = _plan(fp32_family, {"modules": ["q_proj", "k_proj", "v_proj"]})
+    streammerge.merge(by_kind, tmp_path / "a", quiet=True)
+    streammerge.merge(by_name, tmp_path / "b", quiet=True)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    streammerge.merge(_plan(fp32_family, {"modules": ["mlp", "norm"]}), tmp_path / "c", quiet=True)
+    merged = {n for n in fp32_family.tensors[fp32_family.base] if ".mlp." in n or "layernorm" in n}
+    assert len(merged) == 3 * 5
+    _check(load_output(tmp_path / "c"), fp32_family, merged)
+
+
+@pytest.mark.parametrize("model_type,module,message", [
+    ("phi3", "q", "phi3 has no separate 'q' projection (it fuses q, k and v: select 'qkv')"),
+    ("made_up", "attention", "module kinds are known for"),
+])
+def test_module_kinds_missing_from_an_architecture_are_named(model_type: str, module: str, message: str) -> None:
+    from streammerge.plan.architecture import module_fragments
+
+    assert message in module_fragments(model_type, module)
+    assert module_fragments("gpt2", "qkv") == ("attn.c_attn",) and module_fragments("phi3", "o_proj") == ("o_proj",)

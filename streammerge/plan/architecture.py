@@ -46,3 +46,36 @@ def is_vocab_tensor(tensor: str) -> bool:
 def tied_partner(tensor: str, available: dict) -> str | None:
     """The embedding a missing tied head stands for in a checkpoint with ``available`` tensors."""
     return next((p for p in TIED_HEADS.get(tensor, ()) if p in available), None)
+
+
+# Module kinds, per architecture family (config.json `model_type`), as tensor-name fragments.
+# `select.modules` takes these kind names as well as raw fragments.
+_LLAMA_LIKE = {
+    "attention": ("self_attn.",), "q": ("self_attn.q_proj",), "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",),
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+    "mlp": ("mlp.",), "norm": ("layernorm",),
+}
+MODULE_KINDS: dict[str, dict[str, tuple[str, ...]]] = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    "phi3": {"attention": ("self_attn.",), "qkv": ("self_attn.qkv_proj",), "o": ("self_attn.o_proj",), "mlp": ("mlp.",),
+             "norm": ("layernorm",)},
+    "gpt2": {"attention": ("attn.",), "qkv": ("attn.c_attn",), "o": ("attn.c_proj",), "mlp": ("mlp.",), "norm": ("ln_",)},
+    "gpt_neox": {"attention": ("attention.",), "qkv": ("attention.query_key_value",), "o": ("attention.dense",),
+                 "mlp": ("mlp.",), "norm": ("layernorm",)},
+    "falcon": {"attention": ("self_attention.",), "qkv": ("self_attention.query_key_value",), "o": ("self_attention.dense",),
+               "mlp": ("mlp.",), "norm": ("ln_", "layernorm")},
+}
+KIND_NAMES = ("attention", "q", "k", "v", "qkv", "o", "mlp", "norm")
+
+
+def module_fragments(model_type: str | None, module: str) -> tuple[str, ...] | str:
+    """The name fragments of ``module`` (a kind name or a raw fragment) in ``model_type``, or why
+    the kind does not exist there."""
+    if module not in KIND_NAMES:
+        return (module,)
+    kinds = MODULE_KINDS.get(model_type or "")
+    if kinds is None:
+        return f"module kinds are known for {', '.join(sorted(MODULE_KINDS))}, not {model_type!r}: name tensor-name fragments instead"
+    if module not in kinds:
+        return f"{model_type} has no separate {module!r} projection (it fuses q, k and v: select 'qkv')"
+    return kinds[module]
