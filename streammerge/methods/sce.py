@@ -6,8 +6,7 @@ import torch
 
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.registry import register
-from streammerge.methods.selection import top_k_mask
-from streammerge.methods.selection import top_k_passes
+from streammerge.methods.selection import top_k_mask, top_k_passes
 from streammerge.methods.task_vectors import sign_agreement, stacked_task_vectors
 
 
