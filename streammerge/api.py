@@ -61,14 +61,16 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
                 raise OutputError(f"{destination}: the output may not be an input model directory or inside one ({c.path})")
         staged = StagedOutput(destination, overwrite)
         try:
-            run_schedule(sched, staged, quiet)
+            sync = run_schedule(sched, staged, quiet)
             write_model_files(sched, staged, __version__)
+            committed = time.perf_counter()
             staged.commit()
+            sync += time.perf_counter() - committed
         except BaseException:
             staged.discard()
             raise
         return MergeResult(destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
-                           time.perf_counter() - started, sched.notes)
+                           time.perf_counter() - started, sync, sched.notes)
     finally:
         sched.close()
 

@@ -77,11 +77,17 @@ def main() -> None:
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides the plan's 'output').")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for merge kernels (default: torch's, one per core). Reading runs in a thread of its own.")
 @_add(_plan_options)
-def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, quiet: bool, **overrides: Any) -> None:
+def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, quiet: bool, threads: int | None,
+        **overrides: Any) -> None:
     """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output')."""
     if out is not None and output is not None and out != output:
         _fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         result = merge(plan, output or out, overwrite=overwrite, quiet=quiet, **overrides)
     except StreamMergeError as e:
@@ -90,7 +96,8 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, quie
         for note in result.notes:
             click.echo(f"note: {note}", err=True)
         click.echo(f"wrote {result.output}: {result.tensors} tensors in {result.shards} shard(s), "
-                   f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s", err=True)
+                   f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s ({result.sync_seconds:.1f} s of it syncing to disk)",
+                   err=True)
 
 
 @main.command("plan")

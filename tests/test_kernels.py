@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge.methods.base import Chunk, TensorParams
+from streammerge.methods.base import Chunk, TensorParams, run_passes
 from streammerge.methods.random import stream_key, uniform
+from streammerge.methods import selection
 from streammerge.methods.selection import top_k_mask, top_k_passes
 
 
@@ -19,21 +24,31 @@ def _chunks(x: torch.Tensor, rows_per_chunk: int, k: int) -> list[Chunk]:
 
 def _select(x: torch.Tensor, k: int, rows_per_chunk: int) -> torch.Tensor:
     """Run the selection passes the way the engine does, then the mask over each chunk."""
-    passes = top_k_passes(lambda c, s: c.models, lambda c, s: [k], "sel")
-    stats: dict = {}
-    for p in passes:
-        totals: dict = {}
-        for c in _chunks(x, rows_per_chunk, k):
-            for key, part in p.collect(c, stats).items():
-                totals[key] = totals[key] + part if key in totals else part
-        stats = p.finish(totals, c, stats)
+    stats = run_passes(top_k_passes(lambda c, s: c.models, lambda c, s: [k], "sel"), lambda: _chunks(x, rows_per_chunk, k))
     return torch.cat([top_k_mask(c.models[0], 0, c, stats, "sel") for c in _chunks(x, rows_per_chunk, k)])
 
 
 values = st.sampled_from([0.0, 1.0, -1.0, 0.5, 2.0**-20, 3.0e-5, -7.25, 1e30]) | st.floats(-10, 10, allow_nan=False, width=32)
 
 
-@settings(max_examples=150, deadline=None)
+def _reference_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    order = torch.sort(-x.abs().float().reshape(-1), stable=True).indices  # largest first, ties by index
+    want = torch.zeros(x.numel(), dtype=torch.bool)
+    want[order[:k]] = True
+    return want
+
+
+@contextmanager
+def _sample_size(n: int) -> Iterator[None]:
+    """A small sample, so that tiny tensors take the sampled band and its fallback, not an exhaustive sample."""
+    saved, selection.SAMPLE_SIZE = selection.SAMPLE_SIZE, n
+    try:
+        yield
+    finally:
+        selection.SAMPLE_SIZE = saved
+
+
+@settings(max_examples=200, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 9), st.data())
 def test_top_k_mask_is_exact_for_any_chunking(rows: int, cols: int, data: st.DataObject) -> None:
     flat = data.draw(st.lists(values, min_size=rows * cols, max_size=rows * cols))
@@ -41,11 +56,26 @@ def test_top_k_mask_is_exact_for_any_chunking(rows: int, cols: int, data: st.Dat
     x = torch.tensor(flat, dtype=torch.float32).to(dtype).reshape(rows, cols)
     k = data.draw(st.integers(1, rows * cols))
     rows_per_chunk = data.draw(st.integers(1, rows))
-    got = _select(x, k, rows_per_chunk).reshape(-1)
-    order = torch.sort(-x.abs().float().reshape(-1), stable=True).indices  # largest first, ties by index
-    want = torch.zeros(rows * cols, dtype=torch.bool)
-    want[order[:k]] = True
-    assert torch.equal(got, want)
+    with _sample_size(data.draw(st.sampled_from([1 << 18, 2, 5, 16]))):
+        got = _select(x, k, rows_per_chunk).reshape(-1)
+    assert torch.equal(got, _reference_top_k(x, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_misleading_sample_falls_back_to_the_exact_radix_select(dtype: torch.dtype) -> None:
+    """Every sampled element (flat index ≡ 0 mod the stride) is large, the rest small: the sample's band
+    misses the k-th largest, and the radix passes must still find it exactly."""
+    x = torch.linspace(1e-3, 2e-3, 4000).reshape(40, 100)
+    x.view(-1)[::7] += 10.0  # the sample's stride: 4000 // 1000, moved up to 7, the next coprime with 100
+    x = x.to(dtype)
+    with _sample_size(1000):
+        assert selection._stride(_chunks(x, 7, 2000)[0]) == 7
+        missed = run_passes(top_k_passes(lambda c, s: c.models, lambda c, s: [2000], "sel")[:2], lambda: _chunks(x, 7, 2000))
+        assert missed["sel"]["found"] == ["missed"]
+        stats = run_passes(top_k_passes(lambda c, s: c.models, lambda c, s: [2000], "sel"), lambda: _chunks(x, 7, 2000))
+        assert stats["sel"]["found"][0] != "missed"
+        got = torch.cat([top_k_mask(c.models[0], 0, c, stats, "sel") for c in _chunks(x, 7, 2000)]).reshape(-1)
+    assert torch.equal(got, _reference_top_k(x, 2000))
 
 
 def test_uniform_is_chunk_invariant_and_uniform() -> None:

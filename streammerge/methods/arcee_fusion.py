@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from streammerge.methods.base import Chunk, MergeMethod, StatPass, Stats
 from streammerge.methods.registry import register
-from streammerge.methods.selection import top_k_passes
+from streammerge.methods.selection import threshold_values, top_k_passes
 
 _QUANTILES = (0.25, 0.5, 0.75)
 
@@ -60,8 +60,7 @@ def _counts(chunk: Chunk, stats: Stats) -> list[int | None]:
 
 
 def _quantiles(chunk: Chunk, stats: Stats) -> list[float]:
-    keys = stats["fusion"]["threshold"]
-    values = [torch.tensor(k, dtype=torch.int32).view(torch.float32).item() for k in keys]
+    values = threshold_values(stats, "fusion")
     return [-v if m < stats["negative"] else v for m, v in zip(_ranks(chunk), values)]
 
 

@@ -2,8 +2,9 @@
 
 The engine feeds a method one row chunk of every input at a time (``Chunk``). Methods that need a
 whole-tensor statistic (a k-th largest magnitude, a dot product, an L1 norm) declare ``StatPass``es:
-the engine runs each pass over all chunks, *adds* the partial results, and hands the totals to the
-pass's ``finish``, whose result (``stats``) the next pass and the final ``merge`` receive.
+``run_passes`` runs each pass over all chunks, *adds* the partial results (or, for a ``per_chunk``
+pass, lists them in chunk order), and hands them to the pass's ``finish``, whose result (``stats``)
+the next pass and the final ``merge`` receive. A pass with a ``when`` runs only if it holds.
 
 Partials are added, so they must be exact under addition for the result not to depend on the chunk
 size: integer counts, or floating values per row scattered into a rows-long vector (``per_row``),
@@ -13,7 +14,7 @@ where adding zeros is exact. ``finish`` then reduces the rows in a fixed order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -74,8 +75,29 @@ class Chunk:
 
 @dataclass(frozen=True)
 class StatPass:
-    collect: Callable[[Chunk, Stats], dict[str, torch.Tensor]]
-    finish: Callable[[dict[str, torch.Tensor], Chunk, Stats], Stats]
+    collect: Callable[[Chunk, Stats], dict[str, Any]]
+    finish: Callable[[dict[str, Any], Chunk, Stats], Stats]
+    per_chunk: bool = False  # finish gets each key's partials as a list in chunk order, not their sum
+    when: Callable[[Stats], bool] | None = None  # run only when this holds for the stats so far
+
+
+def run_passes(passes: Iterable[StatPass], chunks: Callable[[], Iterable[Chunk]]) -> Stats:
+    """The stats ``merge`` needs: each pass over every chunk (``chunks()`` yields them in row order)."""
+    stats: Stats = {}
+    for p in passes:
+        if p.when is not None and not p.when(stats):
+            continue
+        totals: dict[str, Any] = {}
+        last = None
+        for c in chunks():
+            for key, part in p.collect(c, stats).items():
+                if p.per_chunk:
+                    totals.setdefault(key, []).append(part)
+                else:
+                    totals[key] = totals[key] + part if key in totals else part
+            last = c
+        stats = p.finish(totals, last, stats)
+    return stats
 
 
 @dataclass(frozen=True)

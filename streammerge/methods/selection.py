@@ -1,22 +1,32 @@
 """Exact k-th largest magnitude over a tensor seen in row chunks, without sorting it.
 
-A radix select on the float32 bit pattern of |x| (for non-negative floats the bit pattern orders
-like the value): one pass counts the top 16 bits, a second counts the low 16 bits inside the bucket
-that holds the k-th value, which gives it exactly. Exactly k elements are kept: those above the
-threshold, then elements equal to it in flat-index order (a third pass counts them per row, and
-runs only when the threshold value repeats). Every count is an integer, so nothing depends on the
-chunking.
+Magnitudes are compared as integer keys that order like |x|: the bits of a bfloat16 |x| (16-bit
+keys), else of |x| widened to float32. Selection is a sample-guided bracket (Floyd–Rivest):
+
+1. A strided sample of the keys (stride coprime with the row length, so it crosses every column)
+   predicts where the k-th largest lies; a band of ±4σ sample ranks around that is chosen.
+2. One pass counts, per chunk, the keys above the band and keeps the keys inside it (a few percent
+   of the tensor). If the k-th largest is in the band it is found exactly there.
+3. Otherwise (a sample that misleads, never seen on real weights) a radix select on the key bits
+   finds it exactly: a histogram of the top 16 bits, then of the low 16 inside the chosen bucket.
+
+Exactly k elements are kept: those above the threshold, then elements equal to it in flat-index
+order. Every count is an integer kept per chunk, so nothing depends on the chunking, and only the
+one chunk where the equal elements run out needs a running count.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from streammerge.methods.base import Chunk, StatPass, Stats
 
-_HI_BINS = 1 << 15  # |x| is non-negative: the sign bit is always 0
+SAMPLE_SIZE = 1 << 18
+_BAND_SIGMAS = 4.0
+_HI_BINS = 1 << 15  # keys are non-negative: the sign bit is always 0
 _LO_BINS = 1 << 16
 
 Values = Callable[[Chunk, Stats], list[torch.Tensor]]
@@ -24,8 +34,24 @@ Counts = Callable[[Chunk, Stats], list[int | None]]  # k may depend on earlier p
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys that order like |x| (x is widened to float32 exactly for bf16/f16)."""
-    return x.abs().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    """Flat integer keys that order like |x|: int16 for bfloat16, else int32 of |x| as float32."""
+    a = x.abs().contiguous()
+    return a.view(torch.int16).reshape(-1) if a.dtype == torch.bfloat16 else a.to(torch.float32).view(torch.int32).reshape(-1)
+
+
+def key_value(key: int, bits: int) -> float:
+    """The magnitude a key stands for (``bits``: 16 or 32, the key width)."""
+    if bits == 16:
+        return torch.tensor(key, dtype=torch.int16).view(torch.bfloat16).item()
+    return torch.tensor(key, dtype=torch.int32).view(torch.float32).item()
+
+
+def _stride(chunk: Chunk) -> int:
+    row = chunk.numel // chunk.total_rows if chunk.total_rows else 1
+    s = max(1, chunk.numel // SAMPLE_SIZE)
+    while s > 1 and math.gcd(s, row) != 1:
+        s += 1
+    return s
 
 
 def _from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -36,73 +62,143 @@ def _from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, above
 
 
+def _found(threshold: int, keep_equal: int, equal_here: list[int], row_starts: list[int]) -> dict:
+    before = [sum(equal_here[:c]) for c in range(len(equal_here))]
+    return {"threshold": threshold, "keep_equal": keep_equal,
+            "equal_before": dict(zip(row_starts, before)), "equal_here": dict(zip(row_starts, equal_here))}
+
+
 def top_k_passes(values: Values, counts: Counts, key: str) -> tuple[StatPass, ...]:
     """Passes that find, per model, the threshold keeping exactly ``counts(chunk, stats)[i]`` elements of
     ``values(chunk)[i]`` by magnitude (``None`` = keep all). Results live in ``stats[key]``."""
 
-    def hi_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-        return {"hi": torch.stack([torch.bincount(magnitude_keys(v) >> 16, minlength=_HI_BINS) for v in values(chunk, stats)])}
+    def sample_collect(chunk: Chunk, stats: Stats) -> dict:
+        s = _stride(chunk)
+        first = -chunk.element_start % s  # the flat indices ≡ 0 mod s, whatever the chunking
+        return {"sample": [magnitude_keys(v.reshape(-1)[first::s]) for v in values(chunk, stats)]}
 
-    def hi_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
-        ks = counts(chunk, stats)
-        found = [None if k is None else _from_top(totals["hi"][i], k) for i, k in enumerate(ks)]
-        return {**stats, key: {"k": ks, "bucket": found}}
+    def sample_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
+        ks, n, exhaustive = counts(chunk, stats), chunk.numel, _stride(chunk) == 1
+        bands = []
+        for i, k in enumerate(ks):
+            sample = torch.cat([part[i] for part in totals["sample"]]).to(torch.int32).sort(descending=True).values
+            if k is None:
+                bands.append(None)
+                continue
+            m = len(sample)
+            at = k * m / n
+            margin = 0.0 if exhaustive else _BAND_SIGMAS * math.sqrt(m) + 2
+            hi_rank, lo_rank = math.floor(at - margin) - 1, math.ceil(at + margin) - 1
+            bands.append((int(sample[lo_rank]) if lo_rank < m else 0, int(sample[hi_rank]) if hi_rank >= 0 else None))
+        bits = 16 if totals["sample"][0][0].dtype == torch.int16 else 32
+        return {**stats, key: {"k": ks, "bits": bits, "band": bands}}
 
-    def lo_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    def band_collect(chunk: Chunk, stats: Stats) -> dict:
+        above, inside = [], []
+        for v, band in zip(values(chunk, stats), stats[key]["band"]):
+            if band is None:
+                above.append(0), inside.append(None)
+                continue
+            keys, (lo, hi) = magnitude_keys(v), band
+            above.append(0 if hi is None else int(torch.count_nonzero(keys > hi)))
+            inside.append(keys[keys >= lo] if hi is None else keys[(keys >= lo) & (keys <= hi)])
+        return {"above": above, "inside": inside, "row_start": chunk.row_start}
+
+    def band_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
+        sel = stats[key]
+        found = []
+        for i, k in enumerate(sel["k"]):
+            above = sum(part[i] for part in totals["above"])
+            if k is None:
+                found.append(None)
+                continue
+            inside = [part[i].to(torch.int32) for part in totals["inside"]]
+            every = torch.cat(inside)
+            if not above < k <= above + len(every):
+                found.append("missed")
+                continue
+            need = k - above
+            t = int(torch.kthvalue(every, len(every) - need + 1).values)
+            keep_equal = need - int((every > t).sum())
+            found.append(_found(t, keep_equal, [int((b == t).sum()) for b in inside], totals["row_start"]))
+        return {**stats, key: {**sel, "found": found}}
+
+    def missed(stats: Stats) -> bool:
+        return "missed" in stats[key]["found"]
+
+    def hi_collect(chunk: Chunk, stats: Stats) -> dict:
         hists = []
-        for v, found in zip(values(chunk, stats), stats[key]["bucket"]):
-            if found is None:
-                hists.append(torch.zeros(_LO_BINS, dtype=torch.int64))
+        for v, f in zip(values(chunk, stats), stats[key]["found"]):
+            keys = magnitude_keys(v)
+            hists.append(torch.bincount((keys.to(torch.int32) if keys.dtype == torch.int16 else keys >> 16), minlength=_HI_BINS)
+                         if f == "missed" else None)
+        return {"hi": hists, "row_start": chunk.row_start}
+
+    def hi_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
+        sel = stats[key]
+        found = list(sel["found"])
+        for i, (k, f) in enumerate(zip(sel["k"], found)):
+            if f != "missed":
+                continue
+            per_chunk = [part[i] for part in totals["hi"]]
+            bucket, above = _from_top(sum(per_chunk), k)
+            if sel["bits"] == 16:  # the top bits are the whole key
+                found[i] = _found(bucket, k - above, [int(h[bucket]) for h in per_chunk], totals["row_start"])
+            else:
+                found[i] = ("bucket", bucket, above)
+        return {**stats, key: {**sel, "found": found}}
+
+    def lo_collect(chunk: Chunk, stats: Stats) -> dict:
+        hists = []
+        for v, f in zip(values(chunk, stats), stats[key]["found"]):
+            if not (isinstance(f, tuple) and f[0] == "bucket"):
+                hists.append(None)
                 continue
             keys = magnitude_keys(v)
-            hists.append(torch.bincount(keys[(keys >> 16) == found[0]] & 0xFFFF, minlength=_LO_BINS))
-        return {"lo": torch.stack(hists)}
+            hists.append(torch.bincount(keys[(keys >> 16) == f[1]] & 0xFFFF, minlength=_LO_BINS))
+        return {"lo": hists, "row_start": chunk.row_start}
 
-    def lo_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    def lo_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
         sel = stats[key]
-        threshold, keep_equal, tiebreak = [], [], []
-        for i, (k, found) in enumerate(zip(sel["k"], sel["bucket"])):
-            if found is None:
-                threshold.append(None), keep_equal.append(0), tiebreak.append(False)
+        found = list(sel["found"])
+        for i, (k, f) in enumerate(zip(sel["k"], found)):
+            if not (isinstance(f, tuple) and f[0] == "bucket"):
                 continue
-            bucket, above = found
-            lo, above_in_bucket = _from_top(totals["lo"][i], k - above)
-            threshold.append((bucket << 16) | lo)
-            keep_equal.append(k - above - above_in_bucket)
-            tiebreak.append(int(totals["lo"][i][lo]) > keep_equal[-1])
-        return {**stats, key: {**sel, "threshold": threshold, "keep_equal": keep_equal, "tiebreak": tiebreak}}
+            _, bucket, above = f
+            per_chunk = [part[i] for part in totals["lo"]]
+            lo, above_in_bucket = _from_top(sum(per_chunk), k - above)
+            found[i] = _found((bucket << 16) | lo, k - above - above_in_bucket, [int(h[lo]) for h in per_chunk],
+                              totals["row_start"])
+        return {**stats, key: {**sel, "found": found}}
 
-    def ties_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-        sel = stats[key]
-        if not any(sel["tiebreak"]):
-            return {}
-        rows = []
-        for v, thr, tb in zip(values(chunk, stats), sel["threshold"], sel["tiebreak"]):
-            eq = (magnitude_keys(v) == thr) if tb else torch.zeros(v.numel(), dtype=torch.bool)
-            rows.append(chunk.per_row(eq.reshape(chunk.row_stop - chunk.row_start, -1).sum(1)))
-        return {"equal_rows": torch.stack(rows)}
+    def bucketed(stats: Stats) -> bool:
+        return any(isinstance(f, tuple) for f in stats[key]["found"])
 
-    def ties_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
-        if "equal_rows" not in totals:
-            return stats
-        equal_before = totals["equal_rows"].cumsum(1) - totals["equal_rows"]
-        return {**stats, key: {**stats[key], "equal_before": equal_before}}
+    return (StatPass(sample_collect, sample_finish, per_chunk=True),
+            StatPass(band_collect, band_finish, per_chunk=True),
+            StatPass(hi_collect, hi_finish, per_chunk=True, when=missed),
+            StatPass(lo_collect, lo_finish, per_chunk=True, when=bucketed))
 
-    return (StatPass(hi_collect, hi_finish), StatPass(lo_collect, lo_finish), StatPass(ties_collect, ties_finish))
+
+def threshold_values(stats: Stats, key: str) -> list[float | None]:
+    """Per model, the magnitude of the k-th largest element (None where all are kept)."""
+    sel = stats[key]
+    return [None if f is None else key_value(f["threshold"], sel["bits"]) for f in sel["found"]]
 
 
 def top_k_mask(x: torch.Tensor, i: int, chunk: Chunk, stats: Stats, key: str) -> torch.Tensor:
     """Boolean mask (shape of ``x``) of the elements of model ``i`` the selection keeps."""
-    sel = stats[key]
-    thr = sel["threshold"][i]
-    if thr is None:
+    f = stats[key]["found"][i]
+    if f is None:
         return torch.ones_like(x, dtype=torch.bool)
     keys = magnitude_keys(x)
-    keep = keys > thr
-    if sel["tiebreak"][i]:
-        eq = keys == thr
-        rank = eq.cumsum(0) + int(sel["equal_before"][i][chunk.row_start])
-        keep |= eq & (rank <= sel["keep_equal"][i])
+    thr = f["threshold"]
+    remaining = f["keep_equal"] - f["equal_before"][chunk.row_start]
+    if remaining >= f["equal_here"][chunk.row_start]:
+        keep = keys >= thr
     else:
-        keep |= keys == thr
+        keep = keys > thr
+        if remaining > 0:  # the chunk where the kept equal elements run out, in flat-index order
+            eq = keys == thr
+            keep |= eq & (eq.cumsum(0) <= remaining)
     return keep.reshape(x.shape)

@@ -62,7 +62,7 @@ def _sparsifier(keep: Keep) -> Sparsify:
             if _whole(chunk.params.models[i]["density"]):
                 out.append(d)
                 continue
-            kept = d * keep(chunk, stats, i, d)
+            kept = torch.where(keep(chunk, stats, i, d), d, 0)
             if "l1_scale" in stats and stats["l1_scale"][i] != 1.0:
                 kept = kept * stats["l1_scale"][i]
             out.append(kept)

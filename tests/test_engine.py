@@ -1,0 +1,58 @@
+"""The engine: reads run in a thread one chunk ahead, and neither that nor the thread count changes a byte."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import streammerge
+from checkpoint_builder import Family
+from streammerge.cli import main
+from streammerge.engine import run_schedule
+from streammerge.errors import CheckpointError
+from streammerge.io.writer import StagedOutput
+
+
+def _ties(family: Family) -> dict:
+    return {"merge_method": "ties", "base_model": str(family.base), "dtype": "float32",
+            "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.4}} for m in family.models]}
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("chunk_size", [32, 10**9])
+def test_thread_count_does_not_change_a_byte(fp32_family: Family, tmp_path: Path, chunk_size: int) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump(_ties(fp32_family)))
+    for threads in ("1", "2"):
+        result = CliRunner().invoke(main, ["run", str(plan), str(tmp_path / threads), "-q", "--threads", threads,
+                                           "--chunk-size", str(chunk_size)])
+        assert result.exit_code == 0, result.output
+    assert _shards(tmp_path / "1") == _shards(tmp_path / "2")
+
+
+def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(fp32_family: Family, tmp_path: Path) -> None:
+    """A shard cut short after the schedule was built (its header was valid): the reader thread's
+    error reaches the caller, names the file, and the run neither hangs nor leaves a thread behind."""
+    family = tmp_path / "family"
+    shutil.copytree(fp32_family.base.parent, family)
+    plan = _ties(Family(family / fp32_family.base.name, [family / m.name for m in fp32_family.models], {}, fp32_family.arch))
+    sched = streammerge.schedule(plan, chunk_size=32)
+    try:
+        victim = sched.checkpoints[1].file_of(sched.jobs[-1].inputs[1].tensor)
+        os.truncate(victim, os.path.getsize(victim) // 2)
+        staged = StagedOutput(tmp_path / "out", overwrite=False)
+        before = threading.active_count()
+        with pytest.raises(CheckpointError, match=f"{victim}: unexpected end of file"):
+            run_schedule(sched, staged, quiet=True)
+        assert threading.active_count() == before
+    finally:
+        sched.close()
