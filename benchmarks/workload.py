@@ -1,40 +1,17 @@
-"""Peak memory of a streammerge TIES merge against a naive load-everything merge, as the model grows.
+"""The benchmark workload: Llama-2-7B-shaped checkpoints, page-cache eviction and child-process measurement.
 
-For each layer count it generates (once, cached) three Llama-2-7B-shaped bf16 checkpoints, base, ft1
-and ft2, as Hugging Face directories with sharded safetensors, then merges ft1 and ft2 onto base with
-TIES (weight 0.5, density 0.5) twice, each in its own child process:
-
-- streammerge: ``python -m streammerge run plan.yaml OUT --overwrite -q``;
-- naive: this script with ``--naive``, which loads every shard with ``safetensors.torch.load_file``,
-  merges in memory tensor by tensor, and saves the whole merged state dict with ``save_file``.
-
-Before each child the input files are evicted from the page cache (fsync + POSIX_FADV_DONTNEED).
-Per child it records the peak RSS from the kernel (``ru_maxrss`` of the child, via ``os.wait4``),
-the peaks of ``RssAnon``, ``RssFile`` and their sum sampled from /proc/<pid>/status every 50 ms,
-the wall time, and the CPU time (user + sys). streammerge's RSS should stay flat as layers are
-added (it holds a few tensors at a time); the naive merge's grows with the model.
-
-The parent stays lean on purpose: it never imports torch and generates the inputs in a child too.
-subprocess spawns with vfork, and at exec Linux folds the parent's lifetime peak RSS into the
-child's ru_maxrss, so a parent that once held gigabytes would inflate every measurement. The
-parent's own peak RSS, a floor under every ru_maxrss, is printed with the table.
-
-    python benchmarks/peak_rss.py --layers 2 4 8 --json peak_rss.json
-
-Inputs take about 4.0, 6.4 and 11.3 GB for 2, 4 and 8 layers; merge outputs are removed unless --keep.
+Shared by the benchmark scripts (``compare.py`` is the entry point). Nothing here imports torch at
+module level: the measuring parent must stay small, because subprocess spawns with vfork and at
+exec Linux folds the parent's lifetime peak RSS into the child's ``ru_maxrss``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,7 +20,6 @@ HIDDEN, INTERMEDIATE, VOCAB, HEADS = 4096, 11008, 32000, 32
 SHARD_BYTES = 2 * 10**9
 MODELS = ("base", "ft1", "ft2")
 INDEX = "model.safetensors.index.json"
-WEIGHT, DENSITY = 0.5, 0.5
 GiB = 2**30
 SAMPLE_S = 0.05
 
@@ -139,52 +115,19 @@ def evict(dirs: list[Path]) -> None:
                 os.close(fd)
 
 
-# ----------------------------------------------------------------------------- the naive baseline
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    return state
-
-
-def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exactly k largest |x|: those above the k-th largest, then ties at it in flat-index order."""
-    a = x.abs().flatten()
-    threshold = a.kthvalue(a.numel() - k + 1).values
-    keep = a > threshold
-    tied = (a == threshold).nonzero().squeeze(1)
-    keep[tied[: k - int(keep.sum())]] = True
-    return keep.view_as(x)
-
-
-def naive_ties(base_dir: Path, ft_dirs: list[Path], out_file: Path) -> None:
-    """TIES the way a notebook does it: everything in memory, one save_file at the end."""
-    import torch
-    from safetensors.torch import save_file
-
-    base = load_dir(base_dir)
-    fts = [load_dir(d) for d in ft_dirs]
-    merged = {}
-    for name, b in base.items():
-        b32 = b.float()
-        deltas = [ft[name].float() - b32 for ft in fts]
-        weighted = torch.stack([d * top_k_mask(d, int(DENSITY * d.numel())) * WEIGHT for d in deltas])
-        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-        agree = weighted.sign() == elected
-        divisor = (agree * WEIGHT).sum(0)
-        divisor[divisor == 0] = 1
-        merged[name] = (b32 + (weighted * agree).sum(0) / divisor).to(torch.bfloat16)
-    save_file(merged, out_file, metadata={"format": "pt"})
-
-
 # ----------------------------------------------------------------------------- measurement
 
 
-def rss_kib(pid: int) -> tuple[int, int]:
+def ensure_inputs(cache: Path, layers: int) -> Path:
+    """The checkpoints for ``layers`` under ``cache``, generated in a child process the first time."""
+    root = cache / f"llama2-7b-shape-{layers}L"
+    if not is_generated(root):
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"import workload; workload.generate(workload.Path({str(root)!r}), {layers})"], check=True)
+    return root
+
+
+def _status_kib(pid: int) -> tuple[int, int]:
     """(RssAnon, RssFile) in KiB from /proc/<pid>/status; zeros once the process is gone or a zombie."""
     fields = {}
     try:
@@ -198,21 +141,40 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return fields.get("RssAnon", 0), fields.get("RssFile", 0)
 
 
-def measure(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` as a child; its exit code, ru_maxrss, sampled RSS peaks, wall and CPU time."""
+def cached_kib() -> int:
+    """The page cache's size (``Cached`` in /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(cmd: list[str], log: Path, cgroup: Path | None = None) -> dict:
+    """Run ``cmd`` as a child (inside ``cgroup``, a memory cgroup directory, when given): exit code,
+    ru_maxrss, sampled RSS peaks and timeline, page-cache growth, wall and CPU time."""
     peaks = {"anon": 0, "file": 0, "sum": 0}
+    timeline: list[tuple[float, float]] = []
+    cache_start = cached_kib()
+    cache_peak = [cache_start]
     stop = threading.Event()
+    t0 = time.perf_counter()
 
     def sample(pid: int) -> None:
         while not stop.is_set():
-            anon, file = rss_kib(pid)
+            anon, file = _status_kib(pid)
             peaks["anon"], peaks["file"] = max(peaks["anon"], anon), max(peaks["file"], file)
             peaks["sum"] = max(peaks["sum"], anon + file)
+            timeline.append((time.perf_counter() - t0, (anon + file) * 1024 / GiB))
+            cache_peak[0] = max(cache_peak[0], cached_kib())
             stop.wait(SAMPLE_S)
 
-    t0 = time.perf_counter()
+    def enter_cgroup() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=enter_cgroup if cgroup else None)
     sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -226,101 +188,20 @@ def measure(cmd: list[str], log: Path) -> dict:
         "peak_anon_gib": peaks["anon"] * 1024 / GiB,
         "peak_file_gib": peaks["file"] * 1024 / GiB,
         "peak_anon_file_gib": peaks["sum"] * 1024 / GiB,
+        "cache_growth_gib": (cache_peak[0] - cache_start) * 1024 / GiB,
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "timeline": timeline,
     }
 
 
-def write_plan(path: Path, base: Path, ft1: Path, ft2: Path) -> None:
-    models = "".join(f"  - model: {p}\n    parameters: {{weight: {WEIGHT}, density: {DENSITY}}}\n" for p in (ft1, ft2))
-    path.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}dtype: bfloat16\n")
-
-
-def bench(layers: int, cache: Path, work: Path, keep: bool) -> tuple[list[dict], float]:
-    """Generate (or reuse) the inputs for ``layers`` and measure both tools; rows and generation seconds."""
-    root = cache / f"llama2-7b-shape-{layers}L"
+def fsync_tree(path: Path) -> float:
+    """fsync every file under ``path``; the seconds it took (what a tool that never syncs still owes)."""
     t0 = time.perf_counter()
-    if not is_generated(root):
-        subprocess.run([sys.executable, __file__, "--generate", str(layers), str(root)], check=True)
-    gen_s = time.perf_counter() - t0
-    print(f"  {layers}L inputs ready in {gen_s:.1f} s ({root})", file=sys.stderr)
-    base, ft1, ft2 = dirs = [root / m for m in MODELS]
-    input_gb = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors")) / 1e9
-    plan = work / f"ties-{layers}L.yaml"
-    write_plan(plan, base, ft1, ft2)
-    sm_out, naive_out = cache / "out" / f"{layers}L-streammerge", cache / "out" / f"{layers}L-naive"
-    naive_out.mkdir(parents=True, exist_ok=True)
-    runs = [
-        ("streammerge", [sys.executable, "-m", "streammerge", "run", str(plan), str(sm_out), "--overwrite", "-q"],
-         sm_out, [sm_out / INDEX, sm_out / "model.safetensors"]),
-        ("naive", [sys.executable, __file__, "--naive", str(base), str(ft1), str(ft2), str(naive_out / "model.safetensors")],
-         naive_out, [naive_out / "model.safetensors"]),
-    ]
-    rows = []
-    for tool, cmd, out, expected in runs:
-        evict(dirs)
-        log = work / f"{tool}-{layers}L.log"
-        row = {"layers": layers, "tool": tool, **measure(cmd, log), "input_gb": input_gb}
-        row["ok"] = row["exit_code"] == 0 and any(p.is_file() for p in expected)
-        if not row["ok"]:
-            print(f"{tool} at {layers} layers failed (exit {row['exit_code']}): {' '.join(cmd)}\n{log.read_text()[-4000:]}",
-                  file=sys.stderr)
-        print(f"  {layers}L {tool}: {row['wall_s']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB", file=sys.stderr)
-        rows.append(row)
-        if not keep:
-            shutil.rmtree(out, ignore_errors=True)
-    return rows, gen_s
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| layers | tool | peak RSS (ru_maxrss, GiB) | peak anon RSS (GiB) | peak file RSS (GiB) | peak anon+file (GiB) | wall s | CPU s | input GB |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        tool = r["tool"] if r["ok"] else f"{r['tool']} (FAILED, exit {r['exit_code']})"
-        lines.append(f"| {r['layers']} | {tool} | {r['peak_rss_gib']:.2f} | {r['peak_anon_gib']:.2f} | {r['peak_file_gib']:.2f} "
-                     f"| {r['peak_anon_file_gib']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['input_gb']:.2f} |")
-    return "\n".join(lines)
-
-
-def verdict(rows: list[dict]) -> str:
-    sm = sorted((r for r in rows if r["tool"] == "streammerge"), key=lambda r: r["layers"])
-    lo, hi = sm[0], sm[-1]
-    ratio = hi["peak_rss_gib"] / lo["peak_rss_gib"]
-    grows = "grows" if ratio > 1.1 else "does not grow (within 10%)"
-    under = all(r["peak_rss_gib"] < 1.5 for r in sm)
-    return (f"streammerge peak RSS {grows}: {lo['peak_rss_gib']:.2f} GiB at {lo['layers']} layers -> "
-            f"{hi['peak_rss_gib']:.2f} GiB at {hi['layers']} layers (ratio {ratio:.2f}); "
-            f"under 1.5 GiB at every size: {'yes' if under else 'NO'}.")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layer counts to benchmark")
-    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"), help="generated checkpoints (reused)")
-    ap.add_argument("--json", type=Path, help="also write all measurements here")
-    ap.add_argument("--keep", action="store_true", help="keep the merge outputs")
-    ap.add_argument("--naive", nargs=4, type=Path, metavar=("BASE", "FT1", "FT2", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--generate", nargs=2, metavar=("LAYERS", "DIR"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.naive:
-        naive_ties(args.naive[0], args.naive[1:3], args.naive[3])
-        return
-    if args.generate:
-        generate(Path(args.generate[1]), int(args.generate[0]))
-        return
-    rows, gen_s = [], {}
-    with tempfile.TemporaryDirectory(prefix="peak-rss-") as tmp:
-        for layers in sorted(args.layers):
-            layer_rows, gen_s[layers] = bench(layers, args.cache_dir.resolve(), Path(tmp), args.keep)
-            rows += layer_rows
-    parent_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
-    print(table(rows))
-    print()
-    print(verdict(rows))
-    print(f"(parent peak RSS {parent_gib * 1024:.0f} MiB: a floor under every ru_maxrss above)")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "generate_s": gen_s, "parent_peak_rss_gib": parent_gib}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0

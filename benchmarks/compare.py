@@ -1,0 +1,334 @@
+"""streammerge against the I/O floor, a naive in-memory merge and mergekit, on 7B-shaped checkpoints.
+
+    python benchmarks/compare.py --layers 2 4 8 --methods linear task_arithmetic ties dare_ties slerp \\
+        [--max-memory 512M] [--mergekit .venv-mergekit/bin/mergekit-yaml] [--cgroup-limit 2GiB] \\
+        [--json out.json] [--png rss.png]
+
+For each layer count it generates (once, cached) base, ft1 and ft2 with Llama-2-7B tensor shapes
+(hidden 4096, intermediate 11008, vocab 32000, bf16, 2 GB shards like Hugging Face checkpoints;
+fine-tunes are the base plus small correlated deltas). Then, for each method, every tool runs in a
+child process after the inputs are evicted from the page cache (fsync + POSIX_FADV_DONTNEED), and
+the run records peak RSS (the child's ru_maxrss, and anonymous + file-backed RSS sampled from
+/proc), wall and CPU time, and how much the page cache grew.
+
+- **I/O floor**, measured in the same run: reading every input byte once from a cold cache, plus
+  writing the output's size of non-zero bytes and fdatasync-ing it.
+- **Time to a durable output**: streammerge fsyncs before it returns; mergekit and the naive merge do
+  not, so their outputs are fsynced after they exit and that time is added. The time without the
+  final sync is reported too (streammerge's own sync time is taken from its summary line).
+- **naive**: ``naive_merge.py``, every model loaded whole with ``load_file``, merged, ``save_file``.
+- **mergekit**: ``mergekit-yaml`` on the same config (``scripts/mergekit_venv.sh`` installs one),
+  when ``--mergekit`` is given; otherwise "mergekit: not installed".
+- ``--max-memory``: streammerge again with that budget; its output must be byte-identical.
+- ``--cgroup-limit``: the ties merge at the largest layer count once more inside a memory cgroup
+  with that limit (page cache counts against it), where the machine allows one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workload import GiB, MODELS, ensure_inputs, evict, fsync_tree, measure  # noqa: E402
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+TARGET_FLOOR = {"linear": 1.5, "task_arithmetic": 1.5, "ties": 2.5, "dare_ties": 2.5, "slerp": 2.5}
+TARGET_VS_MERGEKIT = {"ties": 0.2, "dare_ties": 0.2}
+BLOCK = 64 << 20
+
+
+def plan(method: str, base: Path, ft1: Path, ft2: Path) -> dict:
+    """A mergekit config (JSON is YAML): both tools run the same file."""
+    def model(path: Path, **params: float) -> dict:
+        return {"model": str(path), **({"parameters": params} if params else {})}
+
+    if method == "linear":
+        return {"merge_method": "linear", "models": [model(p, weight=1 / 3) for p in (base, ft1, ft2)], "dtype": "bfloat16"}
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": str(base), "models": [model(base), model(ft1)],
+                "parameters": {"t": 0.5}, "dtype": "bfloat16"}
+    sparse = {"density": 0.5} if method in ("ties", "dare_ties") else {}
+    return {"merge_method": method, "base_model": str(base), "models": [model(p, weight=0.5, **sparse) for p in (ft1, ft2)],
+            "dtype": "bfloat16"}
+
+
+def inputs_of(method: str, dirs: list[Path]) -> list[Path]:
+    return dirs[:2] if method == "slerp" else dirs
+
+
+def safetensors_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the I/O floor
+
+
+def cold_read_seconds(d: Path) -> float:
+    """Read every safetensors byte of ``d`` once, from a cold page cache."""
+    evict([d])
+    buf = bytearray(BLOCK)
+    t0 = time.perf_counter()
+    for f in sorted(d.glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            while os.readv(fd, [buf]):
+                pass
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - t0
+    evict([d])
+    return seconds
+
+
+def durable_write_seconds(path: Path, nbytes: int) -> float:
+    """Write ``nbytes`` of non-zero data to ``path`` and fdatasync it."""
+    block = (os.urandom(1 << 20) * (BLOCK >> 20))
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+        left = nbytes
+        while left:
+            left -= os.write(fd, block[: min(left, BLOCK)])
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+def shard_hashes(out: Path) -> dict[str, str]:
+    hashes = {}
+    for f in sorted(out.glob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(BLOCK):
+                h.update(block)
+        hashes[f.name] = h.hexdigest()
+    return hashes
+
+
+def run_tool(tool: str, cmd: list[str], out: Path, inputs: list[Path], work: Path, cgroup: Path | None = None) -> dict:
+    evict(inputs)
+    log = work / f"{tool}.log"
+    row = {"tool": tool, **measure(cmd, log, cgroup)}
+    text = log.read_text(errors="replace")
+    row["ok"] = row["exit_code"] == 0 and any(out.rglob("*.safetensors"))
+    if not row["ok"]:
+        print(f"{tool} failed (exit {row['exit_code']}): {' '.join(cmd)}\n{text[-3000:]}", file=sys.stderr)
+    own_sync = re.search(r"\(([\d.]+) s of it syncing", text)
+    row["post_sync_s"] = fsync_tree(out) if row["ok"] else 0.0
+    row["durable_s"] = row["wall_s"] + row["post_sync_s"]
+    row["no_final_sync_s"] = row["wall_s"] - (float(own_sync.group(1)) if own_sync else 0.0)
+    return row
+
+
+def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path) -> list[dict]:
+    root = ensure_inputs(args.cache_dir, layers)
+    dirs = [root / m for m in MODELS]
+    read_s = {d: cold_read_seconds(d) for d in dirs}
+    out_bytes = safetensors_bytes(dirs[0])
+    write_s = durable_write_seconds(args.cache_dir / "floor-write.tmp", out_bytes)
+    print(f"{layers}L: cold read {', '.join(f'{d.name} {s:.1f} s' for d, s in read_s.items())}; "
+          f"durable write of {out_bytes / 1e9:.2f} GB {write_s:.1f} s", file=sys.stderr)
+    rows = []
+    for method in methods:
+        ins = inputs_of(method, dirs)
+        plan_file = work / f"{method}-{layers}L.yaml"
+        plan_file.write_text(json.dumps(plan(method, *dirs), indent=2))
+        floor = sum(read_s[d] for d in ins) + write_s
+        info = {"layers": layers, "method": method, "floor_s": floor, "input_gb": sum(map(safetensors_bytes, ins)) / 1e9}
+        out = args.cache_dir / "out" / f"{method}-{layers}L"
+        sm = [sys.executable, "-m", "streammerge", "run", str(plan_file), str(out), "--overwrite"]
+        runs = [("streammerge", sm)]
+        if args.max_memory:
+            runs.append((f"streammerge --max-memory {args.max_memory}", sm + ["--max-memory", args.max_memory]))
+        if layers in (args.naive_layers or [layers]):
+            runs.append(("naive", [sys.executable, str(Path(__file__).parent / "naive_merge.py"), method,
+                                   str(out / "model.safetensors"), *map(str, ins)]))
+        if args.mergekit:
+            runs.append(("mergekit", [str(args.mergekit), str(plan_file), str(out), "--random-seed", "0"]))
+        reference = None
+        for tool, cmd in runs:
+            shutil.rmtree(out, ignore_errors=True)
+            if tool == "naive":
+                out.mkdir(parents=True)
+            row = {**info, **run_tool(tool, cmd, out, ins, work)}
+            if tool.startswith("streammerge") and row["ok"] and args.max_memory:
+                hashes = shard_hashes(out)
+                reference = reference or hashes
+                row["identical_to_default"] = hashes == reference
+            print(f"  {layers}L {method:<15} {tool:<28} {row['durable_s']:7.1f} s  peak {row['peak_anon_file_gib']:.2f} GiB",
+                  file=sys.stderr)
+            rows.append(row)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def cgroup_run(layers: int, limit: str, args: argparse.Namespace, work: Path) -> dict:
+    """The ties merge inside a memory cgroup limited to ``limit`` (v2 or v1), or why it could not run."""
+    limit_bytes = _size(limit)
+    for root, limit_file, peak_file in ((Path("/sys/fs/cgroup"), "memory.max", "memory.peak"),
+                                        (Path("/sys/fs/cgroup/unified"), "memory.max", "memory.peak"),
+                                        (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.max_usage_in_bytes")):
+        group = root / f"streammerge-bench-{os.getpid()}"
+        try:
+            group.mkdir()
+            (group / limit_file).write_text(str(limit_bytes))
+        except OSError:
+            if group.exists():
+                group.rmdir()
+            continue
+        try:
+            dirs = [ensure_inputs(args.cache_dir, layers) / m for m in MODELS]
+            plan_file = work / f"cgroup-ties-{layers}L.yaml"
+            plan_file.write_text(json.dumps(plan("ties", *dirs), indent=2))
+            out = args.cache_dir / "out" / f"cgroup-ties-{layers}L"
+            row = run_tool("streammerge", [sys.executable, "-m", "streammerge", "run", str(plan_file), str(out), "--overwrite"],
+                           out, dirs, work, cgroup=group)
+            peak = (group / peak_file).read_text().strip() if (group / peak_file).exists() else "0"
+            shutil.rmtree(out, ignore_errors=True)
+            return {"layers": layers, "limit": limit, "cgroup": str(root), "ok": row["ok"], "exit_code": row["exit_code"],
+                    "cgroup_peak_gib": int(peak) / GiB, "peak_rss_gib": row["peak_rss_gib"], "wall_s": row["wall_s"]}
+        finally:
+            group.rmdir()
+    return {"layers": layers, "limit": limit, "ok": False, "error": "no writable memory cgroup on this machine"}
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMG]i?B?|)\s*", text, re.I)
+    if not m:
+        raise SystemExit(f"not a size: {text}")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(rows: list[dict]) -> str:
+    mk = {(r["layers"], r["method"]): r["durable_s"] for r in rows if r["tool"] == "mergekit" and r["ok"]}
+    lines = ["| layers | method | tool | peak RSS GiB (ru_maxrss) | peak anon+file GiB | wall s (durable) | wall s (no final sync) "
+             "| CPU s | × I/O floor | × mergekit | page cache growth GiB |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        tool = r["tool"] + ("" if r["ok"] else f" (FAILED, exit {r['exit_code']})")
+        if "identical_to_default" in r and r["tool"] != "streammerge":
+            tool += " (identical)" if r["identical_to_default"] else " (DIFFERENT BYTES)"
+        vs = mk.get((r["layers"], r["method"]))
+        ratio = f"{r['durable_s'] / vs:.2f}" if vs else "–"
+        lines.append(f"| {r['layers']} | {r['method']} | {tool} | {r['peak_rss_gib']:.2f} | {r['peak_anon_file_gib']:.2f} "
+                     f"| {r['durable_s']:.1f} | {r['no_final_sync_s']:.1f} | {r['cpu_s']:.1f} | {r['durable_s'] / r['floor_s']:.2f} "
+                     f"| {ratio} | {r['cache_growth_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict], mergekit: bool) -> list[str]:
+    """Each target of the memory-and-speed issue, met or not, with the numbers."""
+    out = []
+    sm = [r for r in rows if r["tool"] == "streammerge"]
+    for method in dict.fromkeys(r["method"] for r in sm):
+        mine = sorted((r for r in sm if r["method"] == method), key=lambda r: r["layers"])
+        peaks = [r["peak_anon_file_gib"] for r in mine]
+        flat = max(peaks) / min(peaks) if min(peaks) else float("inf")
+        out.append(f"{method}: peak anon+file {', '.join(f'{p:.2f}' for p in peaks)} GiB at {', '.join(str(r['layers']) for r in mine)} "
+                   f"layers: <= 1 GiB {'yes' if max(peaks) <= 1 else 'NO'}, flat within 10% {'yes' if flat <= 1.1 else 'NO'} "
+                   f"(max/min {flat:.2f})")
+        floor_target = TARGET_FLOOR.get(method)
+        for r in mine:
+            x = r["durable_s"] / r["floor_s"]
+            line = f"  {r['layers']}L: {x:.2f}x the I/O floor (target <= {floor_target}x: {'met' if floor_target and x <= floor_target else 'NOT met'})"
+            mk = next((m for m in rows if m["tool"] == "mergekit" and m["ok"] and m["layers"] == r["layers"] and m["method"] == method), None)
+            if mk:
+                v = r["durable_s"] / mk["durable_s"]
+                want = TARGET_VS_MERGEKIT.get(method, 1.0)
+                line += f"; {v:.2f}x mergekit's time (target < {want}: {'met' if v < want or (want < 1 and v <= want) else 'NOT met'})"
+            elif not mergekit:
+                line += "; mergekit: not installed"
+            out.append(line)
+        for r in rows:
+            if r["method"] == method and r["tool"].startswith("streammerge --max-memory"):
+                budget = _size(r["tool"].split()[-1]) / GiB
+                within = r["peak_anon_file_gib"] <= budget * 1.1
+                out.append(f"  {r['layers']}L {r['tool']}: peak {r['peak_anon_file_gib']:.2f} GiB "
+                           f"(within 10% of {budget:.2f} GiB: {'yes' if within else 'NO'}), "
+                           f"bytes {'identical to' if r.get('identical_to_default') else 'DIFFERENT from'} the default run")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--png needs matplotlib (pip install 'streammerge[bench]'); skipped", file=sys.stderr)
+        return
+    groups = sorted({(r["layers"], r["method"]) for r in rows})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.6 * len(groups)), squeeze=False)
+    for ax, (layers, method) in zip(axes[:, 0], groups):
+        for r in rows:
+            if (r["layers"], r["method"]) == (layers, method) and r["timeline"]:
+                ax.plot(*zip(*r["timeline"]), label=r["tool"])
+        ax.set_title(f"{method}, {layers} layers")
+        ax.set_xlabel("s")
+        ax.set_ylabel("RSS anon+file, GiB")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layer counts")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"), help="generated checkpoints (reused) and outputs")
+    ap.add_argument("--max-memory", help="also run streammerge with this --max-memory and check its bytes, e.g. 512M")
+    ap.add_argument("--naive-layers", type=int, nargs="*", help="layer counts to run the naive merge at (default: all)")
+    ap.add_argument("--mergekit", type=Path, help="a mergekit-yaml executable (scripts/mergekit_venv.sh makes one)")
+    ap.add_argument("--cgroup-limit", help="also run the ties merge at the largest layer count in a memory cgroup, e.g. 2GiB")
+    ap.add_argument("--json", type=Path, help="write every measurement here")
+    ap.add_argument("--png", type=Path, help="plot RSS over time per tool here (needs matplotlib)")
+    args = ap.parse_args()
+    args.cache_dir = args.cache_dir.resolve()
+    if args.mergekit is None:
+        print("mergekit: not installed (give --mergekit PATH; scripts/mergekit_venv.sh installs it)", file=sys.stderr)
+    rows: list[dict] = []
+    cgroup = None
+    with tempfile.TemporaryDirectory(prefix="streammerge-compare-") as tmp:
+        for layers in sorted(args.layers):
+            rows += bench(layers, args.methods, args, Path(tmp))
+        if args.cgroup_limit:
+            cgroup = cgroup_run(max(args.layers), args.cgroup_limit, args, Path(tmp))
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(table(rows))
+    print()
+    for line in verdicts(rows, args.mergekit is not None):
+        print(line)
+    if cgroup:
+        print(f"cgroup: {json.dumps(cgroup)}")
+    print(f"(parent peak RSS {parent:.0f} MiB: a floor under every ru_maxrss above)")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "cgroup": cgroup, "parent_peak_rss_mib": parent}, indent=2))
+    if args.png:
+        plot(rows, args.png)
+
+
+if __name__ == "__main__":
+    main()
