@@ -45,7 +45,7 @@ from workload import GiB, MODELS, ensure_inputs, evict, fsync_tree, measure  # n
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
 TARGET_FLOOR = {"linear": 1.5, "task_arithmetic": 1.5, "ties": 2.5, "dare_ties": 2.5, "slerp": 2.5}
 TARGET_VS_MERGEKIT = {"ties": 0.2, "dare_ties": 0.2}
-BLOCK = 64 << 20
+BLOCK = 8 << 20
 
 
 def plan(method: str, base: Path, ft1: Path, ft2: Path) -> dict:
@@ -157,7 +157,7 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
         runs = [("streammerge", sm)]
         if args.max_memory:
             runs.append((f"streammerge --max-memory {args.max_memory}", sm + ["--max-memory", args.max_memory]))
-        if layers in (args.naive_layers or [layers]):
+        if args.naive_layers is None or layers in args.naive_layers:
             runs.append(("naive", [sys.executable, str(Path(__file__).parent / "naive_merge.py"), method,
                                    str(out / "model.safetensors"), *map(str, ins)]))
         if args.mergekit:
@@ -300,7 +300,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"), help="generated checkpoints (reused) and outputs")
     ap.add_argument("--max-memory", help="also run streammerge with this --max-memory and check its bytes, e.g. 512M")
-    ap.add_argument("--naive-layers", type=int, nargs="*", help="layer counts to run the naive merge at (default: all)")
+    ap.add_argument("--naive-layers", type=int, nargs="*", help="layer counts to run the naive merge at (default: all; none: give the flag alone)")
     ap.add_argument("--mergekit", type=Path, help="a mergekit-yaml executable (scripts/mergekit_venv.sh makes one)")
     ap.add_argument("--cgroup-limit", help="also run the ties merge at the largest layer count in a memory cgroup, e.g. 2GiB")
     ap.add_argument("--json", type=Path, help="write every measurement here")

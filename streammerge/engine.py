@@ -24,9 +24,7 @@ from tqdm import tqdm
 
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
-from streammerge.schedule import Schedule, Source, TensorJob
-
-PREFETCH_CHUNKS = 1  # chunks read ahead of the one being merged; DESIGN.md's memory model counts them
+from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
 
 
 @dataclass(frozen=True)
@@ -58,13 +56,15 @@ def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, st
 
 
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int) -> list[torch.Tensor]:
-    out = []
-    for src in job.inputs:
-        raw = _read_source(schedule, job, src, start, stop)
-        if job.method is not None and schedule.plan.compute_dtype == "auto":
-            raw = raw.to(job.load_dtype)  # mergekit rounds inputs to `dtype` on load
-        out.append(raw.to(job.compute_dtype) if job.method is not None else raw)
-    return out
+    return [_read_source(schedule, job, src, start, stop) for src in job.inputs]
+
+
+def _to_compute(schedule: Schedule, job: TensorJob, raw: torch.Tensor) -> torch.Tensor:
+    if job.method is None:
+        return raw
+    if schedule.plan.compute_dtype == "auto":
+        raw = raw.to(job.load_dtype)  # mergekit rounds inputs to `dtype` on load
+    return raw.to(job.compute_dtype)
 
 
 class _ChunkReader:
@@ -112,7 +112,10 @@ class _ChunkReader:
         self._thread.join()
 
 
-def _chunk(schedule: Schedule, job: TensorJob, tensors: list[torch.Tensor], start: int, stop: int) -> Chunk:
+def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: int, stop: int) -> Chunk:
+    """The chunk a method sees: inputs in the compute dtype (converted here, not in the reader
+    thread, so read-ahead holds the smaller raw bytes)."""
+    tensors = [_to_compute(schedule, job, t) for t in raw]
     base = tensors[0] if job.has_base else None
     models = tensors[1:] if job.has_base else tensors
     return Chunk(job.name, job.shape, base, models, job.params, start, stop, schedule.plan.seed, job.model_ids)
@@ -161,7 +164,8 @@ def _reuse_freed_memory() -> Iterator[None]:
     if not hasattr(libc, "mallopt"):  # not glibc
         yield
         return
-    m_trim_threshold, m_mmap_max = -1, -4
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    libc.mallopt(m_arena_max, 1)  # the reader thread's buffers come back to the same heap, not a second one
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**31 - 1)
     try:
@@ -177,7 +181,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False) 
     jobs = schedule.jobs
     writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
     with _reuse_freed_memory():
-        reader = _ChunkReader(schedule, PREFETCH_CHUNKS)
+        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS)
         if jobs:
             reader.request(jobs[0])
         try:

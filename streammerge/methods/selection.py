@@ -5,8 +5,8 @@ keys), else of |x| widened to float32. Selection is a sample-guided bracket (Flo
 
 1. A strided sample of the keys (stride coprime with the row length, so it crosses every column)
    predicts where the k-th largest lies; a band of ±4σ sample ranks around that is chosen.
-2. One pass counts, per chunk, the keys above the band and keeps the keys inside it (a few percent
-   of the tensor). If the k-th largest is in the band it is found exactly there.
+2. One pass counts, per chunk, the keys above the band and the distinct keys inside it (a few
+   percent of the tensor). If the k-th largest is in the band it is found exactly there.
 3. Otherwise (a sample that misleads, never seen on real weights) a radix select on the key bits
    finds it exactly: a histogram of the top 16 bits, then of the low 16 inside the chosen bucket.
 
@@ -94,6 +94,8 @@ def top_k_passes(values: Values, counts: Counts, key: str) -> tuple[StatPass, ..
         return {**stats, key: {"k": ks, "bits": bits, "band": bands}}
 
     def band_collect(chunk: Chunk, stats: Stats) -> dict:
+        """Per model: how many keys lie above the band, and the distinct keys inside it with their
+        counts (weights quantized to few values tie heavily: counts stay small where keys would not)."""
         above, inside = [], []
         for v, band in zip(values(chunk, stats), stats[key]["band"]):
             if band is None:
@@ -101,7 +103,8 @@ def top_k_passes(values: Values, counts: Counts, key: str) -> tuple[StatPass, ..
                 continue
             keys, (lo, hi) = magnitude_keys(v), band
             above.append(0 if hi is None else int(torch.count_nonzero(keys > hi)))
-            inside.append(keys[keys >= lo] if hi is None else keys[(keys >= lo) & (keys <= hi)])
+            within = keys[keys >= lo] if hi is None else keys[(keys >= lo) & (keys <= hi)]
+            inside.append(torch.unique(within.to(torch.int32), return_counts=True))
         return {"above": above, "inside": inside, "row_start": chunk.row_start}
 
     def band_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
@@ -112,15 +115,15 @@ def top_k_passes(values: Values, counts: Counts, key: str) -> tuple[StatPass, ..
             if k is None:
                 found.append(None)
                 continue
-            inside = [part[i].to(torch.int32) for part in totals["inside"]]
-            every = torch.cat(inside)
-            if not above < k <= above + len(every):
+            parts = [part[i] for part in totals["inside"]]
+            keys, where = torch.unique(torch.cat([u for u, _ in parts]), return_inverse=True)
+            counts = torch.zeros(len(keys), dtype=torch.int64).index_add_(0, where, torch.cat([c for _, c in parts]))
+            if not above < k <= above + int(counts.sum()):
                 found.append("missed")
                 continue
-            need = k - above
-            t = int(torch.kthvalue(every, len(every) - need + 1).values)
-            keep_equal = need - int((every > t).sum())
-            found.append(_found(t, keep_equal, [int((b == t).sum()) for b in inside], totals["row_start"]))
+            at, above_t = _from_top(counts, k - above)  # keys ascend: bin order is key order
+            t = int(keys[at])
+            found.append(_found(t, k - above - above_t, [int(c[u == t].sum()) for u, c in parts], totals["row_start"]))
         return {**stats, key: {**sel, "found": found}}
 
     def missed(stats: Stats) -> bool:
