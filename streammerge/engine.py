@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
+from streammerge.errors import CheckpointError, OutputError
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk
 from streammerge.schedule import Schedule, Source, TensorJob
@@ -51,6 +52,10 @@ def _read(schedule: Schedule, job: TensorJob, start: int, stop: int) -> list[tor
     out = []
     for src in job.inputs:
         raw = _read_source(schedule, job, src, start, stop)
+        if not schedule.plan.allow_nonfinite and raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+            ckpt = schedule.checkpoints[src.checkpoint]
+            raise CheckpointError(f"{ckpt.file_of(src.tensor)}: tensor {src.tensor!r} holds NaN or Inf; "
+                                  "fix the input, or pass --allow-nonfinite (allow_nonfinite: true) to merge it as it is")
         if job.method is not None and schedule.plan.compute_dtype == "auto":
             raw = raw.to(job.load_dtype)  # mergekit rounds inputs to `dtype` on load
         out.append(raw.to(job.compute_dtype) if job.method is not None else raw)
@@ -89,23 +94,33 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Any) -> None:
         write(c.row_start, job.method.merge(c, stats).to(job.out_dtype))
 
 
-def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False) -> None:
-    """Write every shard of the schedule into the staging directory."""
+def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, finished: frozenset[str] = frozenset(),
+                 done: Callable[[TensorJob, ShardWriter], None] | None = None) -> None:
+    """Write every shard of the schedule into the staging directory, skipping the ``finished``
+    tensors (already written by an earlier run) and calling ``done`` after each one written."""
     writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
     try:
         with tqdm(total=schedule.write_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
                   desc="merging", dynamic_ncols=True) as bar:
             for job in schedule.jobs:
+                if job.name in finished:
+                    bar.update(job.out_bytes)
+                    continue
                 row_bytes = math.prod(job.shape[1:]) * job.out_dtype.itemsize if job.shape else 0
                 writer = writers[job.shard]
 
                 def write(row_start: int, tensor: torch.Tensor) -> None:
+                    if not schedule.plan.allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise OutputError(f"tensor {job.name!r}: the merged result holds NaN or Inf (an overflow?); try "
+                                          "compute_dtype: float32 or a wider out_dtype, or pass --allow-nonfinite to write it")
                     writer.write(job.offset + row_start * row_bytes, tensor)
                     bar.update(tensor.numel() * tensor.element_size())
 
                 merge_tensor(schedule, job, write)
                 for src in job.inputs:
                     schedule.checkpoints[src.checkpoint].release(src.tensor)
+                if done is not None:
+                    done(job, writer)
             bar.update(sum(len(s.header) for s in schedule.shards))
     finally:
         for w in writers:

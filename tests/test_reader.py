@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,15 +90,54 @@ def test_malformed_files_are_refused_with_the_file_named(case: str, tmp_path: Pa
     assert str(path) in str(e.value) and words in str(e.value)
 
 
-@settings(max_examples=200, deadline=None)
+# CI runs a bounded number of examples; benchmarks/fuzz_headers.py runs many more.
+FUZZ = settings(max_examples=int(os.environ.get("STREAMMERGE_FUZZ_EXAMPLES", "200")), deadline=None)
+
+
+@FUZZ
 @given(st.binary(max_size=200), st.integers(min_value=0, max_value=400))
-def test_header_parser_only_raises_its_own_error(raw: bytes, size: int) -> None:
+def test_fuzz_header_parser_only_raises_its_own_error(raw: bytes, size: int) -> None:
     try:
         entries, _ = parse_header(raw, size, "fuzz")
     except CheckpointError:
         return
     for e in entries.values():
         assert e.offset + e.nbytes <= size
+
+
+_entries = st.dictionaries(
+    st.text(max_size=6),
+    st.fixed_dictionaries({
+        "dtype": st.sampled_from(["F32", "BF16", "I64", "BOOL", "F8_E4M3", 7]),
+        "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.just("x")),
+        "data_offsets": st.one_of(st.lists(st.integers(-8, 300), min_size=0, max_size=3), st.none()),
+    }),
+    max_size=5,
+)
+
+
+@FUZZ
+@given(_entries, st.integers(0, 300), st.integers(-3, 3), st.binary(max_size=8), st.integers(0, 60))
+def test_fuzz_files_open_and_read_within_themselves_or_raise_our_error(
+        entries: dict, data_len: int, length_skew: int, noise: bytes, noise_at: int) -> None:
+    """Headers shaped like real ones (plausible and broken entries, a wrong length, flipped bytes):
+    a file either opens and every tensor in it reads back in full, or fails with CheckpointError."""
+    body = bytearray(json.dumps(entries).encode())
+    body[noise_at : noise_at + len(noise)] = noise
+    raw = struct.pack("<Q", max(0, len(body) + length_skew)) + bytes(body) + bytes(data_len)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.safetensors"
+        path.write_bytes(raw)
+        try:
+            reader = ShardReader(path)
+        except CheckpointError:
+            return
+        try:
+            for name, e in reader.entries.items():
+                assert e.offset + e.nbytes <= len(raw)
+                assert reader.read(name).numel() == e.numel
+        finally:
+            reader.close()
 
 
 def test_index_problems_are_named(tmp_path: Path) -> None:
@@ -111,6 +152,21 @@ def test_index_problems_are_named(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "x": "s2.safetensors"}}))
     with pytest.raises(CheckpointError, match="maps tensor 'x' to s2.safetensors, which does not contain it"):
         Checkpoint(tmp_path)
+
+
+def test_shards_linked_into_a_blob_store_are_read(tmp_path: Path) -> None:
+    """A Hugging Face Hub snapshot links each shard to ../../blobs/<hash>: names are checked, not link targets."""
+    blobs, model = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    model.mkdir(parents=True)
+    save_file({"a": torch.arange(3.0)}, str(blobs / "1111"))
+    save_file({"b": torch.ones(2)}, str(blobs / "2222"))
+    (model / "s1.safetensors").symlink_to("../../blobs/1111")
+    (model / "s2.safetensors").symlink_to("../../blobs/2222")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    ckpt = Checkpoint(model)
+    assert torch.equal(ckpt.read("a"), torch.arange(3.0)) and torch.equal(ckpt.read("b"), torch.ones(2))
+    ckpt.close()
 
 
 def test_duplicate_tensor_across_shards(tmp_path: Path) -> None:
