@@ -48,11 +48,17 @@ def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, st
     return torch.cat([own, fill.to(own.dtype)])
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``. Any of them makes the sum non-finite, and a sum is ~20x cheaper than
+    ``isfinite``; only a sum that overflows on its own needs the exact check."""
+    return not x.is_floating_point() or bool(x.sum().isfinite()) or bool(torch.isfinite(x).all())
+
+
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int) -> list[torch.Tensor]:
     out = []
     for src in job.inputs:
         raw = _read_source(schedule, job, src, start, stop)
-        if not schedule.plan.allow_nonfinite and raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+        if not schedule.plan.allow_nonfinite and not _all_finite(raw):
             ckpt = schedule.checkpoints[src.checkpoint]
             raise CheckpointError(f"{ckpt.file_of(src.tensor)}: tensor {src.tensor!r} holds NaN or Inf; "
                                   "fix the input, or pass --allow-nonfinite (allow_nonfinite: true) to merge it as it is")
@@ -110,7 +116,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                 writer = writers[job.shard]
 
                 def write(row_start: int, tensor: torch.Tensor) -> None:
-                    if not schedule.plan.allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    if not schedule.plan.allow_nonfinite and not _all_finite(tensor):
                         raise OutputError(f"tensor {job.name!r}: the merged result holds NaN or Inf (an overflow?); try "
                                           "compute_dtype: float32 or a wider out_dtype, or pass --allow-nonfinite to write it")
                     writer.write(job.offset + row_start * row_bytes, tensor)
