@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from streammerge.engine import MergeResult, run_schedule
-from streammerge.errors import OutputError, PlanError
+from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.finalize import write_model_files
 from streammerge.io.writer import StagedOutput
+from streammerge.journal import JOURNAL, Journal
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, read_documents
 from streammerge.schedule import Schedule, build_schedule
@@ -30,24 +32,38 @@ def schedule(plan: str | Path | dict | MergePlan, *, strict: bool | None = None,
 
 
 def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None, *, overwrite: bool = False,
-          quiet: bool = False, strict: bool | None = None, cache_dir: str | None = None, **overrides: Any) -> MergeResult:
+          restart: bool = False, quiet: bool = False, strict: bool | None = None, cache_dir: str | None = None,
+          **overrides: Any) -> MergeResult:
     """Merge as ``plan`` says into ``output`` (or the plan's ``output``) and return a summary.
 
+    A merge that was killed or failed left its partial output in a staging directory beside
+    ``output``; running it again resumes from there (``restart`` discards it and starts over).
     ``overrides`` replace native plan keys: ``shard_size``, ``max_memory``, ``chunk_size``,
-    ``compute_dtype``, ``seed``. ``strict``: unknown keys are errors rather than warnings
+    ``compute_dtype``, ``seed``, ``allow_nonfinite``. ``strict``: unknown keys are errors rather than warnings
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
     if isinstance(plan, (str, Path)):
         documents = read_documents(Path(plan))
         if len(documents) > 1:
-            return _merge_stages(Path(plan), documents, output, overwrite=overwrite, quiet=quiet, strict=strict,
-                                 cache_dir=cache_dir, **overrides)
-    return _merge_one(load_plan(plan, strict, cache_dir), output, overwrite, quiet, overrides)
+            return _merge_stages(Path(plan), documents, output, overwrite=overwrite, restart=restart, quiet=quiet,
+                                 strict=strict, cache_dir=cache_dir, **overrides)
+    return _merge_one(load_plan(plan, strict, cache_dir), output, overwrite, restart, quiet, overrides)
 
 
-def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, quiet: bool, overrides: dict[str, Any]) -> MergeResult:
+def _check_output_place(destination: Path, sched: Schedule) -> None:
+    for c in sched.checkpoints:
+        model = c.path.resolve()
+        if destination == model or model in destination.parents:
+            raise OutputError(f"{destination}: the output may not be an input model directory or inside one ({c.path})")
+        if destination in model.parents:
+            raise OutputError(f"{destination}: the output may not contain an input model ({c.path}); choose another directory")
+
+
+def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, restart: bool, quiet: bool,
+               overrides: dict[str, Any]) -> MergeResult:
     from streammerge import __version__
+    from streammerge.verify import MANIFEST, manifest
 
     started = time.perf_counter()
     destination = output if output is not None else resolved.output
@@ -56,26 +72,50 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
     destination = Path(destination).expanduser().absolute()
     sched = build_schedule(_with_overrides(resolved, {**overrides, "output": str(destination)}))
     try:
-        for c in sched.checkpoints:
-            if destination == c.path.resolve() or c.path.resolve() in destination.parents:
-                raise OutputError(f"{destination}: the output may not be an input model directory or inside one ({c.path})")
-        staged = StagedOutput(destination, overwrite)
+        _check_output_place(destination.resolve(), sched)
+        staged = StagedOutput(destination, overwrite, restart)
+        journal = _open_journal(staged, sched)
+        resumed = len(journal.entries)
         try:
-            sync = run_schedule(sched, staged, quiet)
+            sync = run_schedule(sched, staged, quiet, journal.finished, journal.record)
             write_model_files(sched, staged, __version__)
-            committed = time.perf_counter()
-            staged.commit()
-            sync += time.perf_counter() - committed
-        except BaseException:
-            staged.discard()
-            raise
+            staged.write_json(MANIFEST, manifest(sched, journal.entries))
+        except StreamMergeError as e:
+            raise type(e)(f"{e}{_kept(staged)}") from None
+        except OSError as e:
+            raise OutputError(f"{e.filename or staged.staging}: {_os_problem(e)}{_kept(staged)}") from None
+        finally:
+            journal.close()
+        staged.remove(JOURNAL)  # a staging directory without a journal is started over, never trusted
+        committed = time.perf_counter()
+        staged.commit()
+        sync += time.perf_counter() - committed
+        notes = sched.notes + ((f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",) if resumed else ())
         return MergeResult(destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
-                           time.perf_counter() - started, sync, sched.notes)
+                           time.perf_counter() - started, sync, notes)
     finally:
         sched.close()
 
 
-def _merge_stages(path: Path, documents: list[Any], output: str | Path | None, *, overwrite: bool, quiet: bool,
+def _open_journal(staged: StagedOutput, sched: Schedule) -> Journal:
+    try:
+        return Journal(staged.staging, sched)
+    except OSError as e:
+        raise OutputError(f"{e.filename or staged.staging}: {_os_problem(e)}") from None
+
+
+def _os_problem(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing ({e.strerror}); free space and run again"
+    return f"cannot write ({e.strerror})"
+
+
+def _kept(staged: StagedOutput) -> str:
+    return (f" (the partial output is kept in {staged.staging}: the same command resumes it, "
+            "--restart discards it)")
+
+
+def _merge_stages(path: Path, documents: list[Any], output: str | Path | None, *, overwrite: bool, restart: bool, quiet: bool,
                   strict: bool | None, cache_dir: str | None, **overrides: Any) -> MergeResult:
     """A mergekit-multi file: documents merged in order; every one but the last has a ``name:``
     that later documents use as a model, and is written to ``<OUT>-stages/<name>``. A stage whose
@@ -102,7 +142,7 @@ def _merge_stages(path: Path, documents: list[Any], output: str | Path | None, *
             if not quiet:
                 warnings.warn(f"{where}: stage {name!r} is already merged in {out}; skipping it", PlanWarning, stacklevel=2)
         else:
-            result = _merge_one(load_plan(doc, strict, cache_dir, root=path.parent, where=where), out, overwrite, quiet, overrides)
+            result = _merge_one(load_plan(doc, strict, cache_dir, root=path.parent, where=where), out, overwrite, restart, quiet, overrides)
         if name is not None:
             stages[name] = str(out)
     assert result is not None

@@ -1,4 +1,4 @@
-"""Command line: ``streammerge run``, ``streammerge plan``, ``streammerge methods``."""
+"""Command line: ``streammerge run``, ``streammerge plan``, ``streammerge verify``, ``streammerge methods``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ _plan_options = [
     click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float64"]),
                  help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
     click.option("--seed", type=int, help="Seed for random methods (dare_*, della*); the same seed gives the same bytes."),
+    click.option("--allow-nonfinite", is_flag=True, default=None,
+                 help="Merge inputs that hold NaN or Inf, and write non-finite results, instead of stopping."),
     click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache for models named org/name[@revision] on the Hugging Face Hub."),
     click.option("--strict/--lenient", default=None,
                  help="Unknown keys and parameters are errors (--strict) or warnings (--lenient). "
@@ -76,12 +78,17 @@ def main() -> None:
 @click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides the plan's 'output').")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--restart", is_flag=True, help="Discard the partial output of an earlier, interrupted run instead of resuming it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for merge kernels (default: torch's, one per core). Reading runs in a thread of its own.")
 @_add(_plan_options)
-def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, quiet: bool, threads: int | None,
-        **overrides: Any) -> None:
-    """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output')."""
+def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, restart: bool, quiet: bool,
+        threads: int | None, **overrides: Any) -> None:
+    """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output').
+
+    The output appears only complete. A run that is killed or fails keeps its partial output in
+    .OUT.streammerge-partial beside OUT; the same command resumes it.
+    """
     if out is not None and output is not None and out != output:
         _fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
     if threads is not None:
@@ -89,7 +96,7 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, quie
 
         torch.set_num_threads(threads)
     try:
-        result = merge(plan, output or out, overwrite=overwrite, quiet=quiet, **overrides)
+        result = merge(plan, output or out, overwrite=overwrite, restart=restart, quiet=quiet, **overrides)
     except StreamMergeError as e:
         _fail(e)
     if not quiet:
@@ -115,6 +122,21 @@ def plan_command(plan: Path, **overrides: Any) -> None:
         click.echo(describe(sched))
     finally:
         sched.close()
+
+
+@main.command("verify")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+def verify_command(out: Path) -> None:
+    """Check a merged model: shard headers, the index, and every tensor's sha256 against the run's manifest."""
+    from streammerge.verify import verify
+
+    problems, checked = verify(out)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok: {out}: {checked['shards']} shard(s), {checked['tensors']} tensors, "
+               f"{checked['bytes'] / 2**30:.2f} GiB match the manifest")
 
 
 @main.command()

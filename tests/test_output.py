@@ -97,7 +97,8 @@ def test_output_directory_layout(fp32_family: Family, tmp_path: Path) -> None:
     plan = PLANS["ties"](fp32_family) | {"out_dtype": "bfloat16"}
     out = tmp_path / "merged"
     streammerge.merge(plan, out, quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "model.safetensors", "streammerge-manifest.json",
+                                                 "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["num_hidden_layers"] == 3
     assert json.loads((out / "tokenizer_config.json").read_text())["marker"] == "base"  # copied from the base

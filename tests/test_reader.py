@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -76,6 +79,9 @@ BAD = {
     "overlap": (lambda t: _file(t, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlap"),
     "truncated": (lambda t: _raw(t, b"\x05\0"), "not a safetensors file"),
+    "a name twice in the header": (lambda t: _file(t, b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                                                      b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8),
+                                   "header lists 'a' twice"),
 }
 
 
@@ -88,15 +94,68 @@ def test_malformed_files_are_refused_with_the_file_named(case: str, tmp_path: Pa
     assert str(path) in str(e.value) and words in str(e.value)
 
 
-@settings(max_examples=200, deadline=None)
+# CI runs a bounded number of examples; benchmarks/fuzz_headers.py runs many more.
+FUZZ = settings(max_examples=int(os.environ.get("STREAMMERGE_FUZZ_EXAMPLES", "200")), deadline=None)
+
+
+@FUZZ
 @given(st.binary(max_size=200), st.integers(min_value=0, max_value=400))
-def test_header_parser_only_raises_its_own_error(raw: bytes, size: int) -> None:
+def test_fuzz_header_parser_only_raises_its_own_error(raw: bytes, size: int) -> None:
     try:
         entries, _ = parse_header(raw, size, "fuzz")
     except CheckpointError:
         return
     for e in entries.values():
         assert e.offset + e.nbytes <= size
+
+
+_ITEMSIZE = {"F32": 4, "BF16": 2, "I64": 8, "BOOL": 1}
+
+
+@st.composite
+def _headers(draw: st.DrawFn) -> tuple[dict, int]:
+    """A header of tensors stored back to back, some of them then broken; and the data's length."""
+    header: dict = {}
+    cursor = 0
+    for name in draw(st.lists(st.text(max_size=4), max_size=4, unique=True)):
+        dtype = draw(st.sampled_from(list(_ITEMSIZE)))
+        shape = draw(st.lists(st.integers(0, 5), max_size=3))
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        entry = {"dtype": dtype, "shape": shape, "data_offsets": [cursor, cursor + nbytes]}
+        cursor += nbytes
+        broken = draw(st.sampled_from([None, None, "dtype", "shape", "data_offsets"]))
+        if broken is not None:
+            entry[broken] = draw(st.one_of(st.integers(-4, 40), st.text(max_size=3), st.lists(st.integers(-4, 40), max_size=3)))
+        header[name] = entry
+    return header, cursor + draw(st.integers(-8, 8))
+
+
+@FUZZ
+@given(_headers(), st.integers(-3, 3), st.binary(max_size=4), st.integers(0, 200))
+def test_fuzz_files_open_and_read_within_themselves_or_raise_our_error(
+        header_and_size: tuple[dict, int], length_skew: int, noise: bytes, noise_at: int) -> None:
+    """Headers shaped like real ones (consistent and broken entries, data too short or too long, a
+    wrong header length, overwritten bytes): a file either opens and every tensor in it reads back
+    in full, or fails with CheckpointError."""
+    header, data_len = header_and_size
+    body = bytearray(json.dumps(header).encode())
+    body[noise_at : noise_at + len(noise)] = noise
+    raw = struct.pack("<Q", max(0, len(body) + length_skew)) + bytes(body) + bytes(max(0, data_len))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.safetensors"
+        path.write_bytes(raw)
+        try:
+            reader = ShardReader(path)
+        except CheckpointError:
+            event("refused")
+            return
+        event("opened with tensors" if reader.entries else "opened empty")
+        try:
+            for name, e in reader.entries.items():
+                assert e.offset + e.nbytes <= len(raw)
+                assert reader.read(name).numel() == e.numel
+        finally:
+            reader.close()
 
 
 def test_index_problems_are_named(tmp_path: Path) -> None:
@@ -111,6 +170,21 @@ def test_index_problems_are_named(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "x": "s2.safetensors"}}))
     with pytest.raises(CheckpointError, match="maps tensor 'x' to s2.safetensors, which does not contain it"):
         Checkpoint(tmp_path)
+
+
+def test_shards_linked_into_a_blob_store_are_read(tmp_path: Path) -> None:
+    """A Hugging Face Hub snapshot links each shard to ../../blobs/<hash>: names are checked, not link targets."""
+    blobs, model = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    model.mkdir(parents=True)
+    save_file({"a": torch.arange(3.0)}, str(blobs / "1111"))
+    save_file({"b": torch.ones(2)}, str(blobs / "2222"))
+    (model / "s1.safetensors").symlink_to("../../blobs/1111")
+    (model / "s2.safetensors").symlink_to("../../blobs/2222")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    ckpt = Checkpoint(model)
+    assert torch.equal(ckpt.read("a"), torch.arange(3.0)) and torch.equal(ckpt.read("b"), torch.ones(2))
+    ckpt.close()
 
 
 def test_duplicate_tensor_across_shards(tmp_path: Path) -> None:

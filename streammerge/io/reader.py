@@ -9,6 +9,7 @@ from the page cache (cgroup-limited sessions count the cache against their memor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import CheckpointError
+from streammerge.io.digest import sha256_range
 from streammerge.io.safetensors_format import TensorEntry, parse_header
 
 _HEADER_PROBE = 1 << 16
@@ -51,6 +53,8 @@ class ShardReader:
             if len(probe) < need <= size:
                 probe += os.pread(self._fd, need - len(probe), len(probe))
         self.entries, self.metadata = parse_header(probe, size, str(path))
+        self.size = size
+        self.header_sha256 = hashlib.sha256(probe[: 8 + int.from_bytes(probe[:8], "little")]).hexdigest()
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The tensor ``name`` (or rows ``rows`` of its first dimension) in a freshly owned buffer."""
@@ -65,6 +69,10 @@ class ShardReader:
         if nbytes:
             _pread_exact(self._fd, memoryview(buf.numpy()), offset, str(self.path))
         return buf.view(e.dtype).reshape(shape)
+
+    def sha256(self, name: str) -> str:
+        e = self.entries[name]
+        return sha256_range(self._fd, e.offset, e.nbytes, self.path)
 
     def release(self, name: str) -> None:
         """Let the kernel drop this tensor's pages from the page cache."""
@@ -84,6 +92,11 @@ class BinReader:
 
     def __init__(self, path: Path):
         self.path = path
+        self.size = path.stat().st_size
+        with open(path, "rb") as f:  # a .bin is a zip whose directory at the end holds every record's CRC
+            head = f.read(_HEADER_PROBE)
+            f.seek(max(0, self.size - _HEADER_PROBE))
+            self.header_sha256 = hashlib.sha256(head + f.read()).hexdigest()
         state = self._load()
         self.entries = {
             name: TensorEntry(name, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size()) for name, t in state.items()
@@ -181,20 +194,24 @@ class Checkpoint:
             raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: 'weight_map' is not an object")
-        root = self.path.resolve()
         shards = []
         for file in sorted(set(weight_map.values())):
-            shard = (self.path / str(file)).resolve()
-            if shard.parent != root:
+            # Checked by name, not by resolving links: a Hub snapshot's shards link into its blob store.
+            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
                 raise CheckpointError(f"{index}: shard path {file!r} points outside the model directory")
+            shard = self.path / file
             if not shard.is_file():
                 raise CheckpointError(f"{index}: names shard {file!r}, which does not exist")
-            shards.append(self.path / str(file))
+            shards.append(shard)
         for name, file in weight_map.items():
             reader = self._open(self.path / str(file))
             if name not in reader.entries:
                 raise CheckpointError(f"{index}: maps tensor {name!r} to {file}, which does not contain it")
         return shards
+
+    def fingerprint(self) -> dict[str, tuple[int, str]]:
+        """Each weights file's size and header sha256: whether the inputs changed, without reading tensor data."""
+        return {r.path.name: (r.size, r.header_sha256) for r in self._shards.values()}
 
     def file_of(self, name: str) -> Path:
         return self._where[name].path

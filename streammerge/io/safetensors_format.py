@@ -61,9 +61,11 @@ def parse_header(raw: bytes, file_size: int, path: str) -> tuple[dict[str, Tenso
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
         raise CheckpointError(f"{path}: header length {n} exceeds the file size {file_size} (truncated or not safetensors)")
     try:
-        header = json.loads(raw[8 : 8 + n])
+        header = json.loads(raw[8 : 8 + n], object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: header lists {e.args[0]!r} twice") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -78,12 +80,26 @@ def parse_header(raw: bytes, file_size: int, path: str) -> tuple[dict[str, Tenso
     return entries, metadata
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refusing repeated keys (``json`` would keep the last one silently)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_entry(name: str, info: object, data_start: int, file_size: int, path: str) -> TensorEntry:
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: entry is not a JSON object")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:  # a list or object here is unhashable
         raise CheckpointError(
             f"{where}: unsupported dtype {code!r} (supported: {', '.join(DTYPES)}); convert the checkpoint to bf16/f16/f32"
         )

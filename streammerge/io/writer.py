@@ -2,7 +2,8 @@
 
 ``StagedOutput`` builds the model in a staging directory beside the destination and renames it
 into place only when every shard, the index, the config and the card are written and fsynced, so
-the destination path never holds a half-written model.
+the destination path never holds a half-written model. A staging directory left by a failed or
+killed run is kept, for the journal in it to resume from (see ``streammerge.journal``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import OutputError
+from streammerge.io.digest import sha256_range
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -30,11 +32,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
 
 
 class ShardWriter:
-    """One output shard: its exact header, then tensors (or row chunks of them) at known offsets."""
+    """One output shard: its exact header, then tensors (or row chunks of them) at known offsets.
+
+    An existing file (a resumed run's) is opened as it is: the tensors already in it are kept.
+    """
 
     def __init__(self, path: Path, header: bytes, size: int):
         self.path = path
-        self._fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        self._fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             os.posix_fallocate(self._fd, 0, size)  # reserve the space now: a full disk fails here, not midway
         except OSError as e:
@@ -48,12 +53,19 @@ class ShardWriter:
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         _pwrite_all(self._fd, memoryview(data), offset, self.path)
 
+    def sync(self) -> None:
+        """Make every byte written so far durable."""
+        os.fdatasync(self._fd)
+
+    def sha256(self, offset: int, nbytes: int) -> str:
+        return sha256_range(self._fd, offset, nbytes, self.path)
+
     def close(self) -> None:
         os.fsync(self._fd)
         os.close(self._fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,7 +76,7 @@ def _fsync_dir(path: Path) -> None:
 class StagedOutput:
     """A staging directory that becomes ``destination`` atomically on ``commit``."""
 
-    def __init__(self, destination: Path, overwrite: bool):
+    def __init__(self, destination: Path, overwrite: bool, restart: bool = False):
         self.destination = destination
         if destination.exists() and not overwrite:
             raise OutputError(f"{destination}: output already exists; pass --overwrite to replace it")
@@ -73,9 +85,9 @@ class StagedOutput:
         self.staging = destination.parent / f".{destination.name}.streammerge-partial"
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            if self.staging.exists():
+            if restart and self.staging.exists():
                 shutil.rmtree(self.staging)
-            self.staging.mkdir()
+            self.staging.mkdir(exist_ok=True)
         except OSError as e:
             raise OutputError(f"{self.staging}: cannot create the staging directory ({e.strerror})") from None
 
@@ -96,8 +108,11 @@ class StagedOutput:
         with open(self.staging / source.name, "rb") as f:
             os.fsync(f.fileno())
 
+    def remove(self, filename: str) -> None:
+        os.unlink(self.staging / filename)
+
     def commit(self) -> None:
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         old = None
         if self.destination.exists():
             old = self.destination.parent / f".{self.destination.name}.streammerge-old"
@@ -105,9 +120,6 @@ class StagedOutput:
                 shutil.rmtree(old)
             os.rename(self.destination, old)
         os.rename(self.staging, self.destination)
-        _fsync_dir(self.destination.parent)
+        fsync_dir(self.destination.parent)
         if old is not None:
             shutil.rmtree(old)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)

@@ -23,7 +23,7 @@ ParamValue = Union[Scalar, Gradient, list[Conditional]]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
-NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy", "select", "cache_dir")
+NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy", "select", "cache_dir", "allow_nonfinite")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -100,6 +100,7 @@ class MergePlan(BaseModel):
     vocab_policy: Literal["truncate", "base"] = "truncate"
     select: Optional[Selection] = None
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
+    allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":

@@ -1,0 +1,168 @@
+"""The resume journal: which output tensors are durably written, so a killed merge goes on where it stopped.
+
+``streammerge-journal.jsonl`` in the staging directory starts with the merge's identity (streammerge
+version, plan hash, every input file's size and header sha256, the output layout); each further line
+records one finished tensor (name, shard, offset, bytes, sha256) and is appended, and fdatasync'd,
+only after the shard holding the tensor was fdatasync'd. A rerun with the same identity re-reads the
+tensors the journal names, keeps those whose sha256 still matches and writes everything else; a
+different identity is refused, since mixing two merges' tensors would be silently wrong.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streammerge.errors import OutputError
+from streammerge.io.digest import sha256_range
+from streammerge.io.writer import ShardWriter, fsync_dir
+from streammerge.schedule import Schedule, TensorJob
+
+JOURNAL = "streammerge-journal.jsonl"
+# Native keys that change how a merge runs but not a byte it writes: a run killed for memory may
+# resume with a smaller --max-memory, one stopped by a NaN input with --allow-nonfinite.
+_RUN_ONLY_KEYS = {"output", "max_memory", "chunk_size", "cache_dir", "allow_nonfinite"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One durably written output tensor."""
+
+    shard: str
+    offset: int
+    nbytes: int
+    sha256: str
+
+
+def identity(schedule: Schedule) -> dict[str, Any]:
+    """What must not change for a partial output to be resumed."""
+    from streammerge import __version__
+
+    plan = schedule.plan.model_dump(mode="json", exclude=_RUN_ONLY_KEYS)
+    layout = hashlib.sha256()
+    for s in schedule.shards:
+        layout.update(s.filename.encode() + b"\0" + s.header)
+    return {
+        "streammerge": __version__,
+        "plan": hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
+        "inputs": {str(c.path): {f: list(v) for f, v in sorted(c.fingerprint().items())} for c in schedule.checkpoints},
+        "layout": layout.hexdigest(),
+    }
+
+
+def _change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """What differs between a journal's identity and this run's, in words; None if nothing."""
+    if old.get("streammerge") != new["streammerge"]:
+        return f"it was started by streammerge {old.get('streammerge')}, this is {new['streammerge']}"
+    if old.get("plan") != new["plan"]:
+        return "the plan changed since it was started"
+    inputs = old.get("inputs") or {}
+    for path, files in new["inputs"].items():
+        if path not in inputs:
+            return f"input {path} was not part of it"
+        for name, (size, sha) in files.items():
+            was = inputs[path].get(name)
+            if was is None or was[0] != size:
+                return f"input {path}/{name} changed (size {was[0] if was else 'absent'} then, {size} now)"
+            if was[1] != sha:
+                return f"input {path}/{name} changed (its header differs)"
+    if set(inputs) != set(new["inputs"]):
+        return "its inputs differ from the plan's"
+    if old.get("layout") != new["layout"]:
+        return "the output layout changed"
+    return None
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # a line cut short by a crash was never acknowledged
+    return value if isinstance(value, dict) else None
+
+
+class Journal:
+    """The staging directory's journal, opened for one run, which holds a lock on the directory."""
+
+    def __init__(self, staging: Path, schedule: Schedule):
+        self.path = staging / JOURNAL
+        self._lock = os.open(staging, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it to finish") from None
+        try:
+            ident = identity(schedule)
+            self.entries = self._resumable(staging, ident, schedule) if self.path.exists() else {}
+            # Rewritten compactly and atomically (a torn last line, or a tensor that no longer
+            # checks out, must not stay in it), then appended to.
+            fresh = staging / (JOURNAL + ".new")
+            lines = [ident] + [{"tensor": n, **vars(e)} for n, e in self.entries.items()]
+            fresh.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+            self._fd = os.open(fresh, os.O_WRONLY | os.O_APPEND)
+            os.fdatasync(self._fd)
+            os.rename(fresh, self.path)
+            fsync_dir(staging)
+        except BaseException:
+            os.close(self._lock)
+            raise
+
+    def _resumable(self, staging: Path, ident: dict[str, Any], schedule: Schedule) -> dict[str, Entry]:
+        """The journaled tensors that are still on disk as recorded."""
+        lines = self.path.read_bytes().split(b"\n")
+        head = _parse(lines[0])
+        if head is None:
+            return {}  # killed before the journal's first line was durable: nothing was recorded
+        change = _change(head, ident)
+        if change is not None:
+            raise OutputError(f"{staging}: holds a partial merge that cannot be resumed ({change}); "
+                              "run with --restart to discard it, or give another output")
+        recorded = {rec["tensor"]: rec for rec in map(_parse, lines[1:]) if rec is not None and isinstance(rec.get("tensor"), str)}
+        entries = {}
+        for job in schedule.jobs:
+            shard = schedule.shards[job.shard].filename
+            rec = recorded.get(job.name)
+            if rec is None or (rec.get("shard"), rec.get("offset"), rec.get("nbytes")) != (shard, job.offset, job.out_bytes):
+                continue
+            entry = Entry(shard, job.offset, job.out_bytes, rec.get("sha256"))
+            if _on_disk(staging / shard, entry):
+                entries[job.name] = entry
+        return entries
+
+    @property
+    def finished(self) -> frozenset[str]:
+        return frozenset(self.entries)
+
+    def record(self, job: TensorJob, writer: ShardWriter) -> None:
+        """Journal ``job`` as finished: its shard is made durable first, then the line."""
+        writer.sync()
+        entry = Entry(writer.path.name, job.offset, job.out_bytes, writer.sha256(job.offset, job.out_bytes))
+        line = memoryview((json.dumps({"tensor": job.name, **vars(entry)}, sort_keys=True) + "\n").encode())
+        while line:  # a nearly full disk may take part of it: the rest, or ENOSPC, follows
+            line = line[os.write(self._fd, line):]
+        os.fdatasync(self._fd)
+        self.entries[job.name] = entry
+
+    def close(self) -> None:
+        """Release the journal and the lock (the file stays, for a later run to resume from)."""
+        for fd in (self._fd, self._lock):
+            os.close(fd)
+
+
+def _on_disk(path: Path, entry: Entry) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return sha256_range(fd, entry.offset, entry.nbytes, path) == entry.sha256
+    except OutputError:  # the shard ends before the tensor does
+        return False
+    finally:
+        os.close(fd)
