@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from streammerge.io.rows import read_mapped
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk
 from streammerge.schedule import Schedule, Source, TensorJob
@@ -40,6 +41,8 @@ def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, st
     ckpt = schedule.checkpoints[src.checkpoint]
     if not job.shape:
         return ckpt.read(src.tensor)
+    if src.row_map is not None:
+        return read_mapped(schedule.checkpoints, src.checkpoint, src.tensor, src.row_map, start, stop, job.load_dtype)
     if src.rows is None or stop <= src.rows:
         return ckpt.read(src.tensor, slice(start, stop))
     own = ckpt.read(src.tensor, slice(start, max(start, src.rows)))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import yaml
 
-from streammerge.io.layout import INDEX, TOKENIZER_FILES
+from streammerge.io.layout import BUILT_TOKENIZER_COMPANIONS, INDEX, TOKENIZER_FILES
 from streammerge.io.writer import StagedOutput
 from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor
 from streammerge.schedule import Schedule
+from streammerge.tokenizer.vocab import added_tokens_decoder
 
 def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) -> None:
     if len(schedule.shards) > 1:
@@ -34,11 +36,35 @@ def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) ->
         if "dtype" in config:  # transformers 5 writes `dtype` instead
             config["dtype"] = config["torch_dtype"]
     staged.write_json("config.json", config)
-    donor = Path(schedule.plan.tokenizer_source) if schedule.plan.tokenizer_source not in (None, "base") else ref.path
-    for name in TOKENIZER_FILES:
-        if (donor / name).is_file():
-            staged.copy_in(donor / name)
+    write_tokenizer_files(schedule, staged)
     staged.write_text("README.md", model_card(schedule, version))
+
+
+def write_tokenizer_files(schedule: Schedule, staged: StagedOutput) -> None:
+    """A built tokenizer (tokenizer.json, and the donor's tokenizer_config.json with the output's
+    added tokens), else the donor's tokenizer files verbatim; then the chat template, if the plan
+    sets one, in tokenizer_config.json and chat_template.jinja."""
+    plan, vocab, template = schedule.plan, schedule.vocabulary, schedule.chat_template
+    if vocab is not None:
+        donor, files = vocab.donor, BUILT_TOKENIZER_COMPANIONS
+    else:
+        donor, files = (Path(plan.tokenizer_source) if plan.tokenizer_source not in (None, "base")
+                        else schedule.checkpoints[schedule.reference].path), TOKENIZER_FILES
+    rewritten = {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"} if template else set()
+    for name in files:
+        if name not in rewritten and (donor / name).is_file():
+            staged.copy_in(donor / name)
+    if vocab is None and template is None:
+        return
+    config_file = donor / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if vocab is not None:
+        staged.write_text("tokenizer.json", vocab.tokenizer_json)
+        config["added_tokens_decoder"] = added_tokens_decoder(vocab.tokenizer_json)
+    if template is not None:
+        config["chat_template"] = template
+        staged.write_text("chat_template.jinja", template)
+    staged.write_json("tokenizer_config.json", config)
 
 
 def _fingerprint(path: Path) -> str:

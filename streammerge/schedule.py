@@ -17,12 +17,16 @@ import torch
 
 from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
+from streammerge.io.rows import RowMap
 from streammerge.io.safetensors_format import build_header
 from streammerge.methods import MergeMethod, TensorParams, get_method
 from streammerge.plan.architecture import (TIED_HEADS, is_pre_layer, is_vocab_tensor, layer_index, module_fragments,
                                            tied_partner, with_layer)
 from streammerge.plan.parameters import evaluate, gradient_position
 from streammerge.plan.schema import MergePlan
+from streammerge.tokenizer.chat_template import resolve_chat_template
+from streammerge.tokenizer.embeddings import row_maps
+from streammerge.tokenizer.vocab import Vocabulary, build_vocabulary
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 DEFAULT_WORKING_BYTES = 256 << 20  # chunk working set when the plan sets no memory budget
@@ -36,6 +40,7 @@ class Source:
     checkpoint: int
     tensor: str
     rows: int | None = None  # rows this input has, when fewer than the output's (the rest come from inputs[0])
+    row_map: RowMap | None = None  # embedding rows re-indexed to the output vocabulary
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class Schedule:
     notes: tuple[str, ...]
     baseline_rss: int
     peak_working_bytes: int
+    vocabulary: Vocabulary | None = None  # the output tokenizer, when the plan builds one
+    chat_template: str | None = None
 
     @property
     def write_bytes(self) -> int:
@@ -142,7 +149,8 @@ class _SliceInputs:
     model_ids: tuple[int, ...]
     has_base: bool
     slice_params: dict
-    donor: int  # position of the input that unmerged tensors are copied from: the base, else the first model
+    donor: int
+    base: int | None  # the base's checkpoint index, if the slice has one  # position of the input that unmerged tensors are copied from: the base, else the first model
 
 
 def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, int], ckpts: tuple[Checkpoint, ...]) -> _SliceInputs:
@@ -178,7 +186,8 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
                         + ", ".join(f"{len(r)} ({m})" for r, (m, _, _) in zip(layers, chosen)))
     donor = next((k for k, (m, _, _) in enumerate(chosen) if m == s.base_model), 0)
     return _SliceInputs(tuple(index[m] for m, _, _ in chosen), tuple(layers), tuple((m, p) for _, (m, _, p) in entries),
-                        tuple(i for i, _ in entries), uses_base, s.parameters, donor)
+                        tuple(i for i, _ in entries), uses_base, s.parameters, donor,
+                        index[s.base_model] if s.base_model else None)
 
 
 def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoints: tuple[Checkpoint, ...],
@@ -194,8 +203,9 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
     budget = _working_budget(plan)
     fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
     jobs: list[TensorJob] = []
-
     notes: list[str] = []
+    spec = plan.tokenizer_spec
+    vocab = None if spec is None else build_vocabulary(spec, checkpoints, index.get(plan.base_model, 0), plan.tokenizer is not None, notes)
 
     def add(out_name: str, sl: _SliceInputs, names: list[str], t: float) -> None:
         sources = []
@@ -208,8 +218,13 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
                 raise PlanError(f"tensor {n!r} missing from {checkpoints[c].path} (present in {checkpoints[sl.checkpoints[0]].path})")
             sources.append(Source(c, n))
         shapes = [checkpoints[s.checkpoint].tensors[s.tensor].shape for s in sources]
-        shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
-        sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
+        if vocab is not None and is_vocab_tensor(out_name):
+            shape = (vocab.rows, *_common_width(sources, shapes, checkpoints))
+            maps = row_maps(vocab, spec.tokens, [(s.checkpoint, s.tensor) for s in sources], checkpoints, sl.base, notes)
+            sources = [replace(s, row_map=m) for s, m in zip(sources, maps)]
+        else:
+            shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
+            sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
@@ -258,8 +273,9 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
     shards, jobs = _place(jobs, plan.shard_size)
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j) for j in jobs)
     read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
+    template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, out_layer, read_bytes, tuple(notes),
-                    psutil.Process().memory_info().rss, peak)
+                    psutil.Process().memory_info().rss, peak, vocab, template)
 
 
 def _module_fragments(plan: MergePlan, model_type: str | None) -> tuple[str, ...] | None:
@@ -287,6 +303,15 @@ def _selected(plan: MergePlan, fragments: tuple[str, ...] | None, name: str) -> 
         return False
     kind = "embeddings" if is_pre_layer(name) else "lm_head" if name in TIED_HEADS else None
     return kind not in sel.keep_from_base
+
+
+def _common_width(sources: list[Source], shapes: list[tuple[int, ...]], checkpoints: tuple[Checkpoint, ...]) -> tuple[int, ...]:
+    """The row shape every input of a re-indexed vocabulary matrix shares."""
+    for src, sh in zip(sources[1:], shapes[1:]):
+        if sh[1:] != shapes[0][1:]:
+            raise PlanError(f"tensor {src.tensor!r}: rows of {list(sh[1:])} in {checkpoints[src.checkpoint].path} do not match "
+                            f"{list(shapes[0][1:])} in {checkpoints[sources[0].checkpoint].path}")
+    return tuple(shapes[0][1:])
 
 
 def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: list[tuple[int, ...]],
