@@ -22,12 +22,20 @@ def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) ->
         })
     ref = schedule.checkpoints[schedule.reference]
     config = ref.config()
-    if "num_hidden_layers" in config or schedule.plan.slices is not None:
+    if schedule.plan.modules is not None:
+        for key, n in schedule.module_layers:
+            *parents, last = key.split(".")
+            section = config
+            for part in parents:
+                section = section.setdefault(part, {})
+            section[last] = n
+    elif "num_hidden_layers" in config or schedule.plan.slices is not None:
         config["num_hidden_layers"] = schedule.num_layers  # slices may stack or drop layers
     shapes = {j.name: j.shape for j in schedule.jobs}
     vocab = next((shapes[n][0] for n in shapes if is_vocab_tensor(n) and is_pre_layer(n)), None)
-    if vocab is not None and "vocab_size" in config:
-        config["vocab_size"] = vocab
+    for section in (config, config.get("text_config")):
+        if vocab is not None and isinstance(section, dict) and "vocab_size" in section:
+            section["vocab_size"] = vocab
     if config.get("tie_word_embeddings") and any(h in shapes for h in TIED_HEADS):
         config["tie_word_embeddings"] = False  # an untied input's head was kept
     out_dtypes = {str(j.out_dtype).removeprefix("torch.") for j in schedule.jobs if j.method is not None}

@@ -13,6 +13,7 @@ import streammerge
 from checkpoint_builder import Arch, base_tensors, fine_tunes, write_checkpoint, write_tokenizer
 from conftest import load_output
 from streammerge.errors import PlanError
+from streammerge.schedule import describe
 
 ARCH = Arch(layers=2)
 LETTERS = list(string.ascii_letters)
@@ -96,6 +97,11 @@ def test_union_remaps_every_row_as_mergekit(models, tmp_path: Path, chunk_size: 
             assert torch.equal(got[tensor][:100], want[:100]), (name, tensor)
             assert torch.allclose(got[tensor][100:], want[100:], atol=1e-7, rtol=0)  # padding: the mean row
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 112
+    sched = streammerge.schedule(_plan(models, [1, 1, 1], **tokenizer))
+    try:
+        assert "vocabulary    100 tokens (union), 112 embedding rows" in describe(sched)
+    finally:
+        sched.close()
 
 
 def test_union_output_tokenizer_loads_in_transformers(models, tmp_path: Path) -> None:
