@@ -64,8 +64,9 @@ def _fail(e: StreamMergeError) -> None:
 def main() -> None:
     """Merge Hugging Face checkpoints one tensor at a time, in bounded memory.
 
-    A plan is a mergekit YAML config (models or slices, base_model, merge_method, parameters,
-    dtype, out_dtype, tokenizer_source; several documents run as mergekit-multi does), optionally
+    A plan is a mergekit YAML config (models, slices or modules, base_model, merge_method,
+    parameters, dtype, out_dtype, tokenizer_source or tokenizer, chat_template; several documents
+    run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
     vocab_policy, select, cache_dir). Models are local directories or org/name[@revision] on the
     Hugging Face Hub.

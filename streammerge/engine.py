@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from streammerge.errors import CheckpointError, OutputError
+from streammerge.io.rows import read_mapped
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
@@ -49,6 +50,8 @@ def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, st
     ckpt = schedule.checkpoints[src.checkpoint]
     if not job.shape:
         return ckpt.read(src.tensor)
+    if src.row_map is not None:
+        return read_mapped(schedule.checkpoints, src.checkpoint, src.tensor, src.row_map, start, stop, job.load_dtype)
     if src.rows is None or stop <= src.rows:
         return ckpt.read(src.tensor, slice(start, stop))
     own = ckpt.read(src.tensor, slice(start, max(start, src.rows)))

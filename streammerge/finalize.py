@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import yaml
 
-from streammerge.io.layout import INDEX, TOKENIZER_FILES
+from streammerge.io.layout import BUILT_TOKENIZER_COMPANIONS, INDEX, TOKENIZER_FILES
 from streammerge.io.writer import StagedOutput
 from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor
 from streammerge.schedule import Schedule
+from streammerge.tokenizer.vocab import added_tokens_decoder
 
 def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) -> None:
     if len(schedule.shards) > 1:
@@ -20,12 +22,20 @@ def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) ->
         })
     ref = schedule.checkpoints[schedule.reference]
     config = ref.config()
-    if "num_hidden_layers" in config or schedule.plan.slices is not None:
+    if schedule.plan.modules is not None:
+        for key, n in schedule.module_layers:
+            *parents, last = key.split(".")
+            section = config
+            for part in parents:
+                section = section.setdefault(part, {})
+            section[last] = n
+    elif "num_hidden_layers" in config or schedule.plan.slices is not None:
         config["num_hidden_layers"] = schedule.num_layers  # slices may stack or drop layers
     shapes = {j.name: j.shape for j in schedule.jobs}
     vocab = next((shapes[n][0] for n in shapes if is_vocab_tensor(n) and is_pre_layer(n)), None)
-    if vocab is not None and "vocab_size" in config:
-        config["vocab_size"] = vocab
+    for section in (config, config.get("text_config")):
+        if vocab is not None and isinstance(section, dict) and "vocab_size" in section:
+            section["vocab_size"] = vocab
     if config.get("tie_word_embeddings") and any(h in shapes for h in TIED_HEADS):
         config["tie_word_embeddings"] = False  # an untied input's head was kept
     out_dtypes = {str(j.out_dtype).removeprefix("torch.") for j in schedule.jobs if j.method is not None}
@@ -34,11 +44,35 @@ def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) ->
         if "dtype" in config:  # transformers 5 writes `dtype` instead
             config["dtype"] = config["torch_dtype"]
     staged.write_json("config.json", config)
-    donor = Path(schedule.plan.tokenizer_source) if schedule.plan.tokenizer_source not in (None, "base") else ref.path
-    for name in TOKENIZER_FILES:
-        if (donor / name).is_file():
-            staged.copy_in(donor / name)
+    write_tokenizer_files(schedule, staged)
     staged.write_text("README.md", model_card(schedule, version))
+
+
+def write_tokenizer_files(schedule: Schedule, staged: StagedOutput) -> None:
+    """A built tokenizer (tokenizer.json, and the donor's tokenizer_config.json with the output's
+    added tokens), else the donor's tokenizer files verbatim; then the chat template, if the plan
+    sets one, in tokenizer_config.json and chat_template.jinja."""
+    plan, vocab, template = schedule.plan, schedule.vocabulary, schedule.chat_template
+    if vocab is not None:
+        donor, files = vocab.donor, BUILT_TOKENIZER_COMPANIONS
+    else:
+        donor, files = (Path(plan.tokenizer_source) if plan.tokenizer_source not in (None, "base")
+                        else schedule.checkpoints[schedule.reference].path), TOKENIZER_FILES
+    rewritten = {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"} if template else set()
+    for name in files:
+        if name not in rewritten and (donor / name).is_file():
+            staged.copy_in(donor / name)
+    if vocab is None and template is None:
+        return
+    config_file = donor / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if vocab is not None:
+        staged.write_text("tokenizer.json", vocab.tokenizer_json)
+        config["added_tokens_decoder"] = added_tokens_decoder(vocab.tokenizer_json)
+    if template is not None:
+        config["chat_template"] = template
+        staged.write_text("chat_template.jinja", template)
+    staged.write_json("tokenizer_config.json", config)
 
 
 def _fingerprint(path: Path) -> str:

@@ -17,12 +17,16 @@ import torch
 
 from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
+from streammerge.io.rows import RowMap
 from streammerge.io.safetensors_format import build_header
 from streammerge.methods import MergeMethod, TensorParams, get_method
-from streammerge.plan.architecture import (TIED_HEADS, is_pre_layer, is_vocab_tensor, layer_index, module_fragments,
-                                           tied_partner, with_layer)
+from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, is_pre_layer, is_vocab_tensor, layer_index,
+                                           module_fragments, tied_partner, with_layer)
 from streammerge.plan.parameters import evaluate, gradient_position
-from streammerge.plan.schema import MergePlan
+from streammerge.plan.schema import MergePlan, Module
+from streammerge.tokenizer.chat_template import resolve_chat_template
+from streammerge.tokenizer.embeddings import row_maps
+from streammerge.tokenizer.vocab import Vocabulary, build_vocabulary
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 DEFAULT_WORKING_BYTES = 256 << 20  # chunk working set when the plan sets no memory budget
@@ -38,6 +42,7 @@ class Source:
     checkpoint: int
     tensor: str
     rows: int | None = None  # rows this input has, when fewer than the output's (the rest come from inputs[0])
+    row_map: RowMap | None = None  # embedding rows re-indexed to the output vocabulary
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,9 @@ class Schedule:
     notes: tuple[str, ...]
     baseline_rss: int
     peak_working_bytes: int
+    vocabulary: Vocabulary | None = None  # the output tokenizer, when the plan builds one
+    chat_template: str | None = None
+    module_layers: tuple[tuple[str, int], ...] = ()  # modules: (config.json key, layer count) of each
 
     @property
     def write_bytes(self) -> int:
@@ -108,25 +116,52 @@ class _Slice:
 
     sources: tuple[tuple[str, range | None, dict], ...]
     base_model: str | None
-    parameters: dict
+    parameters: tuple[dict, ...]  # the slice's, then its module's
 
 
-def _slices(plan: MergePlan) -> list[_Slice]:
-    if plan.models is not None:  # a `models:` config is one slice over every layer
-        return [_Slice(tuple((m.model, None, m.parameters) for m in plan.models), plan.base_model, {})]
+@dataclass(frozen=True)
+class _Group:
+    """The slices of one module (a plan without ``modules:`` is one module over every tensor)."""
+
+    where: str  # the plan key, for messages: "models", "slices[{}]", "modules.NAME.models", ...
+    prefix: str  # the module's tensor-name prefix
+    layers_key: str | None  # config.json key of the module's layer count
+    slices: list[_Slice]
+
+
+def _slices(merge: MergePlan | Module, base_model: str | None) -> list[_Slice]:
+    extra = (merge.parameters,) if isinstance(merge, Module) else ()
+    if merge.models is not None:  # a `models:` config is one slice over every layer
+        return [_Slice(tuple((m.model, None, m.parameters) for m in merge.models), base_model, ({}, *extra))]
     return [_Slice(tuple((src.model, range(*src.layer_range), src.parameters) for src in s.sources),
-                   s.base_model or plan.base_model, s.parameters) for s in plan.slices]
+                   s.base_model or base_model, (s.parameters, *extra)) for s in merge.slices]
+
+
+def _groups(plan: MergePlan, model_type: str | None) -> list[_Group]:
+    """One group per module: ``modules:`` name the modules of the architecture, all of them."""
+    if plan.modules is None:
+        return [_Group("models" if plan.models is not None else "slices[{}]", "", None, _slices(plan, plan.base_model))]
+    known = architecture_modules(model_type)
+    unknown = [n for n in plan.modules if n not in known]
+    missing = [n for n in known if n not in plan.modules]
+    if unknown or missing:
+        raise PlanError(f"modules: {model_type or 'this architecture'} has the modules {', '.join(known)}; "
+                        + (f"{unknown[0]!r} is not one" if unknown else f"{missing[0]!r} is missing (every module is merged or copied explicitly)"))
+    return [_Group(f"modules.{n}." + ("models" if m.models is not None else "slices[{}]"), known[n][0], known[n][1],
+                   _slices(m, plan.base_model)) for n, m in plan.modules.items()]
 
 
 def build_schedule(plan: MergePlan) -> Schedule:
     method = get_method(plan.merge_method)
-    slices = _slices(plan)
+    merges = [plan] if plan.modules is None else list(plan.modules.values())
+    slices = [s for m in merges for s in _slices(m, plan.base_model)]
     paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
     checkpoints: list[Checkpoint] = []
     try:
         for p in paths:
             checkpoints.append(Checkpoint(p))
-        return _build(plan, method, slices, tuple(checkpoints), {p: i for i, p in enumerate(paths)})
+        groups = _groups(plan, checkpoints[0].config().get("model_type"))
+        return _build(plan, method, groups, tuple(checkpoints), {p: i for i, p in enumerate(paths)})
     except BaseException:
         for c in checkpoints:
             c.close()
@@ -143,11 +178,13 @@ class _SliceInputs:
     params: tuple[tuple[str, dict], ...]  # (model, own parameters) of the merged models, base excluded
     model_ids: tuple[int, ...]
     has_base: bool
-    slice_params: dict
-    donor: int  # position of the input that unmerged tensors are copied from: the base, else the first model
+    slice_params: tuple[dict, ...]
+    donor: int
+    base: int | None  # the base's checkpoint index, if the slice has one  # position of the input that unmerged tensors are copied from: the base, else the first model
 
 
-def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, int], ckpts: tuple[Checkpoint, ...]) -> _SliceInputs:
+def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, int], ckpts: tuple[Checkpoint, ...],
+                  prefix: str) -> _SliceInputs:
     uses_base = method.base == "required" or (method.base == "optional" and s.base_model is not None)
     if method.base == "required" and s.base_model is None:
         raise PlanError(f"base_model: {method.name} needs a base_model")
@@ -171,7 +208,8 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
     chosen = ([base_src] if uses_base else []) + [e for _, e in entries]
     layers = []
     for model, r, _ in chosen:
-        n = 1 + max((li for t in ckpts[index[model]].tensors if (li := layer_index(t)) is not None), default=-1)
+        n = 1 + max((li for t in ckpts[index[model]].tensors if t.startswith(prefix) and (li := layer_index(t[len(prefix):])) is not None),
+                    default=-1)
         if r is not None and r.stop > n:
             raise PlanError(f"{where}: layer_range [{r.start}, {r.stop}) of {model}: the model has {n} layers (0-{n - 1})")
         layers.append(range(n) if r is None else r)
@@ -180,13 +218,13 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
                         + ", ".join(f"{len(r)} ({m})" for r, (m, _, _) in zip(layers, chosen)))
     donor = next((k for k, (m, _, _) in enumerate(chosen) if m == s.base_model), 0)
     return _SliceInputs(tuple(index[m] for m, _, _ in chosen), tuple(layers), tuple((m, p) for _, (m, _, p) in entries),
-                        tuple(i for i, _ in entries), uses_base, s.parameters, donor)
+                        tuple(i for i, _ in entries), uses_base, s.parameters, donor,
+                        index[s.base_model] if s.base_model else None)
 
 
-def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoints: tuple[Checkpoint, ...],
+def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoints: tuple[Checkpoint, ...],
            index: dict[str, int]) -> Schedule:
-    where = "models" if plan.models is not None else "slices[{}]"
-    resolved = [_slice_inputs(method, s, where.format(k), index, checkpoints) for k, s in enumerate(slices)]
+    resolved = [_slice_inputs(method, s, groups[0].where.format(k), index, checkpoints, groups[0].prefix) for k, s in enumerate(groups[0].slices)]
     total_layers = sum(len(sl.layers[0]) for sl in resolved)
     if plan.select and plan.select.layers:
         bad = [li for li in plan.select.layers if not 0 <= li < total_layers]
@@ -196,22 +234,32 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
     budget = _working_budget(plan)
     fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
     jobs: list[TensorJob] = []
-
     notes: list[str] = []
+    spec = plan.tokenizer_spec
+    vocab = None if spec is None else build_vocabulary(spec, checkpoints, index.get(plan.base_model, 0), plan.tokenizer is not None, notes)
 
-    def add(out_name: str, sl: _SliceInputs, names: list[str], t: float) -> None:
+    def add(prefix: str, name: str, sl: _SliceInputs, names: list[str], t: float) -> None:
+        """Schedule output tensor ``prefix + name`` from ``prefix + names[i]`` of each input."""
+        out_name = prefix + name
         sources = []
         for c, n in zip(sl.checkpoints, names):
             have = checkpoints[c].tensors
-            if n not in have and tied_partner(n, have):
-                notes.append(f"{checkpoints[c].path} ties {n} to its embeddings: using {tied_partner(n, have)} for it")
-                n = tied_partner(n, have)
+            partner = tied_partner(n, module_tensors(c, prefix))
+            if prefix + n not in have and partner:
+                notes.append(f"{checkpoints[c].path} ties {prefix + n} to its embeddings: using {prefix + partner} for it")
+                n = partner
+            n = prefix + n
             if n not in have:
                 raise PlanError(f"tensor {n!r} missing from {checkpoints[c].path} (present in {checkpoints[sl.checkpoints[0]].path})")
             sources.append(Source(c, n))
         shapes = [checkpoints[s.checkpoint].tensors[s.tensor].shape for s in sources]
-        shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
-        sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
+        if vocab is not None and is_vocab_tensor(out_name):
+            shape = (vocab.rows, *_common_width(sources, shapes, checkpoints))
+            maps = row_maps(vocab, spec.tokens, [(s.checkpoint, s.tensor) for s in sources], checkpoints, sl.base, notes)
+            sources = [replace(s, row_map=m) for s, m in zip(sources, maps)]
+        else:
+            shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
+            sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
@@ -223,27 +271,21 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
         jobs.append(replace(job, rows_per_chunk=_rows_per_chunk(plan, job, _bytes_per_element(checkpoints, job), budget)))
 
-    def ref_tensors(sl: _SliceInputs) -> dict:
-        return checkpoints[sl.checkpoints[0]].tensors
+    def module_tensors(c: int, prefix: str) -> dict:
+        """The tensors of checkpoint ``c`` under ``prefix``, by their names without it."""
+        return {t[len(prefix):]: info for t, info in checkpoints[c].tensors.items() if t.startswith(prefix)}
 
-    outside = [n for n in ref_tensors(resolved[0]) if layer_index(n) is None]
-    untied = [h for h in TIED_HEADS if h not in outside and any(h in checkpoints[c].tensors for c in resolved[-1].checkpoints)]
-    for name in outside + untied:  # a head any input has is kept; inputs that tie it lend their embeddings
-        sl = resolved[0] if is_pre_layer(name) else resolved[-1]  # embeddings from the first slice, the rest from the last
-        if name in ref_tensors(sl) or name in untied:
-            add(name, sl, [name] * len(sl.checkpoints), 0.0)
-    out_layer = 0
-    for sl in resolved:
-        n = len(sl.layers[0])
-        by_layer: dict[int, list[str]] = {}
-        for t in ref_tensors(sl):
-            li = layer_index(t)
-            if li is not None and li in sl.layers[0]:
-                by_layer.setdefault(li, []).append(t)
-        for j in range(n):
-            for name in by_layer.get(sl.layers[0][j], []):
-                add(with_layer(name, out_layer + j), sl, [with_layer(name, r[j]) for r in sl.layers], gradient_position(j, n))
-        out_layer += n
+    layer_counts: list[tuple[str | None, int]] = []
+    for k, group in enumerate(groups):
+        if k:
+            resolved = [_slice_inputs(method, s, group.where.format(i), index, checkpoints, group.prefix) for i, s in enumerate(group.slices)]
+        layer_counts.append((group.layers_key, _add_group(group.prefix, resolved, add, module_tensors)))
+    if plan.modules is not None:
+        covered = {j.name for j in jobs}
+        stray = [t for t in checkpoints[reference].tensors if t not in covered and not any(t.startswith(g.prefix) for g in groups)]
+        if stray:
+            raise PlanError(f"modules: tensor {stray[0]!r} of {checkpoints[reference].path} belongs to none of the modules")
+    out_layer = max(n for _, n in layer_counts)
     jobs.sort(key=lambda j: (layer_index(j.name) if layer_index(j.name) is not None else (-1 if is_pre_layer(j.name) else out_layer),
                              str(checkpoints[j.inputs[0].checkpoint].file_of(j.inputs[0].tensor)),
                              checkpoints[j.inputs[0].checkpoint].offset_of(j.inputs[0].tensor)))
@@ -260,8 +302,34 @@ def _build(plan: MergePlan, method: MergeMethod, slices: list[_Slice], checkpoin
     shards, jobs = _place(jobs, plan.shard_size)
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j) for j in jobs)
     read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
-    return Schedule(plan, checkpoints, tuple(jobs), shards, reference, out_layer, read_bytes, tuple(notes),
-                    psutil.Process().memory_info().rss, peak)
+    template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
+    return Schedule(plan, checkpoints, tuple(jobs), shards, reference, layer_counts[0][1], read_bytes, tuple(notes),
+                    psutil.Process().memory_info().rss, peak, vocab, template,
+                    tuple((key, n) for key, n in layer_counts if key is not None))
+
+
+def _add_group(prefix: str, resolved: list[_SliceInputs], add: Any, module_tensors: Any) -> int:
+    """Schedule one module's tensors through ``add``; its output layer count."""
+    first, last = module_tensors(resolved[0].checkpoints[0], prefix), module_tensors(resolved[-1].checkpoints[0], prefix)
+    outside = [n for n in first if layer_index(n) is None]
+    untied = [h for h in TIED_HEADS if h not in outside and any(h in module_tensors(c, prefix) for c in resolved[-1].checkpoints)]
+    for name in outside + untied:  # a head any input has is kept; inputs that tie it lend their embeddings
+        sl = resolved[0] if is_pre_layer(name) else resolved[-1]  # embeddings from the first slice, the rest from the last
+        if name in (first if is_pre_layer(name) else last) or name in untied:
+            add(prefix, name, sl, [name] * len(sl.checkpoints), 0.0)
+    out_layer = 0
+    for sl in resolved:
+        n = len(sl.layers[0])
+        by_layer: dict[int, list[str]] = {}
+        for t in module_tensors(sl.checkpoints[0], prefix):
+            li = layer_index(t)
+            if li is not None and li in sl.layers[0]:
+                by_layer.setdefault(li, []).append(t)
+        for j in range(n):
+            for name in by_layer.get(sl.layers[0][j], []):
+                add(prefix, with_layer(name, out_layer + j), sl, [with_layer(name, r[j]) for r in sl.layers], gradient_position(j, n))
+        out_layer += n
+    return out_layer
 
 
 def _module_fragments(plan: MergePlan, model_type: str | None) -> tuple[str, ...] | None:
@@ -291,6 +359,15 @@ def _selected(plan: MergePlan, fragments: tuple[str, ...] | None, name: str) -> 
     return kind not in sel.keep_from_base
 
 
+def _common_width(sources: list[Source], shapes: list[tuple[int, ...]], checkpoints: tuple[Checkpoint, ...]) -> tuple[int, ...]:
+    """The row shape every input of a re-indexed vocabulary matrix shares."""
+    for src, sh in zip(sources[1:], shapes[1:]):
+        if sh[1:] != shapes[0][1:]:
+            raise PlanError(f"tensor {src.tensor!r}: rows of {list(sh[1:])} in {checkpoints[src.checkpoint].path} do not match "
+                            f"{list(shapes[0][1:])} in {checkpoints[sources[0].checkpoint].path}")
+    return tuple(shapes[0][1:])
+
+
 def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: list[tuple[int, ...]],
                   checkpoints: tuple[Checkpoint, ...], notes: list[str]) -> tuple[int, ...]:
     """The inputs' common shape; for vocabulary matrices whose row counts differ, the rows the
@@ -311,7 +388,7 @@ def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: lis
 def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, t: float) -> TensorParams:
     """First found wins: the model's own parameters, the slice's, the plan's; then the default."""
     def value(spec: Any, own: dict | None) -> Any:
-        for source in (own, sl.slice_params, plan.parameters):
+        for source in (own, *sl.slice_params, plan.parameters):
             if source is not None and spec.name in source:
                 v = evaluate(source[spec.name], tensor, t)
                 if v is not None:
@@ -415,5 +492,8 @@ def describe(schedule: Schedule) -> str:
     ]
     dts = sorted({(str(j.compute_dtype), str(j.out_dtype)) for j in schedule.jobs if j.method is not None})
     lines.append("dtypes        " + ", ".join(f"compute {c.removeprefix('torch.')} -> write {o.removeprefix('torch.')}" for c, o in dts))
+    if schedule.vocabulary is not None:
+        v = schedule.vocabulary
+        lines.append(f"vocabulary    {len(v.tokens)} tokens ({plan.tokenizer_spec.source}), {v.rows} embedding rows")
     lines += [f"note          {n}" for n in schedule.notes]
     return "\n".join(lines)

@@ -123,3 +123,26 @@ def write_family(root: Path, arch: Arch = Arch(), n: int = 3, dtype: torch.dtype
     paths += [write_checkpoint(root / f"ft{i + 1}", ft, config, shards, dtype) for i, ft in enumerate(fts)]
     stored = {p: {k: v.to(dtype) for k, v in t.items()} for p, t in zip(paths, [base, *fts])}
     return Family(paths[0], paths[1:], stored, arch)
+
+
+def write_tokenizer(path: Path, tokens: list[str], added: list[tuple[str, bool]] = (), chat_template: str | None = None) -> None:
+    """A BPE ``tokenizer.json`` over ``tokens`` (ids in order; a token "xy" merges "x" and "y" when both
+    are tokens), then ``added`` tokens ``(content, special)`` with the next ids, and a
+    ``tokenizer_config.json`` transformers loads (keeping the one ``write_checkpoint`` wrote)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [(t[0], t[1:]) for t in tokens if len(t) > 1 and t[0] in vocab and t[1:] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    for content, special in added:
+        (tok.add_special_tokens if special else tok.add_tokens)([AddedToken(content, special=special, normalized=not special)])
+    tok.save(str(path / "tokenizer.json"))
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["added_tokens_decoder"] = {str(e["id"]): {k: v for k, v in e.items() if k != "id"}
+                                      for e in json.loads(tok.to_str())["added_tokens"]}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    config_file.write_text(json.dumps(config))

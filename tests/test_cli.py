@@ -183,13 +183,15 @@ def test_numeric_strings_are_coerced_like_mergekit(fp32_family: Family, tmp_path
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"tokenizer": {"source": "union"}}, "'tokenizer:' is not supported yet"),
-    ({"chat_template": "chatml"}, "'chat_template:' is not supported yet"),
-    ({"tokenizer_source": "union"}, "'union' is not supported yet"),
+    ({"tokenizer": {"source": "union"}}, "no tokenizer.json, which tokenizer 'union' is built from"),
+    ({"chat_template": "chat"}, "chat_template: got 'chat', expected 'auto', a built-in template"),
+    ({"tokenizer_source": "base", "tokenizer": {"source": "base"}}, "give 'tokenizer_source' or a 'tokenizer:' block, not both"),
+    ({"tokenizer": {"pad_to_multiple_of": 0}}, "tokenizer.pad_to_multiple_of"),
 ])
-def test_unsupported_mergekit_features_are_refused_not_ignored(extra: dict, message: str, fp32_family: Family, tmp_path: Path) -> None:
+def test_tokenizer_plan_errors_are_one_line(extra: dict, message: str, fp32_family: Family, tmp_path: Path) -> None:
     result = _invoke("run", _write(tmp_path, _plan(fp32_family) | extra), tmp_path / "out")
     assert result.exit_code == 1 and message in result.output and not (tmp_path / "out").exists()
+    assert "Traceback" not in result.output
 
 
 def test_multi_document_files_run_stage_by_stage(fp32_family: Family, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ All share one recipe (mergekit's "generalized task arithmetic"), with B the base
     mixed = Σ_i D_i                         or, with sign consensus (ties, *_ties, della):
     mixed = Σ_i D_i·c_i,  c_i = [sign D_i = sign Σ_j D_j]   (a zero sum elects +1)
     mixed /= divisor  when normalize:  Σ_i w_i (or, with consensus, Σ_i w_i·c_i per element; 0 → 1)
-    out = B + λ · mixed
+    out = B + λ · mixed                     (task_arithmetic's native clamp_min/clamp_max clamp λ · mixed
+                                            elementwise first, bounding how far any weight moves)
 
 computed in the working dtype, with the same operation order as mergekit so bf16 merges round the
 same way. A model with density ≥ 1 keeps its whole task vector, as in mergekit.
@@ -35,6 +36,9 @@ _GAMMA = Param("gamma", float, default=0.01, per_model=True, low=0.0, high=1.0, 
 _EPSILON = Param("epsilon", float, default=0.15, per_model=True, low=0.0, high=0.5, doc="keep probability spread: density ± epsilon by magnitude rank")
 _LAMBDA = Param("lambda", float, default=1.0, doc="scale of the merged task vector")
 _INT8_MASK = Param("int8_mask", bool, default=False, doc="accepted for mergekit compatibility; no effect")
+# streammerge's own (mergekit has no clamp): bound how far any weight moves from the base.
+_CLAMP = (Param("clamp_min", float, doc="lower bound on each element of λ Σ w_i δ_i (none by default)"),
+          Param("clamp_max", float, doc="upper bound on each element of λ Σ w_i δ_i (none by default)"))
 
 Keep = Callable[[Chunk, Stats, int, torch.Tensor], torch.Tensor]  # (chunk, stats, model i, δ_i) → keep mask
 Sparsify = Callable[[Chunk, Stats, list[torch.Tensor]], list[torch.Tensor]]
@@ -229,6 +233,9 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
             mixed /= divisor
         if chunk.params.globals["lambda"] != 1:
             mixed *= chunk.params.globals["lambda"]
+        low, high = chunk.params.globals.get("clamp_min"), chunk.params.globals.get("clamp_max")
+        if low is not None or high is not None:
+            mixed = mixed.clamp(low, high)
         return base + mixed
 
     return merge
@@ -246,8 +253,15 @@ _DARE = _with_rescale((), _dare_keep)
 # one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
 _BAND = _with_rescale(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band"), _band_keep)
 
-_register("task_arithmetic", "arXiv:2212.04089", "base + λ Σ w_i δ_i (Ilharco et al., ICLR 2023)",
-          None, False, (), (_normalize(False), _rescale(False)))  # nothing is dropped: rescale is the identity
+def _clamp_check(params: TensorParams) -> str | None:
+    low, high = params.globals["clamp_min"], params.globals["clamp_max"]
+    if low is not None and high is not None and low > high:
+        return f"needs clamp_min <= clamp_max, got clamp_min {low}, clamp_max {high}"
+    return None
+
+
+_register("task_arithmetic", "arXiv:2212.04089", "base + λ Σ w_i δ_i, optionally clamped elementwise (Ilharco et al., ICLR 2023)",
+          None, False, (), (_normalize(False), _rescale(False), *_CLAMP), _clamp_check)  # nothing is dropped: rescale is the identity
 _register("ties", "arXiv:2306.01708", "top-k magnitude trim, sign election by mass, disjoint mean (Yadav et al., NeurIPS 2023)",
           _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True), _rescale(False)))
 _register("dare_ties", "arXiv:2311.03099", "random drop + L1 rescale, then TIES sign election (Yu et al., ICML 2024)",

@@ -79,3 +79,18 @@ def module_fragments(model_type: str | None, module: str) -> tuple[str, ...] | s
     if module not in kinds:
         return f"{model_type} has no separate {module!r} projection (it fuses q, k and v: select 'qkv')"
     return kinds[module]
+
+
+# Multi-module architectures (mergekit's "modular" definitions, by config.json model_type): each
+# module's tensor-name prefix and the config.json key of its layer count (None: it has no layers).
+# Every other architecture is one module, "default", over all tensors.
+_VISION_LANGUAGE = {"text_decoder": ("language_model.", "text_config.num_hidden_layers"),
+                    "multi_modal_projector": ("multi_modal_projector.", None)}
+MODULES: dict[str, dict[str, tuple[str, str | None]]] = {
+    "mistral3": {**_VISION_LANGUAGE, "vision_tower": ("vision_tower.", "vision_config.num_hidden_layers")},
+    "gemma3": {**_VISION_LANGUAGE, "vision_tower": ("vision_tower.vision_model.", "vision_config.num_hidden_layers")},
+}
+
+
+def architecture_modules(model_type: str | None) -> dict[str, tuple[str, str | None]]:
+    return MODULES.get(model_type or "", {"default": ("", "num_hidden_layers")})

@@ -20,7 +20,9 @@ from streammerge.errors import PlanError
 from streammerge.io.hub import fetch, is_hub_reference
 from streammerge.methods import get_method
 from streammerge.methods.base import MergeMethod
-from streammerge.plan.schema import NATIVE_KEYS, Conditional, MergePlan, ModelEntry, OutputSlice, SliceSource
+from streammerge.plan.schema import (NATIVE_KEYS, Conditional, MergePlan, ModelEntry, ModelToken, Module, OutputSlice, SliceSource,
+                                     TokenSpec)
+from streammerge.tokenizer.chat_template import check_chat_template
 
 
 class PlanWarning(UserWarning):
@@ -62,11 +64,7 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
             raise PlanError(f"{path}: holds {len(documents)} documents (a mergekit-multi file): run it with streammerge run")
         data = documents[0] if documents else None
     if not isinstance(data, dict):
-        raise PlanError(f"{where}: a plan is a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
-    for key, instead in (("modules", "use 'models:' or 'slices:'"), ("tokenizer", "use tokenizer_source: base or a model"),
-                         ("chat_template", "edit the copied tokenizer_config.json")):
-        if key in data:  # mergekit features that change the output: refused, never ignored
-            raise PlanError(f"{where}: '{key}:' is not supported yet; {instead}")
+        raise PlanError(f"{where}: a plan is a YAML mapping with at least 'merge_method' and 'models', 'slices' or 'modules'")
     if strict is None:
         strict = any(k in data for k in NATIVE_KEYS)
     method = get_method(data["merge_method"]) if isinstance(data.get("merge_method"), str) else None
@@ -77,6 +75,10 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
         raise PlanError(f"{where}: {_describe(e)}") from None
     method = get_method(plan.merge_method)
     _check_parameters(plan, method, where)
+    if plan.chat_template is not None:
+        problem = check_chat_template(plan.chat_template)
+        if problem:
+            raise PlanError(f"{where}: chat_template: {problem}")
     return _resolve_paths(plan, root, where, cache_dir or plan.cache_dir)
 
 
@@ -117,20 +119,29 @@ class _Cleaner:
         return out
 
     def plan(self, data: dict) -> dict:
-        data = self._keys(data, MergePlan, "")
+        data = self._merge(self._keys(data, MergePlan, ""), "")
+        if isinstance(data.get("modules"), dict):
+            data["modules"] = {name: self._merge(self._keys(m, Module, f"modules.{name}."), f"modules.{name}.")
+                               for name, m in data["modules"].items()}
+        return data
+
+    def _merge(self, data: Any, at: str) -> Any:
+        """``data``'s parameters, models and slices cleaned (the plan's, or a module's)."""
+        if not isinstance(data, dict):
+            return data
         if "parameters" in data:
-            data["parameters"] = self._params(data["parameters"], "parameters.")
+            data["parameters"] = self._params(data["parameters"], f"{at}parameters.")
         if isinstance(data.get("models"), list):
-            data["models"] = [self._entry(m, ModelEntry, f"models[{i}].") for i, m in enumerate(data["models"])]
+            data["models"] = [self._entry(m, ModelEntry, f"{at}models[{i}].") for i, m in enumerate(data["models"])]
         if isinstance(data.get("slices"), list):
             slices = []
             for k, s in enumerate(data["slices"]):
-                s = self._keys(s, OutputSlice, f"slices[{k}].")
+                s = self._keys(s, OutputSlice, f"{at}slices[{k}].")
                 if isinstance(s, dict):
                     if "parameters" in s:
-                        s["parameters"] = self._params(s["parameters"], f"slices[{k}].parameters.")
+                        s["parameters"] = self._params(s["parameters"], f"{at}slices[{k}].parameters.")
                     if isinstance(s.get("sources"), list):
-                        s["sources"] = [self._entry(src, SliceSource, f"slices[{k}].sources[{i}].") for i, src in enumerate(s["sources"])]
+                        s["sources"] = [self._entry(src, SliceSource, f"{at}slices[{k}].sources[{i}].") for i, src in enumerate(s["sources"])]
                 slices.append(s)
             data["slices"] = slices
         return data
@@ -165,13 +176,15 @@ def _describe(error: pydantic.ValidationError) -> str:
     return f"key '{loc}': {msg} (got {err.get('input')!r})"
 
 
-def _sections(plan: MergePlan) -> list[tuple[str, dict, bool]]:
+def _sections(plan: MergePlan | Module, at: str = "") -> list[tuple[str, dict, bool]]:
     """Every parameters mapping: (where, mapping, is it a model's own)."""
-    out = [("parameters", plan.parameters, False)]
-    out += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(plan.models or [])]
+    out = [(f"{at}parameters", plan.parameters, False)]
+    out += [(f"{at}models[{i}].parameters", m.parameters, True) for i, m in enumerate(plan.models or [])]
     for k, s in enumerate(plan.slices or []):
-        out.append((f"slices[{k}].parameters", s.parameters, False))
-        out += [(f"slices[{k}].sources[{i}].parameters", src.parameters, True) for i, src in enumerate(s.sources)]
+        out.append((f"{at}slices[{k}].parameters", s.parameters, False))
+        out += [(f"{at}slices[{k}].sources[{i}].parameters", src.parameters, True) for i, src in enumerate(s.sources)]
+    for name, module in (plan.modules or {}).items() if isinstance(plan, MergePlan) else ():
+        out += _sections(module, f"modules.{name}.")
     return out
 
 
@@ -213,23 +226,41 @@ def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | Non
             fetched[ref] = _resolve(ref, root, key, where, cache_dir)
         return fetched[ref]
 
-    update: dict[str, Any] = {}
-    if plan.models is not None:
-        update["models"] = [m.model_copy(update={"model": res(m.model, f"models[{i}].model")}) for i, m in enumerate(plan.models)]
-    if plan.slices is not None:
-        update["slices"] = [
-            s.model_copy(update={
-                "sources": [src.model_copy(update={"model": res(src.model, f"slices[{k}].sources[{i}].model")}) for i, src in enumerate(s.sources)],
-                "base_model": res(s.base_model, f"slices[{k}].base_model") if s.base_model else None,
-            })
-            for k, s in enumerate(plan.slices)
-        ]
+    def merged(m: MergePlan | Module, at: str) -> dict[str, Any]:
+        update: dict[str, Any] = {}
+        if m.models is not None:
+            update["models"] = [e.model_copy(update={"model": res(e.model, f"{at}models[{i}].model")}) for i, e in enumerate(m.models)]
+        if m.slices is not None:
+            update["slices"] = [
+                s.model_copy(update={
+                    "sources": [src.model_copy(update={"model": res(src.model, f"{at}slices[{k}].sources[{i}].model")}) for i, src in enumerate(s.sources)],
+                    "base_model": res(s.base_model, f"{at}slices[{k}].base_model") if s.base_model else None,
+                })
+                for k, s in enumerate(m.slices)
+            ]
+        return update
+
+    def token(name: str, spec: TokenSpec) -> TokenSpec:
+        at = f"tokenizer.tokens.{name}.source"
+        if isinstance(spec.source, str):
+            return spec.model_copy(update={"source": res(spec.source, at)})
+        if isinstance(spec.source, ModelToken):
+            return spec.model_copy(update={"source": spec.source.model_copy(update={"model": res(spec.source.model, f"{at}.model")})})
+        return spec
+
+    update = merged(plan, "")
+    if plan.modules is not None:
+        update["modules"] = {name: m.model_copy(update=merged(m, f"modules.{name}.")) for name, m in plan.modules.items()}
     if plan.base_model is not None:
         update["base_model"] = res(plan.base_model, "base_model")
-    if plan.tokenizer_source not in (None, "base"):
-        if plan.tokenizer_source == "union":
-            raise PlanError(f"{where}: tokenizer_source: 'union' is not supported yet; use 'base' or a model path")
+    if plan.tokenizer_source not in (None, "base", "union"):
         update["tokenizer_source"] = res(plan.tokenizer_source, "tokenizer_source")
+    if plan.tokenizer is not None:
+        source = plan.tokenizer.source
+        update["tokenizer"] = plan.tokenizer.model_copy(update={
+            "source": source if source in ("base", "union") else res(source, "tokenizer.source"),
+            "tokens": {name: token(name, spec) for name, spec in plan.tokenizer.tokens.items()},
+        })
     if plan.output is not None:
         update["output"] = str(Path(plan.output).expanduser().absolute())
     return plan.model_copy(update=update)

@@ -65,6 +65,57 @@ class OutputSlice(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class ModelToken(BaseModel):
+    """A token's embedding taken from a model's row of ``token`` (or ``token_id``) in its own vocabulary."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token: Optional[str] = None
+    token_id: Optional[int] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelToken":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("a model_token source gives exactly one of 'token' and 'token_id'")
+        return self
+
+
+class ZeroToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenSpec(BaseModel):
+    """Where a token's embedding row comes from for models that lack it (every model with ``force``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[ModelToken, ZeroToken, str, None] = None  # a model path; None: the default rule
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # "union", "base" or a model
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = Field(default=None, gt=0)
+
+
+class Module(BaseModel):
+    """One module of a multi-module model (``modules:``): a ``models:`` or ``slices:`` merge of its tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: Optional[list[ModelEntry]] = Field(default=None, min_length=1)
+    slices: Optional[list[OutputSlice]] = Field(default=None, min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "Module":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("a module gives exactly one of 'models' and 'slices'")
+        return self
+
+
 class Selection(BaseModel):
     """What to merge; every other tensor is copied from the base (or the first model)."""
 
@@ -83,11 +134,14 @@ class MergePlan(BaseModel):
     merge_method: str
     models: Optional[list[ModelEntry]] = Field(default=None, min_length=1)
     slices: Optional[list[OutputSlice]] = Field(default=None, min_length=1)
+    modules: Optional[dict[str, Module]] = Field(default=None, min_length=1)
     base_model: Optional[str] = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Optional[Literal["bfloat16", "float16", "float32", "float64"]] = None
     out_dtype: Optional[Literal["bfloat16", "float16", "float32", "float64"]] = None
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[str] = None  # "base", "union" or a model
+    tokenizer: Optional[TokenizerSpec] = None
+    chat_template: Optional[str] = None  # "auto", a built-in name or a Jinja template
 
     # native keys
     output: Optional[str] = None
@@ -104,9 +158,18 @@ class MergePlan(BaseModel):
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' and 'slices'")
+        if sum(x is not None for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of 'models', 'slices' and 'modules'")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or a 'tokenizer:' block, not both")
         return self
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The tokenizer to build: the ``tokenizer:`` block, or ``tokenizer_source`` as one."""
+        if self.tokenizer_source is not None:
+            return TokenizerSpec(source=self.tokenizer_source)
+        return self.tokenizer
 
     @field_validator("shard_size", "max_memory", mode="before")
     @classmethod

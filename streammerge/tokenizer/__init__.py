@@ -1,0 +1,1 @@
+"""The output tokenizer: vocabulary (union, base or a model's), embedding row maps, chat templates."""
