@@ -11,6 +11,7 @@ from streammerge.engine import MergeResult, run_schedule
 from streammerge.errors import OutputError, PlanError
 from streammerge.finalize import write_model_files
 from streammerge.io.writer import StagedOutput
+from streammerge.lora.output import write_adapter
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, read_documents
 from streammerge.schedule import Schedule, build_schedule
@@ -61,8 +62,11 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
                 raise OutputError(f"{destination}: the output may not be an input model directory or inside one ({c.path})")
         staged = StagedOutput(destination, overwrite)
         try:
-            run_schedule(sched, staged, quiet)
-            write_model_files(sched, staged, __version__)
+            if resolved.adapter_output is not None:
+                write_adapter(sched, staged, __version__)
+            else:
+                run_schedule(sched, staged, quiet)
+                write_model_files(sched, staged, __version__)
             staged.commit()
         except BaseException:
             staged.discard()

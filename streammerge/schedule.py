@@ -18,6 +18,7 @@ import torch
 from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
 from streammerge.io.safetensors_format import build_header
+from streammerge.lora.overlay import open_checkpoints
 from streammerge.methods import MergeMethod, TensorParams, get_method
 from streammerge.plan.architecture import (TIED_HEADS, is_pre_layer, is_vocab_tensor, layer_index, module_fragments,
                                            tied_partner, with_layer)
@@ -120,10 +121,8 @@ def build_schedule(plan: MergePlan) -> Schedule:
     method = get_method(plan.merge_method)
     slices = _slices(plan)
     paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
-    checkpoints: list[Checkpoint] = []
+    checkpoints = open_checkpoints(paths)  # `model+adapter` references fold the adapter in as they are read
     try:
-        for p in paths:
-            checkpoints.append(Checkpoint(p))
         return _build(plan, method, slices, tuple(checkpoints), {p: i for i, p in enumerate(paths)})
     except BaseException:
         for c in checkpoints:
