@@ -65,8 +65,8 @@ def main() -> None:
     A plan is a mergekit YAML config (models or slices, base_model, merge_method, parameters,
     dtype, out_dtype, tokenizer_source; several documents run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
-    vocab_policy, select, cache_dir). Models are local directories or org/name[@revision] on the
-    Hugging Face Hub.
+    vocab_policy, select, cache_dir, adapters, adapter_output). Models are local directories or
+    org/name[@revision] on the Hugging Face Hub; model+adapter folds a PEFT LoRA adapter in.
     """
     warnings.showwarning = _warn
 
