@@ -409,4 +409,6 @@ def describe(schedule: Schedule) -> str:
     dts = sorted({(str(j.compute_dtype), str(j.out_dtype)) for j in schedule.jobs if j.method is not None})
     lines.append("dtypes        " + ", ".join(f"compute {c.removeprefix('torch.')} -> write {o.removeprefix('torch.')}" for c, o in dts))
     lines += [f"note          {n}" for n in schedule.notes]
+    if plan.adapter_output is not None:
+        lines.append(f"note          adapter_output: writes the merged LoRA adapter ({plan.adapter_output.combination}), not these shards")
     return "\n".join(lines)

@@ -149,6 +149,10 @@ def test_cat_adapter_matches_peft_add_weighted_adapter_and_loads_in_peft(fp32_fa
     want.add_weighted_adapter(["a0", "a1", "a2"], weights, "combined", combination_type="cat")
     got = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(fp32_family.base, dtype=torch.float32),
                                          tmp_path / "cat")
+    streammerge.merge({"base_model": str(fp32_family.base), "adapters": [{"path": str(tmp_path / "cat")}]}, tmp_path / "folded", quiet=True)
+    streammerge.merge({k: v for k, v in plan.items() if k != "adapter_output"}, tmp_path / "summed", quiet=True)
+    assert _max_diff(load_output(tmp_path / "folded"), load_output(tmp_path / "summed")) < 1e-6  # the merged adapter folds in
+
     compared = 0
     for name, module in got.named_modules():
         if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_A:
@@ -239,6 +243,8 @@ def test_unsupported_adapters_are_refused_on_the_command_line(change: dict, mess
     ({"adapter_output": {"combination": "cat"}, "merge_method": "ties"}, "'cat' is exact only for task_arithmetic"),
     ({"adapter_output": {"combination": "svd"}, "merge_method": "slerp", "parameters": {"t": 0.5}}, "cannot merge adapters into an adapter"),
     ({"adapters": [{"weight": 1.0}]}, r"adapters\[0\].path: Field required"),
+    ({"adapter_output": {"combination": "cat", "rank": 4}}, "'rank' and 'clamp' apply to combination: svd"),
+    ({"merge_method": "linear"}, "linear would count base_model as one more model; .* use task_arithmetic"),
 ])
 def test_adapter_plans_are_validated(plan: dict, message: str, fp32_family: Family, adapters: list, tmp_path: Path) -> None:
     full = {"base_model": str(fp32_family.base), "adapters": [{"path": str(adapters[0][0])}]} | plan

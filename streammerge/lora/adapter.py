@@ -34,7 +34,8 @@ from streammerge.io.reader import ShardReader, TensorInfo
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.(?P<adapter>[^.]+))?(?P<weight>\.weight)?$")
+# <module>.lora_A[.<adapter name>].weight, or <module>.lora_embedding_A[.<adapter name>]
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])(?:\.[^.]+)?\.weight|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?)$")
 # Config switches that change what the adapter computes in ways folding W + s·B·A would not reproduce.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) rescales the merged weight by a learned magnitude",
@@ -113,15 +114,14 @@ class LoraAdapter:
                                           "(DoRA magnitudes, LoRA biases and other variants are not supported)")
                 replaced[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = key
                 continue
-            kind = m["kind"].removeprefix("lora_embedding_").removeprefix("lora_")
-            factors.setdefault(m["module"], {})[kind + ("e" if "embedding" in m["kind"] else "")] = key
+            factors.setdefault(m["module"], {})[m["linear"] or f"embedding {m['embedding']}"] = key
         modules = {}
         for module, keys in factors.items():
-            embedding = "Ae" in keys or "Be" in keys
-            a, b = (keys.get("Ae"), keys.get("Be")) if embedding else (keys.get("A"), keys.get("B"))
+            embedding = "embedding A" in keys or "embedding B" in keys
+            a, b = (keys.get("embedding A"), keys.get("embedding B")) if embedding else (keys.get("A"), keys.get("B"))
             if a is None or b is None or len(keys) != 2:
                 raise CheckpointError(f"{self.path / WEIGHTS}: module {module!r} needs exactly one A and one B factor, "
-                                      f"found {sorted(factors[module].values())}")
+                                      f"found {sorted(keys.values())}")
             lm = LoraModule(module, a, b, self._scale(module), embedding, bool(self.config.get("fan_in_fan_out")) and not embedding)
             self._check_factors(lm)
             modules[lm.target] = lm

@@ -19,6 +19,7 @@ import torch
 
 from streammerge.errors import PlanError
 from streammerge.methods import Chunk, MergeMethod, TensorParams
+from streammerge.plan.schema import AdapterOutput
 
 # Methods whose result is base + f(task vectors), f independent of the base: over a zero base they merge ΔW_i.
 ADAPTER_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
@@ -27,7 +28,10 @@ _SUM = "task_arithmetic"
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
-def check_combination(method: MergeMethod, combination: str) -> None:
+def check_combination(method: MergeMethod, output: AdapterOutput) -> None:
+    combination = output.combination
+    if combination == "cat" and (output.rank is not None or output.clamp is not None):
+        raise PlanError("adapter_output: 'rank' and 'clamp' apply to combination: svd ('cat' keeps every input rank)")
     if method.name not in ADAPTER_METHODS:
         raise PlanError(f"adapter_output: merge_method {method.name!r} cannot merge adapters into an adapter "
                         f"(valid: {', '.join(ADAPTER_METHODS)}); drop adapter_output to write a model")

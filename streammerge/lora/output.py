@@ -69,9 +69,12 @@ def write_adapter(schedule: Schedule, staged: StagedOutput, version: str) -> Non
     # in schedule order; a module the plan's `select` leaves out is not in the merged adapter
     targets = sorted({t for a in adapters for t in a.modules if jobs[t].method is not None}, key=list(jobs).index)
     modules = {t: next(a.modules[t] for a in adapters if t in a.modules) for t in targets}
-    rank = out.rank or max(a.rank(t) for a in adapters for t in a.modules)
+    if not targets:
+        raise PlanError("adapter_output: the plan's select leaves no adapted module to merge")
     if out.combination == "cat":
         rank = max(sum(a.rank(t) for a in adapters if t in a.modules) for t in targets)
+    else:
+        rank = out.rank or max(a.rank(t) for a in adapters for t in a.modules)
     dtype = DTYPES[plan.out_dtype or plan.dtype or "float32"]
     shapes = {}
     for t in targets:

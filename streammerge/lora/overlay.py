@@ -71,11 +71,11 @@ class AdaptedCheckpoint:
         w = self.adapter.replacement(name, rows) if name in self.adapter.replaced else self.base.read(name, rows)
         if name not in self.adapter.modules:
             return w
-        if name not in self._factors:
-            self._factors[name] = self.adapter.factors(name)
+        if name not in self._factors:  # float32, or float64 for a float64 base
+            self._factors[name] = tuple(f.to(torch.promote_types(f.dtype, w.dtype)) for f in self.adapter.factors(name))
         left, right = self._factors[name]
-        delta = (left if rows is None else left[rows]) @ right
-        return w.to(delta.dtype) + delta  # rounded to the plan's dtype by the engine, once
+        # in place on the fresh product: one float32 chunk, no widened copy of W (rounded to the plan's dtype by the engine)
+        return ((left if rows is None else left[rows]) @ right).add_(w)
 
     def release(self, name: str) -> None:
         self._factors.pop(name, None)

@@ -33,6 +33,10 @@ def expand_adapters(data: dict[str, Any], where: str) -> dict[str, Any]:
         raise PlanError(f"{where}: adapters{'[' + loc.replace('.', '].', 1) if loc else ''}: {err['msg']} "
                         "(each entry is {path, weight, parameters})") from None
     method = data.get("merge_method", DEFAULT_METHOD)
-    weighted = isinstance(method, str) and any(p.name == "weight" for p in get_method(method).params)
+    spec = get_method(method) if isinstance(method, str) else None
+    if spec is not None and spec.base == "model":
+        raise PlanError(f"{where}: adapters: {method} would count base_model as one more model; for a weighted sum of the "
+                        "adapters use task_arithmetic (with parameters: {normalize: true} for a weighted average)")
+    weighted = spec is not None and any(p.name == "weight" for p in spec.params)
     models = [{"model": f"{base}+{e.path}", "parameters": ({"weight": e.weight} if weighted else {}) | e.parameters} for e in entries]
     return {**{k: v for k, v in data.items() if k != "adapters"}, "merge_method": method, "models": models}

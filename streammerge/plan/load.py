@@ -82,7 +82,7 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
     method = get_method(plan.merge_method)
     _check_parameters(plan, method, where)
     if plan.adapter_output is not None:
-        check_combination(method, plan.adapter_output.combination)
+        check_combination(method, plan.adapter_output)
     return _resolve_paths(plan, root, where, cache_dir or plan.cache_dir)
 
 
