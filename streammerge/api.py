@@ -13,6 +13,7 @@ from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.finalize import write_model_files
 from streammerge.io.writer import StagedOutput
 from streammerge.journal import JOURNAL, Journal
+from streammerge.lora.output import write_adapter
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, read_documents
 from streammerge.schedule import Schedule, build_schedule
@@ -77,9 +78,13 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         journal = _open_journal(staged, sched)
         resumed = len(journal.entries)
         try:
-            sync = run_schedule(sched, staged, quiet, journal.finished, journal.record)
-            write_model_files(sched, staged, __version__)
-            staged.write_json(MANIFEST, manifest(sched, journal.entries))
+            if resolved.adapter_output is not None:
+                write_adapter(sched, staged, __version__)
+                sync = 0.0
+            else:
+                sync = run_schedule(sched, staged, quiet, journal.finished, journal.record)
+                write_model_files(sched, staged, __version__)
+                staged.write_json(MANIFEST, manifest(sched, journal.entries))
         except StreamMergeError as e:
             raise type(e)(f"{e}{_kept(staged)}") from None
         except OSError as e:

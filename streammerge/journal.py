@@ -50,9 +50,18 @@ def identity(schedule: Schedule) -> dict[str, Any]:
     return {
         "streammerge": __version__,
         "plan": hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
-        "inputs": {str(c.path): {f: list(v) for f, v in sorted(c.fingerprint().items())} for c in schedule.checkpoints},
+        "inputs": _inputs(schedule),
         "layout": layout.hexdigest(),
     }
+
+
+def _inputs(schedule: Schedule) -> dict[str, dict[str, list]]:
+    """Per input directory, its files' sizes and header hashes (models under adapters share a
+    directory: their adapters' files are added to it)."""
+    inputs: dict[str, dict[str, list]] = {}
+    for c in schedule.checkpoints:
+        inputs.setdefault(str(c.path), {}).update({f: list(v) for f, v in c.fingerprint().items()})
+    return {path: dict(sorted(files.items())) for path, files in inputs.items()}
 
 
 def _change(old: dict[str, Any], new: dict[str, Any]) -> str | None:

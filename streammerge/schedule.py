@@ -19,6 +19,7 @@ from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
 from streammerge.io.rows import RowMap
 from streammerge.io.safetensors_format import build_header
+from streammerge.lora.overlay import open_checkpoints
 from streammerge.methods import MergeMethod, TensorParams, get_method
 from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, is_pre_layer, is_vocab_tensor, layer_index,
                                            module_fragments, tied_partner, with_layer)
@@ -156,10 +157,8 @@ def build_schedule(plan: MergePlan) -> Schedule:
     merges = [plan] if plan.modules is None else list(plan.modules.values())
     slices = [s for m in merges for s in _slices(m, plan.base_model)]
     paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
-    checkpoints: list[Checkpoint] = []
+    checkpoints = open_checkpoints(paths)  # `model+adapter` references fold the adapter in as they are read
     try:
-        for p in paths:
-            checkpoints.append(Checkpoint(p))
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
         return _build(plan, method, groups, tuple(checkpoints), {p: i for i, p in enumerate(paths)})
     except BaseException:
@@ -496,4 +495,6 @@ def describe(schedule: Schedule) -> str:
         v = schedule.vocabulary
         lines.append(f"vocabulary    {len(v.tokens)} tokens ({plan.tokenizer_spec.source}), {v.rows} embedding rows")
     lines += [f"note          {n}" for n in schedule.notes]
+    if plan.adapter_output is not None:
+        lines.append(f"note          adapter_output: writes the merged LoRA adapter ({plan.adapter_output.combination}), not these shards")
     return "\n".join(lines)

@@ -36,7 +36,24 @@ def fetch(ref: str, cache_dir: str | None = None) -> Path:
             if "/" in shard or shard.startswith("."):
                 raise CheckpointError(f"{ref}: index names shard {shard!r} outside the model directory")
             hf_hub_download(repo, shard, revision=revision or None, cache_dir=cache_dir)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub ({type(e).__name__}: {reason})") from None
+    except _FETCH_ERRORS as e:
+        raise _fetch_error(ref, e) from None
     return root
+
+
+def fetch_adapter(ref: str, cache_dir: str | None = None) -> Path:
+    """The local snapshot directory of a PEFT adapter: its config and safetensors weights."""
+    repo, _, revision = ref.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir,
+                                      allow_patterns=["adapter_config.json", "adapter_model.safetensors"]))
+    except _FETCH_ERRORS as e:
+        raise _fetch_error(ref, e) from None
+
+
+_FETCH_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError)
+
+
+def _fetch_error(ref: str, e: Exception) -> CheckpointError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub ({type(e).__name__}: {reason})")

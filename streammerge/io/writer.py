@@ -8,7 +8,10 @@ killed run is kept, for the journal in it to resume from (see ``streammerge.jour
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +34,16 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
         raise
 
 
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range back now, without waiting (Linux sync_file_range)."""
+    if hasattr(_LIBC, "sync_file_range"):
+        _LIBC.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
+
+
 class ShardWriter:
     """One output shard: its exact header, then tensors (or row chunks of them) at known offsets.
 
@@ -48,16 +61,33 @@ class ShardWriter:
                 raise OutputError(f"{path}: not enough disk space for {size} bytes; free space and run again") from None
             os.ftruncate(self._fd, size)  # filesystems without fallocate
         _pwrite_all(self._fd, memoryview(header), 0, path)
+        self._hashing: dict[int, tuple[int, "hashlib._Hash"]] = {}  # end offset → (start, running hash)
 
     def write(self, offset: int, tensor: torch.Tensor) -> None:
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        _pwrite_all(self._fd, memoryview(data), offset, self.path)
+        """Write at ``offset`` and start its writeback now, so the sync that makes it durable has
+        little left to wait for. Consecutive writes (a tensor's row chunks) are hashed as they go."""
+        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        _pwrite_all(self._fd, data, offset, self.path)
+        _start_writeback(self._fd, offset, len(data))
+        start, h = self._hashing.pop(offset, (offset, None))
+        h = h or hashlib.sha256()
+        h.update(data)
+        self._hashing[offset + len(data)] = (start, h)
 
     def sync(self) -> None:
-        """Make every byte written so far durable."""
+        """Make every byte written so far durable, then let the page cache drop it: a cgroup-limited
+        session counts cached pages against its memory."""
         os.fdatasync(self._fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def sha256(self, offset: int, nbytes: int) -> str:
+        """The sha256 of bytes [offset, offset + nbytes): from the writes when they were consecutive,
+        else read back."""
+        start, h = self._hashing.get(offset + nbytes, (None, None))
+        if start == offset and h is not None:
+            del self._hashing[offset + nbytes]
+            return h.hexdigest()
         return sha256_range(self._fd, offset, nbytes, self.path)
 
     def close(self) -> None:

@@ -19,7 +19,10 @@ import yaml
 from streammerge.errors import PlanError
 from streammerge.io.hub import fetch, is_hub_reference
 from streammerge.methods import get_method
+from streammerge.lora.combine import check_combination
+from streammerge.lora.reference import resolve_adapter, split_reference
 from streammerge.methods.base import MergeMethod
+from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.schema import (NATIVE_KEYS, Conditional, MergePlan, ModelEntry, ModelToken, Module, OutputSlice, SliceSource,
                                      TokenSpec)
 from streammerge.tokenizer.chat_template import check_chat_template
@@ -67,6 +70,7 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
         raise PlanError(f"{where}: a plan is a YAML mapping with at least 'merge_method' and 'models', 'slices' or 'modules'")
     if strict is None:
         strict = any(k in data for k in NATIVE_KEYS)
+    data = expand_adapters(data, where)
     method = get_method(data["merge_method"]) if isinstance(data.get("merge_method"), str) else None
     data = _Cleaner(where, strict, method).plan(data)
     try:
@@ -79,6 +83,8 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
         problem = check_chat_template(plan.chat_template)
         if problem:
             raise PlanError(f"{where}: chat_template: {problem}")
+    if plan.adapter_output is not None:
+        check_combination(method, plan.adapter_output)
     return _resolve_paths(plan, root, where, cache_dir or plan.cache_dir)
 
 
@@ -208,6 +214,9 @@ def _leaves(value: Any) -> list[Any]:
 
 
 def _resolve(ref: str, root: Path, key: str, where: str, cache_dir: str | None) -> str:
+    model, adapter = split_reference(ref)
+    if adapter is not None:  # mergekit's `model+adapter`: a LoRA adapter folded into the model
+        return f"{_resolve(model, root, key, where, cache_dir)}+{resolve_adapter(adapter, root, f'{key} (adapter)', where, cache_dir)}"
     path = Path(ref).expanduser()
     for candidate in (path, root / path) if not path.is_absolute() else (path,):
         if candidate.is_dir():

@@ -23,7 +23,8 @@ ParamValue = Union[Scalar, Gradient, list[Conditional]]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
-NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy", "select", "cache_dir", "allow_nonfinite")
+NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy", "select", "cache_dir",
+               "allow_nonfinite", "adapters", "adapter_output")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -125,6 +126,24 @@ class Selection(BaseModel):
     keep_from_base: list[Literal["embeddings", "lm_head"]] = Field(default_factory=list)
 
 
+class AdapterEntry(BaseModel):
+    """A LoRA adapter of the native ``adapters:`` list, folded into ``base_model``."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    weight: float = 1.0
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class AdapterOutput(BaseModel):
+    """Write the merged adapter (a PEFT adapter directory) instead of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+    combination: Literal["cat", "svd"] = "cat"  # cat: the adapters' factors stacked (exact); svd: truncated to `rank`
+    rank: Optional[int] = Field(default=None, gt=0)  # svd's rank (default: the largest input rank)
+    clamp: Optional[float] = Field(default=None, gt=0, le=1)  # svd: clamp factors to this quantile of their entries
+
+
 class MergePlan(BaseModel):
     """A validated plan. Model paths are resolved; nothing has been read from the checkpoints yet."""
 
@@ -155,6 +174,7 @@ class MergePlan(BaseModel):
     select: Optional[Selection] = None
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
+    adapter_output: Optional[AdapterOutput] = None  # the merged LoRA adapter is the output
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":

@@ -1,0 +1,1 @@
+"""LoRA adapters: folded into their base as it is read, combined into one adapter, or merged as models."""
