@@ -155,12 +155,13 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
         out = args.cache_dir / "out" / f"{method}-{layers}L"
         sm = [sys.executable, "-m", "streammerge", "run", str(plan_file), str(out), "--overwrite"]
         runs = [("streammerge", sm)]
-        if args.max_memory:
+        compare = args.compare_layers is None or layers in args.compare_layers
+        if args.max_memory and compare:
             runs.append((f"streammerge --max-memory {args.max_memory}", sm + ["--max-memory", args.max_memory]))
-        if args.naive_layers is None or layers in args.naive_layers:
+        if compare:
             runs.append(("naive", [sys.executable, str(Path(__file__).parent / "naive_merge.py"), method,
                                    str(out / "model.safetensors"), *map(str, ins)]))
-        if args.mergekit:
+        if args.mergekit and compare:
             runs.append(("mergekit", [str(args.mergekit), str(plan_file), str(out), "--random-seed", "0"]))
         reference = None
         for tool, cmd in runs:
@@ -168,7 +169,7 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
             if tool == "naive":
                 out.mkdir(parents=True)
             row = {**info, **run_tool(tool, cmd, out, ins, work)}
-            if tool.startswith("streammerge") and row["ok"] and args.max_memory:
+            if tool.startswith("streammerge") and row["ok"] and args.max_memory and compare:
                 hashes = shard_hashes(out)
                 reference = reference or hashes
                 row["identical_to_default"] = hashes == reference
@@ -182,9 +183,12 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
 def cgroup_run(layers: int, limit: str, args: argparse.Namespace, work: Path) -> dict:
     """The ties merge inside a memory cgroup limited to ``limit`` (v2 or v1), or why it could not run."""
     limit_bytes = _size(limit)
-    for root, limit_file, peak_file in ((Path("/sys/fs/cgroup"), "memory.max", "memory.peak"),
-                                        (Path("/sys/fs/cgroup/unified"), "memory.max", "memory.peak"),
-                                        (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.max_usage_in_bytes")):
+    for root, marker, limit_file, peak_file in ((Path("/sys/fs/cgroup"), "cgroup.controllers", "memory.max", "memory.peak"),
+                                                (Path("/sys/fs/cgroup/unified"), "cgroup.controllers", "memory.max", "memory.peak"),
+                                                (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.limit_in_bytes",
+                                                 "memory.max_usage_in_bytes")):
+        if not (root / marker).is_file() or (marker == "cgroup.controllers" and "memory" not in (root / marker).read_text()):
+            continue  # not a cgroup hierarchy with the memory controller
         group = root / f"streammerge-bench-{os.getpid()}"
         try:
             group.mkdir()
@@ -300,7 +304,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"), help="generated checkpoints (reused) and outputs")
     ap.add_argument("--max-memory", help="also run streammerge with this --max-memory and check its bytes, e.g. 512M")
-    ap.add_argument("--naive-layers", type=int, nargs="*", help="layer counts to run the naive merge at (default: all; none: give the flag alone)")
+    ap.add_argument("--compare-layers", type=int, nargs="+",
+                    help="layer counts at which to run the naive merge, mergekit and --max-memory too (default: all)")
     ap.add_argument("--mergekit", type=Path, help="a mergekit-yaml executable (scripts/mergekit_venv.sh makes one)")
     ap.add_argument("--cgroup-limit", help="also run the ties merge at the largest layer count in a memory cgroup, e.g. 2GiB")
     ap.add_argument("--json", type=Path, help="write every measurement here")
@@ -314,15 +319,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="streammerge-compare-") as tmp:
         for layers in sorted(args.layers):
             rows += bench(layers, args.methods, args, Path(tmp))
+        print(table(rows), flush=True)
+        print()
+        for line in verdicts(rows, args.mergekit is not None):
+            print(line)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows}, indent=2))
         if args.cgroup_limit:
             cgroup = cgroup_run(max(args.layers), args.cgroup_limit, args, Path(tmp))
+            print(f"cgroup: {json.dumps(cgroup)}")
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(table(rows))
-    print()
-    for line in verdicts(rows, args.mergekit is not None):
-        print(line)
-    if cgroup:
-        print(f"cgroup: {json.dumps(cgroup)}")
     print(f"(parent peak RSS {parent:.0f} MiB: a floor under every ru_maxrss above)")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "cgroup": cgroup, "parent_peak_rss_mib": parent}, indent=2))
