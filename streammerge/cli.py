@@ -68,7 +68,7 @@ def main() -> None:
     parameters, dtype, out_dtype, tokenizer_source or tokenizer, chat_template; several documents
     run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
-    vocab_policy, select, cache_dir, adapters, adapter_output). Models are local directories or
+    vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output). Models are local directories or
     org/name[@revision] on the Hugging Face Hub; model+adapter folds a PEFT LoRA adapter in.
     """
     warnings.showwarning = _warn
