@@ -1,6 +1,6 @@
 """Straightforward float64 whole-tensor definitions of the methods, independent of the engine.
 
-Only the DARE mask comes from ``streammerge.methods.random.uniform``: the counter-based generator
+Only the DARE mask comes from ``streammerge.methods.random.Stream.uniform``: the counter-based generator
 *is* the specification of which entries are dropped.
 """
 
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from streammerge.methods.random import stream_key, uniform
+from streammerge.methods.random import Stream
 
 
 def linear(xs: list[torch.Tensor], ws: list[float], normalize: bool = True) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
 def _dare(delta: torch.Tensor, density: float, rescale: bool, seed: int, name: str, model_id: int) -> torch.Tensor:
     if density >= 1:
         return delta
-    keep = uniform(stream_key(seed, name, model_id), 0, delta.numel()).reshape(delta.shape) < density
+    keep = Stream(seed, name, model_id).uniform(0, delta.numel()).reshape(delta.shape).double() < density
     kept = delta * keep
     full, part = delta.abs().sum().item(), kept.abs().sum().item()
     if rescale and full >= 1e-7 and part >= 1e-7:

@@ -15,7 +15,7 @@ import streammerge
 from checkpoint_builder import Family
 from conftest import load_output, merge_with_chunk_sizes
 from streammerge.errors import PlanError
-from streammerge.methods.random import stream_key, uniform
+from streammerge.methods.random import Stream
 
 W = [0.8, 0.3, 0.6]
 D = [0.4, 0.5, 0.7]
@@ -52,7 +52,7 @@ def della(delta: torch.Tensor, density: float, eps: float, rescale: bool, seed: 
         return delta
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).double() / (rows.shape[1] - 1)
-    u = uniform(stream_key(seed, name, model_id), 0, delta.numel()).reshape(rows.shape)
+    u = Stream(seed, name, model_id).uniform(0, delta.numel()).reshape(rows.shape)
     return l1_rescaled(delta, (rows * (u < (density - eps) + rank * 2 * eps)).reshape(delta.shape), rescale)
 
 

@@ -34,7 +34,7 @@ def _count_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -
 
 
 # k = 0 keeps nothing: ``_selected`` handles it, the selection keeps all (None)
-_SELECT = top_k_passes(_variance, lambda chunk, stats: [stats["k"] or None], "sce")
+_SELECT = top_k_passes(_variance, lambda chunk, stats: [stats["k"] or None], "sce", elementwise=True)
 
 
 def _weight_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
@@ -64,7 +64,7 @@ def sce_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     """
     tv = _selected(chunk, stats)
     weights = torch.tensor(stats["weights"], dtype=tv.dtype).view(-1, *[1] * chunk.base.dim())
-    erased = weights * sign_agreement(tv)
+    erased = weights * torch.stack([m != 0 for m in sign_agreement(list(tv))])
     return chunk.base + (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
 
 

@@ -18,6 +18,7 @@ one chunk where the equal elements run out needs a running count.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -68,13 +69,19 @@ def _found(threshold: int, keep_equal: int, equal_here: list[int], row_starts: l
             "equal_before": dict(zip(row_starts, before)), "equal_here": dict(zip(row_starts, equal_here))}
 
 
-def top_k_passes(values: Values, counts: Counts, key: str) -> tuple[StatPass, ...]:
+def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = False) -> tuple[StatPass, ...]:
     """Passes that find, per model, the threshold keeping exactly ``counts(chunk, stats)[i]`` elements of
-    ``values(chunk)[i]`` by magnitude (``None`` = keep all). Results live in ``stats[key]``."""
+    ``values(chunk)[i]`` by magnitude (``None`` = keep all). Results live in ``stats[key]``.
+    ``elementwise``: each value depends only on the inputs at its own position, so the sample's
+    values are computed from the sampled inputs alone."""
 
     def sample_collect(chunk: Chunk, stats: Stats) -> dict:
         s = _stride(chunk)
         first = -chunk.element_start % s  # the flat indices ≡ 0 mod s, whatever the chunking
+        if elementwise:
+            sampled = replace(chunk, base=None if chunk.base is None else chunk.base.reshape(-1)[first::s],
+                              models=[x.reshape(-1)[first::s] for x in chunk.models])
+            return {"sample": [magnitude_keys(v) for v in values(sampled, stats)]}
         return {"sample": [magnitude_keys(v.reshape(-1)[first::s]) for v in values(chunk, stats)]}
 
     def sample_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:

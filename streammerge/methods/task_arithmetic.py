@@ -24,11 +24,12 @@ from typing import Callable
 
 import torch
 
+from streammerge.methods import float_bits
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
-from streammerge.methods.random import stream_key, uniform
+from streammerge.methods.random import Stream
 from streammerge.methods.registry import register
 from streammerge.methods.selection import top_k_mask, top_k_passes
-from streammerge.methods.task_vectors import sign_agreement, task_vectors
+from streammerge.methods.task_vectors import sign_agreement, sum_models, task_vectors
 
 _WEIGHT = Param("weight", float, required=True, per_model=True, doc="scale of the model's task vector")
 _DENSITY = Param("density", float, default=1.0, per_model=True, low=0.0, high=1.0, low_open=True, doc="fraction of the task vector kept")
@@ -66,7 +67,7 @@ def _sparsifier(keep: Keep) -> Sparsify:
             if _whole(chunk.params.models[i]["density"]):
                 out.append(d)
                 continue
-            kept = torch.where(keep(chunk, stats, i, d), d, 0)
+            kept = float_bits.select(d, float_bits.mask(keep(chunk, stats, i, d), d.dtype))
             if "l1_scale" in stats and stats["l1_scale"][i] != 1.0:
                 kept = kept * stats["l1_scale"][i]
             out.append(kept)
@@ -76,17 +77,18 @@ def _sparsifier(keep: Keep) -> Sparsify:
 
 
 def _row_sums(chunk: Chunk, a: torch.Tensor) -> torch.Tensor:
-    """Row sums of a chunk-shaped float64 tensor, scattered into a rows-long vector (exact to add)."""
-    return chunk.per_row(a.reshape(chunk.row_stop - chunk.row_start, -1).sum(1))
+    """Row sums in float64 of a chunk-shaped tensor, scattered into a rows-long vector (exact to add)."""
+    return chunk.per_row(a.reshape(chunk.row_stop - chunk.row_start, -1).sum(1, dtype=torch.float64))
 
 
 def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, deltas: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """‖δ_i‖₁ and ‖m_i ⊙ δ_i‖₁ per row, for ``_l1_finish``."""
     full, kept = [], []
     for i, d in enumerate(deltas):
-        a = d.abs().to(torch.float64)
+        a = d.abs()
         full.append(_row_sums(chunk, a))
-        kept.append(_row_sums(chunk, a if _whole(chunk.params.models[i]["density"]) else a * keep(chunk, stats, i, d)))
+        kept.append(_row_sums(chunk, a if _whole(chunk.params.models[i]["density"]) else
+                              float_bits.select(a, float_bits.mask(keep(chunk, stats, i, d), a.dtype))))
     return {"full": torch.stack(full), "kept": torch.stack(kept)}
 
 
@@ -110,8 +112,10 @@ def _with_rescale(passes: tuple[StatPass, ...], keep: Keep) -> Passes:
 
 def _bernoulli(chunk: Chunk, i: int, d: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Keep mask [u < p], u from the counter-based stream of (seed, tensor, model, element)."""
-    u = uniform(stream_key(chunk.seed, chunk.name, chunk.model_ids[i]), chunk.element_start, d.numel(), d.device)
-    return u.reshape(d.shape) < p
+    stream = Stream(chunk.seed, chunk.name, chunk.model_ids[i])
+    if isinstance(p, float):
+        return stream.below(p, chunk.element_start, d.numel(), d.device).reshape(d.shape)
+    return stream.uniform(chunk.element_start, d.numel(), d.device).reshape(d.shape) < p
 
 
 # --- TIES (Yadav et al., arXiv:2306.01708) -------------------------------------------------------
@@ -182,7 +186,7 @@ def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Te
 
 def _della_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     if len(chunk.shape) < 2:  # one engine row per element: gather |δ| to rank the whole tensor
-        return {"magnitude": torch.stack([_row_sums(chunk, d.abs().to(torch.float64)) for d in task_vectors(chunk, stats)])}
+        return {"magnitude": torch.stack([_row_sums(chunk, d.abs()) for d in task_vectors(chunk, stats)])}
     return _l1_rows(chunk, stats, _della_keep, task_vectors(chunk, stats)) if chunk.params.globals["rescale"] else {}
 
 
@@ -213,30 +217,31 @@ def _della_check(params: TensorParams) -> str | None:
 
 def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats], torch.Tensor]:
     def merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
-        base = chunk.base
         deltas = task_vectors(chunk, stats)
         if sparsify is not None:
             deltas = sparsify(chunk, stats, deltas)
-        deltas = torch.stack(deltas)
-        weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas.dtype).view(-1, *[1] * base.dim())
-        weighted = deltas * weights
+        # mergekit multiplies by a weight tensor of the working dtype: round each weight to it first.
+        # Per-model products, not a stacked tensor times broadcast weights: same rounding, a fifth of the time.
+        weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas[0].dtype).tolist()
+        weighted = [d * w for d, w in zip(deltas, weights)]
+        normalize = chunk.params.globals["normalize"]
         if consensus:
             agree = sign_agreement(weighted)
-            mixed = (weighted * agree).sum(0)
-            divisor = (weights * agree).sum(0)
-            divisor[divisor == 0] = 1
+            mixed = sum_models([float_bits.select(v, a) for v, a in zip(weighted, agree)])
+            if normalize:
+                divisor = sum_models([float_bits.constant(w, a, mixed.dtype) for a, w in zip(agree, weights)])
+                mixed /= float_bits.where_zero(divisor, 1)
         else:
-            mixed = weighted.sum(0)
-            divisor = weights.sum(0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if chunk.params.globals["normalize"]:
-            mixed /= divisor
+            mixed = sum_models(weighted)
+            if normalize:
+                total = torch.tensor(weights, dtype=mixed.dtype).sum()
+                mixed /= total if total.abs() >= 1e-8 else 1
         if chunk.params.globals["lambda"] != 1:
             mixed *= chunk.params.globals["lambda"]
         low, high = chunk.params.globals.get("clamp_min"), chunk.params.globals.get("clamp_max")
         if low is not None or high is not None:
             mixed = mixed.clamp(low, high)
-        return base + mixed
+        return chunk.base + mixed
 
     return merge
 
@@ -248,10 +253,10 @@ def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: boo
                          base="required", precision="load", paper=paper, passes=passes, doc=doc, check=check))
 
 
-_TOPK = _with_rescale(top_k_passes(task_vectors, _keep_count, "topk"), _top_k_keep)
+_TOPK = _with_rescale(top_k_passes(task_vectors, _keep_count, "topk", elementwise=True), _top_k_keep)
 _DARE = _with_rescale((), _dare_keep)
 # one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
-_BAND = _with_rescale(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band"), _band_keep)
+_BAND = _with_rescale(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band", elementwise=True), _band_keep)
 
 def _clamp_check(params: TensorParams) -> str | None:
     low, high = params.globals["clamp_min"], params.globals["clamp_max"]
