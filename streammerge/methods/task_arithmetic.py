@@ -218,7 +218,7 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
         if sparsify is not None:
             deltas = sparsify(chunk, stats, deltas)
         deltas = torch.stack(deltas)
-        weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas.dtype).view(-1, *[1] * base.dim())
+        weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas.dtype, device=deltas.device).view(-1, *[1] * base.dim())
         weighted = deltas * weights
         if consensus:
             agree = sign_agreement(weighted)
