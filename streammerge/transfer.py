@@ -8,7 +8,8 @@ while the next chunk merges. Pinning is slow, so the buffers are made once (grow
 does not fit) and a buffer is reused only after the copy that used it has finished.
 
 A GPU buffer made on one stream and used on another is marked with ``record_stream``, so the
-caching allocator does not hand it out again until the other stream is done with it.
+caching allocator does not hand it out again until the other stream is done with it. Events are
+blocking: a thread waiting for a copy sleeps instead of spinning on a core the merge could use.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class HostToDevice:
         with torch.cuda.stream(self._stream):
             buffer = torch.empty(total, dtype=torch.uint8, device=self._device)
             buffer.copy_(host, non_blocking=True)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(blocking=True)
             copied.record(self._stream)
         pinned.event = copied
         return InFlight([_as(buffer[at : at + t.nbytes], t) for t, at in zip(tensors, offsets)], buffer, copied)
@@ -133,7 +134,7 @@ class DeviceToHost:
         self._stream.wait_stream(torch.cuda.current_stream(self._device))  # the merge that made it
         with torch.cuda.stream(self._stream):
             host.copy_(tensor, non_blocking=True)
-            pinned.event = torch.cuda.Event()
+            pinned.event = torch.cuda.Event(blocking=True)
             pinned.event.record(self._stream)
         tensor.record_stream(self._stream)
         self._work.put((write, row_start, host, pinned))

@@ -40,6 +40,9 @@ def plan(name: str, extra: dict, base: Path, models: list[Path], dtype: str) -> 
     """A plan merging ``models`` (as many as the method takes) onto ``base`` (when it takes one)."""
     method = get_method(name)
     params = tensor_params(method, extra)
-    out = {"merge_method": name, "dtype": dtype, "parameters": dict(params.globals),
-           "models": [{"model": str(m), "parameters": dict(p)} for m, p in zip(models, params.models)]}
+    def given(values: Any) -> dict:  # a parameter without a value (clamp_min) is left out, not null
+        return {k: v for k, v in values.items() if v is not None}
+
+    out = {"merge_method": name, "dtype": dtype, "parameters": given(params.globals),
+           "models": [{"model": str(m), "parameters": given(p)} for m, p in zip(models, params.models)]}
     return out if method.base == "model" else {**out, "base_model": str(base)}

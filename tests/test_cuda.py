@@ -87,13 +87,13 @@ def test_journal_and_manifest_follow_the_writer_thread(fp32_family: Family, tmp_
 
 def test_a_nonfinite_result_stops_the_run_naming_the_tensor(fp32_family: Family, tmp_path: Path) -> None:
     plan = {**method_cases.plan("task_arithmetic", {}, fp32_family.base, fp32_family.models, "float32"),
-            "parameters": {"lambda": 1e38}}
+            "parameters": {"lambda": 1e300}}  # inf in float32
     with pytest.raises(streammerge.StreamMergeError, match="the merged result holds NaN or Inf"):
         streammerge.merge(plan, tmp_path / "out", quiet=True, device="cuda")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def big_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
     """Tensors of 8M float32 elements (32 MB per input): a whole-tensor merge needs ~0.6 GB on the GPU."""
     return write_family(tmp_path_factory.mktemp("big"), Arch(hidden=2048, intermediate=4096, layers=1, vocab=64, heads=16, kv_heads=16))
