@@ -34,8 +34,7 @@ _plan_options = [
                  help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
     click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]),
                  help="Where the merge kernels run: cpu (default), cuda (an error without a GPU), or auto (CUDA when present, "
-                      "else the CPU, as the summary says). Results match the CPU's within 1e-6 (float32) or 1 bf16 ulp; "
-                      "DARE/DELLA masks are identical."),
+                      "else the CPU, as the summary says)."),
     click.option("--max-gpu-memory", type=_Size(),
                  help="GPU memory for working chunks, e.g. 8GiB (default: 80% of the free GPU memory); a tensor that runs "
                       "out of GPU memory is merged again in smaller chunks."),
