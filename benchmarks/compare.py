@@ -137,14 +137,21 @@ def run_tool(tool: str, cmd: list[str], out: Path, inputs: list[Path], work: Pat
     return row
 
 
-def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path) -> list[dict]:
-    root = ensure_inputs(args.cache_dir, layers)
+def io_floor(layers: int, cache_dir: Path) -> tuple[list[Path], dict[Path, float], float]:
+    """The inputs for ``layers`` (generated once), each one's cold-read seconds, and the seconds of a
+    durable write of the output's size (the base's)."""
+    root = ensure_inputs(cache_dir, layers)
     dirs = [root / m for m in MODELS]
     read_s = {d: cold_read_seconds(d) for d in dirs}
     out_bytes = safetensors_bytes(dirs[0])
-    write_s = durable_write_seconds(args.cache_dir / "floor-write.tmp", out_bytes)
+    write_s = durable_write_seconds(cache_dir / "floor-write.tmp", out_bytes)
     print(f"{layers}L: cold read {', '.join(f'{d.name} {s:.1f} s' for d, s in read_s.items())}; "
           f"durable write of {out_bytes / 1e9:.2f} GB {write_s:.1f} s", file=sys.stderr)
+    return dirs, read_s, write_s
+
+
+def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path) -> list[dict]:
+    dirs, read_s, write_s = io_floor(layers, args.cache_dir)
     rows = []
     for method in methods:
         ins = inputs_of(method, dirs)

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from streammerge.engine import MergeResult, run_schedule
+from streammerge.engine import MergeResult, RunReport, run_schedule
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.finalize import write_model_files
 from streammerge.io.writer import StagedOutput
@@ -40,7 +40,7 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
     A merge that was killed or failed left its partial output in a staging directory beside
     ``output``; running it again resumes from there (``restart`` discards it and starts over).
     ``overrides`` replace native plan keys: ``shard_size``, ``max_memory``, ``chunk_size``,
-    ``compute_dtype``, ``seed``, ``allow_nonfinite``. ``strict``: unknown keys are errors rather than warnings
+    ``compute_dtype``, ``seed``, ``allow_nonfinite``, ``device`` (cpu, cuda, auto), ``max_gpu_memory``. ``strict``: unknown keys are errors rather than warnings
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
@@ -77,12 +77,12 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         staged = StagedOutput(destination, overwrite, restart)
         journal = _open_journal(staged, sched)
         resumed = len(journal.entries)
+        report = RunReport(0.0, (), None)
         try:
             if resolved.adapter_output is not None:
                 write_adapter(sched, staged, __version__)
-                sync = 0.0
             else:
-                sync = run_schedule(sched, staged, quiet, journal.finished, journal.record)
+                report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
                 write_model_files(sched, staged, __version__)
                 staged.write_json(MANIFEST, manifest(sched, journal.entries))
         except StreamMergeError as e:
@@ -94,10 +94,10 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         staged.remove(JOURNAL)  # a staging directory without a journal is started over, never trusted
         committed = time.perf_counter()
         staged.commit()
-        sync += time.perf_counter() - committed
-        notes = sched.notes + ((f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",) if resumed else ())
+        sync = report.sync_seconds + time.perf_counter() - committed
+        notes = sched.notes + report.notes + ((f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",) if resumed else ())
         return MergeResult(destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
-                           time.perf_counter() - started, sync, notes)
+                           time.perf_counter() - started, sync, notes, sched.device.description, report.peak_gpu_bytes)
     finally:
         sched.close()
 

@@ -32,6 +32,12 @@ _plan_options = [
     click.option("--chunk-size", type=click.IntRange(min=1), help="Elements per chunk (rounded to whole rows); overrides --max-memory."),
     click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float64"]),
                  help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
+    click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]),
+                 help="Where the merge kernels run: cpu (default), cuda (an error without a GPU), or auto (CUDA when present, "
+                      "else the CPU, as the summary says)."),
+    click.option("--max-gpu-memory", type=_Size(),
+                 help="GPU memory for working chunks, e.g. 8GiB (default: 80% of the free GPU memory); a tensor that runs "
+                      "out of GPU memory is merged again in smaller chunks."),
     click.option("--seed", type=int, help="Seed for random methods (dare_*, della*); the same seed gives the same bytes."),
     click.option("--allow-nonfinite", is_flag=True, default=None,
                  help="Merge inputs that hold NaN or Inf, and write non-finite results, instead of stopping."),
@@ -68,7 +74,7 @@ def main() -> None:
     parameters, dtype, out_dtype, tokenizer_source or tokenizer, chat_template; several documents
     run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
-    vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output). Models are local directories or
+    device, max_gpu_memory, vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output). Models are local directories or
     org/name[@revision] on the Hugging Face Hub; model+adapter folds a PEFT LoRA adapter in.
     """
     warnings.showwarning = _warn
@@ -103,9 +109,10 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
     if not quiet:
         for note in result.notes:
             click.echo(f"note: {note}", err=True)
+        gpu = "" if result.peak_gpu_bytes is None else f", peak GPU memory {result.peak_gpu_bytes / 2**30:.2f} GiB"
         click.echo(f"wrote {result.output}: {result.tensors} tensors in {result.shards} shard(s), "
-                   f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s ({result.sync_seconds:.1f} s of it syncing to disk)",
-                   err=True)
+                   f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s ({result.sync_seconds:.1f} s of it syncing to disk); "
+                   f"device: {result.device}{gpu}", err=True)
 
 
 @main.command("plan")

@@ -3,7 +3,10 @@
 The engine knows nothing about any method: it runs the method's statistics passes over the row
 chunks, then its merge, and writes each merged chunk at its precomputed offset. Every read the run
 will make is known from the schedule, so a reader thread performs them in that order, one chunk
-ahead of the merge (``pread`` and torch release the GIL): reading hides behind compute.
+ahead of the merge (``pread`` and torch release the GIL): reading hides behind compute. On a GPU
+the reader thread also starts each chunk's copy to the device, and a writer thread writes results
+back while the next chunk merges (``streammerge.transfer``). A tensor whose merge runs out of
+memory is merged again in chunks of half as many rows.
 """
 
 from __future__ import annotations
@@ -15,18 +18,20 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
-from streammerge.errors import CheckpointError, OutputError
+from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.io.rows import read_mapped
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
+from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, pinned_chunk_bytes
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,15 @@ class MergeResult:
     seconds: float
     sync_seconds: float  # of ``seconds``, spent making the output durable (fsync)
     notes: tuple[str, ...]
+    device: str = "cpu"  # where the kernels ran, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu (no CUDA)"
+    peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during the merge
+
+
+@dataclass(frozen=True)
+class RunReport:
+    sync_seconds: float  # spent in the final fsync
+    notes: tuple[str, ...]  # tensors merged again in smaller chunks after running out of memory
+    peak_gpu_bytes: int | None
 
 
 def _row_ranges(job: TensorJob) -> list[tuple[int, int]]:
@@ -87,10 +101,12 @@ def _to_compute(schedule: Schedule, job: TensorJob, raw: torch.Tensor) -> torch.
 
 class _ChunkReader:
     """Reads the row chunks of requested jobs in a background thread, in request order, at most
-    ``depth`` chunks ahead of the consumer. ``request(job)`` asks for one pass over the job's rows."""
+    ``depth`` chunks ahead of the consumer. ``request(job)`` asks for one pass over the job's rows.
+    With ``to_device`` the inputs of merged tensors are sent on to the GPU as they are read."""
 
-    def __init__(self, schedule: Schedule, depth: int):
+    def __init__(self, schedule: Schedule, depth: int, to_device: HostToDevice | None = None):
         self._schedule = schedule
+        self._to_device = to_device
         self._requests: queue.Queue = queue.Queue()
         self._chunks: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -113,7 +129,10 @@ class _ChunkReader:
         try:
             while (job := self._requests.get()) is not None:
                 for start, stop in _row_ranges(job):
-                    if not self._put(_read(self._schedule, job, start, stop)):
+                    chunk: list[torch.Tensor] | InFlight = _read(self._schedule, job, start, stop)
+                    if self._to_device is not None and job.method is not None:
+                        chunk = self._to_device.send(chunk)
+                    if not self._put(chunk):
                         return
         except BaseException as e:  # handed to the consumer, raised where the data is wanted
             self._put(e)
@@ -122,12 +141,14 @@ class _ChunkReader:
         item = self._chunks.get()
         if isinstance(item, BaseException):
             raise item
-        return item
+        return item.arrive() if isinstance(item, InFlight) else item
 
     def close(self) -> None:
         self._stop.set()
         self._requests.put(None)
         self._thread.join()
+        while not self._chunks.empty():  # chunks read ahead are freed now (on a GPU, before a retry needs the memory)
+            self._chunks.get_nowait()
 
 
 def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: int, stop: int) -> Chunk:
@@ -194,15 +215,55 @@ def _reuse_freed_memory() -> Iterator[None]:
         libc.malloc_trim(0)
 
 
+def _writing(schedule: Schedule, job: TensorJob, writer: ShardWriter, bar: tqdm) -> Callable[[int, torch.Tensor], None]:
+    """``write(row_start, tensor)`` for ``job``'s rows (bound to the job: a writer thread may call it later)."""
+    row_bytes = math.prod(job.shape[1:]) * job.out_dtype.itemsize if job.shape else 0
+
+    def write(row_start: int, tensor: torch.Tensor) -> None:
+        if not schedule.plan.allow_nonfinite and not _all_finite(tensor):
+            raise OutputError(f"tensor {job.name!r}: the merged result holds NaN or Inf (an overflow?); try "
+                              "compute_dtype: float32 or a wider out_dtype, or pass --allow-nonfinite to write it")
+        writer.write(job.offset + row_start * row_bytes, tensor)
+        bar.update(tensor.numel() * tensor.element_size())
+
+    return write
+
+
+def _halved(schedule: Schedule, job: TensorJob) -> TensorJob:
+    """``job`` in chunks of half as many rows, after it ran out of memory; an error at one row."""
+    rows = min(job.rows_per_chunk, job.rows)
+    if rows <= 1:
+        budget = (f"--max-gpu-memory {schedule.device_budget / 2**30:.2f} GiB for chunks" if schedule.device_budget is not None
+                  else "--max-memory " + (f"{schedule.plan.max_memory / 2**30:.2f} GiB" if schedule.plan.max_memory else "unset"))
+        raise StreamMergeError(f"tensor {job.name!r}: out of memory on {schedule.device.description} even one row per chunk "
+                               f"({budget}); free memory there (other processes?) or use --device cpu")
+    return replace(job, rows_per_chunk=rows // 2)
+
+
+def _transfers(schedule: Schedule) -> tuple[HostToDevice | None, DeviceToHost | None]:
+    """The GPU's copy pipelines, their pinned buffers sized for the largest merged chunk; none on the CPU."""
+    if not schedule.device.is_cuda:
+        return None, None
+    inputs = out = 0
+    for j in schedule.jobs:
+        if j.method is not None:
+            elements = min(j.rows_per_chunk, j.rows) * math.prod(j.shape[1:])
+            raw = [elements * schedule.checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in j.inputs]
+            inputs, out = max(inputs, pinned_chunk_bytes(raw)), max(out, elements * j.out_dtype.itemsize)
+    torch.cuda.reset_peak_memory_stats(schedule.device.torch)
+    return HostToDevice(schedule.device.torch, inputs), DeviceToHost(schedule.device.torch, out)
+
+
 def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, finished: frozenset[str] = frozenset(),
-                 done: Callable[[TensorJob, ShardWriter], None] | None = None) -> float:
+                 done: Callable[[TensorJob, ShardWriter], None] | None = None) -> RunReport:
     """Write every shard of the schedule into the staging directory, skipping the ``finished``
-    tensors (already written by an earlier run) and calling ``done`` after each one written.
-    Returns the seconds spent in the final fsync."""
+    tensors (already written by an earlier run) and calling ``done`` after each one written."""
     jobs = [j for j in schedule.jobs if j.name not in finished]
     writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
+    notes: list[str] = []
     with _reuse_freed_memory():
-        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS)
+        to_device, to_host = _transfers(schedule)
+        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, to_device)
         if jobs:
             reader.request(jobs[0])
         try:
@@ -210,29 +271,46 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                       desc="merging", dynamic_ncols=True) as bar:
                 bar.update(sum(j.out_bytes for j in schedule.jobs if j.name in finished))
                 for k, job in enumerate(jobs):
-                    row_bytes = math.prod(job.shape[1:]) * job.out_dtype.itemsize if job.shape else 0
                     writer = writers[job.shard]
-
-                    def write(row_start: int, tensor: torch.Tensor) -> None:
-                        if not schedule.plan.allow_nonfinite and not _all_finite(tensor):
-                            raise OutputError(f"tensor {job.name!r}: the merged result holds NaN or Inf (an overflow?); try "
-                                              "compute_dtype: float32 or a wider out_dtype, or pass --allow-nonfinite to write it")
-                        writer.write(job.offset + row_start * row_bytes, tensor)
-                        bar.update(tensor.numel() * tensor.element_size())
+                    write = _writing(schedule, job, writer, bar)
+                    if to_host is not None:
+                        write = partial(to_host.write, write)
 
                     def request_next(k: int = k) -> None:
                         if k + 1 < len(jobs):
                             reader.request(jobs[k + 1])
 
-                    merge_tensor(schedule, job, write, reader, request_next)
+                    first_rows = min(job.rows_per_chunk, job.rows)
+                    while True:
+                        try:
+                            merge_tensor(schedule, job, write, reader, request_next)
+                            break
+                        except torch.OutOfMemoryError:
+                            job = _halved(schedule, job)
+                        reader.close()  # its read-ahead is of the failed chunking; chunks already written are rewritten, same bytes
+                        if schedule.device.is_cuda:
+                            torch.cuda.empty_cache()
+                        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, to_device)
+                        reader.request(job)
+                    if job.rows_per_chunk < first_rows:
+                        notes.append(f"tensor {job.name!r}: out of memory in chunks of {first_rows} rows; "
+                                     f"merged in chunks of {job.rows_per_chunk}")
                     for src in job.inputs:
                         schedule.checkpoints[src.checkpoint].release(src.tensor)
                     if done is not None:
-                        done(job, writer)
+                        if to_host is None:
+                            done(job, writer)
+                        else:  # once the writer thread has written the tensor's last chunk
+                            to_host.then(partial(done, job, writer))
+                if to_host is not None:
+                    to_host.drain()
                 bar.update(sum(len(s.header) for s in schedule.shards))
         finally:
             reader.close()
+            if to_host is not None:
+                to_host.close()
             synced = time.perf_counter()
             for w in writers:
                 w.close()
-    return time.perf_counter() - synced
+    peak = torch.cuda.max_memory_allocated(schedule.device.torch) if schedule.device.is_cuda else None
+    return RunReport(time.perf_counter() - synced, tuple(notes), peak)

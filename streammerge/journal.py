@@ -25,8 +25,8 @@ from streammerge.schedule import Schedule, TensorJob
 
 JOURNAL = "streammerge-journal.jsonl"
 # Native keys that change how a merge runs but not a byte it writes: a run killed for memory may
-# resume with a smaller --max-memory, one stopped by a NaN input with --allow-nonfinite.
-_RUN_ONLY_KEYS = {"output", "max_memory", "chunk_size", "cache_dir", "allow_nonfinite"}
+# resume with a smaller --max-memory or --max-gpu-memory, one stopped by a NaN input with --allow-nonfinite.
+_RUN_ONLY_KEYS = {"output", "max_memory", "max_gpu_memory", "chunk_size", "cache_dir", "allow_nonfinite"}
 
 
 @dataclass(frozen=True)

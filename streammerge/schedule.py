@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import torch
 
+from streammerge.device import CPU, Device, device_budget, resolve_device
 from streammerge.errors import PlanError
 from streammerge.io.reader import Checkpoint
 from streammerge.io.rows import RowMap
@@ -97,6 +98,8 @@ class Schedule:
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the plan builds one
     chat_template: str | None = None
     module_layers: tuple[tuple[str, int], ...] = ()  # modules: (config.json key, layer count) of each
+    device: Device = CPU
+    device_budget: int | None = None  # GPU bytes for working chunks (None on the CPU)
 
     @property
     def write_bytes(self) -> int:
@@ -154,13 +157,14 @@ def _groups(plan: MergePlan, model_type: str | None) -> list[_Group]:
 
 def build_schedule(plan: MergePlan) -> Schedule:
     method = get_method(plan.merge_method)
+    device = resolve_device(plan.device)
     merges = [plan] if plan.modules is None else list(plan.modules.values())
     slices = [s for m in merges for s in _slices(m, plan.base_model)]
     paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
     checkpoints = open_checkpoints(paths)  # `model+adapter` references fold the adapter in as they are read
     try:
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
-        return _build(plan, method, groups, tuple(checkpoints), {p: i for i, p in enumerate(paths)})
+        return _build(plan, method, groups, tuple(checkpoints), {p: i for i, p in enumerate(paths)}, device)
     except BaseException:
         for c in checkpoints:
             c.close()
@@ -222,7 +226,7 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
 
 
 def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoints: tuple[Checkpoint, ...],
-           index: dict[str, int]) -> Schedule:
+           index: dict[str, int], device: Device) -> Schedule:
     resolved = [_slice_inputs(method, s, groups[0].where.format(k), index, checkpoints, groups[0].prefix) for k, s in enumerate(groups[0].slices)]
     total_layers = sum(len(sl.layers[0]) for sl in resolved)
     if plan.select and plan.select.layers:
@@ -230,7 +234,9 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         if bad:
             raise PlanError(f"select.layers: model has {total_layers} layers (0-{total_layers - 1}), got {bad[0]}")
     reference = resolved[0].checkpoints[0]
+    gpu = device_budget(device, plan.max_gpu_memory)  # first: it starts the CUDA context, part of the host baseline
     budget = _working_budget(plan)
+    gpu_budget = None if gpu is None else int(gpu * (1 - ALLOCATOR_SLACK))
     fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
     jobs: list[TensorJob] = []
     notes: list[str] = []
@@ -268,7 +274,11 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         else:  # copied unchanged from the donor (rounded to the output dtype)
             donor = sources[sl.donor]
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
-        jobs.append(replace(job, rows_per_chunk=_rows_per_chunk(plan, job, _bytes_per_element(checkpoints, job), budget)))
+        per_elem = _bytes_per_element(checkpoints, job)
+        rows = _rows_per_chunk(plan, job, per_elem, budget)
+        if gpu_budget is not None and job.method is not None:  # the same working set, on the GPU (host buffers stay within the host budget)
+            rows = min(rows, _rows_per_chunk(plan, job, per_elem, gpu_budget))
+        jobs.append(replace(job, rows_per_chunk=rows))
 
     def module_tensors(c: int, prefix: str) -> dict:
         """The tensors of checkpoint ``c`` under ``prefix``, by their names without it."""
@@ -304,7 +314,7 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, layer_counts[0][1], read_bytes, tuple(notes),
                     psutil.Process().memory_info().rss, peak, vocab, template,
-                    tuple((key, n) for key, n in layer_counts if key is not None))
+                    tuple((key, n) for key, n in layer_counts if key is not None), device, gpu_budget)
 
 
 def _add_group(prefix: str, resolved: list[_SliceInputs], add: Any, module_tensors: Any) -> int:
@@ -489,6 +499,10 @@ def describe(schedule: Schedule) -> str:
         f"write         {gib(schedule.write_bytes)}",
         f"peak memory   {gib(schedule.predicted_peak_rss)} predicted ({gib(schedule.baseline_rss)} process + {gib(schedule.peak_working_bytes)} largest chunk working set)",
     ]
+    if schedule.device_budget is not None:
+        lines.append(f"device        {schedule.device.description}, {gib(schedule.device_budget)} of GPU memory for chunks")
+    elif schedule.device.description != "cpu":
+        lines.append(f"device        {schedule.device.description}")
     dts = sorted({(str(j.compute_dtype), str(j.out_dtype)) for j in schedule.jobs if j.method is not None})
     lines.append("dtypes        " + ", ".join(f"compute {c.removeprefix('torch.')} -> write {o.removeprefix('torch.')}" for c, o in dts))
     if schedule.vocabulary is not None:

@@ -24,6 +24,7 @@ import streammerge
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = sorted(p.name for p in (GOLDEN / "cases").iterdir())
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
 def _expect(case: str) -> dict:
@@ -31,9 +32,9 @@ def _expect(case: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _run(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+def _run(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str) -> dict[str, torch.Tensor]:
     monkeypatch.chdir(GOLDEN)
-    streammerge.merge(GOLDEN / "cases" / case / "config.yml", tmp_path / case, quiet=True)
+    streammerge.merge(GOLDEN / "cases" / case / "config.yml", tmp_path / case, quiet=True, device=device)
     return load_file(str(tmp_path / case / "model.safetensors"))
 
 
@@ -61,9 +62,10 @@ def _statistics(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor], see
     assert abs(cos - seed_cos) < 0.03, cos
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_matches_mergekit(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    got = _run(case, tmp_path, monkeypatch)
+def test_matches_mergekit(case: str, device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    got = _run(case, tmp_path, monkeypatch, device)
     gold = load_file(str(GOLDEN / "cases" / case / "golden" / "model.safetensors"))
     assert got.keys() == gold.keys()
     expect = _expect(case)

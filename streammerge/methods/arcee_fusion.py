@@ -71,7 +71,7 @@ def arcee_fusion_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     Arcee AI, mergekit docs ("Arcee Fusion").
     """
     x, b = chunk.models[0], chunk.base
-    q1, median, q3 = (torch.tensor(q, dtype=b.dtype) for q in _quantiles(chunk, stats))
+    q1, median, q3 = (torch.tensor(q, dtype=b.dtype, device=b.device) for q in _quantiles(chunk, stats))
     mask = _importance(chunk, stats) >= median + 1.5 * (q3 - q1)
     return b + (x - b) * mask.to(b.dtype)
 

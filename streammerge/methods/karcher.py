@@ -24,7 +24,7 @@ def _coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor
         return (c @ cos @ c).clamp_min(0).sqrt()
 
     start = length(alpha)
-    c = alpha / start if start >= tol else torch.eye(len(norms), dtype=torch.float64)[int(valid.nonzero()[0])]  # first valid û
+    c = alpha / start if start >= tol else torch.eye(len(norms), dtype=torch.float64, device=gram.device)[int(valid.nonzero()[0])]  # first valid û
     for _ in range(max_iter):
         dots = (cos @ c).clamp(-1, 1)
         theta = dots.acos()

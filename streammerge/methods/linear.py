@@ -14,7 +14,7 @@ def linear_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     Model soups: Wortsman et al., "Model soups", ICML 2022 (arXiv 2203.05482).
     """
     weights = chunk.params.per_model("weight")
-    out = torch.stack(chunk.models).mul_(torch.tensor(weights, dtype=chunk.models[0].dtype).view(-1, *[1] * chunk.models[0].dim())).sum(0)
+    out = torch.stack(chunk.models).mul_(torch.tensor(weights, dtype=chunk.models[0].dtype, device=chunk.models[0].device).view(-1, *[1] * chunk.models[0].dim())).sum(0)
     if chunk.params.globals["normalize"]:
         out /= sum(weights)
     return out

@@ -14,7 +14,7 @@ from streammerge.methods.sphere import GRAM, combine
 
 def _coefficients(chunk: Chunk, gram: torch.Tensor) -> torch.Tensor:
     """c with out = Σ c_i x_i, from the Gram matrix of the x_i."""
-    w = torch.tensor(chunk.params.per_model("weight"), dtype=torch.float64)
+    w = torch.tensor(chunk.params.per_model("weight"), dtype=torch.float64, device=gram.device)
     if chunk.params.globals["normalize_weights"]:
         if w.sum() == 0:
             raise PlanError(f"models: multislerp weights sum to 0 for tensor {chunk.name!r} and cannot be normalized")

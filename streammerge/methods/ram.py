@@ -29,7 +29,7 @@ def _active(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _merge(chunk: Chunk, unique_scale: list[float]) -> torch.Tensor:
     tv, active, count = _active(chunk)
     tv = tv * active
-    scale = torch.tensor(unique_scale, dtype=tv.dtype).view(-1, *[1] * chunk.base.dim())
+    scale = torch.tensor(unique_scale, dtype=tv.dtype, device=tv.device).view(-1, *[1] * chunk.base.dim())
     # mergekit divides each shared entry by c before summing over the models
     return chunk.base + (tv * (count == 1) * scale + tv * (count > 1) / count.clamp(min=1)).sum(0)
 

@@ -63,7 +63,7 @@ def sce_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     Wan et al., "FuseChat: Knowledge Fusion of Chat Models" (arXiv 2408.07990).
     """
     tv = _selected(chunk, stats)
-    weights = torch.tensor(stats["weights"], dtype=tv.dtype).view(-1, *[1] * chunk.base.dim())
+    weights = torch.tensor(stats["weights"], dtype=tv.dtype, device=tv.device).view(-1, *[1] * chunk.base.dim())
     erased = weights * torch.stack([m != 0 for m in sign_agreement(list(tv))])
     return chunk.base + (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
 

@@ -42,9 +42,9 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
 
 def key_value(key: int, bits: int) -> float:
     """The magnitude a key stands for (``bits``: 16 or 32, the key width)."""
-    if bits == 16:
-        return torch.tensor(key, dtype=torch.int16).view(torch.bfloat16).item()
-    return torch.tensor(key, dtype=torch.int32).view(torch.float32).item()
+    if bits == 16:  # a host scalar whatever the device: only its bits are reinterpreted
+        return torch.tensor(key, dtype=torch.int16, device="cpu").view(torch.bfloat16).item()
+    return torch.tensor(key, dtype=torch.int32, device="cpu").view(torch.float32).item()
 
 
 def _stride(chunk: Chunk) -> int:
@@ -124,7 +124,7 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
                 continue
             parts = [part[i] for part in totals["inside"]]
             keys, where = torch.unique(torch.cat([u for u, _ in parts]), return_inverse=True)
-            counts = torch.zeros(len(keys), dtype=torch.int64).index_add_(0, where, torch.cat([c for _, c in parts]))
+            counts = torch.zeros(len(keys), dtype=torch.int64, device=keys.device).index_add_(0, where, torch.cat([c for _, c in parts]))
             if not above < k <= above + int(counts.sum()):
                 found.append("missed")
                 continue

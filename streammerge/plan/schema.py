@@ -23,8 +23,8 @@ ParamValue = Union[Scalar, Gradient, list[Conditional]]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
-NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "vocab_policy", "select", "cache_dir",
-               "allow_nonfinite", "adapters", "adapter_output")
+NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "max_gpu_memory", "vocab_policy",
+               "select", "cache_dir", "allow_nonfinite", "adapters", "adapter_output")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -169,7 +169,8 @@ class MergePlan(BaseModel):
     chunk_size: Optional[int] = Field(default=None, gt=0)
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
     seed: int = 0
-    device: Literal["cpu"] = "cpu"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the kernels run; auto: CUDA when present
+    max_gpu_memory: Optional[int] = None  # GPU bytes for working chunks (default: a share of the free memory)
     vocab_policy: Literal["truncate", "base"] = "truncate"
     select: Optional[Selection] = None
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
@@ -191,7 +192,7 @@ class MergePlan(BaseModel):
             return TokenizerSpec(source=self.tokenizer_source)
         return self.tokenizer
 
-    @field_validator("shard_size", "max_memory", mode="before")
+    @field_validator("shard_size", "max_memory", "max_gpu_memory", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
         return None if v is None else parse_size(v)
