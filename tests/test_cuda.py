@@ -19,7 +19,7 @@ import streammerge
 from checkpoint_builder import Arch, Family, write_family
 from conftest import load_output
 from streammerge.methods import Chunk, get_method
-from streammerge.methods.random import stream_key, uniform
+from streammerge.methods.random import Stream
 from streammerge.methods.task_arithmetic import _della_keep
 from streammerge.verify import verify
 
@@ -53,9 +53,11 @@ def test_every_method_matches_the_cpu(name: str, extra: dict, family: str, reque
     assert not off, f"{name} {extra}: {len(off)} tensors differ beyond tolerance, e.g. {off[0]}"
 
 
-def test_uniforms_and_della_masks_are_bit_identical() -> None:
-    key = stream_key(7, "model.layers.0.mlp.up_proj.weight", 1)
-    assert torch.equal(uniform(key, 12345, 1_000_003, "cuda").cpu(), uniform(key, 12345, 1_000_003))
+def test_draws_and_della_masks_are_bit_identical() -> None:
+    s = Stream(7, "model.layers.0.mlp.up_proj.weight", 1)
+    for start in (12345, 2**32 - 500_000):  # and across a 2³² block boundary
+        assert torch.equal(s.uniform(start, 1_000_003, "cuda").cpu(), s.uniform(start, 1_000_003))
+        assert torch.equal(s.below(0.3, start, 1_000_003, "cuda").cpu(), s.below(0.3, start, 1_000_003))
     method = get_method("della")
     params = method_cases.tensor_params(method, {})
     g = torch.Generator().manual_seed(0)

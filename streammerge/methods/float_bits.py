@@ -32,7 +32,7 @@ def select(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def constant(value: float, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``value`` (rounded to ``dtype``) where the mask is set, else +0."""
-    return m.bitwise_and(bits(torch.tensor(value, dtype=dtype)).item()).view(dtype)
+    return m.bitwise_and(bits(torch.tensor(value, dtype=dtype, device="cpu")).item()).view(dtype)
 
 
 def nonzero(x: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,7 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
             deltas = sparsify(chunk, stats, deltas)
         # mergekit multiplies by a weight tensor of the working dtype: round each weight to it first.
         # Per-model products, not a stacked tensor times broadcast weights: same rounding, a fifth of the time.
-        weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas[0].dtype).tolist()
+        weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas[0].dtype, device="cpu").tolist()
         weighted = [d * w for d, w in zip(deltas, weights)]
         normalize = chunk.params.globals["normalize"]
         if consensus:
@@ -234,8 +234,8 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
         else:
             mixed = sum_models(weighted)
             if normalize:
-                total = torch.tensor(weights, dtype=mixed.dtype).sum()
-                mixed /= total if total.abs() >= 1e-8 else 1
+                total = torch.tensor(weights, dtype=mixed.dtype, device="cpu").sum().item()  # rounded as mergekit's sum of its weight tensor
+                mixed /= total if abs(total) >= 1e-8 else 1
         if chunk.params.globals["lambda"] != 1:
             mixed *= chunk.params.globals["lambda"]
         low, high = chunk.params.globals.get("clamp_min"), chunk.params.globals.get("clamp_max")
