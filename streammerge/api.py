@@ -64,7 +64,7 @@ def _check_output_place(destination: Path, sched: Schedule) -> None:
 def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, restart: bool, quiet: bool,
                overrides: dict[str, Any]) -> MergeResult:
     from streammerge import __version__
-    from streammerge.verify import MANIFEST, manifest
+    from streammerge.verify import MANIFEST, holds_merge, manifest
 
     started = time.perf_counter()
     destination = output if output is not None else resolved.output
@@ -74,6 +74,9 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
     sched = build_schedule(_with_overrides(resolved, {**overrides, "output": str(destination)}))
     try:
         _check_output_place(destination.resolve(), sched)
+        if not overwrite and destination.is_dir() and holds_merge(destination, sched):
+            return MergeResult(destination, len(sched.jobs), len(sched.shards), 0, 0, time.perf_counter() - started, 0.0,
+                               sched.notes, sched.device.description, up_to_date=True)
         staged = StagedOutput(destination, overwrite, restart)
         journal = _open_journal(staged, sched)
         resumed = len(journal.entries)

@@ -46,6 +46,7 @@ class MergeResult:
     notes: tuple[str, ...]
     device: str = "cpu"  # where the kernels ran, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu (no CUDA)"
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during the merge
+    up_to_date: bool = False  # the output already held this merge: nothing was read or written
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The checksum manifest a merge writes into its output, and ``verify``, which checks an output against it.
 
 ``streammerge-manifest.json`` holds, per shard, its size, its header's sha256, every tensor's sha256
-and a shard checksum composed of those (``io.digest.shard_digest``). The per-tensor checksums come
-from the resume journal, so a resumed run writes the same manifest as an uninterrupted one.
+and a shard checksum composed of those (``io.digest.shard_digest``), and the merge's identity (the
+journal's: version, plan, inputs, layout). The per-tensor checksums come from the resume journal,
+so a resumed run writes the same manifest as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from streammerge.errors import StreamMergeError
 from streammerge.io.digest import shard_digest
 from streammerge.io.layout import INDEX
 from streammerge.io.reader import ShardReader
-from streammerge.journal import Entry
+from streammerge.journal import Entry, identity
 from streammerge.schedule import Schedule
 
 MANIFEST = "streammerge-manifest.json"
@@ -30,7 +31,17 @@ def manifest(schedule: Schedule, entries: dict[str, Entry]) -> dict[str, Any]:
         header = hashlib.sha256(s.header).hexdigest()
         shards[s.filename] = {"size": s.size, "header_sha256": header,
                               "sha256": shard_digest(header, list(tensors.values())), "tensors": tensors}
-    return {"format": "streammerge-manifest/1", "shards": shards}
+    return {"format": "streammerge-manifest/1", "shards": shards, "merge": identity(schedule)}
+
+
+def holds_merge(path: Path, schedule: Schedule) -> bool:
+    """Whether ``path`` is this schedule's finished output: a run that was stopped after its output
+    was committed, before it could report success, is then complete, and running it again is not
+    an error. (Its bytes are checked by ``verify``, not here.)"""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("merge") == identity(schedule)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def verify(path: Path) -> tuple[list[str], dict[str, int]]:

@@ -75,6 +75,21 @@ def test_overwrite_replaces_an_existing_output(fp32_family: Family, tmp_path: Pa
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
 
 
+def test_running_a_finished_merge_again_is_up_to_date(fp32_family: Family, tmp_path: Path) -> None:
+    """A run killed after its output was committed (before it reported success) is complete: the same
+    command again exits 0 and touches nothing; another plan into that output is still refused."""
+    out = tmp_path / "out"
+    plan = _write(tmp_path, _plan(fp32_family))
+    assert _invoke("run", plan, out, "-q").exit_code == 0
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    again = _invoke("run", plan, out)
+    assert again.exit_code == 0 and "already holds this merge's finished output" in again.output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    other = _write(tmp_path, {**_plan(fp32_family), "seed": 9})
+    refused = _invoke("run", other, out)
+    assert refused.exit_code == 1 and "output already exists; pass --overwrite" in refused.output
+
+
 def _mismatched(tmp_path: Path, family: Family) -> dict:
     tensors = dict(family.tensors[family.models[0]])
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
