@@ -87,7 +87,7 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
             else:
                 report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
                 write_model_files(sched, staged, __version__)
-                staged.write_json(MANIFEST, manifest(sched, journal.entries))
+                staged.write_json(MANIFEST, manifest(sched, journal.entries, journal.identity))
         except StreamMergeError as e:
             raise type(e)(f"{e}{_kept(staged)}") from None
         except OSError as e:

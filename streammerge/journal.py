@@ -107,7 +107,7 @@ class Journal:
             os.close(self._lock)
             raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it to finish") from None
         try:
-            ident = identity(schedule)
+            self.identity = ident = identity(schedule)
             self.entries = self._resumable(staging, ident, schedule) if self.path.exists() else {}
             # Rewritten compactly and atomically (a torn last line, or a tensor that no longer
             # checks out, must not stay in it), then appended to.

@@ -23,15 +23,16 @@ from streammerge.schedule import Schedule
 MANIFEST = "streammerge-manifest.json"
 
 
-def manifest(schedule: Schedule, entries: dict[str, Entry]) -> dict[str, Any]:
-    """The manifest of a finished run: ``entries`` holds every tensor's journal entry."""
+def manifest(schedule: Schedule, entries: dict[str, Entry], merge: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a finished run: ``entries`` holds every tensor's journal entry, ``merge`` the
+    journal's identity of the run."""
     shards = {}
     for s in schedule.shards:
         tensors = {name: entries[name].sha256 for name in s.tensors}  # in file order: the schedule placed them so
         header = hashlib.sha256(s.header).hexdigest()
         shards[s.filename] = {"size": s.size, "header_sha256": header,
                               "sha256": shard_digest(header, list(tensors.values())), "tensors": tensors}
-    return {"format": "streammerge-manifest/1", "shards": shards, "merge": identity(schedule)}
+    return {"format": "streammerge-manifest/1", "shards": shards, "merge": merge}
 
 
 def holds_merge(path: Path, schedule: Schedule) -> bool:
