@@ -1,7 +1,11 @@
 """Exact k-th largest magnitude over a tensor seen in row chunks, without sorting it.
 
 Magnitudes are compared as integer keys that order like |x|: the bits of a bfloat16 |x| (16-bit
-keys), else of |x| widened to float32. Selection is a sample-guided bracket (Floyd–Rivest):
+keys), else of |x| widened to float32 (32-bit keys).
+
+16-bit keys take one pass: a histogram of all 2¹⁵ keys per chunk, kept as its non-empty bins,
+finds the k-th largest exactly. That costs less than a sample pass, which reads the whole tensor
+once more for a strided sample. 32-bit keys use a sample-guided bracket (Floyd–Rivest):
 
 1. A strided sample of the keys (stride coprime with the row length, so it crosses every column)
    predicts where the k-th largest lies; a band of ±4σ sample ranks around that is chosen.
@@ -63,6 +67,15 @@ def _from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, above
 
 
+def _key_counts(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct keys, ascending, and how often each occurs."""
+    if keys.dtype == torch.int16:  # 2¹⁵ possible keys: a histogram costs less than sorting
+        hist = torch.bincount(keys.to(torch.int32), minlength=_HI_BINS)
+        present = hist.nonzero().reshape(-1)
+        return present.to(torch.int32), hist[present]
+    return torch.unique(keys.to(torch.int32), return_counts=True)
+
+
 def _found(threshold: int, keep_equal: int, equal_here: list[int], row_starts: list[int]) -> dict:
     before = [sum(equal_here[:c]) for c in range(len(equal_here))]
     return {"threshold": threshold, "keep_equal": keep_equal,
@@ -75,14 +88,21 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
     ``elementwise``: each value depends only on the inputs at its own position, so the sample's
     values are computed from the sampled inputs alone."""
 
-    def sample_collect(chunk: Chunk, stats: Stats) -> dict:
+    def first_collect(chunk: Chunk, stats: Stats) -> dict:
+        """16-bit keys: every key, counted (the band is all of them). 32-bit keys: the sample."""
         s = _stride(chunk)
         first = -chunk.element_start % s  # the flat indices ≡ 0 mod s, whatever the chunking
         if elementwise:
             sampled = replace(chunk, base=None if chunk.base is None else chunk.base.reshape(-1)[first::s],
                               models=[x.reshape(-1)[first::s] for x in chunk.models])
-            return {"sample": [magnitude_keys(v) for v in values(sampled, stats)]}
-        return {"sample": [magnitude_keys(v.reshape(-1)[first::s]) for v in values(chunk, stats)]}
+            keys = [magnitude_keys(v) for v in values(sampled, stats)]
+            if keys[0].dtype != torch.int16:
+                return {"sample": keys}
+        vals = values(chunk, stats)
+        if vals[0].dtype == torch.bfloat16:
+            counted = [None if k is None else _key_counts(magnitude_keys(v)) for v, k in zip(vals, counts(chunk, stats))]
+            return {"above": [0] * len(vals), "inside": counted, "row_start": chunk.row_start}
+        return {"sample": [magnitude_keys(v.reshape(-1)[first::s]) for v in vals]}
 
     def sample_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
         ks, n, exhaustive = counts(chunk, stats), chunk.numel, _stride(chunk) == 1
@@ -97,8 +117,12 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
             margin = 0.0 if exhaustive else _BAND_SIGMAS * math.sqrt(m) + 2
             hi_rank, lo_rank = math.floor(at - margin) - 1, math.ceil(at + margin) - 1
             bands.append((int(sample[lo_rank]) if lo_rank < m else 0, int(sample[hi_rank]) if hi_rank >= 0 else None))
-        bits = 16 if totals["sample"][0][0].dtype == torch.int16 else 32
-        return {**stats, key: {"k": ks, "bits": bits, "band": bands}}
+        return {**stats, key: {"k": ks, "bits": 32, "band": bands}}
+
+    def first_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
+        if "sample" in totals:
+            return sample_finish(totals, chunk, stats)
+        return band_finish(totals, chunk, {**stats, key: {"k": counts(chunk, stats), "bits": 16}})
 
     def band_collect(chunk: Chunk, stats: Stats) -> dict:
         """Per model: how many keys lie above the band, and the distinct keys inside it with their
@@ -110,8 +134,7 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
                 continue
             keys, (lo, hi) = magnitude_keys(v), band
             above.append(0 if hi is None else int(torch.count_nonzero(keys > hi)))
-            within = keys[keys >= lo] if hi is None else keys[(keys >= lo) & (keys <= hi)]
-            inside.append(torch.unique(within.to(torch.int32), return_counts=True))
+            inside.append(_key_counts(keys[keys >= lo] if hi is None else keys[(keys >= lo) & (keys <= hi)]))
         return {"above": above, "inside": inside, "row_start": chunk.row_start}
 
     def band_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
@@ -133,6 +156,9 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
             found.append(_found(t, k - above - above_t, [int(c[u == t].sum()) for u, c in parts], totals["row_start"]))
         return {**stats, key: {**sel, "found": found}}
 
+    def banded(stats: Stats) -> bool:
+        return "found" not in stats[key]
+
     def missed(stats: Stats) -> bool:
         return "missed" in stats[key]["found"]
 
@@ -140,8 +166,7 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
         hists = []
         for v, f in zip(values(chunk, stats), stats[key]["found"]):
             keys = magnitude_keys(v)
-            hists.append(torch.bincount((keys.to(torch.int32) if keys.dtype == torch.int16 else keys >> 16), minlength=_HI_BINS)
-                         if f == "missed" else None)
+            hists.append(torch.bincount(keys >> 16, minlength=_HI_BINS) if f == "missed" else None)
         return {"hi": hists, "row_start": chunk.row_start}
 
     def hi_finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
@@ -150,12 +175,8 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
         for i, (k, f) in enumerate(zip(sel["k"], found)):
             if f != "missed":
                 continue
-            per_chunk = [part[i] for part in totals["hi"]]
-            bucket, above = _from_top(sum(per_chunk), k)
-            if sel["bits"] == 16:  # the top bits are the whole key
-                found[i] = _found(bucket, k - above, [int(h[bucket]) for h in per_chunk], totals["row_start"])
-            else:
-                found[i] = ("bucket", bucket, above)
+            bucket, above = _from_top(sum(part[i] for part in totals["hi"]), k)
+            found[i] = ("bucket", bucket, above)
         return {**stats, key: {**sel, "found": found}}
 
     def lo_collect(chunk: Chunk, stats: Stats) -> dict:
@@ -184,8 +205,8 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
     def bucketed(stats: Stats) -> bool:
         return any(isinstance(f, tuple) for f in stats[key]["found"])
 
-    return (StatPass(sample_collect, sample_finish, per_chunk=True),
-            StatPass(band_collect, band_finish, per_chunk=True),
+    return (StatPass(first_collect, first_finish, per_chunk=True),
+            StatPass(band_collect, band_finish, per_chunk=True, when=banded),
             StatPass(hi_collect, hi_finish, per_chunk=True, when=missed),
             StatPass(lo_collect, lo_finish, per_chunk=True, when=bucketed))
 
