@@ -3,10 +3,12 @@
 The engine knows nothing about any method: it runs the method's statistics passes over the row
 chunks, then its merge, and writes each merged chunk at its precomputed offset. Every read the run
 will make is known from the schedule, so a reader thread performs them in that order, one chunk
-ahead of the merge (``pread`` and torch release the GIL): reading hides behind compute. On a GPU
-the reader thread also starts each chunk's copy to the device, and a writer thread writes results
-back while the next chunk merges (``streammerge.transfer``). A tensor whose merge runs out of
-memory is merged again in chunks of half as many rows.
+ahead of the merge (``pread`` and torch release the GIL), and a writer thread checks, hashes and
+writes each merged chunk while the next one merges: reading and writing hide behind compute. While
+a tensor merges, the disk already reads the next one's inputs into the page cache. On a GPU the
+reader thread also starts each chunk's copy to the device, and results come back through pinned
+buffers (``streammerge.transfer``). A tensor whose merge runs out of memory is merged again in
+chunks of half as many rows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.io.rows import read_mapped
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
-from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
+from streammerge.io.write_behind import WriteBehind
+from streammerge.schedule import READ_AHEAD_CHUNKS, WRITE_BEHIND_CHUNKS, Schedule, Source, TensorJob
 from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, pinned_chunk_bytes
 
 
@@ -80,11 +83,12 @@ def _all_finite(x: torch.Tensor) -> bool:
     return not x.is_floating_point() or bool(x.sum().isfinite()) or bool(torch.isfinite(x).all())
 
 
-def _read(schedule: Schedule, job: TensorJob, start: int, stop: int) -> list[torch.Tensor]:
+def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool) -> list[torch.Tensor]:
+    """The chunk's raw inputs; with ``check``, refused if one holds NaN or Inf."""
     out = []
     for src in job.inputs:
         raw = _read_source(schedule, job, src, start, stop)
-        if not schedule.plan.allow_nonfinite and not _all_finite(raw):
+        if check and not schedule.plan.allow_nonfinite and not _all_finite(raw):
             ckpt = schedule.checkpoints[src.checkpoint]
             raise CheckpointError(f"{ckpt.file_of(src.tensor)}: tensor {src.tensor!r} holds NaN or Inf; "
                                   "fix the input, or pass --allow-nonfinite (allow_nonfinite: true) to merge it as it is")
@@ -127,10 +131,12 @@ class _ChunkReader:
         return False
 
     def _run(self) -> None:
+        checked = None  # the job whose inputs were checked: its later passes read the same bytes
         try:
             while (job := self._requests.get()) is not None:
+                check, checked = job.name != checked, job.name
                 for start, stop in _row_ranges(job):
-                    chunk: list[torch.Tensor] | InFlight = _read(self._schedule, job, start, stop)
+                    chunk: list[torch.Tensor] | InFlight = _read(self._schedule, job, start, stop, check)
                     if self._to_device is not None and job.method is not None:
                         chunk = self._to_device.send(chunk)
                     if not self._put(chunk):
@@ -241,10 +247,11 @@ def _halved(schedule: Schedule, job: TensorJob) -> TensorJob:
     return replace(job, rows_per_chunk=rows // 2)
 
 
-def _transfers(schedule: Schedule) -> tuple[HostToDevice | None, DeviceToHost | None]:
-    """The GPU's copy pipelines, their pinned buffers sized for the largest merged chunk; none on the CPU."""
+def _transfers(schedule: Schedule) -> tuple[HostToDevice | None, DeviceToHost | WriteBehind]:
+    """The GPU's copy pipelines, their pinned buffers sized for the largest merged chunk; on the CPU,
+    no copies in and a writer thread out."""
     if not schedule.device.is_cuda:
-        return None, None
+        return None, WriteBehind(WRITE_BEHIND_CHUNKS)
     inputs = out = 0
     for j in schedule.jobs:
         if j.method is not None:
@@ -263,7 +270,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
     writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
     notes: list[str] = []
     with _reuse_freed_memory():
-        to_device, to_host = _transfers(schedule)
+        to_device, writes = _transfers(schedule)
         reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, to_device)
         if jobs:
             reader.request(jobs[0])
@@ -274,13 +281,15 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                 for k, job in enumerate(jobs):
                     writer = writers[job.shard]
                     write = _writing(schedule, job, writer, bar)
-                    if to_host is not None:
-                        write = partial(to_host.write, write)
+                    write = partial(writes.write, write)
 
                     def request_next(k: int = k) -> None:
                         if k + 1 < len(jobs):
                             reader.request(jobs[k + 1])
 
+                    if k + 1 < len(jobs):  # the disk reads the next tensor while this one's passes run on the CPU
+                        for src in jobs[k + 1].inputs:
+                            schedule.checkpoints[src.checkpoint].prefetch(src.tensor)
                     first_rows = min(job.rows_per_chunk, job.rows)
                     while True:
                         try:
@@ -298,18 +307,13 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                                      f"merged in chunks of {job.rows_per_chunk}")
                     for src in job.inputs:
                         schedule.checkpoints[src.checkpoint].release(src.tensor)
-                    if done is not None:
-                        if to_host is None:
-                            done(job, writer)
-                        else:  # once the writer thread has written the tensor's last chunk
-                            to_host.then(partial(done, job, writer))
-                if to_host is not None:
-                    to_host.drain()
+                    if done is not None:  # once the writer thread has written the tensor's last chunk
+                        writes.then(partial(done, job, writer))
+                writes.drain()
                 bar.update(sum(len(s.header) for s in schedule.shards))
         finally:
             reader.close()
-            if to_host is not None:
-                to_host.close()
+            writes.close()
             synced = time.perf_counter()
             for w in writers:
                 w.close()

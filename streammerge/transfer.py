@@ -15,14 +15,13 @@ blocking: a thread waiting for a copy sleeps instead of spinning on a core the m
 from __future__ import annotations
 
 import queue
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from streammerge.io.write_behind import Write, WriteBehind
+
 _ALIGN = 256  # byte alignment of each input inside a chunk's buffer: every dtype's views stay aligned
-Write = Callable[[int, torch.Tensor], None]  # (row_start, host tensor) -> written
 
 
 class _Pinned:
@@ -108,10 +107,8 @@ class HostToDevice:
 
 
 class DeviceToHost:
-    """The merge's end: ``write`` copies a merged chunk to a pinned buffer without waiting; a writer
-    thread writes it to disk when the copy is done. ``then(f)`` runs ``f`` in that thread after every
-    write handed over before it (a finished tensor's journal entry). The writer thread's first error
-    stops every later write and ``then``, and is raised by each later call."""
+    """The merge's end on a GPU: ``write`` copies a merged chunk to a pinned buffer without waiting,
+    and a ``WriteBehind`` thread writes it to disk when the copy is done."""
 
     def __init__(self, device: torch.device, chunk_bytes: int):
         self._device = device
@@ -119,15 +116,12 @@ class DeviceToHost:
         self._free: queue.Queue[_Pinned] = queue.Queue()
         for _ in range(2):  # double-buffered: one copies back while the other is written
             self._free.put(_Pinned(chunk_bytes))
-        self._work: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
-        self._thread.start()
+        self._behind = WriteBehind()  # bounded by the two buffers
+        self.then, self.drain, self.close = self._behind.then, self._behind.drain, self._behind.close
 
     def write(self, write: Write, row_start: int, tensor: torch.Tensor) -> None:
-        self._raise()
         if not tensor.is_cuda:  # copied tensors never went to the GPU
-            self._work.put(lambda: write(row_start, tensor))
+            self._behind.write(write, row_start, tensor)
             return
         pinned = self._free.get()
         host = _as(pinned.take(tensor.nbytes), tensor)
@@ -137,44 +131,9 @@ class DeviceToHost:
             pinned.event = torch.cuda.Event(blocking=True)
             pinned.event.record(self._stream)
         tensor.record_stream(self._stream)
-        self._work.put((write, row_start, host, pinned))
 
-    def then(self, f: Callable[[], None]) -> None:
-        self._raise()
-        self._work.put(f)
+        def run() -> None:
+            pinned.wait()
+            write(row_start, host)
 
-    def drain(self) -> None:
-        """Wait until everything handed over is written; raise the writer thread's error if any."""
-        done = threading.Event()
-        self._work.put(done)
-        done.wait()
-        self._raise()
-
-    def close(self) -> None:
-        """Finish the writes handed over and stop the thread."""
-        self._work.put(None)
-        self._thread.join()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        while (item := self._work.get()) is not None:
-            if isinstance(item, threading.Event):  # drain's signal
-                item.set()
-                continue
-            pinned = item[3] if isinstance(item, tuple) else None
-            try:
-                if self._error is None:  # after an error nothing more is written or journaled
-                    if pinned is None:
-                        item()
-                    else:
-                        write, row_start, host, _ = item
-                        pinned.wait()
-                        write(row_start, host)
-            except BaseException as e:  # raised in the merging thread by its next call
-                self._error = e
-            finally:
-                if pinned is not None:
-                    self._free.put(pinned)
+        self._behind.put(run, release=lambda: self._free.put(pinned))
