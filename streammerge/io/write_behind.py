@@ -22,6 +22,7 @@ class WriteBehind:
     stops every later write and ``then``, and is raised by each later call."""
 
     def __init__(self, depth: int = 0):
+        """``depth`` 0: unbounded (the caller bounds what it hands over)."""
         self._work: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)

@@ -77,7 +77,7 @@ class Chunk:
 class StatPass:
     collect: Callable[[Chunk, Stats], dict[str, Any]]
     finish: Callable[[dict[str, Any], Chunk, Stats], Stats]
-    per_chunk: bool = False  # finish gets each key's partials as a list in chunk order, not their sum
+    per_chunk: bool | frozenset[str] = False  # finish gets each key's (or these keys') partials as a list in chunk order, not their sum
     when: Callable[[Stats], bool] | None = None  # run only when this holds for the stats so far
 
 
@@ -91,7 +91,7 @@ def run_passes(passes: Iterable[StatPass], chunks: Callable[[], Iterable[Chunk]]
         last = None
         for c in chunks():
             for key, part in p.collect(c, stats).items():
-                if p.per_chunk:
+                if p.per_chunk is True or (p.per_chunk and key in p.per_chunk):
                     totals.setdefault(key, []).append(part)
                 else:
                     totals[key] = totals[key] + part if key in totals else part

@@ -116,11 +116,10 @@ def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, deltas: list[torch.Tensor],
 
 def _l1_pass(keep: Keep) -> StatPass:
     def finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
-        stats = _l1_finish({"full": sum(totals["full"]), "kept": sum(totals["kept"])}, chunk, stats)
-        return {**stats, "packed_masks": dict(zip(totals["row_start"], totals["packed"]))}
+        return {**_l1_finish(totals, chunk, stats), "packed_masks": dict(zip(totals["row_start"], totals["packed"]))}
 
     return StatPass(lambda chunk, stats: _l1_rows(chunk, stats, keep, task_vectors(chunk, stats), pack=True), finish,
-                    per_chunk=True)
+                    per_chunk=frozenset({"packed", "row_start"}))
 
 
 def _l1_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
