@@ -33,8 +33,8 @@ from streammerge.io.rows import read_mapped
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
 from streammerge.io.write_behind import WriteBehind
-from streammerge.schedule import READ_AHEAD_CHUNKS, WRITE_BEHIND_CHUNKS, Schedule, Source, TensorJob
-from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, pinned_chunk_bytes
+from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
+from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, chunk_layout
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,17 @@ def _row_ranges(job: TensorJob) -> list[tuple[int, int]]:
     return [(start, min(start + job.rows_per_chunk, job.rows)) for start in range(0, job.rows, job.rows_per_chunk)]
 
 
-def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of one input; rows past a shorter input's end come from ``inputs[0]``."""
+def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, stop: int,
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of one input (in ``into`` if it is read as stored); rows past a shorter
+    input's end come from ``inputs[0]``."""
     ckpt = schedule.checkpoints[src.checkpoint]
     if not job.shape:
         return ckpt.read(src.tensor)
     if src.row_map is not None:
         return read_mapped(schedule.checkpoints, src.checkpoint, src.tensor, src.row_map, start, stop, job.load_dtype)
     if src.rows is None or stop <= src.rows:
-        return ckpt.read(src.tensor, slice(start, stop))
+        return ckpt.read(src.tensor, slice(start, stop), into)
     own = ckpt.read(src.tensor, slice(start, max(start, src.rows)))
     fill = _read_source(schedule, job, job.inputs[0], max(start, src.rows), stop)
     return torch.cat([own, fill.to(own.dtype)])
@@ -83,11 +85,19 @@ def _all_finite(x: torch.Tensor) -> bool:
     return not x.is_floating_point() or bool(x.sum().isfinite()) or bool(torch.isfinite(x).all())
 
 
-def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool) -> list[torch.Tensor]:
-    """The chunk's raw inputs; with ``check``, refused if one holds NaN or Inf."""
+def _chunk_bytes(schedule: Schedule, job: TensorJob, rows: int) -> list[int]:
+    """Bytes of each input's ``rows`` rows, as stored."""
+    row = math.prod(job.shape[1:]) if job.shape else 1
+    return [rows * row * schedule.checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs]
+
+
+def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool, buffer: torch.Tensor) -> list[torch.Tensor]:
+    """The chunk's raw inputs, read into ``buffer`` where it has room; with ``check``, refused if one
+    holds NaN or Inf."""
+    offsets, total = chunk_layout(_chunk_bytes(schedule, job, stop - start))
     out = []
-    for src in job.inputs:
-        raw = _read_source(schedule, job, src, start, stop)
+    for src, at in zip(job.inputs, offsets):
+        raw = _read_source(schedule, job, src, start, stop, buffer[at:] if total <= buffer.numel() else None)
         if check and not schedule.plan.allow_nonfinite and not _all_finite(raw):
             ckpt = schedule.checkpoints[src.checkpoint]
             raise CheckpointError(f"{ckpt.file_of(src.tensor)}: tensor {src.tensor!r} holds NaN or Inf; "
@@ -107,11 +117,20 @@ def _to_compute(schedule: Schedule, job: TensorJob, raw: torch.Tensor) -> torch.
 class _ChunkReader:
     """Reads the row chunks of requested jobs in a background thread, in request order, at most
     ``depth`` chunks ahead of the consumer. ``request(job)`` asks for one pass over the job's rows.
-    With ``to_device`` the inputs of merged tensors are sent on to the GPU as they are read."""
+    With ``to_device`` the inputs of merged tensors are sent on to the GPU as they are read.
 
-    def __init__(self, schedule: Schedule, depth: int, to_device: HostToDevice | None = None):
+    Each chunk is read into a buffer of ``buffer_bytes`` (the largest chunk) that the consumer
+    allocated when it took the chunk before: made in the merging thread between its chunks, all of
+    one size, these buffers reuse each other's memory instead of landing between the merge's
+    temporaries, where the reader thread's own allocations fragmented the heap."""
+
+    def __init__(self, schedule: Schedule, depth: int, buffer_bytes: int, to_device: HostToDevice | None = None):
         self._schedule = schedule
         self._to_device = to_device
+        self._buffer_bytes = buffer_bytes
+        self._buffers: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(depth + 1):  # the chunks read ahead, and the one being read
+            self._buffers.put(torch.empty(buffer_bytes, dtype=torch.uint8))
         self._requests: queue.Queue = queue.Queue()
         self._chunks: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -136,7 +155,10 @@ class _ChunkReader:
             while (job := self._requests.get()) is not None:
                 check, checked = job.name != checked, job.name
                 for start, stop in _row_ranges(job):
-                    chunk: list[torch.Tensor] | InFlight = _read(self._schedule, job, start, stop, check)
+                    if (buffer := self._buffer()) is None:
+                        return
+                    chunk: list[torch.Tensor] | InFlight = _read(self._schedule, job, start, stop, check, buffer)
+                    del buffer  # the chunk's tensors hold it while they live
                     if self._to_device is not None and job.method is not None:
                         chunk = self._to_device.send(chunk)
                     if not self._put(chunk):
@@ -144,8 +166,17 @@ class _ChunkReader:
         except BaseException as e:  # handed to the consumer, raised where the data is wanted
             self._put(e)
 
+    def _buffer(self) -> torch.Tensor | None:
+        while not self._stop.is_set():
+            try:
+                return self._buffers.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
     def next(self) -> list[torch.Tensor]:
         item = self._chunks.get()
+        self._buffers.put(torch.empty(self._buffer_bytes, dtype=torch.uint8))
         if isinstance(item, BaseException):
             raise item
         return item.arrive() if isinstance(item, InFlight) else item
@@ -247,17 +278,22 @@ def _halved(schedule: Schedule, job: TensorJob) -> TensorJob:
     return replace(job, rows_per_chunk=rows // 2)
 
 
-def _transfers(schedule: Schedule) -> tuple[HostToDevice | None, DeviceToHost | WriteBehind]:
-    """The GPU's copy pipelines, their pinned buffers sized for the largest merged chunk; on the CPU,
-    no copies in and a writer thread out."""
-    if not schedule.device.is_cuda:
-        return None, WriteBehind(WRITE_BEHIND_CHUNKS)
+def _largest_chunk(schedule: Schedule) -> tuple[int, int]:
+    """Bytes of the largest chunk's inputs, laid out as ``chunk_layout`` lays them, and of its output."""
     inputs = out = 0
     for j in schedule.jobs:
-        if j.method is not None:
-            elements = min(j.rows_per_chunk, j.rows) * math.prod(j.shape[1:])
-            raw = [elements * schedule.checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in j.inputs]
-            inputs, out = max(inputs, pinned_chunk_bytes(raw)), max(out, elements * j.out_dtype.itemsize)
+        rows = min(j.rows_per_chunk, j.rows)
+        inputs = max(inputs, chunk_layout(_chunk_bytes(schedule, j, rows))[1])
+        out = max(out, rows * (math.prod(j.shape[1:]) if j.shape else 1) * j.out_dtype.itemsize)
+    return inputs, out
+
+
+def _transfers(schedule: Schedule) -> tuple[HostToDevice | None, DeviceToHost | WriteBehind]:
+    """The GPU's copy pipelines, their pinned buffers sized for the largest chunk; on the CPU,
+    no copies in and a writer thread out."""
+    inputs, out = _largest_chunk(schedule)
+    if not schedule.device.is_cuda:
+        return None, WriteBehind(out)
     torch.cuda.reset_peak_memory_stats(schedule.device.torch)
     return HostToDevice(schedule.device.torch, inputs), DeviceToHost(schedule.device.torch, out)
 
@@ -271,7 +307,8 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
     notes: list[str] = []
     with _reuse_freed_memory():
         to_device, writes = _transfers(schedule)
-        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, to_device)
+        read_bytes = _largest_chunk(schedule)[0]
+        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device)
         if jobs:
             reader.request(jobs[0])
         try:
@@ -300,7 +337,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                         reader.close()  # its read-ahead is of the failed chunking; chunks already written are rewritten, same bytes
                         if schedule.device.is_cuda:
                             torch.cuda.empty_cache()
-                        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, to_device)
+                        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device)
                         reader.request(job)
                     if job.rows_per_chunk < first_rows:
                         notes.append(f"tensor {job.name!r}: out of memory in chunks of {first_rows} rows; "

@@ -35,7 +35,6 @@ DEFAULT_WORKING_BYTES = 256 << 20  # chunk working set when the plan sets no mem
 MIN_WORKING_BYTES = 16 << 20
 ALLOCATOR_SLACK = 0.25  # share of a memory budget kept free of planned chunks
 READ_AHEAD_CHUNKS = 1  # chunks the engine's reader thread holds ready beyond the one being merged
-WRITE_BEHIND_CHUNKS = 1  # merged chunks waiting for the writer thread beyond the one it writes
 
 
 @dataclass(frozen=True)
@@ -442,7 +441,7 @@ def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob) -> i
     written. Measured on 7B-shaped merges at about 3n + 8 values of 4 bytes for n inputs, bfloat16
     included (its masks, int32 keys and float32 sums)."""
     raw = sum(checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs)
-    written = (WRITE_BEHIND_CHUNKS + 1) * job.out_dtype.itemsize
+    written = 2 * job.out_dtype.itemsize
     return raw * (READ_AHEAD_CHUNKS + 2) + (3 * len(job.inputs) + 8) * max(4, job.compute_dtype.itemsize) + written
 
 

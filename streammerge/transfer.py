@@ -52,17 +52,14 @@ def _as(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return buffer.view(like.dtype).reshape(like.shape)
 
 
-def _offsets(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+def chunk_layout(nbytes: list[int]) -> tuple[list[int], int]:
+    """Where each of a chunk's inputs of these sizes starts in one buffer, and the buffer's size:
+    each input aligned to 256 bytes, so every dtype's views stay aligned."""
     offsets, end = [], 0
-    for t in tensors:
+    for n in nbytes:
         offsets.append(end)
-        end += -(-t.nbytes // _ALIGN) * _ALIGN
+        end += -(-n // _ALIGN) * _ALIGN
     return offsets, end
-
-
-def pinned_chunk_bytes(raw_chunk_bytes: list[int]) -> int:
-    """The pinned buffer size that holds a chunk's inputs of these sizes (as ``HostToDevice`` lays them out)."""
-    return sum(-(-n // _ALIGN) * _ALIGN for n in raw_chunk_bytes)
 
 
 @dataclass
@@ -91,7 +88,7 @@ class HostToDevice:
         self._turn = 0
 
     def send(self, tensors: list[torch.Tensor]) -> InFlight:
-        offsets, total = _offsets(tensors)
+        offsets, total = chunk_layout([t.nbytes for t in tensors])
         pinned = self._pinned[self._turn]
         self._turn ^= 1
         host = pinned.take(total)

@@ -56,8 +56,9 @@ class ShardReader:
         self.size = size
         self.header_sha256 = hashlib.sha256(probe[: 8 + int.from_bytes(probe[:8], "little")]).hexdigest()
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor ``name`` (or rows ``rows`` of its first dimension) in a freshly owned buffer."""
+    def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` (or rows ``rows`` of its first dimension), in ``into`` (uint8, at least
+        its size) when given, else in a freshly owned buffer."""
         e = self.entries[name]
         shape, offset, nbytes = e.shape, e.offset, e.nbytes
         if rows is not None and e.shape:
@@ -65,7 +66,7 @@ class ShardReader:
             start, stop, _ = rows.indices(e.shape[0])
             shape = (stop - start, *e.shape[1:])
             offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
         if nbytes:
             _pread_exact(self._fd, memoryview(buf.numpy()), offset, str(self.path))
         return buf.view(e.dtype).reshape(shape)
@@ -119,8 +120,8 @@ class BinReader:
             raise CheckpointError(f"{self.path}: not a state dict of tensors")
         return state
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        t = self._load()[name]
+    def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        t = self._load()[name]  # ``into`` unused: the mapping's pages are copied once either way
         return (t[rows] if rows is not None and t.dim() else t).clone()
 
     def prefetch(self, name: str) -> None:  # records of a zip are not worth locating for a hint
@@ -229,8 +230,8 @@ class Checkpoint:
     def offset_of(self, name: str) -> int:
         return self._where[name].entries[name].offset
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        return self._where[name].read(name, rows)
+    def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        return self._where[name].read(name, rows, into)
 
     def prefetch(self, name: str) -> None:
         self._where[name].prefetch(name)

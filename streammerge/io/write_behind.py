@@ -2,7 +2,12 @@
 
 The merge hands each finished chunk over and goes on with the next one while the chunk is checked,
 hashed and written; on two cores that keeps the second core busy where the merge alone would
-leave it idle between kernels. A bounded queue keeps at most ``depth`` chunks waiting.
+leave it idle between kernels.
+
+On the CPU a chunk is copied into one of two reused buffers, and the merging thread frees its own
+memory at once. Memory freed by another thread at that thread's pace fragmented glibc's heap; the
+engine's reader buffers are allocated by the merging thread for the same reason. Peak RSS of a
+2-layer 7B-shaped TIES merge, four runs each: 0.52–0.80 GiB before both changes, 0.44–0.64 GiB after.
 """
 
 from __future__ import annotations
@@ -21,15 +26,28 @@ class WriteBehind:
     every write handed over before it (a finished tensor's journal entry). The thread's first error
     stops every later write and ``then``, and is raised by each later call."""
 
-    def __init__(self, depth: int = 0):
-        """``depth`` 0: unbounded (the caller bounds what it hands over)."""
-        self._work: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, chunk_bytes: int | None = None):
+        """With ``chunk_bytes``, chunks are copied into two buffers of that size (grown if one does not
+        fit), so at most two wait or are being written; without, the caller bounds what it hands over."""
+        self._buffers: queue.Queue[torch.Tensor] | None = None
+        if chunk_bytes is not None:
+            self._buffers = queue.Queue()
+            for _ in range(2):
+                self._buffers.put(torch.empty(chunk_bytes, dtype=torch.uint8))
+        self._work: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
         self._thread.start()
 
     def write(self, write: Write, row_start: int, tensor: torch.Tensor) -> None:
-        self.put(lambda: write(row_start, tensor))
+        if self._buffers is None:
+            self.put(lambda: write(row_start, tensor))
+            return
+        buffer = self._buffers.get()
+        if buffer.numel() < tensor.nbytes:
+            buffer = torch.empty(tensor.nbytes, dtype=torch.uint8)
+        copy = buffer[: tensor.nbytes].view(tensor.dtype).reshape(tensor.shape).copy_(tensor)
+        self.put(lambda: write(row_start, copy), release=lambda: self._buffers.put(buffer))
 
     def then(self, f: Callable[[], None]) -> None:
         self.put(f)

@@ -35,7 +35,8 @@ class SharedCheckpoint(Checkpoint):
         self._lock = threading.Lock()
         self._closed = False
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``into`` unused: a shared read outlives the caller's buffer."""
         key = (name, None if rows is None else (rows.start, rows.stop))
         with self._lock:
             if key not in self._recent:
@@ -66,7 +67,8 @@ class AdaptedCheckpoint:
         self.tensors = base.tensors
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``into`` unused: the result is a fresh product."""
         # a replaced tensor (modules_to_save, an embedding's saved base_layer) is the adapter's own
         w = self.adapter.replacement(name, rows) if name in self.adapter.replaced else self.base.read(name, rows)
         if name not in self.adapter.modules:
