@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.io.rows import read_mapped
+from streammerge.io.write_behind import WriteBehind
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
-from streammerge.io.write_behind import WriteBehind
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
 from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, chunk_layout
 
@@ -288,10 +288,9 @@ def _largest_chunk(schedule: Schedule) -> tuple[int, int]:
     return inputs, out
 
 
-def _transfers(schedule: Schedule) -> tuple[HostToDevice | None, DeviceToHost | WriteBehind]:
-    """The GPU's copy pipelines, their pinned buffers sized for the largest chunk; on the CPU,
+def _transfers(schedule: Schedule, inputs: int, out: int) -> tuple[HostToDevice | None, DeviceToHost | WriteBehind]:
+    """The GPU's copy pipelines, with pinned buffers of ``inputs`` and ``out`` bytes; on the CPU,
     no copies in and a writer thread out."""
-    inputs, out = _largest_chunk(schedule)
     if not schedule.device.is_cuda:
         return None, WriteBehind(out)
     torch.cuda.reset_peak_memory_stats(schedule.device.torch)
@@ -306,8 +305,8 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
     writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
     notes: list[str] = []
     with _reuse_freed_memory():
-        to_device, writes = _transfers(schedule)
-        read_bytes = _largest_chunk(schedule)[0]
+        read_bytes, out_bytes = _largest_chunk(schedule)
+        to_device, writes = _transfers(schedule, read_bytes, out_bytes)
         reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device)
         if jobs:
             reader.request(jobs[0])
