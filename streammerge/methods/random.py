@@ -39,6 +39,11 @@ def _xor_shr(x: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
     x.bitwise_xor_(tmp)
 
 
+def _piece_size(count: int, device: torch.device) -> int:
+    """The most draws hashed at once: on a CPU a cache-sized piece, elsewhere all of them."""
+    return min(count, _CPU_PIECE) if device.type == "cpu" else count
+
+
 @dataclass(frozen=True)
 class Stream:
     """The draws of one (seed, tensor, model): ``bits``, ``uniform`` and ``below`` over element ranges."""
@@ -53,8 +58,8 @@ class Stream:
 
     def _pieces(self, start: int, count: int, device: torch.device) -> Iterator[tuple[int, int, int, int]]:
         """(key, first counter, length, offset in the output) of each piece hashed at once: within one
-        key block and, on a CPU, at most ``_CPU_PIECE`` long."""
-        step = count if device.type != "cpu" else _CPU_PIECE
+        key block and at most ``_piece_size`` long."""
+        step = _piece_size(count, device)
         at, end = start, start + count
         while at < end:
             block = at // _SPAN
@@ -77,7 +82,7 @@ class Stream:
         """int32 draws for element indices ``start .. start + count - 1``."""
         device = torch.device(device)
         out = torch.empty(count, dtype=torch.int32, device=device)
-        tmp = torch.empty(min(count, _CPU_PIECE) if device.type == "cpu" else count, dtype=torch.int32, device=device)
+        tmp = torch.empty(_piece_size(count, device), dtype=torch.int32, device=device)
         for key, first, n, at in self._pieces(start, count, device):
             self._hash(out[at : at + n], key, first, tmp[:n])
         return out
@@ -95,7 +100,7 @@ class Stream:
         if limit <= 0 or limit >= _UNIT:
             return torch.full((count,), limit > 0, dtype=torch.bool, device=device)
         out = torch.empty(count, dtype=torch.bool, device=device)
-        size = min(count, _CPU_PIECE) if device.type == "cpu" else count
+        size = _piece_size(count, device)
         x, tmp = torch.empty(size, dtype=torch.int32, device=device), torch.empty(size, dtype=torch.int32, device=device)
         for key, first, n, at in self._pieces(start, count, device):
             self._hash(x[:n], key, first, tmp[:n])
