@@ -87,7 +87,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--restart", is_flag=True, help="Discard the partial output of an earlier, interrupted run instead of resuming it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-@click.option("--threads", type=click.IntRange(min=1), help="Threads for merge kernels (default: torch's, one per core). Reading and writing run in threads of their own.")
+@click.option("--threads", type=click.IntRange(min=1), help="Merge this many chunks at once on the CPU, a thread each (default: torch's thread count, one per core). Reading and writing run in threads of their own.")
 @_add(_plan_options)
 def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, restart: bool, quiet: bool,
         threads: int | None, **overrides: Any) -> None:

@@ -2,9 +2,10 @@
 
 The engine knows nothing about any method: it runs the method's statistics passes over the row
 chunks, then its merge, and writes each merged chunk at its precomputed offset. Every read the run
-will make is known from the schedule, so a reader thread performs them in that order, one chunk
-ahead of the merge (``pread`` and torch release the GIL), and a writer thread checks, hashes and
-writes each merged chunk while the next one merges: reading and writing hide behind compute. While
+will make is known from the schedule, so a reader thread performs them in that order, a few chunks
+ahead of the merge (``pread`` and torch release the GIL); on the CPU, workers merge several
+chunks at once (``streammerge.workers``); and a writer thread checks, hashes and writes each merged
+chunk while the next ones merge: reading and writing hide behind compute. While
 a tensor merges, the disk already reads the next one's inputs into the page cache. On a GPU the
 reader thread also starts each chunk's copy to the device, and results come back through pinned
 buffers (``streammerge.transfer``). A tensor whose merge runs out of memory is merged again in
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -35,6 +36,7 @@ from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
 from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, chunk_layout
+from streammerge.workers import ChunkWorkers, chunk_workers
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,9 @@ def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: i
 
 
 def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch.Tensor], None],
-                 reader: _ChunkReader, request_next: Callable[[], None]) -> None:
-    """Merge one output tensor, calling ``write(row_start, tensor)`` for each finished chunk.
+                 reader: _ChunkReader, request_next: Callable[[], None], workers: ChunkWorkers) -> None:
+    """Merge one output tensor, calling ``write(row_start, tensor)`` for each finished chunk, in
+    row order; ``workers`` run the passes and the merge on several chunks at once.
 
     One pass over the job's rows is already requested from ``reader``. Each pass requests the
     next before it starts: every pass reads the same rows, so whether a statistics pass or the
@@ -219,15 +222,20 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch
         write(0, job.method.merge(whole, run_passes(job.method.passes_for(job.params), lambda: [whole])).to(job.out_dtype))
         return
 
-    def chunks() -> Iterator[Chunk]:
+    def raw_chunks() -> Iterator[tuple[list[torch.Tensor], int, int]]:
         reader.request(job)
         for start, stop in ranges:
-            yield _chunk(schedule, job, reader.next(), start, stop)
+            yield reader.next(), start, stop
 
-    stats = run_passes(job.method.passes_for(job.params), chunks)
+    def on_workers(f: Callable[[Chunk], Any], items: Iterable[tuple[list[torch.Tensor], int, int]]) -> Iterator[Any]:
+        """``f`` over the chunks made from ``items``, made in the workers too (the conversion to the compute dtype is work)."""
+        return workers.map(lambda item: f(_chunk(schedule, job, *item)), items)
+
+    stats = run_passes(job.method.passes_for(job.params), raw_chunks, on_workers)
     request_next()
-    for start, stop in ranges:
-        write(start, job.method.merge(_chunk(schedule, job, reader.next(), start, stop), stats).to(job.out_dtype))
+    merged = on_workers(lambda c: job.method.merge(c, stats).to(job.out_dtype), ((reader.next(), *r) for r in ranges))
+    for (start, _), out in zip(ranges, merged):
+        write(start, out)
 
 
 @contextlib.contextmanager
@@ -304,7 +312,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
     jobs = [j for j in schedule.jobs if j.name not in finished]
     writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
     notes: list[str] = []
-    with _reuse_freed_memory():
+    with _reuse_freed_memory(), chunk_workers(schedule.workers) as workers:
         read_bytes, out_bytes = _largest_chunk(schedule)
         to_device, writes = _transfers(schedule, read_bytes, out_bytes)
         reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device)
@@ -329,7 +337,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                     first_rows = min(job.rows_per_chunk, job.rows)
                     while True:
                         try:
-                            merge_tensor(schedule, job, write, reader, request_next)
+                            merge_tensor(schedule, job, write, reader, request_next, workers)
                             break
                         except torch.OutOfMemoryError:
                             job = _halved(schedule, job)

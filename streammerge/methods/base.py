@@ -81,16 +81,19 @@ class StatPass:
     when: Callable[[Stats], bool] | None = None  # run only when this holds for the stats so far
 
 
-def run_passes(passes: Iterable[StatPass], chunks: Callable[[], Iterable[Chunk]]) -> Stats:
-    """The stats ``merge`` needs: each pass over every chunk (``chunks()`` yields them in row order)."""
+def run_passes(passes: Iterable[StatPass], chunks: Callable[[], Iterable[Chunk]], map_chunks: Callable = map) -> Stats:
+    """The stats ``merge`` needs: each pass over every chunk (``chunks()`` yields them in row order).
+    ``map_chunks(f, chunks())`` may run ``collect`` on several chunks at once, and may make the
+    chunks from what ``chunks()`` yields, but must keep their order: partials are added in row
+    order, so the sums do not depend on how they were computed."""
     stats: Stats = {}
     for p in passes:
         if p.when is not None and not p.when(stats):
             continue
         totals: dict[str, Any] = {}
         last = None
-        for c in chunks():
-            for key, part in p.collect(c, stats).items():
+        for c, parts in map_chunks(lambda c: (c, p.collect(c, stats)), chunks()):
+            for key, part in parts.items():
                 if p.per_chunk is True or (p.per_chunk and key in p.per_chunk):
                     totals.setdefault(key, []).append(part)
                 else:
