@@ -1,9 +1,10 @@
-"""The engine: reads run in a thread one chunk ahead, and neither that nor the thread count changes a byte."""
+"""The engine: reads run in a thread a few chunks ahead, and neither that nor the thread count changes a byte."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 import streammerge
 from checkpoint_builder import Family
 from streammerge.cli import main
-from streammerge.engine import run_schedule
+from streammerge.engine import SWITCH_INTERVAL, run_schedule
 from streammerge.errors import CheckpointError
 from streammerge.io.writer import StagedOutput
 
@@ -56,3 +57,16 @@ def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(fp32_fa
         assert threading.active_count() == before
     finally:
         sched.close()
+
+
+def test_the_gil_changes_hands_promptly_during_a_merge_only(fp32_family: Family, tmp_path: Path) -> None:
+    before = sys.getswitchinterval()
+    seen = []
+    sched = streammerge.schedule(_ties(fp32_family), chunk_size=32)
+    try:
+        run_schedule(sched, StagedOutput(tmp_path / "out", overwrite=False), quiet=True,
+                     done=lambda job, writer: seen.append(sys.getswitchinterval()))
+    finally:
+        sched.close()
+    assert seen and all(v == pytest.approx(SWITCH_INTERVAL) for v in seen) and SWITCH_INTERVAL < before  # stored in µs
+    assert sys.getswitchinterval() == before
