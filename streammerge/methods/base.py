@@ -81,11 +81,11 @@ class StatPass:
     when: Callable[[Stats], bool] | None = None  # run only when this holds for the stats so far
 
 
-def run_passes(passes: Iterable[StatPass], chunks: Callable[[], Iterable[Chunk]], map_chunks: Callable = map) -> Stats:
-    """The stats ``merge`` needs: each pass over every chunk (``chunks()`` yields them in row order).
-    ``map_chunks(f, chunks())`` may run ``collect`` on several chunks at once, and may make the
-    chunks from what ``chunks()`` yields, but must keep their order: partials are added in row
-    order, so the sums do not depend on how they were computed."""
+def run_passes(passes: Iterable[StatPass], chunks: Callable[[], Iterable[Any]], map_chunks: Callable = map) -> Stats:
+    """The stats ``merge`` needs: each pass over every chunk (``chunks()`` yields them in row order,
+    or what ``map_chunks`` makes them from). ``map_chunks(f, chunks())`` may run ``collect`` on
+    several chunks at once but must keep their order: partials are added in row order, so the sums
+    do not depend on how they were computed."""
     stats: Stats = {}
     for p in passes:
         if p.when is not None and not p.when(stats):
