@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge.methods import float_bits, get_method
+from streammerge.methods import bitpack, float_bits, get_method
 from streammerge.methods.base import Chunk, TensorParams, run_passes
 from streammerge.methods.random import Stream
 from streammerge.methods import selection
@@ -163,8 +163,21 @@ def test_float_bit_masks_match_their_float_definitions(items: list, dtype: torch
     assert torch.equal(float_bits.bits(float_bits.select(x, m)), float_bits.bits(torch.where(keep, x, torch.zeros((), dtype=dtype))))
     assert torch.equal(float_bits.constant(value, m, dtype), torch.where(keep, torch.tensor(value, dtype=dtype), torch.zeros((), dtype=dtype)))
     assert torch.equal(float_bits.nonzero(x) != 0, x != 0)
-    assert torch.equal(float_bits.same_sign(x, y) != 0, torch.signbit(x) == torch.signbit(y))
+    assert torch.equal(float_bits.agrees(x, y) != 0, (torch.signbit(x) == torch.signbit(y)) & (x != 0))
     assert torch.equal(float_bits.where_zero(x, value), torch.where(x == 0, torch.tensor(value, dtype=dtype), x))
+    for op in (torch.lt, torch.ge, torch.gt, torch.eq):
+        assert torch.equal(float_bits.compare(op, float_bits.bits(x), 7), op(float_bits.bits(x), 7))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 50).flatmap(lambda k: st.lists(st.booleans(), min_size=8 * k, max_size=8 * k)))
+def test_bitpack_puts_element_j_n_8_plus_r_in_bit_j_of_byte_r(bits: list[bool]) -> None:
+    keep = torch.tensor(bits)
+    n = len(bits)
+    packed = bitpack.pack(keep)
+    want = [sum(1 << j for j in range(8) if bits[j * n // 8 + r]) for r in range(n // 8)]
+    assert packed.dtype == torch.uint8 and packed.tolist() == want
+    assert torch.equal(bitpack.unpack(packed, (2, n // 2) if n % 2 == 0 else (n,)).flatten(), keep)
 
 
 def _mergekit_consensus(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:

@@ -10,12 +10,15 @@ streams longer than that do not repeat.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from streammerge.methods import float_bits
 
 _SPAN = 1 << 32
 _UNIT = 1 << 24  # a uniform is the top 24 bits of a draw, exact in float32
@@ -37,6 +40,21 @@ def _xor_shr(x: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
     """x ^= x >>> s (logical shift of int32: torch's >> is arithmetic), with ``tmp`` as scratch."""
     torch.bitwise_right_shift(x, s, out=tmp).bitwise_and_((1 << (32 - s)) - 1)
     x.bitwise_xor_(tmp)
+
+
+def _weyl(n: int, device: torch.device) -> torch.Tensor:
+    """(j − 2³¹)·φ for j < n, which is j·φ + 2³¹ mod 2³² (φ is odd): offset so that arange stays in
+    int32's range. On a CPU a slice of one cached piece, so a piece's counters cost one add, not three ops."""
+    return _cpu_weyl()[:n] if device.type == "cpu" and n <= _CPU_PIECE else _fresh_weyl(n, device)
+
+
+def _fresh_weyl(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(-(1 << 31), n - (1 << 31), dtype=torch.int32, device=device).mul_(_PHI)
+
+
+@functools.cache
+def _cpu_weyl() -> torch.Tensor:
+    return _fresh_weyl(_CPU_PIECE, torch.device("cpu"))
 
 
 def _piece_size(count: int, device: torch.device) -> int:
@@ -69,9 +87,8 @@ class Stream:
 
     def _hash(self, x: torch.Tensor, key: int, first: int, tmp: torch.Tensor) -> None:
         """Fill int32 ``x`` with the draws of counters first, first + 1, … under ``key``."""
-        # arange over first − 2³¹ stays in int32's range; (first − 2³¹)·φ = first·φ − 2³¹ (φ is odd), so add 2³¹ back
-        torch.arange(first - (1 << 31), first - (1 << 31) + len(x), dtype=torch.int32, device=x.device, out=x)
-        x.mul_(_PHI).add_(_int32(key + (1 << 31)))
+        # (first + j)·φ + key = (j·φ + 2³¹) + (first·φ + key − 2³¹)
+        torch.add(_weyl(len(x), x.device), _int32(first * _PHI + key - (1 << 31)), out=x)
         _xor_shr(x, 16, tmp)
         x.mul_(_M1)
         _xor_shr(x, 13, tmp)
@@ -104,5 +121,5 @@ class Stream:
         x, tmp = torch.empty(size, dtype=torch.int32, device=device), torch.empty(size, dtype=torch.int32, device=device)
         for key, first, n, at in self._pieces(start, count, device):
             self._hash(x[:n], key, first, tmp[:n])
-            torch.lt(x[:n].bitwise_xor_(-(1 << 31)), limit * 256 - (1 << 31), out=out[at : at + n])
+            float_bits.compare(torch.lt, x[:n].bitwise_xor_(-(1 << 31)), limit * 256 - (1 << 31), out[at : at + n])
         return out

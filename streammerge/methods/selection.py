@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from streammerge.methods import float_bits
 from streammerge.methods.base import Chunk, StatPass, Stats
 
 SAMPLE_SIZE = 1 << 18
@@ -69,8 +70,8 @@ def _from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 def _key_counts(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct keys, ascending, and how often each occurs."""
-    if keys.dtype == torch.int16:  # 2¹⁵ possible keys: a histogram costs less than sorting
-        hist = torch.bincount(keys.to(torch.int32), minlength=_HI_BINS)
+    if keys.dtype == torch.int16:  # 2¹⁵ possible keys (|x| has no sign bit): a histogram costs less than sorting
+        hist = torch.bincount(keys, minlength=_HI_BINS)
         present = hist.nonzero().reshape(-1)
         return present.to(torch.int32), hist[present]
     return torch.unique(keys.to(torch.int32), return_counts=True)
@@ -226,10 +227,10 @@ def top_k_mask(x: torch.Tensor, i: int, chunk: Chunk, stats: Stats, key: str) ->
     thr = f["threshold"]
     remaining = f["keep_equal"] - f["equal_before"][chunk.row_start]
     if remaining >= f["equal_here"][chunk.row_start]:
-        keep = keys >= thr
+        keep = float_bits.compare(torch.ge, keys, thr)
     else:
-        keep = keys > thr
+        keep = float_bits.compare(torch.gt, keys, thr)
         if remaining > 0:  # the chunk where the kept equal elements run out, in flat-index order
-            eq = keys == thr
+            eq = float_bits.compare(torch.eq, keys, thr)
             keep |= eq & (eq.cumsum(0) <= remaining)
     return keep.reshape(x.shape)

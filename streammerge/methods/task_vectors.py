@@ -24,7 +24,7 @@ def sign_agreement(values: list[torch.Tensor]) -> list[torch.Tensor]:
     Compared on sign bits: a sum of −0 only comes from zeros, which never agree anyway. (A NaN
     votes with its sign bit, so with ``allow_nonfinite`` it reaches the result.)"""
     total = sum_models(values)
-    return [float_bits.same_sign(v, total).bitwise_and_(float_bits.nonzero(v)) for v in values]
+    return [float_bits.agrees(v, total) for v in values]
 
 
 def sum_models(values: list[torch.Tensor]) -> torch.Tensor:
