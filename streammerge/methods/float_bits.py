@@ -38,14 +38,14 @@ def mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keep.to(_INT[dtype]).neg_()
 
 
-def select(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x where the mask is set, else +0 (the same values as ``torch.where(keep, x, 0)``)."""
-    return bits(x).bitwise_and(m).view(x.dtype)
+def select_(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x where the mask is set, else +0 (the values of ``torch.where(keep, x, 0)``), in place in x."""
+    return bits(x).bitwise_and_(m).view(x.dtype)
 
 
-def constant(value: float, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` (rounded to ``dtype``) where the mask is set, else +0."""
-    return m.bitwise_and(bits(torch.tensor(value, dtype=dtype, device="cpu")).item()).view(dtype)
+def constant_(value: float, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` (rounded to ``dtype``) where the mask is set, else +0, in place in m."""
+    return m.bitwise_and_(bits(torch.tensor(value, dtype=dtype, device="cpu")).item()).view(dtype)
 
 
 def nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -66,4 +66,4 @@ def agrees(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def where_zero(x: torch.Tensor, value: float) -> torch.Tensor:
     """x with every ±0 replaced by ``value``."""
     z = nonzero(x)
-    return (bits(x) & z).bitwise_or_(constant(value, z.bitwise_not(), x.dtype).view(z.dtype)).view(x.dtype)
+    return (bits(x) & z).bitwise_or_(constant_(value, z.bitwise_not(), x.dtype).view(z.dtype)).view(x.dtype)

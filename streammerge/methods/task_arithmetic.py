@@ -72,9 +72,9 @@ def _sparsifier(keep: Keep) -> Sparsify:
             if _whole(chunk.params.models[i]["density"]):
                 out.append(d)
                 continue
-            kept = float_bits.select(d, float_bits.mask(_kept(chunk, stats, keep, i, d), d.dtype))
+            kept = float_bits.select_(d, float_bits.mask(_kept(chunk, stats, keep, i, d), d.dtype))
             if "l1_scale" in stats and stats["l1_scale"][i] != 1.0:
-                kept = kept * stats["l1_scale"][i]
+                kept.mul_(stats["l1_scale"][i])
             out.append(kept)
         return out
 
@@ -113,7 +113,7 @@ def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, deltas: list[torch.Tensor],
         m = keep(chunk, stats, i, d)
         if pack and _cached(chunk, i, m):
             packed[i] = bitpack.pack(m)
-        kept.append(_row_sums(chunk, float_bits.select(a, float_bits.mask(m, a.dtype))))
+        kept.append(_row_sums(chunk, float_bits.select_(a, float_bits.mask(m, a.dtype))))
     sums = {"full": torch.stack(full), "kept": torch.stack(kept)}
     return {**sums, "packed": packed, "row_start": chunk.row_start} if pack else sums
 
@@ -253,13 +253,13 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
         # mergekit multiplies by a weight tensor of the working dtype: round each weight to it first.
         # Per-model products, not a stacked tensor times broadcast weights: same rounding, a fifth of the time.
         weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas[0].dtype, device="cpu").tolist()
-        weighted = [d * w for d, w in zip(deltas, weights)]
+        weighted = [d.mul_(w) for d, w in zip(deltas, weights)]  # the deltas are this merge's own
         normalize = chunk.params.globals["normalize"]
         if consensus:
             agree = sign_agreement(weighted)
-            mixed = sum_models([float_bits.select(v, a) for v, a in zip(weighted, agree)])
+            mixed = sum_models([float_bits.select_(v, a) for v, a in zip(weighted, agree)])
             if normalize:
-                divisor = sum_models([float_bits.constant(w, a, mixed.dtype) for a, w in zip(agree, weights)])
+                divisor = sum_models([float_bits.constant_(w, a, mixed.dtype) for a, w in zip(agree, weights)])
                 mixed /= float_bits.where_zero(divisor, 1)
         else:
             mixed = sum_models(weighted)
@@ -271,7 +271,7 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
         low, high = chunk.params.globals.get("clamp_min"), chunk.params.globals.get("clamp_max")
         if low is not None or high is not None:
             mixed = mixed.clamp(low, high)
-        return chunk.base + mixed
+        return mixed.add_(chunk.base)  # = base + mixed: adding is commutative, and mixed is ours
 
     return merge
 
