@@ -1,7 +1,7 @@
 """streammerge against the I/O floor, a naive in-memory merge and mergekit, on 7B-shaped checkpoints.
 
     python benchmarks/compare.py --layers 2 4 8 --methods linear task_arithmetic ties dare_ties slerp \\
-        [--max-memory 512M] [--mergekit .venv-mergekit/bin/mergekit-yaml] [--cgroup-limit 2GiB] \\
+        [--repeat 3] [--max-memory 512M] [--mergekit .venv-mergekit/bin/mergekit-yaml] [--cgroup-limit 2GiB] \\
         [--json out.json] [--png rss.png]
 
 For each layer count it generates (once, cached) base, ft1 and ft2 with Llama-2-7B tensor shapes
@@ -19,6 +19,10 @@ the run records peak RSS (the child's ru_maxrss, and anonymous + file-backed RSS
 - **naive**: ``naive_merge.py``, every model loaded whole with ``load_file``, merged, ``save_file``.
 - **mergekit**: ``mergekit-yaml`` on the same config (``scripts/mergekit_venv.sh`` installs one),
   when ``--mergekit`` is given; otherwise "mergekit: not installed".
+- ``--repeat N``: streammerge's default run and the I/O floor are measured N times and their
+  medians reported (with each run's numbers in the JSON): a shared VM's timings and the
+  allocator's peaks vary from run to run by more than the targets' margins. Every repeat's output
+  must be byte-identical to the first.
 - ``--max-memory``: streammerge again with that budget; its output must be byte-identical.
 - ``--cgroup-limit``: the ties merge at the largest layer count once more inside a memory cgroup
   with that limit (page cache counts against it), where the machine allows one.
@@ -33,6 +37,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,21 +142,34 @@ def run_tool(tool: str, cmd: list[str], out: Path, inputs: list[Path], work: Pat
     return row
 
 
-def io_floor(layers: int, cache_dir: Path) -> tuple[list[Path], dict[Path, float], float]:
+def io_floor(layers: int, args: argparse.Namespace) -> tuple[list[Path], dict[Path, float], float]:
     """The inputs for ``layers`` (generated once), each one's cold-read seconds, and the seconds of a
-    durable write of the output's size (the base's)."""
-    root = ensure_inputs(cache_dir, layers)
+    durable write of the output's size (the base's): medians of ``args.repeat`` measurements."""
+    root = ensure_inputs(args.cache_dir, layers)
     dirs = [root / m for m in MODELS]
-    read_s = {d: cold_read_seconds(d) for d in dirs}
     out_bytes = safetensors_bytes(dirs[0])
-    write_s = durable_write_seconds(cache_dir / "floor-write.tmp", out_bytes)
+    reads = [{d: cold_read_seconds(d) for d in dirs} for _ in range(args.repeat)]
+    writes = [durable_write_seconds(args.cache_dir / "floor-write.tmp", out_bytes) for _ in range(args.repeat)]
+    read_s = {d: statistics.median(r[d] for r in reads) for d in dirs}
+    write_s = statistics.median(writes)
     print(f"{layers}L: cold read {', '.join(f'{d.name} {s:.1f} s' for d, s in read_s.items())}; "
           f"durable write of {out_bytes / 1e9:.2f} GB {write_s:.1f} s", file=sys.stderr)
     return dirs, read_s, write_s
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One row for repeated runs of a tool: each measurement's median, and every run's in ``runs``."""
+    numbers = [k for k, v in runs[0].items() if type(v) in (int, float) and k not in ("layers", "exit_code")]
+    middle = sorted(runs, key=lambda r: r["durable_s"])[len(runs) // 2]  # whose timeline is plotted
+    row = {**middle, **{k: statistics.median(r[k] for r in runs) for k in numbers},
+           "ok": all(r["ok"] for r in runs), "repeats": len(runs), "runs": [{k: r[k] for k in numbers} for r in runs]}
+    if row["ok"]:
+        row["identical_to_default"] = all(r["identical_to_default"] for r in runs)
+    return row
+
+
 def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path) -> list[dict]:
-    dirs, read_s, write_s = io_floor(layers, args.cache_dir)
+    dirs, read_s, write_s = io_floor(layers, args)
     rows = []
     for method in methods:
         ins = inputs_of(method, dirs)
@@ -172,17 +190,20 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
             runs.append(("mergekit", [str(args.mergekit), str(plan_file), str(out), "--random-seed", "0"]))
         reference = None
         for tool, cmd in runs:
-            shutil.rmtree(out, ignore_errors=True)
-            if tool == "naive":
-                out.mkdir(parents=True)
-            row = {**info, **run_tool(tool, cmd, out, ins, work)}
-            if tool.startswith("streammerge") and row["ok"] and args.max_memory and compare:
-                hashes = shard_hashes(out)
-                reference = reference or hashes
-                row["identical_to_default"] = hashes == reference
-            print(f"  {layers}L {method:<15} {tool:<28} {row['durable_s']:7.1f} s  peak {row['peak_anon_file_gib']:.2f} GiB",
-                  file=sys.stderr)
-            rows.append(row)
+            repeated = []
+            for _ in range(args.repeat if tool == "streammerge" else 1):
+                shutil.rmtree(out, ignore_errors=True)
+                if tool == "naive":
+                    out.mkdir(parents=True)
+                row = {**info, **run_tool(tool, cmd, out, ins, work)}
+                if tool.startswith("streammerge") and row["ok"] and (args.max_memory and compare or args.repeat > 1):
+                    hashes = shard_hashes(out)
+                    reference = reference or hashes
+                    row["identical_to_default"] = hashes == reference
+                print(f"  {layers}L {method:<15} {tool:<28} {row['durable_s']:7.1f} s  peak {row['peak_anon_file_gib']:.2f} GiB",
+                      file=sys.stderr)
+                repeated.append(row)
+            rows.append(median_row(repeated) if len(repeated) > 1 else repeated[0])
         shutil.rmtree(out, ignore_errors=True)
     return rows
 
@@ -239,7 +260,9 @@ def table(rows: list[dict]) -> str:
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tool = r["tool"] + ("" if r["ok"] else f" (FAILED, exit {r['exit_code']})")
-        if "identical_to_default" in r and r["tool"] != "streammerge":
+        if r.get("repeats", 1) > 1:
+            tool += f" (median of {r['repeats']}{'' if r.get('identical_to_default', True) else ', DIFFERENT BYTES'})"
+        elif "identical_to_default" in r and r["tool"] != "streammerge":
             tool += " (identical)" if r["identical_to_default"] else " (DIFFERENT BYTES)"
         vs = mk.get((r["layers"], r["method"]))
         ratio = f"{r['durable_s'] / vs:.2f}" if vs else "–"
@@ -247,6 +270,14 @@ def table(rows: list[dict]) -> str:
                      f"| {r['durable_s']:.1f} | {r['no_final_sync_s']:.1f} | {r['cpu_s']:.1f} | {r['durable_s'] / r['floor_s']:.2f} "
                      f"| {ratio} | {r['cache_growth_gib']:.2f} |")
     return "\n".join(lines)
+
+
+def _spread(rows: list[dict], key: str, unit: str) -> str:
+    """The range of ``key`` over each row's repeated runs, when it has them."""
+    if rows[0].get("repeats", 1) == 1:
+        return ""
+    ranges = [f"{min(x[key] for x in r['runs']):.2f}-{max(x[key] for x in r['runs']):.2f}" for r in rows]
+    return f" [runs: {', '.join(ranges)} {unit}]"
 
 
 def verdicts(rows: list[dict], mergekit: bool) -> list[str]:
@@ -259,11 +290,12 @@ def verdicts(rows: list[dict], mergekit: bool) -> list[str]:
         flat = max(peaks) / min(peaks) if min(peaks) else float("inf")
         out.append(f"{method}: peak anon+file {', '.join(f'{p:.2f}' for p in peaks)} GiB at {', '.join(str(r['layers']) for r in mine)} "
                    f"layers: <= 1 GiB {'yes' if max(peaks) <= 1 else 'NO'}, flat within 10% {'yes' if flat <= 1.1 else 'NO'} "
-                   f"(max/min {flat:.2f})")
+                   f"(max/min {flat:.2f})" + _spread(mine, "peak_anon_file_gib", "GiB"))
         floor_target = TARGET_FLOOR.get(method)
         for r in mine:
             x = r["durable_s"] / r["floor_s"]
-            line = f"  {r['layers']}L: {x:.2f}x the I/O floor (target <= {floor_target}x: {'met' if floor_target and x <= floor_target else 'NOT met'})"
+            line = (f"  {r['layers']}L: {x:.2f}x the I/O floor (target <= {floor_target}x: {'met' if floor_target and x <= floor_target else 'NOT met'})"
+                    + _spread([r], "durable_s", "s"))
             mk = next((m for m in rows if m["tool"] == "mergekit" and m["ok"] and m["layers"] == r["layers"] and m["method"] == method), None)
             if mk:
                 v = r["durable_s"] / mk["durable_s"]
@@ -310,6 +342,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layer counts")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"), help="generated checkpoints (reused) and outputs")
+    ap.add_argument("--repeat", type=int, default=1, help="measure streammerge's default run and the I/O floor this many times; report medians")
     ap.add_argument("--max-memory", help="also run streammerge with this --max-memory and check its bytes, e.g. 512M")
     ap.add_argument("--compare-layers", type=int, nargs="+",
                     help="layer counts at which to run the naive merge, mergekit and --max-memory too (default: all)")
