@@ -447,7 +447,7 @@ def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob, work
     inputs, bfloat16 included (its masks, int32 keys and float32 sums)."""
     raw = sum(checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs)
     working = (3 * len(job.inputs) + 8) * max(4, job.compute_dtype.itemsize)
-    written = 2 * job.out_dtype.itemsize
+    written = (in_flight(workers) + 1) * job.out_dtype.itemsize
     return raw * (READ_AHEAD_CHUNKS + 1 + in_flight(workers)) + workers * working + written
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from streammerge.io.digest import sha256_range
 from streammerge.io.safetensors_format import TensorEntry, parse_header
 
 _HEADER_PROBE = 1 << 16
+# Linux queues at most the device's readahead window per WILLNEED (128 KiB by default, 8 MiB on the
+# benchmark's disk) and ignores the rest of the range: a whole tensor is advised a piece at a time.
+_PREFETCH_PIECE = 2 << 20
 # Tensors that only quantized checkpoints carry (GPTQ/AWQ packed weights, bitsandbytes state).
 _QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4",
                        ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")
@@ -75,18 +79,21 @@ class ShardReader:
         e = self.entries[name]
         return sha256_range(self._fd, e.offset, e.nbytes, self.path)
 
-    def prefetch(self, name: str) -> None:
-        """Start reading this tensor into the page cache in the background."""
-        self._advise(name, "POSIX_FADV_WILLNEED")
+    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:
+        """Queue reads of this tensor into the page cache, piece by piece until ``stop`` is set. The
+        disk reads in the background, but queueing blocks while the device's queue is full."""
+        e = self.entries[name]
+        if hasattr(os, "POSIX_FADV_WILLNEED"):
+            for at in range(e.offset, e.offset + e.nbytes, _PREFETCH_PIECE):
+                if stop is not None and stop.is_set():
+                    return
+                os.posix_fadvise(self._fd, at, min(_PREFETCH_PIECE, e.offset + e.nbytes - at), os.POSIX_FADV_WILLNEED)
 
     def release(self, name: str) -> None:
         """Let the kernel drop this tensor's pages from the page cache."""
-        self._advise(name, "POSIX_FADV_DONTNEED")
-
-    def _advise(self, name: str, advice: str) -> None:
         e = self.entries[name]
-        if e.nbytes and hasattr(os, advice):
-            os.posix_fadvise(self._fd, e.offset, e.nbytes, getattr(os, advice))
+        if e.nbytes and hasattr(os, "POSIX_FADV_DONTNEED"):
+            os.posix_fadvise(self._fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -124,7 +131,7 @@ class BinReader:
         t = self._load()[name]  # ``into`` unused: the mapping's pages are copied once either way
         return (t[rows] if rows is not None and t.dim() else t).clone()
 
-    def prefetch(self, name: str) -> None:  # records of a zip are not worth locating for a hint
+    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:  # records of a zip are not worth locating for a hint
         pass
 
     def release(self, name: str) -> None:  # the mapping is already gone after read()
@@ -233,8 +240,8 @@ class Checkpoint:
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         return self._where[name].read(name, rows, into)
 
-    def prefetch(self, name: str) -> None:
-        self._where[name].prefetch(name)
+    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:
+        self._where[name].prefetch(name, stop)
 
     def release(self, name: str) -> None:
         self._where[name].release(name)

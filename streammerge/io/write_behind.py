@@ -4,7 +4,7 @@ The merge hands each finished chunk over and goes on with the next one while the
 hashed and written; on two cores that keeps the second core busy where the merge alone would
 leave it idle between kernels.
 
-On the CPU a chunk is copied into one of two reused buffers, and the merging thread frees its own
+On the CPU a chunk is copied into one of a few reused buffers, and the merging thread frees its own
 memory at once. Memory freed by another thread at that thread's pace fragmented glibc's heap; the
 engine's reader buffers are allocated by the merging thread for the same reason. Peak RSS of a
 2-layer 7B-shaped TIES merge, four runs each: 0.52–0.80 GiB before both changes, 0.44–0.64 GiB after.
@@ -26,13 +26,14 @@ class WriteBehind:
     every write handed over before it (a finished tensor's journal entry). The thread's first error
     stops every later write and ``then``, and is raised by each later call."""
 
-    def __init__(self, chunk_bytes: int | None = None):
-        """With ``chunk_bytes``, chunks are copied into two buffers of that size (grown if one does not
-        fit), so at most two wait or are being written; without, the caller bounds what it hands over."""
+    def __init__(self, chunk_bytes: int | None = None, buffers: int = 2):
+        """With ``chunk_bytes``, chunks are copied into ``buffers`` buffers of that size (grown if one
+        does not fit), so at most that many wait or are being written; without, the caller bounds
+        what it hands over."""
         self._buffers: queue.Queue[torch.Tensor] | None = None
         if chunk_bytes is not None:
             self._buffers = queue.Queue()
-            for _ in range(2):
+            for _ in range(buffers):
                 self._buffers.put(torch.empty(chunk_bytes, dtype=torch.uint8))
         self._work: queue.Queue = queue.Queue()
         self._error: BaseException | None = None

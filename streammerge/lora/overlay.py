@@ -83,8 +83,8 @@ class AdaptedCheckpoint:
         """The base's files and the adapter's (keyed by the adapter's path): whether either changed."""
         return {**self.base.fingerprint(), **{f"{self.adapter.path}/{f}": v for f, v in self.adapter.fingerprint().items()}}
 
-    def prefetch(self, name: str) -> None:
-        self.base.prefetch(name)
+    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:
+        self.base.prefetch(name, stop)
 
     def release(self, name: str) -> None:
         self._factors.pop(name, None)
