@@ -13,6 +13,7 @@ where adding zeros is exact. ``finish`` then reduces the rows in a fixed order.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -92,15 +93,50 @@ def run_passes(passes: Iterable[StatPass], chunks: Callable[[], Iterable[Any]], 
             continue
         totals: dict[str, Any] = {}
         last = None
+        kept = _Kept()
         for c, parts in map_chunks(lambda c: (c, p.collect(c, stats)), chunks()):
             for key, part in parts.items():
                 if p.per_chunk is True or (p.per_chunk and key in p.per_chunk):
-                    totals.setdefault(key, []).append(part)
+                    totals.setdefault(key, []).append(kept.keep(part))
                 else:
                     totals[key] = totals[key] + part if key in totals else part
             last = c
         stats = p.finish(totals, last, stats)
     return stats
+
+
+class _Kept:
+    """Copies of the per-chunk partials a pass keeps until its ``finish``, in blocks mapped apart from
+    the heap. Left in glibc's heap, hundreds of small tensors that outlive their chunk split the
+    holes the chunks' large temporaries leave, and the next chunk's land higher: a 4-layer 7B-shaped
+    TIES merge grew its heap to 0.6 GiB (0.47 GiB of it free) while 0.16 GiB was live; with its
+    TIES histograms kept here, peak RSS fell from 0.72-0.77 to 0.40-0.41 GiB."""
+
+    BLOCK = 4 << 20
+
+    def __init__(self) -> None:
+        self._block: torch.Tensor | None = None
+        self._at = 0
+
+    def keep(self, part: Any) -> Any:
+        """``part`` with its small CPU tensors (in lists, tuples and dicts too) copied into the blocks."""
+        if isinstance(part, torch.Tensor):
+            return self._copy(part)
+        if isinstance(part, (list, tuple)):
+            return type(part)(self.keep(p) for p in part)
+        if isinstance(part, dict):
+            return {k: self.keep(v) for k, v in part.items()}
+        return part
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        if t.device.type != "cpu" or not 0 < n <= self.BLOCK // 4:
+            return t
+        if self._block is None or self._at + n > self.BLOCK:
+            self._block, self._at = torch.frombuffer(mmap.mmap(-1, self.BLOCK), dtype=torch.uint8), 0
+        out = self._block[self._at : self._at + n].view(t.dtype).view(t.shape).copy_(t)
+        self._at += -(-n // 64) * 64  # every dtype's alignment
+        return out
 
 
 @dataclass(frozen=True)
