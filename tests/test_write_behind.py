@@ -51,9 +51,9 @@ def test_the_first_error_stops_later_writes_and_is_raised() -> None:
         written.append(row)
 
     behind = WriteBehind(chunk_bytes=16, buffers=3)
-    for i in range(3):
-        behind.write(write, i, torch.ones(4))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"):  # at the third write if the thread got there first, else at drain
+        for i in range(3):
+            behind.write(write, i, torch.ones(4))
         behind.drain()
     with pytest.raises(OSError, match="disk full"):
         behind.write(write, 3, torch.ones(4))
