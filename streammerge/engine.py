@@ -5,8 +5,8 @@ chunks, then its merge, and writes each merged chunk at its precomputed offset. 
 will make is known from the schedule, so a reader thread performs them in that order, a few chunks
 ahead of the merge (``pread`` and torch release the GIL); on the CPU, workers merge several
 chunks at once (``streammerge.workers``); and a writer thread checks, hashes and writes each merged
-chunk while the next ones merge: reading and writing hide behind compute. While
-a tensor merges, a prefetch thread has the disk read the next one's inputs into the page cache. On a GPU the
+chunk while the next ones merge: reading and writing hide behind compute. While a tensor merges,
+a prefetch thread has the disk read the next one's inputs into the page cache. On a GPU the
 reader thread also starts each chunk's copy to the device, and results come back through pinned
 buffers (``streammerge.transfer``). A tensor whose merge runs out of memory is merged again in
 chunks of half as many rows.
@@ -340,7 +340,7 @@ def _transfers(schedule: Schedule, inputs: int, out: int) -> tuple[HostToDevice 
     """The GPU's copy pipelines, with pinned buffers of ``inputs`` and ``out`` bytes; on the CPU,
     no copies in and a writer thread out, with a buffer for each chunk that merges at once and one
     being written (the workers finish chunks in bursts; with two buffers the merging thread waited
-    1.2-2.8 s of a 20 s 4-layer TIES merge for one, and handed the workers no new chunk meanwhile)."""
+    0.9-2.8 s of a 20 s 4-layer TIES merge for one, and handed the workers no new chunk meanwhile)."""
     if not schedule.device.is_cuda:
         return None, WriteBehind(out, in_flight(schedule.workers) + 1)
     torch.cuda.reset_peak_memory_stats(schedule.device.torch)
