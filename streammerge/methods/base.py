@@ -110,7 +110,7 @@ class _Kept:
     the heap. Left in glibc's heap, hundreds of small tensors that outlive their chunk split the
     holes the chunks' large temporaries leave, and the next chunk's land higher: a 4-layer 7B-shaped
     TIES merge grew its heap to 0.6 GiB (0.47 GiB of it free) while 0.16 GiB was live; with its
-    TIES histograms kept here, peak RSS fell from 0.72-0.77 to 0.40-0.41 GiB."""
+    TIES histograms kept here, peak RSS fell from 0.69-0.77 to 0.39-0.41 GiB."""
 
     BLOCK = 4 << 20
 
