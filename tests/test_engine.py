@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import streammerge
 from checkpoint_builder import Family
 from streammerge.cli import main
-from streammerge.engine import SWITCH_INTERVAL, run_schedule
+from streammerge.engine import SWITCH_INTERVAL, _prefetch_order, run_schedule
 from streammerge.errors import CheckpointError
 from streammerge.io.writer import StagedOutput
 
@@ -70,3 +70,18 @@ def test_the_gil_changes_hands_promptly_during_a_merge_only(fp32_family: Family,
         sched.close()
     assert seen and all(v == pytest.approx(SWITCH_INTERVAL) for v in seen) and SWITCH_INTERVAL < before  # stored in µs
     assert sys.getswitchinterval() == before
+
+
+def test_prefetch_looks_past_tiny_tensors_to_the_next_large_one() -> None:
+    """A norm merges at once: the matrix after it is queued as the matrix before it starts."""
+    order = _prefetch_order([100, 1, 100, 100, 1, 1, 100, 100], ahead=50)
+    assert [list(r) for r in order] == [[1, 2], [], [3], [4, 5, 6], [], [], [7], []]
+
+
+@pytest.mark.parametrize("sizes", [[], [5], [0, 0, 0], [3, 90, 2, 2, 2, 70, 1], [60] * 5])
+def test_prefetch_queues_every_later_job_once_in_order_and_never_the_first(sizes: list[int]) -> None:
+    order = _prefetch_order(sizes, ahead=50)
+    queued = [j for r in order for j in r]
+    assert queued == list(range(1, len(sizes)))
+    for k, r in enumerate(order):  # by the time job k starts, job k + 1 has been queued
+        assert k + 1 >= len(sizes) or any(k + 1 in q for q in order[:k + 1])
