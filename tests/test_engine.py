@@ -83,5 +83,5 @@ def test_prefetch_queues_every_later_job_once_in_order_and_never_the_first(sizes
     order = _prefetch_order(sizes, ahead=50)
     queued = [j for r in order for j in r]
     assert queued == list(range(1, len(sizes)))
-    for k, r in enumerate(order):  # by the time job k starts, job k + 1 has been queued
+    for k in range(len(order)):  # by the time job k starts, job k + 1 has been queued
         assert k + 1 >= len(sizes) or any(k + 1 in q for q in order[:k + 1])
