@@ -51,9 +51,14 @@ class Arch:
 
 
 def base_tensors(arch: Arch, seed: int = 0) -> dict[str, torch.Tensor]:
+    return random_tensors(arch.shapes(), seed)
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Float64 weights of a plausible scale: vectors (norms) near 1, matrices N(0, 0.02²)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape in arch.shapes().items():
+    for name, shape in shapes.items():
         if len(shape) == 1:
             out[name] = 1 + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64)
         else:

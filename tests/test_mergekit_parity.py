@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import streammerge
+from comparison import differing, statistics
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = sorted(p.name for p in (GOLDEN / "cases").iterdir())
@@ -38,30 +39,6 @@ def _run(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str
     return load_file(str(tmp_path / case / "model.safetensors"))
 
 
-def _differing(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor]) -> int:
-    off = 0
-    for name, g in gold.items():
-        c = got[name]
-        assert c.shape == g.shape and c.dtype == g.dtype, name
-        diff = (c.double() - g.double()).abs()
-        if g.dtype == torch.bfloat16:  # one bf16 ulp, with a 1e-6 floor for results that cancel to ~0
-            tol = torch.exp2(torch.floor(torch.log2(g.double().abs().clamp_min(1e-30))) - 7).clamp_min(1e-6)
-        else:
-            tol = torch.full_like(diff, 1e-6)
-        off += int((diff > tol).sum())
-    return off
-
-
-def _statistics(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor], seed_cos: float) -> None:
-    base = load_file(str(GOLDEN / "models" / "fp32" / "base" / "model.safetensors"))
-    tv = torch.cat([(got[n].double() - base[n].double()).reshape(-1) for n in sorted(base)])
-    tg = torch.cat([(gold[n].double() - base[n].double()).reshape(-1) for n in sorted(base)])
-    assert abs((tv != 0).double().mean().item() - (tg != 0).double().mean().item()) < 0.01
-    assert tv.norm().item() == pytest.approx(tg.norm().item(), rel=0.02)
-    cos = (tv @ tg / (tv.norm() * tg.norm())).item()
-    assert abs(cos - seed_cos) < 0.03, cos
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_mergekit(case: str, device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,6 +47,7 @@ def test_matches_mergekit(case: str, device: str, tmp_path: Path, monkeypatch: p
     assert got.keys() == gold.keys()
     expect = _expect(case)
     if "random" in expect:
-        _statistics(got, gold, expect["random"]["seed_cos"])
+        base = load_file(str(GOLDEN / "models" / "fp32" / "base" / "model.safetensors"))
+        statistics(got, gold, base, expect["random"]["seed_cos"])
     else:
-        assert _differing(got, gold) <= expect.get("tie_order_diffs", 0)
+        assert differing(got, gold) <= expect.get("tie_order_diffs", 0)
