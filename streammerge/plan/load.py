@@ -113,12 +113,16 @@ class _Cleaner:
         return out
 
     def _params(self, params: Any, at: str) -> Any:
+        if params is None:  # `parameters:` with every entry commented out, as mergekit reads it
+            return {}
         if not isinstance(params, dict) or self.method is None:
             return params
         known = {p.name for p in self.method.params}
         out = {}
         for name, value in params.items():
             if name in known:
+                if isinstance(value, list):  # conditionals: keys besides filter/value mean nothing
+                    value = [self._keys(v, Conditional, f"{at}{name}[{i}].") for i, v in enumerate(value)]
                 out[name] = _coerce(value)
             else:
                 self._unknown(f"{at}{name}", f"{self.method.name} has no parameter {name!r} (valid: {', '.join(sorted(known)) or 'none'})")
