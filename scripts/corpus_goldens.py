@@ -7,7 +7,8 @@ Builds the tiny stand-ins each config names (tests/family_builder.py), runs merg
 mergekit-multi for a file of several documents) on every config from its own working
 directory with ``--random-seed 42 --no-write-model-card`` and, per config, writes
 ``tests/data/corpus/golden/<stem>/``: the output's safetensors, index and config.json (plus the
-tokenizer files where the config builds a tokenizer), or ``refused.txt`` with mergekit's error.
+tokenizer files where the config builds a tokenizer), or ``refused.txt`` with mergekit's error
+(``mergekit_error.txt`` beside the tensors where it failed after writing all of them).
 Random methods run again with seed 43; the cosine between the two draws' task vectors is the
 ``seed_cos`` their statistical comparison is measured against. ``expect.json`` is updated:
 refused and statistical entries from this run, pinned tie-order counts of deterministic configs
@@ -17,6 +18,7 @@ kept as they are (a new one starts as ``exact``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -37,13 +39,15 @@ ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b")
 
 
 def run_mergekit(bin_dir: Path, config: Path, cwd: Path, out: Path, seed: int) -> subprocess.CompletedProcess:
-    common = ["--random-seed", str(seed), "--no-write-model-card"]
+    # model cards reproduce LoRA merges with --lora-merge-cache (without it mergekit stops)
+    common = ["--random-seed", str(seed), "--no-write-model-card", "--lora-merge-cache", "./lora_cache"]
     if corpus.is_multi(config):
         command = [str(bin_dir / "mergekit-multi"), str(config), "--out-path", str(out), "-I", "./intermediates", *common]
     else:
         command = [str(bin_dir / "mergekit-yaml"), str(config), str(out), *common]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    shutil.rmtree(cwd / "intermediates", ignore_errors=True)
+    for stale in (cwd / "intermediates", cwd / "lora_cache", out):
+        shutil.rmtree(stale, ignore_errors=True)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
 
 
@@ -53,6 +57,14 @@ def error_line(stderr: str) -> str:
     starts = [k for k, line in enumerate(lines) if ERROR_LINE.match(line)]
     tail = lines[starts[-1]:] if starts else lines[-1:]
     return " | ".join(line.strip() for line in tail if "errors.pydantic.dev" not in line)
+
+
+def wrote_tensors(out: Path) -> bool:
+    """Whether mergekit finished writing tensors (it writes config.json after them)."""
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        return all((out / s).is_file() for s in json.loads(index.read_text())["weight_map"].values())
+    return (out / "model.safetensors").is_file()
 
 
 def save_golden(out: Path, golden: Path, with_tokenizer: bool) -> None:
@@ -86,14 +98,18 @@ def main() -> None:
         golden.mkdir(parents=True)
         result = run_mergekit(args.mergekit_bin, config, cwd, out, 42)
         previous = expect.get(stem, {})
-        if result.returncode != 0:
+        if result.returncode != 0 and wrote_tensors(out):
+            # mergekit 0.1.5 on transformers 5 fails saving some configs after writing every tensor
+            # (a layer count changed without its layer_types): the tensors are still its result
+            (golden / "mergekit_error.txt").write_text(error_line(result.stderr) + "\n")
+        if result.returncode != 0 and not wrote_tensors(out):
             (golden / "refused.txt").write_text(error_line(result.stderr) + "\n")
             expect[stem] = {"class": "refused", "reason": previous.get("reason", "")}
         else:
             save_golden(out, golden, corpus.builds_tokenizer(config))
             if corpus.is_random(config):
                 other = work / "out" / f"{stem}-seed43"
-                run_mergekit(args.mergekit_bin, config, cwd, other, 43).check_returncode()
+                run_mergekit(args.mergekit_bin, config, cwd, other, 43)
                 cos = seed_cosine(out, other, cwd / corpus.base_model(config))
                 expect[stem] = {"class": "statistical", "seed_cos": round(cos, 3)}
             elif previous.get("class") in ("exact", "tie_order"):

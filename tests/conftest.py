@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,10 @@ def merge_with_chunk_sizes(plan: dict, tmp_path: Path, sizes: tuple[int, ...] = 
         streammerge.merge(plan, out, quiet=True, chunk_size=size)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
     return outputs
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The corpus test's count per class (tests/test_corpus.py), when it ran."""
+    module = sys.modules.get("test_corpus")
+    if module is not None and module.RESULTS:
+        terminalreporter.write_line(module.summary())

@@ -1,0 +1,123 @@
+"""Published mergekit configs (tests/data/corpus) run unchanged on tiny stand-ins of the models
+they name and give mergekit 0.1.5's results (goldens: scripts/corpus_goldens.py, GOLDENS.md).
+
+``expect.json`` pins each config's class: ``exact`` (every element within one rounding: 1e-6 in
+float32, one ulp in bf16/fp16), ``tie_order`` (at most ``tie_order_diffs`` elements differ, by the
+order of equal values at a selection threshold), ``statistical`` (a random method: kept fraction,
+task-vector norm and cosine with mergekit's draw, against ``seed_cos``, the cosine two of
+mergekit's seeds give each other) or ``refused`` (mergekit stops; streammerge must stop too, with
+one line that contains ``reason``). ``cast_golden``: mergekit wrote float32 where the plan says
+otherwise (arcee_fusion, a documented difference); its values are compared rounded to the plan's
+dtype. Where mergekit failed after writing every tensor (``mergekit_error.txt``), the tensors are
+compared and the written config.json must pass transformers' validation, as it must everywhere.
+A summary of the classes is printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import corpus
+import streammerge
+from comparison import differing, per_expert, statistics
+from conftest import load_output
+from family_builder import build_corpus
+from streammerge.errors import StreamMergeError
+
+CONFIGS = corpus.configs()
+EXPECT = corpus.load_expect()
+RESULTS: dict[str, str] = {}  # config → its class once it passed; conftest prints the counts
+
+
+@pytest.fixture(scope="session")
+def corpus_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_corpus(tmp_path_factory.mktemp("corpus"), {s: p.read_text(encoding="utf-8") for s, p in CONFIGS.items()})
+
+
+def _layers(config: dict) -> tuple[int, int]:
+    text = config.get("text_config", config)
+    return text["num_hidden_layers"], text["vocab_size"]
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+
+
+def _template(directory: Path) -> str | None:
+    template = json.loads((directory / "tokenizer_config.json").read_text()).get("chat_template")
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    return template
+
+
+def _render(template: str) -> list[str]:
+    """The template applied as transformers applies chat templates (jinja2, trimmed blocks)."""
+    import jinja2.sandbox
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    compiled = env.from_string(template)
+    return [compiled.render(messages=CONVERSATION[:n], add_generation_prompt=prompt, bos_token="<s>",
+                            eos_token="</s>", raise_exception=raise_exception)
+            for n in (2, 4) for prompt in (False, True)]
+
+
+def _check_tokenizer(out: Path, golden: Path) -> None:
+    """The written vocabulary is mergekit's, and the chat template renders what mergekit's does."""
+    from tokenizers import Tokenizer
+
+    if not (golden / "tokenizer.json").is_file():
+        return
+    vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    assert vocab == Tokenizer.from_file(str(golden / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    if (template := _template(golden)) is not None:
+        ours = _template(out)
+        assert ours is not None and _render(ours) == _render(template)
+
+
+@pytest.mark.parametrize("stem", sorted(CONFIGS))
+def test_config_as_mergekit(stem: str, corpus_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert stem in EXPECT, f"{stem} has no goldens: run scripts/corpus_goldens.py {stem}"
+    expect, config, golden = EXPECT[stem], CONFIGS[stem], corpus.CORPUS / "golden" / stem
+    monkeypatch.chdir(corpus_dirs[stem])
+    out = tmp_path / "out"
+    if expect["class"] == "refused":
+        assert expect["reason"], f"{stem}: pin in expect.json what mergekit's refusal says ({golden / 'refused.txt'})"
+        with pytest.raises(StreamMergeError) as error:
+            streammerge.merge(config, out, quiet=True)
+        message = str(error.value)
+        assert "\n" not in message and expect["reason"].lower() in message.lower(), message
+        assert not (out / "config.json").exists()
+        RESULTS[stem] = "refused"
+        return
+    streammerge.merge(config, out, quiet=True)
+    got = load_output(out)
+    gold = per_expert(load_output(golden), set(got))
+    if expect.get("cast_golden"):  # arcee_fusion: mergekit writes float32 whatever the plan says (#604)
+        assert {g.dtype for g in gold.values()} == {torch.float32}
+        gold = {k: g.to(got[k].dtype) for k, g in gold.items()}
+    assert sorted(got) == sorted(gold)
+    if expect["class"] == "statistical":
+        statistics(got, gold, load_output(Path(corpus.base_model(config))), expect["seed_cos"])
+    else:
+        assert differing(got, gold) <= expect.get("tie_order_diffs", 0)
+    written = json.loads((out / "config.json").read_text())
+    if (golden / "config.json").is_file():
+        assert _layers(written) == _layers(json.loads((golden / "config.json").read_text()))
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoConfig.from_pretrained(out)  # transformers' own validation (layer_types, ...)
+    _check_tokenizer(out, golden)
+    RESULTS[stem] = expect["class"]
+
+
+def summary() -> str:
+    counts = {c: sum(v == c for v in RESULTS.values()) for c in corpus.CLASSES}
+    return f"corpus: {len(RESULTS)} of {len(CONFIGS)} configs as mergekit 0.1.5: " + ", ".join(f"{c} {n}" for c, n in counts.items())
+
