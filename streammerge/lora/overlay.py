@@ -1,6 +1,7 @@
 """A base model with a LoRA adapter folded in, read like any checkpoint, one row range at a time.
 
-``AdaptedCheckpoint.read(name, rows)`` returns W[rows] + ΔW[rows] for an adapted module (the
+``AdaptedCheckpoint.read(name, rows)`` returns W[rows] + ΔW[rows], computed in float32 and rounded
+to W's dtype, for an adapted module (the
 factors of one module are read once and kept until the engine releases the tensor), the
 adapter's own tensor for a replaced one (``modules_to_save``), and W[rows] otherwise. Headers,
 config and tokenizer are the base's, so the schedule and the engine treat it as a model: no
@@ -76,8 +77,9 @@ class AdaptedCheckpoint:
         if name not in self._factors:  # float32, or float64 for a float64 base
             self._factors[name] = tuple(f.to(torch.promote_types(f.dtype, w.dtype)) for f in self.adapter.factors(name))
         left, right = self._factors[name]
-        # in place on the fresh product: one float32 chunk, no widened copy of W (rounded to the plan's dtype by the engine)
-        return ((left if rows is None else left[rows]) @ right).add_(w)
+        # in place on the fresh product: one float32 chunk, no widened copy of W; then rounded to the
+        # base's dtype, as mergekit (PEFT's merge_and_unload on the model as stored) hands it on
+        return ((left if rows is None else left[rows]) @ right).add_(w).to(w.dtype)
 
     def fingerprint(self) -> dict[str, tuple[int, str]]:
         """The base's files and the adapter's (keyed by the adapter's path): whether either changed."""
