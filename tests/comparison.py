@@ -4,6 +4,7 @@ the per-expert tensors published checkpoints (and streammerge's outputs) hold.""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -35,10 +36,13 @@ def task_vector(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor])
 
 def statistics(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
                seed_cos: float) -> None:
-    """A random merge against mergekit's draw: kept fraction within 0.01, ‖task vector‖ within 2 %,
-    cosine with mergekit's draw within 0.03 of ``seed_cos`` (the cosine two of mergekit's seeds give)."""
+    """A random merge against mergekit's draw: kept fraction within 0.01 (or three standard
+    deviations of the difference of two independent draws' fractions, on small models),
+    ‖task vector‖ within 2 %, cosine with mergekit's draw within 0.03 of ``seed_cos`` (the cosine
+    two of mergekit's seeds give)."""
     tv, tg = task_vector(got, base), task_vector(gold, base)
-    assert abs((tv != 0).double().mean().item() - (tg != 0).double().mean().item()) < 0.01
+    kept = (tg != 0).double().mean().item()
+    assert abs((tv != 0).double().mean().item() - kept) < max(0.01, 3 * math.sqrt(2 * kept * (1 - kept) / tg.numel()))
     assert tv.norm().item() == pytest.approx(tg.norm().item(), rel=0.02)
     cos = (tv @ tg / (tv.norm() * tg.norm())).item()
     assert abs(cos - seed_cos) < 0.03, cos
