@@ -42,7 +42,8 @@ def run_mergekit(bin_dir: Path, config: Path, cwd: Path, out: Path, seed: int) -
     # model cards reproduce LoRA merges with --lora-merge-cache (without it mergekit stops)
     common = ["--random-seed", str(seed), "--no-write-model-card", "--lora-merge-cache", "./lora_cache"]
     if corpus.is_multi(config):
-        command = [str(bin_dir / "mergekit-multi"), str(config), "--out-path", str(out), "-I", "./intermediates", *common]
+        command = [str(bin_dir / "mergekit-multi"), str(config), "--out-path", str(out),
+                   "-I", "./intermediates", *common]
     else:
         command = [str(bin_dir / "mergekit-yaml"), str(config), str(out), *common]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -84,7 +85,7 @@ def seed_cosine(out: Path, other: Path, base: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit-bin", type=Path, default=Path("/tmp/venv-mergekit/bin"))
-    parser.add_argument("--work", type=Path, help="where stand-ins and outputs go (default: a temporary directory)")
+    parser.add_argument("--work", type=Path, help="stand-ins and outputs (default: a temporary directory)")
     parser.add_argument("stems", nargs="*", help="only these configs (default: all)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="corpus-goldens-"))

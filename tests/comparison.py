@@ -31,7 +31,8 @@ def differing(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor]) -> in
 
 
 def task_vector(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(tensors[n].double() - base[n].double()).reshape(-1) for n in sorted(base) if n in tensors])
+    names = [n for n in sorted(base) if n in tensors]
+    return torch.cat([(tensors[n].double() - base[n].double()).reshape(-1) for n in names])
 
 
 def statistics(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -42,14 +43,16 @@ def statistics(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor], base
     two of mergekit's seeds give)."""
     tv, tg = task_vector(got, base), task_vector(gold, base)
     kept = (tg != 0).double().mean().item()
-    assert abs((tv != 0).double().mean().item() - kept) < max(0.01, 3 * math.sqrt(2 * kept * (1 - kept) / tg.numel()))
+    spread = 3 * math.sqrt(2 * kept * (1 - kept) / tg.numel())
+    assert abs((tv != 0).double().mean().item() - kept) < max(0.01, spread)
     assert tv.norm().item() == pytest.approx(tg.norm().item(), rel=0.02)
     cos = (tv @ tg / (tv.norm() * tg.norm())).item()
     assert abs(cos - seed_cos) < 0.03, cos
 
 
 FUSED = re.compile(r"(.*\.)mlp\.experts\.(gate_up_proj|down_proj)$")
-PER_EXPERT = {"mixtral": ("block_sparse_moe.", "w1", "w3", "w2"), "qwen": ("mlp.", "gate_proj", "up_proj", "down_proj")}
+PER_EXPERT = {"mixtral": ("block_sparse_moe.", "w1", "w3", "w2"),
+              "qwen": ("mlp.", "gate_proj", "up_proj", "down_proj")}
 
 
 def per_expert(tensors: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:

@@ -83,13 +83,16 @@ class Spec:
         elif self.moe == "qwen":
             out[p + "mlp.gate.weight"] = (self.experts, h)
             for e in range(self.experts):
-                x = f"{p}mlp.experts.{e}."
-                out |= {x + "gate_proj.weight": (i, h), x + "up_proj.weight": (i, h), x + "down_proj.weight": (h, i)}
+                out |= self._gated(f"{p}mlp.experts.{e}.")
         elif self.fused:
             out |= {p + "mlp.gate_up_proj.weight": (2 * i, h), p + "mlp.down_proj.weight": (h, i)}
         else:
-            out |= {p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)}
+            out |= self._gated(p + "mlp.")
         return out
+
+    def _gated(self, x: str) -> dict[str, tuple[int, ...]]:
+        h, i = self.hidden, self.intermediate
+        return {x + "gate_proj.weight": (i, h), x + "up_proj.weight": (i, h), x + "down_proj.weight": (h, i)}
 
     def shapes(self, layers: int) -> dict[str, tuple[int, ...]]:
         out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
@@ -171,7 +174,8 @@ def vision_shapes(layers: int) -> dict[str, tuple[int, ...]]:
             out |= {f"{x}{norm}.weight": (v,), f"{x}{norm}.bias": (v,)}
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             out |= {f"{x}self_attn.{proj}.weight": (v, v), f"{x}self_attn.{proj}.bias": (v,)}
-        out |= {x + "mlp.fc1.weight": (i, v), x + "mlp.fc1.bias": (i,), x + "mlp.fc2.weight": (v, i), x + "mlp.fc2.bias": (v,)}
+        out |= {x + "mlp.fc1.weight": (i, v), x + "mlp.fc1.bias": (i,),
+                x + "mlp.fc2.weight": (v, i), x + "mlp.fc2.bias": (v,)}
     out |= {pre + "post_layernorm.weight": (v,), pre + "post_layernorm.bias": (v,)}
     text = FAMILIES["gemma3"].hidden
     return out | {"multi_modal_projector.mm_input_projection_weight": (v, text),
@@ -229,7 +233,8 @@ def write_lora(path: Path, family: str, base: dict[str, torch.Tensor], seed: int
             continue
         a = 0.05 * torch.randn((rank, w.shape[1]), generator=g, dtype=torch.float64)
         b = 0.05 * torch.randn((w.shape[0], rank), generator=g, dtype=torch.float64)
-        factors |= {f"base_model.model.{module}.lora_A.weight": a.float(), f"base_model.model.{module}.lora_B.weight": b.float()}
+        key = f"base_model.model.{module}"
+        factors |= {f"{key}.lora_A.weight": a.float(), f"{key}.lora_B.weight": b.float()}
         deltas[name] = alpha / rank * (b.float().double() @ a.float().double())
     path.mkdir(parents=True, exist_ok=True)
     save_file(factors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -279,13 +284,15 @@ def build(root: Path, need: Needs, dtype: torch.dtype = torch.bfloat16) -> Path:
         unknown = {r for f, r in need.roles if f == family and not re.fullmatch(r"base|ft\d+", r)}
         assert not unknown and family in FAMILIES, (family, unknown)
         shapes, config = layout(family, need.layers, need.vision and family == "gemma3")
-        base = random_tensors(shapes, family_seed(family))
+        seed, vision = family_seed(family), need.vision and family == "gemma3"
+        base = random_tensors(shapes, seed)
         fts = max([int(r[2:]) for f, r in need.roles if f == family and r != "base"], default=0)
-        for role, tensors in [("base", base)] + [(f"ft{k + 1}", t) for k, t in enumerate(fine_tunes(base, fts, family_seed(family) + 1))]:
-            write_standin(root / "models" / family / role, family, tensors, config, dtype, need.vision and family == "gemma3")
+        roles = [("base", base)] + [(f"ft{k + 1}", t) for k, t in enumerate(fine_tunes(base, fts, seed + 1))]
+        for role, tensors in roles:
+            write_standin(root / "models" / family / role, family, tensors, config, dtype, vision)
         for f, name in sorted(need.loras):
             if f == family:
-                write_lora(root / "loras" / family / name, family, base, family_seed(family) + 50 + int(name.removeprefix("lora")),
+                write_lora(root / "loras" / family / name, family, base, seed + 50 + int(name.removeprefix("lora")),
                            base_path=f"./models/{family}/base")
     return root
 

@@ -35,7 +35,8 @@ RESULTS: dict[str, str] = {}  # config → its class once it passed; conftest pr
 
 @pytest.fixture(scope="session")
 def corpus_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_corpus(tmp_path_factory.mktemp("corpus"), {s: p.read_text(encoding="utf-8") for s, p in CONFIGS.items()})
+    texts = {s: p.read_text(encoding="utf-8") for s, p in CONFIGS.items()}
+    return build_corpus(tmp_path_factory.mktemp("corpus"), texts)
 
 
 def _layers(config: dict) -> tuple[int, int]:
@@ -83,13 +84,14 @@ def _check_tokenizer(out: Path, golden: Path) -> None:
 
 
 @pytest.mark.parametrize("stem", sorted(CONFIGS))
-def test_config_as_mergekit(stem: str, corpus_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_as_mergekit(stem: str, corpus_dirs: dict[str, Path], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     assert stem in EXPECT, f"{stem} has no goldens: run scripts/corpus_goldens.py {stem}"
     expect, config, golden = EXPECT[stem], CONFIGS[stem], corpus.CORPUS / "golden" / stem
     monkeypatch.chdir(corpus_dirs[stem])
     out = tmp_path / "out"
     if expect["class"] == "refused":
-        assert expect["reason"], f"{stem}: pin in expect.json what mergekit's refusal says ({golden / 'refused.txt'})"
+        assert expect["reason"], f"{stem}: pin in expect.json what {golden / 'refused.txt'} says"
         with pytest.raises(StreamMergeError) as error:
             streammerge.merge(config, out, quiet=True)
         message = str(error.value)
@@ -119,5 +121,6 @@ def test_config_as_mergekit(stem: str, corpus_dirs: dict[str, Path], tmp_path: P
 
 def summary() -> str:
     counts = {c: sum(v == c for v in RESULTS.values()) for c in corpus.CLASSES}
-    return f"corpus: {len(RESULTS)} of {len(CONFIGS)} configs as mergekit 0.1.5: " + ", ".join(f"{c} {n}" for c, n in counts.items())
+    classes = ", ".join(f"{c} {n}" for c, n in counts.items())
+    return f"corpus: {len(RESULTS)} of {len(CONFIGS)} configs as mergekit 0.1.5: {classes}"
 

@@ -24,14 +24,19 @@ def _merged(plan_text: str, tmp_path: Path, name: str) -> bytes:
 def test_null_parameters_mean_none(fp32_family: Family, tmp_path: Path) -> None:
     models = "".join(f"  - model: {m}\n    parameters:\n" for m in fp32_family.models[:2])
     null = f"merge_method: karcher\nmodels:\n{models}parameters:\n  #normalize: false\ndtype: float32\n"
-    assert yaml.safe_load(null)["parameters"] is None and yaml.safe_load(null)["models"][0]["parameters"] is None
-    plain = "merge_method: karcher\nmodels:\n" + "".join(f"  - model: {m}\n" for m in fp32_family.models[:2]) + "dtype: float32\n"
+    assert yaml.safe_load(null)["parameters"] is None
+    assert yaml.safe_load(null)["models"][0]["parameters"] is None
+    plain_models = "".join(f"  - model: {m}\n" for m in fp32_family.models[:2])
+    plain = f"merge_method: karcher\nmodels:\n{plain_models}dtype: float32\n"
     assert _merged(null, tmp_path, "null") == _merged(plain, tmp_path, "plain")
 
 
-def test_conditional_keys_mergekit_ignores_warn_and_match_everything(fp32_family: Family, tmp_path: Path) -> None:
-    head = f"merge_method: slerp\nbase_model: {fp32_family.base}\nmodels:\n  - model: {fp32_family.base}\n  - model: {fp32_family.models[0]}\n"
-    pattern = head + "parameters:\n  t:\n    - pattern: self_attn\n      value: [0, 0.5, 1]\n    - pattern: mlp\n      value: [1, 0.5, 0]\n    - value: 0.5\n"
+def test_conditional_keys_mergekit_ignores_warn_and_match_everything(fp32_family: Family,
+                                                                     tmp_path: Path) -> None:
+    base, ft = fp32_family.base, fp32_family.models[0]
+    head = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft}\n"
+    pattern = head + ("parameters:\n  t:\n    - pattern: self_attn\n      value: [0, 0.5, 1]\n"
+                      "    - pattern: mlp\n      value: [1, 0.5, 0]\n    - value: 0.5\n")
     with pytest.warns(PlanWarning, match=r"parameters\.t\[0\]\.pattern: unknown key; it has no effect"):
         got = _merged(pattern, tmp_path, "pattern")
     assert got == _merged(head + "parameters:\n  t: [0, 0.5, 1]\n", tmp_path, "first")
