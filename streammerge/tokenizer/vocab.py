@@ -19,7 +19,7 @@ from typing import Any
 
 import tokenizers
 
-from streammerge.errors import CheckpointError, PlanError
+from streammerge.errors import CheckpointError
 from streammerge.io.reader import Checkpoint
 from streammerge.plan.schema import TokenizerSpec
 
