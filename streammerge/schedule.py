@@ -24,6 +24,7 @@ from streammerge.lora.overlay import open_checkpoints
 from streammerge.methods import MergeMethod, TensorParams, get_method
 from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, is_pre_layer, is_vocab_tensor, layer_index,
                                            module_fragments, tied_partner, with_layer)
+from streammerge.plan.crimes import check_architectures
 from streammerge.plan.parameters import evaluate, gradient_position
 from streammerge.plan.schema import MergePlan, Module
 from streammerge.tokenizer.chat_template import resolve_chat_template
@@ -167,6 +168,7 @@ def build_schedule(plan: MergePlan) -> Schedule:
     paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
     checkpoints = open_checkpoints(paths)  # `model+adapter` references fold the adapter in as they are read
     try:
+        check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
         return _build(plan, method, groups, tuple(checkpoints), {p: i for i, p in enumerate(paths)}, device)
     except BaseException:

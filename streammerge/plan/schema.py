@@ -24,7 +24,8 @@ ParamValue = Union[Scalar, Gradient, list[Conditional]]
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "max_gpu_memory", "vocab_policy",
-               "select", "cache_dir", "allow_nonfinite", "adapters", "adapter_output")
+               "select", "cache_dir", "allow_nonfinite", "adapters", "adapter_output", "allow_crimes", "copy_tokenizer",
+               "write_model_card")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -176,6 +177,9 @@ class MergePlan(BaseModel):
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
     adapter_output: Optional[AdapterOutput] = None  # the merged LoRA adapter is the output
+    allow_crimes: bool = False  # merge inputs of different architectures (mergekit's --allow-crimes)
+    copy_tokenizer: bool = True  # copy the donor's tokenizer files when the plan builds no tokenizer
+    write_model_card: bool = True  # README.md describing the merge
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
