@@ -152,7 +152,7 @@ def merge_stages(path: Path, stages: list[Stage], *, overwrite: bool = False, re
                               stacklevel=2)
             results.append(None)
         else:
-            doc = _with_stage_outputs(stage.document, outputs)
+            doc = with_stage_outputs(stage.document, outputs)
             plan = load_plan(doc, strict, cache_dir, root=path.parent, where=where)
             results.append(_merge_one(plan, stage.output, overwrite, restart, quiet, overrides))
         if stage.name is not None:
@@ -194,7 +194,7 @@ def _merge_stages(path: Path, documents: list[Any], output: str | Path | None, *
     return result
 
 
-def _with_stage_outputs(doc: dict, stages: dict[str, str]) -> dict:
+def with_stage_outputs(doc: dict, stages: dict[str, str]) -> dict:
     """``doc`` with model references that name an earlier stage replaced by its output directory."""
     def swap(ref: Any) -> Any:
         return stages.get(ref, ref) if isinstance(ref, str) else ref
