@@ -9,6 +9,7 @@ not passed on, so the plan's own keys and streammerge's defaults apply.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ def parse_kmb(value: str) -> int:
     text = value.strip()
     scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
     digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit() or int(digits) == 0:
+    if not digits.isdigit():
         raise ValueError(f"{value!r} is not a count (digits, optionally with K, M or B: 5B, 500M)")
     return int(digits) * scale
 
@@ -62,7 +63,8 @@ OPTIONS = [
     _flag("cuda", "Run the merge kernels on CUDA (as --device cuda)."),
     _flag("low-cpu-memory", "Accepted; streammerge keeps a few chunks in memory (see --max-memory)."),
     click.option("--out-shard-size", type=_Kmb(),
-                 help="Largest output shard in bytes, mergekit's count syntax: 5B = 5*10^9 bytes [5B]."),
+                 help="Largest output shard in bytes, in mergekit's count syntax: 5B = 5*10^9 bytes [5B]; "
+                      "0: one shard."),
     _flag("copy-tokenizer", "Copy the donor's tokenizer files when the plan builds no tokenizer [on]."),
     _flag("clone-tensors", "Accepted; every output tensor is written from its own buffer already."),
     _flag("trust-remote-code", "Accepted; streammerge never runs code from a checkpoint."),
@@ -144,6 +146,8 @@ def translate(given: dict[str, Any], native: dict[str, Any]) -> Translation:
         value = given.get(option)
         if value is None:
             continue
+        if option == "out_shard_size" and value == 0:
+            value = sys.maxsize  # mergekit: no limit, one shard
         mine = out.threads if key == "threads" else out.overrides.get(key)
         if mine is not None and mine != value:
             raise PlanError(f"{native_flag} {mine} and {flag} {value} disagree; give one of them")
