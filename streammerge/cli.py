@@ -88,7 +88,8 @@ def main() -> None:
     parameters, dtype, out_dtype, tokenizer_source or tokenizer, chat_template; several documents
     run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
-    device, max_gpu_memory, vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output). Models are local directories or
+    device, max_gpu_memory, vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output,
+    allow_crimes, copy_tokenizer, write_model_card). Models are local directories or
     org/name[@revision] on the Hugging Face Hub; model+adapter folds a PEFT LoRA adapter in.
     """
     warnings.showwarning = _warn
