@@ -43,7 +43,8 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
     ``output``; running it again resumes from there (``restart`` discards it and starts over).
     ``overrides`` replace native plan keys: ``shard_size``, ``max_memory``, ``chunk_size``,
     ``compute_dtype``, ``seed``, ``allow_nonfinite``, ``device`` (cpu, cuda, auto), ``max_gpu_memory``,
-    ``vocab_policy``, ``allow_crimes``, ``copy_tokenizer``, ``write_model_card``. ``strict``: unknown keys are errors rather than warnings
+    ``vocab_policy``, ``allow_crimes``, ``copy_tokenizer``, ``write_model_card``. ``strict``: unknown
+    keys are errors rather than warnings
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
@@ -149,8 +150,8 @@ def merge_stages(path: Path, stages: list[Stage], *, overwrite: bool = False, re
         if stage.reuse and _holds_model(stage.output):
             if not quiet:
                 what = "the final merge" if stage.name is None else f"stage {stage.name!r}"
-                warnings.warn(f"{where}: {what} is already merged in {stage.output}; skipping it", PlanWarning,
-                              stacklevel=2)
+                warnings.warn(f"{where}: {what} is already merged in {stage.output}; skipping it",
+                              PlanWarning, stacklevel=2)
             results.append(None)
         else:
             doc = with_stage_outputs(stage.document, outputs)

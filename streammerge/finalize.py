@@ -60,8 +60,9 @@ def write_tokenizer_files(schedule: Schedule, staged: StagedOutput) -> None:
     plan, vocab, template = schedule.plan, schedule.vocabulary, schedule.chat_template
     if vocab is None and not plan.copy_tokenizer:
         if template is not None:
-            warnings.warn("chat_template: not written: the plan builds no tokenizer and copy_tokenizer is off "
-                          "(--no-copy-tokenizer); add 'tokenizer_source: base' to write it", PlanWarning, stacklevel=2)
+            warnings.warn("chat_template: not written: the plan builds no tokenizer and copy_tokenizer is "
+                          "off (--no-copy-tokenizer); add 'tokenizer_source: base' to write it", PlanWarning,
+                          stacklevel=2)
         return
     if vocab is not None:
         donor, files = vocab.donor, BUILT_TOKENIZER_COMPANIONS

@@ -16,24 +16,28 @@ from streammerge.errors import CheckpointError
 # its two MoE definitions built in code).
 KNOWN_ARCHITECTURES = frozenset((
     "AfmoeForCausalLM", "ApertusForCausalLM", "ArceeForCausalLM", "BaichuanForCausalLM", "BertForMaskedLM",
-    "BertForMultipleChoice", "BertForSequenceClassification", "BertForTokenClassification", "BertModel", "ChatGLMModel",
-    "Cohere2ForCausalLM", "CohereForCausalLM", "DistilBertForMaskedLM", "DistilBertForSequenceClassification",
-    "DistilBertForTokenClassification", "DistilBertModel", "ExaoneForCausalLM", "FalconForCausalLM",
-    "GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTNeoXForCausalLM", "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM",
-    "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "InternLM2ForCausalLM", "JAISLMHeadModel", "LLaMaForCausalLM",
-    "Lfm2ForCausalLM", "Llama4ForConditionalGeneration", "LlamaForCausalLM", "LlamaForSequenceClassification",
-    "MambaForCausalLM", "Mistral3ForConditionalGeneration", "MistralForCausalLM", "MixFormerSequentialForCausalLM",
-    "MixtralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiForCausalLM",
-    "QWenLMHeadModel", "Qwen2ForCausalLM", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-    "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
-    "RobertaForMaskedLM", "RobertaForSequenceClassification", "RobertaForTokenClassification", "RobertaModel",
-    "SolarForCausalLM", "StableLMEpochForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
-    "T5ForConditionalGeneration", "WhisperForConditionalGeneration", "_AfmoePartialForCausalLM",
+    "BertForMultipleChoice", "BertForSequenceClassification", "BertForTokenClassification", "BertModel",
+    "ChatGLMModel", "Cohere2ForCausalLM", "CohereForCausalLM", "DistilBertForMaskedLM",
+    "DistilBertForSequenceClassification", "DistilBertForTokenClassification", "DistilBertModel",
+    "ExaoneForCausalLM", "FalconForCausalLM", "GPT2ForSequenceClassification", "GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM", "GPTNeoXForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM",
+    "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "InternLM2ForCausalLM", "JAISLMHeadModel",
+    "LLaMaForCausalLM", "Lfm2ForCausalLM", "Llama4ForConditionalGeneration", "LlamaForCausalLM",
+    "LlamaForSequenceClassification", "MambaForCausalLM", "Mistral3ForConditionalGeneration",
+    "MistralForCausalLM", "MixFormerSequentialForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM",
+    "Phi3ForCausalLM", "Phi3SmallForCausalLM", "PhiForCausalLM", "QWenLMHeadModel", "Qwen2ForCausalLM",
+    "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM", "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+    "RobertaForMaskedLM", "RobertaForSequenceClassification", "RobertaForTokenClassification",
+    "RobertaModel", "SolarForCausalLM", "StableLMEpochForCausalLM", "StableLmForCausalLM",
+    "Starcoder2ForCausalLM", "T5ForConditionalGeneration", "WhisperForConditionalGeneration",
+    "_AfmoePartialForCausalLM",
 ))
 # Names that share one definition, and the one name whose definition depends on model_type
 # (a model_type neither definition expects makes mergekit infer, as for an unknown name).
-_SAME_DEFINITION = {"LLaMaForCausalLM": "LlamaForCausalLM", "BertForMultipleChoice": "BertForSequenceClassification",
+_SAME_DEFINITION = {"LLaMaForCausalLM": "LlamaForCausalLM",
+                    "BertForMultipleChoice": "BertForSequenceClassification",
                     "BertForTokenClassification": "BertForSequenceClassification"}
 _BY_MODEL_TYPE = {"PhiForCausalLM": ("phi", "phi-msft")}
 
@@ -51,7 +55,8 @@ def definition(config: dict[str, Any]) -> str | None:
 
 
 def check_architectures(models: Sequence[str], configs: Sequence[dict[str, Any]], allowed: bool) -> None:
-    """Refuse ``models`` (plan references) whose ``configs`` name different architectures, unless ``allowed``."""
+    """Refuse ``models`` (plan references) whose ``configs`` name different architectures, unless
+    ``allowed``."""
     found = [definition(c) for c in configs]
     if allowed or None in found or len(set(found)) < 2:
         return
