@@ -29,9 +29,10 @@ MERGEKIT_YAML_OPTIONS = (
     "--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype", "--cuda", "--no-cuda", "--device",
     "--low-cpu-memory", "--no-low-cpu-memory", "--out-shard-size", "--copy-tokenizer", "--no-copy-tokenizer",
     "--clone-tensors", "--no-clone-tensors", "--trust-remote-code", "--no-trust-remote-code", "--random-seed",
-    "--lazy-unpickle", "--no-lazy-unpickle", "--write-model-card", "--no-write-model-card", "--safe-serialization",
-    "--no-safe-serialization", "-v", "--quiet", "--no-quiet", "--read-to-gpu", "--no-read-to-gpu", "--multi-gpu",
-    "--no-multi-gpu", "--num-threads", "-j", "--gpu-rich", "--async-write", "--no-async-write", "--write-threads",
+    "--lazy-unpickle", "--no-lazy-unpickle", "--write-model-card", "--no-write-model-card",
+    "--safe-serialization", "--no-safe-serialization", "-v", "--quiet", "--no-quiet", "--read-to-gpu",
+    "--no-read-to-gpu", "--multi-gpu", "--no-multi-gpu", "--num-threads", "-j", "--gpu-rich", "--async-write",
+    "--no-async-write", "--write-threads",
 )
 
 
@@ -68,7 +69,8 @@ def test_every_mergekit_yaml_option_is_declared(command) -> None:
 def _translated(*args: str) -> mergekit_cli.Translation:
     """What streammerge-yaml makes of ``args``, parsed as its click command parses them."""
     params = yaml_main.make_context("streammerge-yaml", ["c.yml", "out", *args]).params
-    return mergekit_cli.translate({k: v for k, v in params.items() if k in mergekit_cli.NAMES or k == "device"}, {})
+    given = {k: v for k, v in params.items() if k in mergekit_cli.NAMES or k == "device"}
+    return mergekit_cli.translate(given, {})
 
 
 @pytest.mark.parametrize("args, overrides, threads", [
@@ -101,7 +103,7 @@ def _translated(*args: str) -> mergekit_cli.Translation:
 def test_options_map_to_plan_keys(args: list[str], overrides: dict, threads: int | None) -> None:
     t = _translated(*args)
     assert (t.overrides, t.threads) == (overrides, threads)
-    assert t.notes == ([mergekit_cli._ALREADY["gpu_rich"]] if "--gpu-rich" in args else [])
+    assert [n.split(":")[0] for n in t.notes] == (["--gpu-rich"] if "--gpu-rich" in args else [])
 
 
 NOTED = [(["--low-cpu-memory"], "--low-cpu-memory: streammerge keeps only a few chunks in memory"),
@@ -121,14 +123,15 @@ NOTED = [(["--low-cpu-memory"], "--low-cpu-memory: streammerge keeps only a few 
 def test_options_streammerge_already_does_get_one_note(args: list[str], note: str) -> None:
     t = _translated(*args)
     assert t.overrides == {} and len(t.notes) == 1 and t.notes[0].startswith(note)
-    off = _translated(*(f"--no-{a[2:]}" for a in args if a.startswith("--") and f"--no-{a[2:]}" in MERGEKIT_YAML_OPTIONS))
-    assert off.notes == []
+    negated = [f"--no-{a[2:]}" for a in args if f"--no-{a[2:]}" in MERGEKIT_YAML_OPTIONS]
+    assert _translated(*negated).notes == []
 
 
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda:1"], "--device cuda:1: streammerge runs on the current CUDA device; select it with "
                              "CUDA_VISIBLE_DEVICES=1 and --device cuda"),
-    (["--device", "mps"], "--device mps: streammerge runs its kernels on cpu or cuda; use --device cpu, cuda or auto"),
+    (["--device", "mps"], "--device mps: streammerge runs its kernels on cpu or cuda; "
+                          "use --device cpu, cuda or auto"),
     (["--no-safe-serialization"], "--no-safe-serialization: streammerge writes safetensors only (no pickled .bin "
                                   "output); drop the option"),
 ])
@@ -138,7 +141,8 @@ def test_what_streammerge_cannot_do_is_refused(args: list[str], message: str) ->
     assert str(e.value) == message
 
 
-def test_yaml_command_merges_with_every_note_once_and_quiet_silences_them(fp32_family: Family, tmp_path: Path) -> None:
+def test_yaml_command_prints_each_note_once_and_quiet_silences_them(fp32_family: Family,
+                                                                    tmp_path: Path) -> None:
     config = _write(tmp_path, _linear(fp32_family))
     noted = [a for args, _ in NOTED for a in args]
     loud = _yaml(config, tmp_path / "loud", *noted)
@@ -202,12 +206,15 @@ def test_seed_given_twice_must_agree(fp32_family: Family, tmp_path: Path) -> Non
     config = _write(tmp_path, _linear(fp32_family, "dare_ties"))
     run = main.commands["run"]
     clash = CliRunner().invoke(run, [str(config), str(tmp_path / "a"), "--seed", "1", "--random-seed", "2"])
-    assert clash.exit_code == 1 and clash.output == "error: --seed 1 and --random-seed 2 disagree; give one of them\n"
-    same = CliRunner().invoke(run, [str(config), str(tmp_path / "b"), "--seed", "2", "--random-seed", "2", "-q"])
+    assert clash.exit_code == 1
+    assert clash.output == "error: --seed 1 and --random-seed 2 disagree; give one of them\n"
+    same = CliRunner().invoke(run, [str(config), str(tmp_path / "b"), "--seed", "2", "--random-seed", "2",
+                                    "-q"])
     assert same.exit_code == 0, same.output
 
 
-def test_no_copy_tokenizer_and_no_model_card_leave_their_files_out(fp32_family: Family, tmp_path: Path) -> None:
+def test_no_copy_tokenizer_and_no_model_card_leave_their_files_out(fp32_family: Family,
+                                                                   tmp_path: Path) -> None:
     config = _write(tmp_path, _linear(fp32_family))
     assert _yaml(config, tmp_path / "full", "-q").exit_code == 0
     full = sorted(p.name for p in (tmp_path / "full").iterdir())
@@ -216,8 +223,10 @@ def test_no_copy_tokenizer_and_no_model_card_leave_their_files_out(fp32_family: 
     donor = fp32_family.models[0] / "tokenizer_config.json"
     assert (tmp_path / "full" / "tokenizer_config.json").read_bytes() == donor.read_bytes()
     run = main.commands["run"]
-    for name, args, gone in [("no_tok", ["--no-copy-tokenizer"], {"generation_config.json", "tokenizer_config.json"}),
-                             ("no_card", ["--no-write-model-card"], {"README.md"})]:
+    for name, args, gone in [
+        ("no_tok", ["--no-copy-tokenizer"], {"generation_config.json", "tokenizer_config.json"}),
+        ("no_card", ["--no-write-model-card"], {"README.md"}),
+    ]:
         for invoke, out in ((yaml_main, name), (run, f"{name}_run")):
             result = CliRunner().invoke(invoke, [str(config), str(tmp_path / out), *args, "-q"])
             assert result.exit_code == 0, result.output
@@ -225,19 +234,23 @@ def test_no_copy_tokenizer_and_no_model_card_leave_their_files_out(fp32_family: 
             assert _files(tmp_path / out) == _files(tmp_path / "full")
 
 
-def test_no_copy_tokenizer_drops_the_chat_template_with_a_warning(fp32_family: Family, tmp_path: Path) -> None:
+def test_no_copy_tokenizer_drops_the_chat_template_with_a_warning(fp32_family: Family,
+                                                                  tmp_path: Path) -> None:
     config = _write(tmp_path, _linear(fp32_family, chat_template="chatml"))
     result = _yaml(config, tmp_path / "out", "--no-copy-tokenizer", "-q")
     assert result.exit_code == 0
-    assert result.output == ("warning: chat_template: not written: the plan builds no tokenizer and copy_tokenizer is "
-                             "off (--no-copy-tokenizer); add 'tokenizer_source: base' to write it\n")
-    assert not list((tmp_path / "out").glob("*token*")) and not (tmp_path / "out" / "chat_template.jinja").exists()
+    assert result.output == ("warning: chat_template: not written: the plan builds no tokenizer and "
+                             "copy_tokenizer is off (--no-copy-tokenizer); add 'tokenizer_source: base' to "
+                             "write it\n")
+    out = tmp_path / "out"
+    assert not list(out.glob("*token*")) and not (out / "chat_template.jinja").exists()
 
 
 def _with_architecture(family: Family, root: Path, architecture: str, model_type: str) -> Path:
     """The second fine-tune again, its config.json naming ``architecture``."""
     source = family.models[1]
-    config = json.loads((source / "config.json").read_text()) | {"architectures": [architecture], "model_type": model_type}
+    config = json.loads((source / "config.json").read_text())
+    config |= {"architectures": [architecture], "model_type": model_type}
     return write_checkpoint(root / architecture, family.tensors[source], config)
 
 
@@ -246,9 +259,9 @@ def test_mixed_architectures_need_allow_crimes(fp32_family: Family, tmp_path: Pa
     plan = _linear(fp32_family)
     plan["models"][1]["model"] = str(mistral)
     config = _write(tmp_path, plan)
-    message = (f"error: inputs of different architectures: {fp32_family.models[0]} (LlamaForCausalLM), {mistral} "
-               "(MistralForCausalLM); mergekit refuses to mix them: add --allow-crimes (or 'allow_crimes: true' in "
-               "the plan) to merge them anyway\n")
+    message = (f"error: inputs of different architectures: {fp32_family.models[0]} (LlamaForCausalLM), "
+               f"{mistral} (MistralForCausalLM); mergekit refuses to mix them: add --allow-crimes "
+               "(or 'allow_crimes: true' in the plan) to merge them anyway\n")
     for args in (["run", config, tmp_path / "a"], ["run", config, tmp_path / "a", "--no-allow-crimes"]):
         refused = CliRunner().invoke(main, [str(a) for a in args])
         assert refused.exit_code == 1 and refused.output == message
@@ -267,8 +280,8 @@ def test_mixed_architectures_need_allow_crimes(fp32_family: Family, tmp_path: Pa
     ("MyOwnForCausalLM", "llama"),  # no mergekit definition: mergekit infers one and does not compare
     ("PhiForCausalLM", "llama"),  # neither Phi definition expects this model_type: inferred as well
 ])
-def test_architectures_mergekit_does_not_tell_apart_merge(architecture: str, model_type: str, fp32_family: Family,
-                                                          tmp_path: Path) -> None:
+def test_architectures_mergekit_does_not_tell_apart_merge(architecture: str, model_type: str,
+                                                          fp32_family: Family, tmp_path: Path) -> None:
     other = _with_architecture(fp32_family, tmp_path, architecture, model_type)
     plan = _linear(fp32_family)
     plan["models"][1]["model"] = str(other)
@@ -297,17 +310,21 @@ def test_multi_writes_named_merges_to_the_intermediate_dir_in_dependency_order(f
     assert first.exit_code == 0, first.output
     mid, final = load_output(inter / "soup"), load_output(out)
     n = "model.layers.1.mlp.up_proj.weight"
-    assert torch.allclose(mid[n].double(), (t[f.models[0]][n].double() + t[f.models[1]][n].double()) / 2, atol=1e-7)
+    mean = (t[f.models[0]][n].double() + t[f.models[1]][n].double()) / 2
+    assert torch.allclose(mid[n].double(), mean, atol=1e-7)
     base = t[f.base][n].double()
     want = base + 0.5 * (mid[n].double() - base) + 0.5 * (t[f.models[2]][n].double() - base)
     assert (final[n].double() - want).abs().max() < 1e-6
-    stamps = {p: p.stat().st_mtime_ns for p in (inter / "soup" / "model.safetensors", out / "model.safetensors")}
+    written = (inter / "soup" / "model.safetensors", out / "model.safetensors")
+    stamps = {p: p.stat().st_mtime_ns for p in written}
     lazy = CliRunner().invoke(multi_main, [str(config), "--out-path", str(out), "-I", str(inter)])
     assert lazy.exit_code == 0, lazy.output
-    assert f"(document 2): stage 'soup' is already merged in {inter.absolute() / 'soup'}; skipping it" in lazy.output
+    soup = inter.absolute() / "soup"
+    assert f"(document 2): stage 'soup' is already merged in {soup}; skipping it" in lazy.output
     assert f"(document 1): the final merge is already merged in {out.absolute()}; skipping it" in lazy.output
     assert "wrote" not in lazy.output and all(p.stat().st_mtime_ns == s for p, s in stamps.items())
-    again = CliRunner().invoke(multi_main, [str(config), "--out-path", str(out), "-I", str(inter), "--no-lazy"])
+    again = CliRunner().invoke(multi_main, [str(config), "--out-path", str(out), "-I", str(inter),
+                                            "--no-lazy"])
     assert again.exit_code == 0 and again.output.count("wrote ") == 2, again.output
     assert all(p.stat().st_mtime_ns != s for p, s in stamps.items())
     assert load_output(out)[n].equal(final[n])
@@ -324,15 +341,16 @@ def test_multi_refusals(fp32_family: Family, tmp_path: Path) -> None:
     config.write_text("---\n".join(yaml.safe_dump(d) for d in docs))
     cycle = CliRunner().invoke(multi_main, [str(config), "-I", str(tmp_path / "i")])
     assert cycle.exit_code == 1 and cycle.output == (
-        f"error: {config}: the documents use each other's outputs (soup -> final -> soup); remove the circular reference\n")
+        f"error: {config}: the documents use each other's outputs (soup -> final -> soup); "
+        "remove the circular reference\n")
     assert not (tmp_path / "i").exists()
 
 
 def test_console_scripts_and_core_dependencies() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    scripts = {name: target.split(":") for name, target in project["scripts"].items()}
-    assert getattr(importlib.import_module(scripts["streammerge-yaml"][0]), scripts["streammerge-yaml"][1]) is yaml_main
-    assert getattr(importlib.import_module(scripts["streammerge-multi"][0]), scripts["streammerge-multi"][1]) is multi_main
+    entry = {name: target.split(":") for name, target in project["scripts"].items()}
+    loaded = {name: getattr(importlib.import_module(module), attr) for name, (module, attr) in entry.items()}
+    assert loaded["streammerge-yaml"] is yaml_main and loaded["streammerge-multi"] is multi_main
     assert "tokenizers>=0.15" in project["dependencies"]
     assert project["optional-dependencies"]["tokenizer"] == ["tokenizers>=0.15"]  # the old extra still installs
 
@@ -340,8 +358,10 @@ def test_console_scripts_and_core_dependencies() -> None:
 def test_streammerge_yaml_runs_as_a_program(fp32_family: Family, tmp_path: Path) -> None:
     config = _write(tmp_path, _linear(fp32_family))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-c", "from streammerge.cli import yaml_main; yaml_main()", str(config), str(tmp_path / "out"),
-            "--copy-tokenizer", "--allow-crimes", "--out-shard-size", "1B", "--lazy-unpickle", "--quiet"]
+    args = [sys.executable, "-c", "from streammerge.cli import yaml_main; yaml_main()", str(config),
+            str(tmp_path / "out"), "--copy-tokenizer", "--allow-crimes", "--out-shard-size", "1B",
+            "--lazy-unpickle", "--quiet"]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
-    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "tokenizer_config.json").is_file()
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
