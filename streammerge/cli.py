@@ -48,11 +48,6 @@ _plan_options = [
 ]
 
 
-_device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]),
-                              help="Where the merge kernels run: cpu (default), cuda (an error without a GPU), or auto "
-                                   "(CUDA when present, else the CPU, as the summary says).")
-
-
 _output_options = [
     click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
     click.option("--restart", is_flag=True,
@@ -154,14 +149,16 @@ def _report(result: MergeResult, quiet: bool) -> None:
                f"device: {result.device}{gpu}", err=True)
 
 
-@main.command("plan")
+@main.command("plan", cls=mergekit_cli.MergekitHelp)
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
 @_add(_plan_options)
-@_device_option
-def plan_command(plan: Path, **overrides: Any) -> None:
-    """Print PLAN's schedule (tensors, shards, bytes, predicted peak memory) from headers alone."""
+@_add(_mergekit_options)
+def plan_command(plan: Path, **options: Any) -> None:
+    """Print PLAN's schedule (tensors, shards, bytes, predicted peak memory) from headers alone;
+    takes run's options."""
     from streammerge.schedule import describe
 
+    overrides = _translated(options, quiet=False)
     try:
         sched = schedule(plan, **overrides)
     except StreamMergeError as e:
@@ -172,13 +169,17 @@ def plan_command(plan: Path, **overrides: Any) -> None:
         sched.close()
 
 
-@click.command("streammerge-yaml", cls=mergekit_cli.MergekitHelp, context_settings={"help_option_names": ["-h", "--help"]})
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command("streammerge-yaml", cls=mergekit_cli.MergekitHelp, context_settings=_HELP)
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
 @_add(_output_options)
 @_add(_mergekit_options)
 @click.version_option(__version__, prog_name="streammerge-yaml")
-def yaml_main(config_file: Path, out_path: Path, overwrite: bool, restart: bool, quiet: bool, **options: Any) -> None:
+def yaml_main(config_file: Path, out_path: Path, overwrite: bool, restart: bool, quiet: bool,
+              **options: Any) -> None:
     """mergekit-yaml's command line: merge CONFIG_FILE into OUT_PATH with streammerge.
 
     Takes every option of mergekit-yaml 0.1.5; the ones streammerge has no use for are accepted
@@ -193,14 +194,15 @@ def yaml_main(config_file: Path, out_path: Path, overwrite: bool, restart: bool,
     _report(result, quiet)
 
 
-@click.command("streammerge-multi", cls=mergekit_cli.MergekitHelp, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("streammerge-multi", cls=mergekit_cli.MergekitHelp, context_settings=_HELP)
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out-path", type=click.Path(file_okay=False, path_type=Path),
               help="Output of the final merge (the document without a 'name:'); needed when there is one.")
 @click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Where each named document's merge is written, as DIR/<name>.")
 @click.option("--lazy/--no-lazy", default=True,
-              help="Keep an output that already holds a model [lazy]; --no-lazy merges every document again, replacing it.")
+              help="Keep an output that already holds a model [lazy]; --no-lazy merges every document "
+                   "again, replacing it.")
 @_add(_output_options)
 @_add(_mergekit_options)
 @click.version_option(__version__, prog_name="streammerge-multi")
@@ -216,9 +218,10 @@ def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path,
     warnings.showwarning = _warn
     overrides = _translated(options, quiet)
     try:
-        stages = mergekit_cli.multi_stages(config_file, read_documents(config_file), out_path, intermediate_dir, lazy)
-        results = merge_stages(config_file, stages, overwrite=overwrite or not lazy, restart=restart, quiet=quiet,
-                               **overrides)
+        documents = read_documents(config_file)
+        stages = mergekit_cli.multi_stages(config_file, documents, out_path, intermediate_dir, lazy)
+        results = merge_stages(config_file, stages, overwrite=overwrite or not lazy, restart=restart,
+                               quiet=quiet, **overrides)
     except StreamMergeError as e:
         _fail(e)
     for result in results:

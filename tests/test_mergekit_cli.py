@@ -267,6 +267,9 @@ def test_mixed_architectures_need_allow_crimes(fp32_family: Family, tmp_path: Pa
         assert refused.exit_code == 1 and refused.output == message
     refused = _yaml(config, tmp_path / "a")
     assert refused.exit_code == 1 and refused.output == message and not (tmp_path / "a").exists()
+    planned = CliRunner().invoke(main, ["plan", str(config)])
+    assert planned.exit_code == 1 and planned.output == message
+    assert CliRunner().invoke(main, ["plan", str(config), "--allow-crimes"]).exit_code == 0
     assert _yaml(config, tmp_path / "crimes", "--allow-crimes", "-q").exit_code == 0
     native = _write(tmp_path, plan | {"allow_crimes": True}, "native.yml")
     assert CliRunner().invoke(main, ["run", str(native), str(tmp_path / "native"), "-q"]).exit_code == 0
