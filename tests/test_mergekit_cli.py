@@ -368,3 +368,13 @@ def test_streammerge_yaml_runs_as_a_program(fp32_family: Family, tmp_path: Path)
     assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
     out = tmp_path / "out"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("args", [["--cuda"], ["--gpu-rich"], ["--device", "cuda:0"]])
+def test_cuda_options_merge_on_the_gpu(args: list[str], fp32_family: Family, tmp_path: Path) -> None:
+    config = _write(tmp_path, _linear(fp32_family))
+    result = _yaml(config, tmp_path / "out", *args)
+    assert result.exit_code == 0, result.output
+    assert "device: cuda:0" in result.output
