@@ -206,8 +206,9 @@ def multi_stages(path: Path, documents: list[Any], out_path: Path | None, interm
                         "give --out-path for it")
     outputs = {name: intermediate / name for name in docs if name is not None}
     outputs[None] = out_path
-    # a document uses a name where naming that name's output directory instead changes it
-    uses = {name: [n for n in outputs if n is not None and with_stage_outputs(doc, {n: str(outputs[n])}) != doc]
+    named = [n for n in outputs if n is not None]
+    # a document uses a name where putting that name's output directory in its place changes it
+    uses = {name: [n for n in named if with_stage_outputs(doc, {n: str(outputs[n])}) != doc]
             for name, (_, doc) in docs.items()}
     order: list[str | None] = []
 
