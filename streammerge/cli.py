@@ -39,6 +39,9 @@ _plan_options = [
                  help="GPU memory for working chunks, e.g. 8GiB (default: 80% of the free GPU memory); a tensor that runs "
                       "out of GPU memory is merged again in smaller chunks."),
     click.option("--seed", type=int, help="Seed for random methods (dare_*, della*); the same seed gives the same bytes."),
+    click.option("--unsafe-truncate-embeddings", "vocab_policy", flag_value="truncate", default=None,
+                 help="Cut embeddings and lm_head whose row counts differ to their common rows, as mergekit's option "
+                      "does (vocab_policy: truncate), instead of refusing the merge; a tokenizer block aligns them without loss."),
     click.option("--allow-nonfinite", is_flag=True, default=None,
                  help="Merge inputs that hold NaN or Inf, and write non-finite results, instead of stopping."),
     click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache for models named org/name[@revision] on the Hugging Face Hub."),
