@@ -40,7 +40,8 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
     A merge that was killed or failed left its partial output in a staging directory beside
     ``output``; running it again resumes from there (``restart`` discards it and starts over).
     ``overrides`` replace native plan keys: ``shard_size``, ``max_memory``, ``chunk_size``,
-    ``compute_dtype``, ``seed``, ``allow_nonfinite``, ``device`` (cpu, cuda, auto), ``max_gpu_memory``. ``strict``: unknown keys are errors rather than warnings
+    ``compute_dtype``, ``seed``, ``allow_nonfinite``, ``device`` (cpu, cuda, auto), ``max_gpu_memory``,
+    ``vocab_policy``. ``strict``: unknown keys are errors rather than warnings
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
