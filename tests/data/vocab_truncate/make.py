@@ -55,8 +55,10 @@ def golden(case: Path, mergekit: str) -> None:
     subprocess.run([mergekit, str(case / "config.yml"), str(out), "--random-seed", "42", "--no-copy-tokenizer",
                     "--no-write-model-card", *truncate], cwd=HERE, env=env, check=True)
     for extra in out.iterdir():  # only the tensors are compared
-        if extra.name != "model.safetensors":
-            extra.unlink() if extra.is_file() else shutil.rmtree(extra)
+        if extra.is_dir():
+            shutil.rmtree(extra)
+        elif extra.name != "model.safetensors":
+            extra.unlink()
 
 
 if __name__ == "__main__":
