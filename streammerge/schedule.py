@@ -400,8 +400,8 @@ def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: lis
             raise PlanError(f"tensor {src.tensor!r}: shape {list(sh)} in {checkpoints[src.checkpoint].path} does not match "
                             f"{list(shapes[0])} in {first}")
     if plan.vocab_policy == "error":
-        rows = dict.fromkeys((sh[0], str(checkpoints[s.checkpoint].path)) for s, sh in zip(sources, shapes))
-        differing.append((name, tuple(rows)))
+        per_model = dict.fromkeys((sh[0], str(checkpoints[s.checkpoint].path)) for s, sh in zip(sources, shapes))
+        differing.append((name, tuple(per_model)))
         return shapes[0]  # never merged: the plan is refused once every tensor is scheduled
     rows = min(sh[0] for sh in shapes) if plan.vocab_policy == "truncate" else shapes[0][0]
     notes.append(f"{name}: vocabulary sizes differ ({', '.join(str(sh[0]) for sh in shapes)}): "
