@@ -39,6 +39,7 @@ ALLOCATOR_SLACK = 0.25  # share of a GPU memory budget kept free of planned chun
 HEAP_SLACK = 0.5  # the same for host memory: two workers' freed chunks fragment glibc's heap more
 READ_AHEAD_CHUNKS = 4  # chunks the engine's reader thread holds ready beyond those being merged (a pass starts with a burst)
 SPLIT_ELEMENTS = 1 << 20  # on several CPU workers, tensors at least this large are cut into a chunk per worker or more
+VocabRows = tuple[tuple[int, str], ...]  # a vocabulary matrix's (row count, model path) per input
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
     jobs: list[TensorJob] = []
     notes: list[str] = []
+    differing: list[tuple[str, VocabRows]] = []  # vocabulary matrices of differing row counts, to refuse
     spec = plan.tokenizer_spec
     vocab = None if spec is None else build_vocabulary(spec, checkpoints, index.get(plan.base_model, 0), plan.tokenizer is not None, notes)
 
@@ -270,7 +272,7 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
             maps = row_maps(vocab, spec.tokens, [(s.checkpoint, s.tensor) for s in sources], checkpoints, sl.base, notes)
             sources = [replace(s, row_map=m) for s, m in zip(sources, maps)]
         else:
-            shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
+            shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes, differing)
             sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
@@ -296,6 +298,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         if k:
             resolved = [_slice_inputs(method, s, group.where.format(i), index, checkpoints, group.prefix) for i, s in enumerate(group.slices)]
         layer_counts.append((group.layers_key, _add_group(group.prefix, resolved, add, module_tensors)))
+    if differing:
+        raise PlanError(_vocab_refusal(differing))
     if plan.modules is not None:
         covered = {j.name for j in jobs}
         stray = [t for t in checkpoints[reference].tensors if t not in covered and not any(t.startswith(g.prefix) for g in groups)]
@@ -385,9 +389,11 @@ def _common_width(sources: list[Source], shapes: list[tuple[int, ...]], checkpoi
 
 
 def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: list[tuple[int, ...]],
-                  checkpoints: tuple[Checkpoint, ...], notes: list[str]) -> tuple[int, ...]:
+                  checkpoints: tuple[Checkpoint, ...], notes: list[str],
+                  differing: list[tuple[str, VocabRows]]) -> tuple[int, ...]:
     """The inputs' common shape; for vocabulary matrices whose row counts differ, the rows the
-    plan's ``vocab_policy`` keeps: the common rows (``truncate``) or the first input's (``base``)."""
+    plan's ``vocab_policy`` keeps: the common rows (``truncate``) or the first input's (``base``).
+    Under ``error`` the tensor and its row count per model go to ``differing``, to be refused."""
     if all(sh == shapes[0] for sh in shapes):
         return shapes[0]
     first = checkpoints[sources[0].checkpoint].path
@@ -395,10 +401,30 @@ def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: lis
         if not (is_vocab_tensor(name) and sh[1:] == shapes[0][1:]):
             raise PlanError(f"tensor {src.tensor!r}: shape {list(sh)} in {checkpoints[src.checkpoint].path} does not match "
                             f"{list(shapes[0])} in {first}")
+    if plan.vocab_policy == "error":
+        per_model = dict.fromkeys((sh[0], str(checkpoints[s.checkpoint].path)) for s, sh in zip(sources, shapes))
+        differing.append((name, tuple(per_model)))
+        return shapes[0]  # never merged: the plan is refused once every tensor is scheduled
     rows = min(sh[0] for sh in shapes) if plan.vocab_policy == "truncate" else shapes[0][0]
     notes.append(f"{name}: vocabulary sizes differ ({', '.join(str(sh[0]) for sh in shapes)}): "
                  f"{rows} rows kept (vocab_policy: {plan.vocab_policy})")
     return (rows, *shapes[0][1:])
+
+
+def _vocab_refusal(differing: list[tuple[str, VocabRows]]) -> str:
+    """One line: the vocabulary matrices whose row counts differ, their rows per model, and the fixes."""
+    by_rows: dict[VocabRows, list[str]] = {}
+    for name, rows in differing:
+        by_rows.setdefault(rows, []).append(name)
+    per_model = {rows: ", ".join(f"{n}{' rows' * (k == 0)} in {path}" for k, (n, path) in enumerate(rows))
+                 for rows in by_rows}
+    sizes = "; ".join(f"{' and '.join(names)} {'have' if len(names) > 1 else 'has'} {per_model[rows]}"
+                      for rows, names in by_rows.items())
+    return (f"vocabulary sizes differ: {sizes}, and no tokenizer block aligns them (truncating drops "
+            "the extra rows, often added special tokens): add a tokenizer block (e.g. tokenizer: "
+            "{source: base}), or opt in to truncation to the common rows as mergekit's "
+            "--unsafe-truncate-embeddings does: vocab_policy: truncate in the plan, or "
+            "--unsafe-truncate-embeddings on the command line")
 
 
 def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, t: float) -> TensorParams:

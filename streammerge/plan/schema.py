@@ -172,7 +172,9 @@ class MergePlan(BaseModel):
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the kernels run; auto: CUDA when present
     max_gpu_memory: Optional[int] = None  # GPU bytes for working chunks (default: a share of the free memory)
-    vocab_policy: Literal["truncate", "base"] = "truncate"
+    # vocabulary matrices whose row counts differ, without a tokenizer to align them: refused, cut
+    # to the common rows (mergekit's --unsafe-truncate-embeddings) or given the first input's rows
+    vocab_policy: Literal["error", "truncate", "base"] = "error"
     select: Optional[Selection] = None
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
