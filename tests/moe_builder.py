@@ -10,8 +10,10 @@ The tensors, fine-tunes and files come from ``checkpoint_builder``; only the lay
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -83,6 +85,16 @@ class MoEArch:
                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "attention_bias": False,
                 "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": None, "router_aux_loss_coef": 0.001,
                 "use_sliding_window": False, "max_window_layers": self.layers}
+
+
+def arch_of(checkpoint: Path) -> MoEArch:
+    """The ``MoEArch`` a checkpoint written from one was made with, from its config.json."""
+    c = json.loads((checkpoint / "config.json").read_text())
+    mixtral = c["model_type"] == "mixtral"
+    return MoEArch(c["model_type"], hidden=c["hidden_size"], layers=c["num_hidden_layers"], vocab=c["vocab_size"],
+                   expert_intermediate=c["intermediate_size" if mixtral else "moe_intermediate_size"],
+                   heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"],
+                   experts=c["num_local_experts" if mixtral else "num_experts"], top_k=c["num_experts_per_tok"])
 
 
 def fused_state_dict(arch: MoEArch, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
