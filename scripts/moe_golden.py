@@ -29,7 +29,8 @@ ARCH = {family: MoEArch(family, hidden=16, expert_intermediate=12, layers=2, voc
 
 _BASE = "base_model: ./models/mixtral/base\n"
 _FT = "- model: ./models/mixtral/ft{}\n"
-_WEIGHTED = "models:\n" + _FT.format(1) + "  parameters: {{weight: 0.6{0}}}\n" + _FT.format(2) + "  parameters: {{weight: 0.3{0}}}\n"
+_WEIGHTED = ("models:\n" + _FT.format(1) + "  parameters: {{weight: 0.6{0}}}\n"
+             + _FT.format(2) + "  parameters: {{weight: 0.3{0}}}\n")
 _BASE_AND_FT1 = "models:\n- model: ./models/mixtral/base\n" + _FT.format(1)
 _PLAIN = "models:\n" + _FT.format(1) + _FT.format(2)
 # More methods on the Mixtral: (config, expert elements that differ by more than 1e-6). mergekit
@@ -47,9 +48,11 @@ METHODS = {
     "nearswap": (_BASE + "parameters: {t: 0.0005}\n" + _BASE_AND_FT1, 0),
 }
 
-# case: (family, config; the models are ./models/FAMILY/{base,ft1,ft2}, expert elements that differ)
-CASES = {**{f"mixtral_{m}": ("mixtral", f"merge_method: {m}\ndtype: float32\n{c}", n) for m, (c, n) in METHODS.items()},
-    "mixtral_linear": ("mixtral", """merge_method: linear
+# case: (config, expert elements that differ); the models are ./models/FAMILY/{base,ft1,ft2}
+CASES = {
+    **{f"mixtral_{m}": (f"merge_method: {m}\ndtype: float32\n{c}", n)
+       for m, (c, n) in METHODS.items()},
+    "mixtral_linear": ("""merge_method: linear
 models:
 - model: ./models/mixtral/ft1
   parameters: {weight: 0.6}
@@ -59,7 +62,7 @@ models:
   parameters: {weight: 0.4}
 dtype: float32
 """, 0),
-    "mixtral_task_arithmetic_filters": ("mixtral", """merge_method: task_arithmetic
+    "mixtral_task_arithmetic_filters": ("""merge_method: task_arithmetic
 base_model: ./models/mixtral/base
 models:
 - model: ./models/mixtral/ft1
@@ -73,7 +76,7 @@ models:
   parameters: {weight: 0.3}
 dtype: float32
 """, 0),
-    "mixtral_ties": ("mixtral", """merge_method: ties
+    "mixtral_ties": ("""merge_method: ties
 base_model: ./models/mixtral/base
 models:
 - model: ./models/mixtral/ft1
@@ -82,7 +85,7 @@ models:
   parameters: {weight: 0.3, density: 0.7}
 dtype: float32
 """, 140),
-    "qwen3_moe_linear": ("qwen3_moe", """merge_method: linear
+    "qwen3_moe_linear": ("""merge_method: linear
 models:
 - model: ./models/qwen3_moe/ft1
   parameters:
@@ -101,7 +104,7 @@ def main(mergekit_yaml: str) -> None:
     for family, arch in ARCH.items():
         write_family(OUT / "models" / family, arch, n=2, seed=7)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for case, (_, config, expert_diffs) in CASES.items():
+    for case, (config, expert_diffs) in CASES.items():
         folder = OUT / "cases" / case
         folder.mkdir(parents=True)
         (folder / "config.yml").write_text(config)
@@ -112,15 +115,18 @@ def main(mergekit_yaml: str) -> None:
         (folder / "golden").mkdir()
         shutil.move(tmp / "model.safetensors", folder / "golden" / "model.safetensors")
         shutil.rmtree(tmp)
-    versions = subprocess.run([str(Path(mergekit_yaml).parent / "python"), "-c", _VERSIONS], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    (OUT / "README.md").write_text(
-        "mergekit 0.1.5 outputs on tiny Mixtral and Qwen3-MoE checkpoints (per-expert layout), made by\n"
-        f"`python3 scripts/moe_golden.py MERGEKIT_YAML` with {versions}:\n"
-        "`mergekit-yaml cases/CASE/config.yml OUT --random-seed 42 --no-copy-tokenizer --no-write-model-card`,\n"
-        "run from this folder with OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1. `cases/CASE/expect.json`: how many\n"
-        "expert elements streammerge's output differs on (see README, Where results differ from mergekit).\n")
+    python = Path(mergekit_yaml).parent / "python"
+    versions = subprocess.run([str(python), "-c", _VERSIONS], capture_output=True, text=True, check=True)
+    (OUT / "README.md").write_text(_readme(versions.stdout.strip()))
     print(f"written: {OUT}")
+
+
+def _readme(versions: str) -> str:
+    return ("mergekit 0.1.5 outputs on tiny Mixtral and Qwen3-MoE checkpoints (per-expert layout), made by\n"
+            f"`python3 scripts/moe_golden.py MERGEKIT_YAML` with {versions}:\n"
+            "`mergekit-yaml cases/CASE/config.yml OUT --random-seed 42 --no-copy-tokenizer --no-write-model-card`\n"
+            "run from this folder with OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1. `cases/CASE/expect.json`: how many\n"
+            "expert elements streammerge's output differs on (see README, Where results differ from mergekit).\n")
 
 
 _VERSIONS = ("import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "

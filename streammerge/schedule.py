@@ -275,8 +275,9 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
         if info.dtype.is_floating_point and _selected(plan, fragments, out_name):
-            job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids,
-                            _resolve_params(method, plan, sl, out_name, filter_name(model_type, out_name), t), load, _compute_dtype(plan, method, load), out)
+            params = _resolve_params(method, plan, sl, out_name, filter_name(model_type, out_name), t)
+            job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids, params, load,
+                            _compute_dtype(plan, method, load), out)
         else:  # copied unchanged from the donor (rounded to the output dtype)
             donor = sources[sl.donor]
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)

@@ -58,23 +58,26 @@ class MoEArch:
         out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
         for n in range(self.layers):
             p = f"model.layers.{n}."
-            out |= {p + "self_attn.q_proj.weight": (self.heads * d, h), p + "self_attn.k_proj.weight": (self.kv_heads * d, h),
-                    p + "self_attn.v_proj.weight": (self.kv_heads * d, h), p + "self_attn.o_proj.weight": (h, self.heads * d)}
+            a = p + "self_attn."
+            out |= {a + "q_proj.weight": (self.heads * d, h), a + "k_proj.weight": (self.kv_heads * d, h),
+                    a + "v_proj.weight": (self.kv_heads * d, h), a + "o_proj.weight": (h, self.heads * d)}
             if self.family == "qwen3_moe":
-                out |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+                out |= {a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)}
             out[p + f"{self.mlp}.gate.weight"] = (self.experts, h)
             for e in range(self.experts):
-                out |= {self.expert(n, e, "gate"): (i, h), self.expert(n, e, "up"): (i, h), self.expert(n, e, "down"): (h, i)}
+                out |= {self.expert(n, e, "gate"): (i, h), self.expert(n, e, "up"): (i, h),
+                        self.expert(n, e, "down"): (h, i)}
             out |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
         return out | {"model.norm.weight": (h,), "lm_head.weight": (self.vocab, h)}
 
     def config(self, dtype: torch.dtype) -> dict:
-        common = {"hidden_size": self.hidden, "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-                  "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab, "max_position_embeddings": 64,
-                  "hidden_act": "silu", "num_experts_per_tok": self.top_k, "tie_word_embeddings": False,
+        common = {"hidden_size": self.hidden, "num_hidden_layers": self.layers,
+                  "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                  "vocab_size": self.vocab, "max_position_embeddings": 64, "hidden_act": "silu",
+                  "num_experts_per_tok": self.top_k, "tie_word_embeddings": False,
                   "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": 1, "eos_token_id": 2,
-                  "attention_dropout": 0.0, "initializer_range": 0.02, "output_router_logits": False, "use_cache": True,
-                  "sliding_window": None}
+                  "attention_dropout": 0.0, "initializer_range": 0.02, "output_router_logits": False,
+                  "use_cache": True, "sliding_window": None}
         if self.family == "mixtral":
             return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
                     "intermediate_size": self.expert_intermediate, "num_local_experts": self.experts,
@@ -82,19 +85,20 @@ class MoEArch:
         return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **common,
                 "head_dim": self.head_dim, "intermediate_size": 3 * self.expert_intermediate,
                 "moe_intermediate_size": self.expert_intermediate, "num_experts": self.experts,
-                "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "attention_bias": False,
-                "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": None, "router_aux_loss_coef": 0.001,
-                "use_sliding_window": False, "max_window_layers": self.layers}
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                "attention_bias": False, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": None,
+                "router_aux_loss_coef": 0.001, "use_sliding_window": False, "max_window_layers": self.layers}
 
 
 def arch_of(checkpoint: Path) -> MoEArch:
     """The ``MoEArch`` a checkpoint written from one was made with, from its config.json."""
     c = json.loads((checkpoint / "config.json").read_text())
     mixtral = c["model_type"] == "mixtral"
-    return MoEArch(c["model_type"], hidden=c["hidden_size"], layers=c["num_hidden_layers"], vocab=c["vocab_size"],
+    return MoEArch(c["model_type"], hidden=c["hidden_size"], layers=c["num_hidden_layers"],
+                   vocab=c["vocab_size"], heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"],
                    expert_intermediate=c["intermediate_size" if mixtral else "moe_intermediate_size"],
-                   heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"],
-                   experts=c["num_local_experts" if mixtral else "num_experts"], top_k=c["num_experts_per_tok"])
+                   experts=c["num_local_experts" if mixtral else "num_experts"],
+                   top_k=c["num_experts_per_tok"])
 
 
 def fused_state_dict(arch: MoEArch, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -92,12 +92,13 @@ def module_fragments(model_type: str | None, module: str) -> tuple[str, ...] | s
 # mergekit 0.1.5 runs on transformers 5, which holds a layer's experts fused and converts the
 # published per-expert tensors to that layout as it loads them; mergekit's parameter filters see the
 # fused names. Per family: (pattern of a published name, what transformers 5 calls that tensor).
+_EXPERT = r"\.experts\.\d+\."
 _FUSED_NAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
-    "mixtral": ((re.compile(r"\.block_sparse_moe\.experts\.\d+\.w[13]\.weight$"), ".mlp.experts.gate_up_proj"),
-                (re.compile(r"\.block_sparse_moe\.experts\.\d+\.w2\.weight$"), ".mlp.experts.down_proj"),
+    "mixtral": ((re.compile(rf"\.block_sparse_moe{_EXPERT}w[13]\.weight$"), ".mlp.experts.gate_up_proj"),
+                (re.compile(rf"\.block_sparse_moe{_EXPERT}w2\.weight$"), ".mlp.experts.down_proj"),
                 (re.compile(r"\.block_sparse_moe\."), ".mlp.")),
-    "qwen3_moe": ((re.compile(r"\.mlp\.experts\.\d+\.(?:gate|up)_proj\.weight$"), ".mlp.experts.gate_up_proj"),
-                  (re.compile(r"\.mlp\.experts\.\d+\.down_proj\.weight$"), ".mlp.experts.down_proj")),
+    "qwen3_moe": ((re.compile(rf"\.mlp{_EXPERT}(?:gate|up)_proj\.weight$"), ".mlp.experts.gate_up_proj"),
+                  (re.compile(rf"\.mlp{_EXPERT}down_proj\.weight$"), ".mlp.experts.down_proj")),
 }
 
 
