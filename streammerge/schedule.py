@@ -22,8 +22,8 @@ from streammerge.io.rows import RowMap
 from streammerge.io.safetensors_format import build_header
 from streammerge.lora.overlay import open_checkpoints
 from streammerge.methods import MergeMethod, TensorParams, get_method
-from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, is_pre_layer, is_vocab_tensor, layer_index,
-                                           module_fragments, tied_partner, with_layer)
+from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, filter_name, is_pre_layer, is_vocab_tensor,
+                                           layer_index, module_fragments, tied_partner, with_layer)
 from streammerge.plan.crimes import check_architectures
 from streammerge.plan.parameters import evaluate, gradient_position
 from streammerge.plan.schema import MergePlan, Module
@@ -245,7 +245,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     budget = _working_budget(plan)
     gpu_budget = None if gpu is None else int(gpu * (1 - ALLOCATOR_SLACK))
     workers = 1 if device.is_cuda else torch.get_num_threads()  # a GPU runs one chunk's kernels at a time anyway
-    fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
+    model_type = checkpoints[reference].config().get("model_type")
+    fragments = _module_fragments(plan, model_type)
     jobs: list[TensorJob] = []
     notes: list[str] = []
     differing: list[tuple[str, VocabRows]] = []  # vocabulary matrices of differing row counts, to refuse
@@ -278,8 +279,9 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
         if info.dtype.is_floating_point and _selected(plan, fragments, out_name):
-            job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids,
-                            _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load), out)
+            params = _resolve_params(method, plan, sl, out_name, filter_name(model_type, out_name), t)
+            job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids, params, load,
+                            _compute_dtype(plan, method, load), out)
         else:  # copied unchanged from the donor (rounded to the output dtype)
             donor = sources[sl.donor]
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
@@ -427,12 +429,14 @@ def _vocab_refusal(differing: list[tuple[str, VocabRows]]) -> str:
             "--unsafe-truncate-embeddings on the command line")
 
 
-def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, t: float) -> TensorParams:
-    """First found wins: the model's own parameters, the slice's, the plan's; then the default."""
+def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, matched: str,
+                    t: float) -> TensorParams:
+    """First found wins: the model's own parameters, the slice's, the plan's; then the default.
+    Filters are matched against ``matched``, the name mergekit gives ``tensor``."""
     def value(spec: Any, own: dict | None) -> Any:
         for source in (own, *sl.slice_params, plan.parameters):
             if source is not None and spec.name in source:
-                v = evaluate(source[spec.name], tensor, t)
+                v = evaluate(source[spec.name], matched, t)
                 if v is not None:
                     return v
         return spec.default
