@@ -53,7 +53,7 @@ class Source:
 @dataclass(frozen=True)
 class TensorJob:
     """One output tensor. With ``has_base`` the first input is the base. A job with ``method``
-    None copies ``inputs[0]`` unchanged (non-float tensors)."""
+    None copies ``inputs[0]``, rounded to ``load_dtype`` then to ``out_dtype``."""
 
     name: str
     shape: tuple[int, ...]
@@ -186,8 +186,14 @@ class _SliceInputs:
     model_ids: tuple[int, ...]
     has_base: bool
     slice_params: tuple[dict, ...]
-    donor: int
-    base: int | None  # the base's checkpoint index, if the slice has one  # position of the input that unmerged tensors are copied from: the base, else the first model
+    donor: int  # position of the input that unmerged tensors are copied from: the base, else the first model
+    base: int | None  # the base's checkpoint index, if the slice has one
+
+    @property
+    def base_only(self) -> bool:
+        """Nothing besides the base to merge into it (a method with ``min_models`` 0): its tensors
+        are the output, as mergekit's methods return the base when they have no task vector."""
+        return self.has_base and not self.model_ids
 
 
 def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, int], ckpts: tuple[Checkpoint, ...],
@@ -244,6 +250,7 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     workers = 1 if device.is_cuda else torch.get_num_threads()  # a GPU runs one chunk's kernels at a time anyway
     fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
     jobs: list[TensorJob] = []
+    base_only: list[str] = []  # tensors of slices with no model besides the base
     notes: list[str] = []
     spec = plan.tokenizer_spec
     vocab = None if spec is None else build_vocabulary(spec, checkpoints, index.get(plan.base_model, 0), plan.tokenizer is not None, notes)
@@ -273,9 +280,13 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
-        if info.dtype.is_floating_point and _selected(plan, fragments, out_name):
+        if info.dtype.is_floating_point and _selected(plan, fragments, out_name) and not sl.base_only:
             job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids,
                             _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load), out)
+        elif info.dtype.is_floating_point and sl.base_only:  # the base, rounded as a merge would round it
+            rounded = load if plan.compute_dtype == "auto" else info.dtype
+            job = TensorJob(out_name, shape, None, (sources[sl.donor],), False, (), TensorParams({}, ()), rounded, rounded, out)
+            base_only.append(out_name)
         else:  # copied unchanged from the donor (rounded to the output dtype)
             donor = sources[sl.donor]
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
@@ -310,7 +321,10 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
             extra = [t for t in checkpoints[c].tensors if (c, t) not in read]
             if extra:
                 notes.append(f"{len(extra)} tensors of {checkpoints[c].path} are not in the output (e.g. {extra[0]!r})")
-    copied = sum(j.method is None for j in jobs)
+    if base_only:
+        notes.append(f"{len(base_only)} tensors are base_model's: no model besides it to merge (e.g. {base_only[0]!r}); "
+                     f"{method.name} writes the base, as mergekit does")
+    copied = sum(j.method is None for j in jobs) - len(base_only)
     if copied:
         notes.append(f"{copied} tensors copied unchanged (not selected, or not floating point)")
     shards, jobs = _place(jobs, plan.shard_size)
