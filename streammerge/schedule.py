@@ -21,10 +21,10 @@ from streammerge.io.reader import Checkpoint
 from streammerge.io.rows import RowMap
 from streammerge.io.safetensors_format import build_header
 from streammerge.lora.overlay import open_checkpoints
-from streammerge.methods import MergeMethod, TensorParams, get_method
+from streammerge.methods import MergeMethod, Param, TensorParams, get_method
 from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, is_pre_layer, is_vocab_tensor, layer_index,
                                            module_fragments, tied_partner, with_layer)
-from streammerge.plan.parameters import evaluate, gradient_position
+from streammerge.plan.parameters import evaluate, gradient_position, typed
 from streammerge.plan.schema import MergePlan, Module
 from streammerge.tokenizer.chat_template import resolve_chat_template
 from streammerge.tokenizer.embeddings import row_maps
@@ -415,12 +415,16 @@ def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: lis
 
 def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, t: float) -> TensorParams:
     """First found wins: the model's own parameters, the slice's, the plan's; then the default."""
-    def value(spec: Any, own: dict | None) -> Any:
+    def value(spec: Param, own: dict | None) -> Any:
         for source in (own, *sl.slice_params, plan.parameters):
             if source is not None and spec.name in source:
                 v = evaluate(source[spec.name], tensor, t)
                 if v is not None:
-                    return v
+                    try:  # an interpolated integer must come out whole, as mergekit validates it
+                        return typed(spec, v)
+                    except ValueError as e:
+                        raise PlanError(f"parameters.{spec.name}: for tensor {tensor!r} the gradient gives {v!r}, "
+                                        f"expected {e}") from None
         return spec.default
 
     globals_ = {}

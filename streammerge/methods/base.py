@@ -154,18 +154,19 @@ class Param:
     doc: str = ""
 
     def check(self, value: Any) -> str | None:
-        """None if ``value`` is valid, else what would be valid."""
+        """None if ``value`` (already of ``kind``: ``plan.parameters.typed``) is in range, else what
+        would be valid. NaN is in no range."""
         if self.kind is bool:
-            return None if isinstance(value, bool) else "true or false"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"a number{self._range()}"
-        if self.kind is int and not float(value).is_integer():
-            return f"an integer{self._range()}"
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return f"a number{self._range()}"
-        if self.high is not None and value > self.high:
-            return f"a number{self._range()}"
-        return None
+            return None
+        above = self.low is None or value > self.low or (value == self.low and not self.low_open)
+        below = self.high is None or value <= self.high
+        return None if above and below else self.expected()
+
+    def expected(self) -> str:
+        """What a valid value is, for messages."""
+        if self.kind is bool:
+            return "true or false (or yes/no, on/off, 1/0)"
+        return f"{'an integer' if self.kind is int else 'a number'}{self._range()}"
 
     def _range(self) -> str:
         if self.low is None and self.high is None:
