@@ -38,6 +38,7 @@ ALLOCATOR_SLACK = 0.25  # share of a GPU memory budget kept free of planned chun
 HEAP_SLACK = 0.5  # the same for host memory: two workers' freed chunks fragment glibc's heap more
 READ_AHEAD_CHUNKS = 4  # chunks the engine's reader thread holds ready beyond those being merged (a pass starts with a burst)
 SPLIT_ELEMENTS = 1 << 20  # on several CPU workers, tensors at least this large are cut into a chunk per worker or more
+RSS_VARIATION = 1 << 20  # room a suggested max_memory leaves for the process's own size: 0.2 MiB apart over 9 fresh runs
 
 
 @dataclass(frozen=True)
@@ -331,8 +332,11 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j, workers) for j in jobs)
     read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
     template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
+    baseline = psutil.Process().memory_info().rss
+    if plan.max_memory is not None and plan.max_memory < baseline + peak:
+        raise PlanError(_budget_too_small(plan, plan.max_memory, baseline, peak))
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, layer_counts[0][1], read_bytes, tuple(notes),
-                    psutil.Process().memory_info().rss, peak, vocab, template,
+                    baseline, peak, vocab, template,
                     tuple((key, n) for key, n in layer_counts if key is not None), device, gpu_budget, workers)
 
 
@@ -480,6 +484,19 @@ def _working_budget(plan: MergePlan) -> int:
     return max(MIN_WORKING_BYTES, int((plan.max_memory - baseline) * (1 - HEAP_SLACK)))
 
 
+def _budget_too_small(plan: MergePlan, budget: int, baseline: int, working: int) -> str:
+    """Why ``max_memory`` cannot hold this merge, and the smallest value that can: the predicted peak
+    (what ``streammerge plan`` prints), rounded up to MiB with room for the process's own variation.
+    Any budget under it gives the same chunks (the smallest, ``MIN_WORKING_BYTES``), so the same peak."""
+    need = baseline + working
+    smallest = -(-(need + RSS_VARIATION) // 2**20)
+    chunks = f"chunk_size {plan.chunk_size}'s chunks" if plan.chunk_size is not None else "the smallest chunks' working set"
+    given = _gib(budget) if budget >= 2**20 else f"{budget} bytes"
+    return (f"max_memory (--max-memory) {given} is below this merge's predicted peak of {_gib(need)} ({_gib(baseline)} "
+            f"process + {_gib(working)} {chunks}); the smallest budget that works, with {RSS_VARIATION >> 20} MiB of room for "
+            f"the process's own variation, is {smallest}MiB: pass --max-memory {smallest}MiB or more")
+
+
 def _rows_per_chunk(plan: MergePlan, job: TensorJob, per_elem: int, budget: int, workers: int) -> int:
     row_numel = math.prod(job.shape) // job.rows if job.rows else 0
     if row_numel == 0:
@@ -515,9 +532,12 @@ def _shard_name(k: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def describe(schedule: Schedule) -> str:
     """The human summary that ``streammerge plan`` prints."""
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     plan = schedule.plan
     merged = sum(j.method is not None for j in schedule.jobs)
     chunked = sum(j.rows_per_chunk < j.rows for j in schedule.jobs)
@@ -526,13 +546,13 @@ def describe(schedule: Schedule) -> str:
         f"inputs        {len(schedule.checkpoints)} checkpoints" + (f" (base: {plan.base_model})" if plan.base_model else ""),
         f"tensors       {len(schedule.jobs)} ({merged} merged, {len(schedule.jobs) - merged} copied; {chunked} in several chunks)",
         f"shards        {len(schedule.shards)}: " + ", ".join(s.filename for s in schedule.shards[:3]) + (" ..." if len(schedule.shards) > 3 else ""),
-        f"read          {gib(schedule.read_bytes)}",
-        f"write         {gib(schedule.write_bytes)}",
-        f"peak memory   {gib(schedule.predicted_peak_rss)} predicted ({gib(schedule.baseline_rss)} process + {gib(schedule.peak_working_bytes)} largest chunk working set)",
+        f"read          {_gib(schedule.read_bytes)}",
+        f"write         {_gib(schedule.write_bytes)}",
+        f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} process + {_gib(schedule.peak_working_bytes)} largest chunk working set)",
         f"workers       {schedule.workers} chunk{'s' if schedule.workers > 1 else ''} merged at once",
     ]
     if schedule.device_budget is not None:
-        lines.append(f"device        {schedule.device.description}, {gib(schedule.device_budget)} of GPU memory for chunks")
+        lines.append(f"device        {schedule.device.description}, {_gib(schedule.device_budget)} of GPU memory for chunks")
     elif schedule.device.description != "cpu":
         lines.append(f"device        {schedule.device.description}")
     dts = sorted({(str(j.compute_dtype), str(j.out_dtype)) for j in schedule.jobs if j.method is not None})
