@@ -126,6 +126,7 @@ class _Slice:
     sources: tuple[tuple[str, range | None, dict], ...]
     base_model: str | None
     parameters: tuple[dict, ...]  # the slice's, then its module's
+    adds_base: bool = False  # a `models:` list, to which mergekit adds a base_model it does not name
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class _Group:
 def _slices(merge: MergePlan | Module, base_model: str | None) -> list[_Slice]:
     extra = (merge.parameters,) if isinstance(merge, Module) else ()
     if merge.models is not None:  # a `models:` config is one slice over every layer
-        return [_Slice(tuple((m.model, None, m.parameters) for m in merge.models), base_model, ({}, *extra))]
+        return [_Slice(tuple((m.model, None, m.parameters) for m in merge.models), base_model, ({}, *extra), adds_base=True)]
     return [_Slice(tuple((src.model, range(*src.layer_range), src.parameters) for src in s.sources),
                    s.base_model or base_model, (s.parameters, *extra)) for s in merge.slices]
 
@@ -204,8 +205,12 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
         raise PlanError(f"base_model: {method.name} needs a base_model")
     entries = list(enumerate(s.sources))
     base_src = next(((m, r, p) for m, r, p in s.sources if m == s.base_model), None)
-    if s.base_model is not None and base_src is None:  # mergekit adds the base with the slice's layers
-        base_src = (s.base_model, s.sources[0][1], {})
+    if s.base_model is not None and base_src is None:
+        if s.adds_base:  # mergekit adds the base to a `models:` list
+            base_src = (s.base_model, s.sources[0][1], {})
+        elif method.base != "model":  # a slice's base must be a source (mergekit 0.1.5); linear and co. ignore it
+            raise PlanError(f"{where}: base_model {s.base_model} is not one of the slice's sources: add it, with the "
+                            f"slice's layer_range, as mergekit 0.1.5 requires")
     if uses_base:  # the base is the method's own input, not one of the merged models
         entries = [(i, e) for i, e in entries if e[0] != s.base_model]
     elif base_src is not None and base_src not in s.sources:

@@ -158,3 +158,34 @@ def test_cli_bakes_the_adapter_from_a_mergekit_config(adapted: tuple[str, dict[s
     result = CliRunner().invoke(main, ["run", str(tmp_path / "slerp.yml"), str(tmp_path / "o2")])
     assert result.exit_code == 1
     assert result.output == "error: models: slerp merges exactly 2 models including base_model, got 1\n"
+
+
+@pytest.mark.parametrize("method", ["passthrough", "linear"])
+def test_a_slice_ignores_a_base_it_does_not_name_for_methods_without_one(method: str, fp32_family: Family, tmp_path: Path) -> None:
+    """mergekit 0.1.5 adds base_model to a `models:` list, never to a slice: a frankenmerge that sets
+    base_model stacks its sources' layers as it would without it (embeddings from the first slice,
+    norm and head from the last)."""
+    base, (m1, m2) = str(fp32_family.base), (str(m) for m in fp32_family.models[:2])
+    own = {"weight": 1.0} if method == "linear" else {}
+    plan = {"merge_method": method, "base_model": base, "slices": [
+        {"sources": [{"model": m1, "layer_range": [0, 2], "parameters": own}]},
+        {"sources": [{"model": m2, "layer_range": [1, 3], "parameters": own}]}]}
+    streammerge.merge(plan, tmp_path / "out", quiet=True)
+    got = load_output(tmp_path / "out")
+    t1, t2 = fp32_family.tensors[fp32_family.models[0]], fp32_family.tensors[fp32_family.models[1]]
+    want = {"model.embed_tokens.weight": t1["model.embed_tokens.weight"], "model.norm.weight": t2["model.norm.weight"],
+            "lm_head.weight": t2["lm_head.weight"]}
+    for out_layer, (t, layer) in enumerate([(t1, 0), (t1, 1), (t2, 1), (t2, 2)]):
+        want |= {k.replace(f"layers.{layer}.", f"layers.{out_layer}."): v for k, v in t.items() if k.startswith(f"model.layers.{layer}.")}
+    assert set(got) == set(want) and [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+@pytest.mark.parametrize("method", ["ties", "nuslerp"])
+def test_a_slice_without_its_base_is_refused(method: str, fp32_family: Family, tmp_path: Path) -> None:
+    base, m1, m2 = (str(p) for p in (fp32_family.base, *fp32_family.models[:2]))
+    plan = {"merge_method": method, "base_model": base, "slices": [{"sources": [
+        {"model": m, "layer_range": [0, 3], "parameters": {"weight": 0.5}} for m in (m1, m2)]}]}
+    with pytest.raises(PlanError) as err:
+        streammerge.merge(plan, tmp_path / "out", quiet=True)
+    assert str(err.value) == (f"slices[0]: base_model {base} is not one of the slice's sources: add it, with the slice's "
+                              "layer_range, as mergekit 0.1.5 requires")
