@@ -38,7 +38,7 @@ ALLOCATOR_SLACK = 0.25  # share of a GPU memory budget kept free of planned chun
 HEAP_SLACK = 0.5  # the same for host memory: two workers' freed chunks fragment glibc's heap more
 READ_AHEAD_CHUNKS = 4  # chunks the engine's reader thread holds ready beyond those being merged (a pass starts with a burst)
 SPLIT_ELEMENTS = 1 << 20  # on several CPU workers, tensors at least this large are cut into a chunk per worker or more
-RSS_VARIATION = 1 << 20  # room a suggested max_memory leaves for the process's own size: 0.2 MiB apart over 9 fresh runs
+RSS_VARIATION = 1 << 20  # room a suggested max_memory leaves for the process's size (0.2 MiB apart over 9 fresh runs)
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,8 @@ class _Group:
 def _slices(merge: MergePlan | Module, base_model: str | None) -> list[_Slice]:
     extra = (merge.parameters,) if isinstance(merge, Module) else ()
     if merge.models is not None:  # a `models:` config is one slice over every layer
-        return [_Slice(tuple((m.model, None, m.parameters) for m in merge.models), base_model, ({}, *extra), adds_base=True)]
+        return [_Slice(tuple((m.model, None, m.parameters) for m in merge.models), base_model, ({}, *extra),
+                       adds_base=True)]
     return [_Slice(tuple((src.model, range(*src.layer_range), src.parameters) for src in s.sources),
                    s.base_model or base_model, (s.parameters, *extra)) for s in merge.slices]
 
@@ -291,7 +292,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
                             _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load), out)
         elif info.dtype.is_floating_point and sl.base_only:  # the base, rounded as a merge would round it
             rounded = load if plan.compute_dtype == "auto" else info.dtype
-            job = TensorJob(out_name, shape, None, (sources[sl.donor],), False, (), TensorParams({}, ()), rounded, rounded, out)
+            job = TensorJob(out_name, shape, None, (sources[sl.donor],), False, (), TensorParams({}, ()),
+                            rounded, rounded, out)
             base_only.append(out_name)
         else:  # copied unchanged from the donor (rounded to the output dtype)
             donor = sources[sl.donor]
@@ -495,11 +497,13 @@ def _budget_too_small(plan: MergePlan, budget: int, baseline: int, working: int)
     Any budget under it gives the same chunks (the smallest, ``MIN_WORKING_BYTES``), so the same peak."""
     need = baseline + working
     smallest = -(-(need + RSS_VARIATION) // 2**20)
-    chunks = f"chunk_size {plan.chunk_size}'s chunks" if plan.chunk_size is not None else "the smallest chunks' working set"
+    chunks = ("the smallest chunks' working set" if plan.chunk_size is None
+              else f"chunk_size {plan.chunk_size}'s chunks")
     given = _gib(budget) if budget >= 2**20 else f"{budget} bytes"
-    return (f"max_memory (--max-memory) {given} is below this merge's predicted peak of {_gib(need)} ({_gib(baseline)} "
-            f"process + {_gib(working)} {chunks}); the smallest budget that works, with {RSS_VARIATION >> 20} MiB of room for "
-            f"the process's own variation, is {smallest}MiB: pass --max-memory {smallest}MiB or more")
+    return (f"max_memory (--max-memory) {given} is below this merge's predicted peak of {_gib(need)} "
+            f"({_gib(baseline)} process + {_gib(working)} {chunks}); the smallest budget that works, with "
+            f"{RSS_VARIATION >> 20} MiB of room for the process's own variation, is {smallest}MiB: "
+            f"pass --max-memory {smallest}MiB or more")
 
 
 def _rows_per_chunk(plan: MergePlan, job: TensorJob, per_elem: int, budget: int, workers: int) -> int:

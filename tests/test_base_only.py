@@ -1,5 +1,6 @@
 """A config with no model besides its base, as mergekit 0.1.5 runs it: `base_model: X+adapter` with
-that same `X+adapter` as its only model (or slice source) bakes the LoRA into X.
+that same `X+adapter` as its only model (or slice source) bakes the LoRA into X. And a slice's base
+is one of its sources, or nothing: mergekit adds base_model to a `models:` list only.
 
 mergekit's task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs*, della*, sce, ram,
 ramplus_tl) return the base when they have no task vector, and linear, karcher and passthrough
@@ -115,7 +116,8 @@ def test_slices_with_only_the_base_keep_it_and_the_others_merge(fp32_family: Fam
     base, ft = (str(p) for p in (fp32_family.base, fp32_family.models[0]))
     plan = {"merge_method": "task_arithmetic", "base_model": base, "slices": [
         {"sources": [{"model": base, "layer_range": [0, 1]}]},
-        {"sources": [{"model": base, "layer_range": [1, 2]}, {"model": ft, "layer_range": [1, 2], "parameters": {"weight": 0.7}}]},
+        {"sources": [{"model": base, "layer_range": [1, 2]},
+                     {"model": ft, "layer_range": [1, 2], "parameters": {"weight": 0.7}}]},
         {"sources": [{"model": base, "layer_range": [2, 3]}]}]}
     streammerge.merge(plan, tmp_path / "out", quiet=True)
     got = load_output(tmp_path / "out")
@@ -154,14 +156,16 @@ def test_cli_bakes_the_adapter_from_a_mergekit_config(adapted: tuple[str, dict[s
     assert result.exit_code == 0, result.output
     got = load_output(tmp_path / "out")
     assert all(torch.equal(got[k], folded[k]) for k in folded)
-    (tmp_path / "slerp.yml").write_text(f"merge_method: slerp\nbase_model: {ref}\nmodels:\n  - model: {ref}\nparameters: {{t: 0.5}}\n")
+    (tmp_path / "slerp.yml").write_text(f"merge_method: slerp\nbase_model: {ref}\nmodels:\n  - model: {ref}\n"
+                                        "parameters: {t: 0.5}\n")
     result = CliRunner().invoke(main, ["run", str(tmp_path / "slerp.yml"), str(tmp_path / "o2")])
     assert result.exit_code == 1
     assert result.output == "error: models: slerp merges exactly 2 models including base_model, got 1\n"
 
 
 @pytest.mark.parametrize("method", ["passthrough", "linear"])
-def test_a_slice_ignores_a_base_it_does_not_name_for_methods_without_one(method: str, fp32_family: Family, tmp_path: Path) -> None:
+def test_a_slice_ignores_a_base_it_does_not_name_for_methods_without_one(method: str, fp32_family: Family,
+                                                                        tmp_path: Path) -> None:
     """mergekit 0.1.5 adds base_model to a `models:` list, never to a slice: a frankenmerge that sets
     base_model stacks its sources' layers as it would without it (embeddings from the first slice,
     norm and head from the last)."""
@@ -176,7 +180,8 @@ def test_a_slice_ignores_a_base_it_does_not_name_for_methods_without_one(method:
     want = {"model.embed_tokens.weight": t1["model.embed_tokens.weight"], "model.norm.weight": t2["model.norm.weight"],
             "lm_head.weight": t2["lm_head.weight"]}
     for out_layer, (t, layer) in enumerate([(t1, 0), (t1, 1), (t2, 1), (t2, 2)]):
-        want |= {k.replace(f"layers.{layer}.", f"layers.{out_layer}."): v for k, v in t.items() if k.startswith(f"model.layers.{layer}.")}
+        prefix = f"model.layers.{layer}."
+        want |= {k.replace(prefix, f"model.layers.{out_layer}."): v for k, v in t.items() if k.startswith(prefix)}
     assert set(got) == set(want) and [k for k in want if not torch.equal(got[k], want[k])] == []
 
 

@@ -48,4 +48,5 @@ def test_an_impossible_budget_fails_at_planning_and_the_one_it_names_runs(fp32_f
     ran = _streammerge("run", str(tmp_path / "plan.yml"), str(tmp_path / "smallest"), "--max-memory", f"{smallest}MiB", "-q")
     assert ran.returncode == 0, ran.stderr
     streammerge.merge(plan, tmp_path / "default", quiet=True)
-    assert (tmp_path / "smallest" / "model.safetensors").read_bytes() == (tmp_path / "default" / "model.safetensors").read_bytes()
+    smallest_bytes = (tmp_path / "smallest" / "model.safetensors").read_bytes()
+    assert smallest_bytes == (tmp_path / "default" / "model.safetensors").read_bytes()

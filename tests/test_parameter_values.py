@@ -107,7 +107,8 @@ def test_every_place_a_value_is_written(fp32_family: Family) -> None:
     """Top level, a model's own, a slice's and a slice source's parameters, gradients, conditionals."""
     base, m1, m2 = (str(p) for p in (fp32_family.base, *fp32_family.models[:2]))
     plan = {"merge_method": "ties", "base_model": base, "parameters": {"normalize": "off", "rescale": 1, "lambda": "5e-1"},
-            "models": [{"model": m1, "parameters": {"weight": ["1", "0"], "density": [{"filter": "mlp", "value": "0.25"}, {"value": 1}]}},
+            "models": [{"model": m1, "parameters": {"weight": ["1", "0"],
+                                                    "density": [{"filter": "mlp", "value": "0.25"}, {"value": 1}]}},
                        {"model": m2, "parameters": {"weight": True, "density": {"filter": "mlp", "value": "0.75"}}}]}
     (g, (p1, p2)), (_, (u1, u2)) = _resolved(plan, [Q1, UP1])
     assert g["normalize"] is False and g["rescale"] is True and g["lambda"] == 0.5
