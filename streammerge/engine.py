@@ -219,7 +219,7 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch
     if job.method is None:
         request_next()
         for start, stop in ranges:
-            write(start, reader.next()[0].to(job.out_dtype))
+            write(start, reader.next()[0].to(job.load_dtype).to(job.out_dtype))
         return
     if len(ranges) == 1:
         tensors = reader.next()

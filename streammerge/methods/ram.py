@@ -66,7 +66,7 @@ def ramplus_tl_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 register(
     MergeMethod(
         name="ram", merge=ram_merge, params=(_EPSILON,), base="required", precision="load",
-        paper="arXiv:2601.13572", doc="unique task-vector entries kept, shared ones averaged",
+        paper="arXiv:2601.13572", doc="unique task-vector entries kept, shared ones averaged", min_models=0,
     )
 )
 register(
@@ -79,5 +79,6 @@ register(
         ),
         passes=(StatPass(_overlap_collect, _overlap_finish),),
         doc="RAM with each model's unique entries boosted by its tensor's shared/unique ratio",
+        min_models=0,
     )
 )

@@ -79,6 +79,7 @@ register(
         base="required",
         precision="load",
         paper="arXiv:2408.07990",
+        min_models=0,
         passes=_passes,
     )
 )

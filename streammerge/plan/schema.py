@@ -7,10 +7,11 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# A parameter value: a scalar, a gradient (list of numbers, interpolated over the layers) or a list
-# of {filter, value} conditionals whose value may itself be a gradient.
+# A parameter value: a scalar, a gradient (list of values, interpolated over the layers) or a list
+# of {filter, value} conditionals (or one) whose value may itself be a gradient. Plan loading
+# converts each value to its parameter's type (``streammerge.plan.parameters.typed``).
 Scalar = Union[bool, int, float, str]
-Gradient = list[Union[int, float]]
+Gradient = list[Scalar]
 
 
 class Conditional(BaseModel):
@@ -19,7 +20,7 @@ class Conditional(BaseModel):
     value: Union[Scalar, Gradient]
 
 
-ParamValue = Union[Scalar, Gradient, list[Conditional]]
+ParamValue = Union[Scalar, Gradient, list[Conditional], Conditional]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
