@@ -104,7 +104,8 @@ def test_device_key_is_validated(fp32_family: Family) -> None:
 
 def test_help_names_the_device_options() -> None:
     text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
-    assert "--device [cpu|cuda|auto]" in text and "--max-gpu-memory SIZE" in text
+    assert "--device DEVICE" in text and "--max-gpu-memory SIZE" in text
+    assert "cpu (default), cuda (or cuda:0; an error without a GPU)" in text
     assert "auto (CUDA when present, else the CPU" in text
     assert "device, max_gpu_memory" in " ".join(CliRunner().invoke(main, ["--help"]).output.split())
 
