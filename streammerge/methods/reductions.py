@@ -30,3 +30,9 @@ def as_norm(squares: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def as_mean(total: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
     """``x.mean()`` in ``dtype``, given the float64 sum of the (``dtype``-rounded) terms."""
     return (_accumulated(total, dtype) / count).to(dtype)
+
+
+def squares(x: torch.Tensor) -> torch.Tensor:
+    """x² as torch's norm squares it (in the float32 accumulator for half and float32 tensors), in
+    float64 for exact partial sums."""
+    return _accumulated(x, x.dtype).square().to(torch.float64)
