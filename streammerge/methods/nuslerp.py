@@ -7,6 +7,7 @@ import math
 import torch
 
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
+from streammerge.methods.reductions import as_norm, as_sum, squares
 from streammerge.methods.registry import register
 from streammerge.methods.sphere import GRAM, combine, pairwise, vectors
 
@@ -22,8 +23,33 @@ def _layout(chunk: Chunk) -> str:
     return "last" if len(chunk.shape) >= 2 else "whole"
 
 
-def _gram_if_whole(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    return GRAM.collect(chunk, stats) if _layout(chunk) == "whole" else {}
+def _norms_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    """For a whole-tensor vector: the Gram matrix (wide), else the squares torch's norm sums."""
+    if _layout(chunk) != "whole":
+        return {}
+    if chunk.wide:
+        return GRAM.collect(chunk, stats)
+    return {"squares": chunk.per_row(torch.stack([squares(v).sum(1) for v in vectors(chunk, None)]))}
+
+
+def _norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    if "squares" not in totals:
+        return GRAM.finish(totals, chunk, stats)
+    dtype = chunk.models[0].dtype
+    return {**stats, "norms": [as_norm(s, dtype).reshape(1).clamp(min=1e-7) for s in totals["squares"].sum(-1)]}
+
+
+def _cos_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    u0, u1 = (v / n for v, n in zip(vectors(chunk, None), stats["norms"]))
+    return {"dot": chunk.per_row((u0 * u1).to(torch.float64).sum(1))}
+
+
+def _cos_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    return {**stats, "cos": as_sum(totals["dot"].sum(-1), chunk.models[0].dtype).reshape(1).clamp(-1, 1)}
+
+
+# the whole tensor as one vector: wide, one Gram pass; else mergekit's norms, then its cosine of the unit vectors
+_WHOLE = (StatPass(_norms_collect, _norms_finish), StatPass(_cos_collect, _cos_finish, when=lambda stats: "norms" in stats))
 
 
 def _exponent_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
@@ -56,11 +82,9 @@ _FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish), StatPass(_columns_c
 
 def _passes(params: TensorParams) -> tuple[StatPass, ...]:
     g = params.globals
-    if g["nuslerp_flatten"]:
-        return (GRAM,)
-    if g["nuslerp_row_wise"]:
+    if g["nuslerp_row_wise"] and not g["nuslerp_flatten"]:
         return _FIRST_DIM
-    return (StatPass(_gram_if_whole, GRAM.finish),)  # only 1-D tensors are one vector
+    return _WHOLE  # without flatten only 1-D tensors are one vector
 
 
 def _pair_gram(chunk: Chunk, stats: Stats) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -75,6 +99,23 @@ def _pair_gram(chunk: Chunk, stats: Stats) -> tuple[torch.Tensor, tuple[int, ...
     return pairwise([v0, v1], lambda p: p.sum(1)), (chunk.row_stop - chunk.row_start, *chunk.shape[1:-1], 1)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+
+def _mergekit_nuslerp(chunk: Chunk, stats: Stats, t: float) -> torch.Tensor:
+    """mergekit's steps in the compute dtype; cos θ from the statistics passes for a whole-tensor
+    vector, else from the chunk's own rows (vectors along the last dim lie inside a row)."""
+    base = chunk.base
+    v0, v1 = chunk.models if base is None else (x - base for x in chunk.models)
+    cos = stats["cos"] if "cos" in stats else torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    return out if base is None else base + out
+
+
 def nuslerp_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     """out = (sin((1−t)θ)·v0 + sin(tθ)·v1) / sin θ, t = w1/(w0+w1) (0.5 when |w0+w1| < 1e-6),
     cos θ = ⟨v0, v1⟩ / (max(‖v0‖, 1e-7)·max(‖v1‖, 1e-7)); lerp (1−t)·v0 + t·v1 where |sin θ| < 1e-8.
@@ -83,9 +124,11 @@ def nuslerp_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 
     mergekit's NuSLERP (docs/merge_methods.md); Shoemake, SIGGRAPH 1985.
     """
-    g, shape = _pair_gram(chunk, stats)
     w0, w1 = chunk.params.per_model("weight")
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    if not chunk.wide and _layout(chunk) != "first":
+        return _mergekit_nuslerp(chunk, stats, t)
+    g, shape = _pair_gram(chunk, stats)
     cos = g[0, 1] / (g[0, 0].sqrt().clamp_min(1e-7) * g[1, 1].sqrt().clamp_min(1e-7))
     theta = cos.clamp(-1, 1).acos()
     sin = theta.sin()

@@ -14,11 +14,12 @@ import torch
 from streammerge.methods.base import Chunk, StatPass, Stats
 
 
-def vectors(chunk: Chunk) -> list[torch.Tensor]:
-    """The inputs as float64 ``[rows, -1]``: task vectors x_i − base when the method has a base."""
+def vectors(chunk: Chunk, dtype: torch.dtype | None = torch.float64) -> list[torch.Tensor]:
+    """The inputs as ``[rows, -1]`` in ``dtype`` (None: the chunk's, as mergekit subtracts): task
+    vectors x_i − base when the method has a base."""
     rows = chunk.row_stop - chunk.row_start
-    base = 0 if chunk.base is None else chunk.base.to(torch.float64)
-    return [(x.to(torch.float64) - base).reshape(rows, -1) for x in chunk.models]
+    base = 0 if chunk.base is None else chunk.base.to(dtype)
+    return [(x.to(dtype) - base).reshape(rows, -1) for x in chunk.models]
 
 
 def pairwise(xs: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
