@@ -8,8 +8,9 @@ case's config says how its comparison differs from "every element within toleran
   at its threshold (we keep the lowest flat indices; mergekit keeps what torch's unstable
   ``argsort``/``topk`` puts first); every one of them is checked to sit where some model's ranked
   value equals the value at its cut;
-- ``{"arithmetic_diffs": N}``: exactly N elements differ because the method does not yet follow
-  mergekit's order of operations in half precision (README, "Where results differ");
+- ``{"arithmetic_diffs": N}``: exactly N elements differ because a float32 sum over a whole tensor
+  (karcher's and slerp's norms and dot products, which mergekit takes in float32 even for half
+  inputs) is added in another order than torch's (README, "Where results differ");
 - ``{"golden_dtype": "float32"}``: mergekit wrote this dtype instead of the config's (its
   arcee_fusion, #604); the golden is rounded to the config's dtype before comparing;
 - ``{"random": {"seed_cos": c}}``: a random method, compared statistically: kept fraction within

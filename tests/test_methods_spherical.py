@@ -171,6 +171,19 @@ def test_chunking_changes_no_byte(case: str, fp32_family: Family, tmp_path: Path
     assert all(o == first for o in others)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_auto_chunking_changes_no_byte(case: str, bf16_family: Family, tmp_path: Path) -> None:
+    """compute_dtype auto on bf16 inputs: mergekit's steps in bf16, whose whole-tensor norms and dot
+    products are statistics passes over the chunks, give the same bytes for every chunk size. (karcher
+    takes 2 + 3·max_iter passes, each replaying the iteration so far on every chunk: 4 iterations
+    here rather than 25.)"""
+    plan = CASES[case][0](bf16_family)
+    if case == "karcher":
+        plan["parameters"] = {**plan["parameters"], "max_iter": 4}
+    first, *others = merge_with_chunk_sizes(plan, tmp_path, (8, 7 * 32, 10**9))
+    assert all(o == first for o in others)
+
+
 def test_nuslerp_zero_weight_sum_interpolates_halfway(fp32_family: Family, tmp_path: Path) -> None:
     def run(ws: list[float], sub: str) -> bytes:
         streammerge.merge({"merge_method": "nuslerp", "models": _models(fp32_family.models[:2], ws)}, tmp_path / sub, quiet=True)
