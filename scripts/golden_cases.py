@@ -68,6 +68,8 @@ def case_configs(d: str) -> dict[str, dict[str, Any]]:
         "nuslerp_rows": {"merge_method": "nuslerp", "models": _weighted(d, {"ft1": 0.35, "ft3": 0.65}),
                          "parameters": {"nuslerp_flatten": False}},
         "nuslerp_base": {"merge_method": "nuslerp", **base, "models": _weighted(d, {"ft2": 0.55, "ft3": 0.45})},
+        "nuslerp_columns": {"merge_method": "nuslerp", **base, "models": _weighted(d, {"ft1": 0.2, "ft2": 0.7}),
+                            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
         "multislerp": {"merge_method": "multislerp", "models": _weighted(d, {"ft1": 0.5, "ft2": 0.2, "ft3": 0.3})},
         "karcher": {"merge_method": "karcher", "models": plain, "parameters": {"max_iter": 25, "tol": 1.0e-07}},
         "model_stock": {"merge_method": "model_stock", **base, "models": plain},

@@ -53,7 +53,8 @@ _WHOLE = (StatPass(_norms_collect, _norms_finish), StatPass(_cos_collect, _cos_f
 
 
 def _exponent_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    return {"amax": chunk.per_row(torch.stack([v.abs().amax(1) for v in vectors(chunk)]).amax(0))}
+    vs = vectors(chunk, torch.float64 if chunk.wide else None)
+    return {"amax": chunk.per_row(torch.stack([v.abs().amax(1) for v in vs]).amax(0))}
 
 
 def _exponent_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
@@ -77,7 +78,46 @@ def _columns_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats)
     return {**stats, "gram": totals["gram"].to(torch.float64) * unit}
 
 
-_FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish), StatPass(_columns_collect, _columns_finish))
+def _column_sums(chunk: Chunk, terms: list[torch.Tensor], exponent: int) -> torch.Tensor:
+    """Σ over rows of each [rows, cols] term, every |term| < 2^exponent, as fixed-point int64."""
+    scale = 2.0 ** (_fraction_bits(chunk) - exponent)
+    return torch.stack([torch.round(t.to(torch.float64) * scale).to(torch.int64).sum(0) for t in terms])
+
+
+def _column_values(sums: torch.Tensor, chunk: Chunk, exponent: int) -> torch.Tensor:
+    return sums.to(torch.float64) * 2.0 ** (exponent - _fraction_bits(chunk))
+
+
+def _column_norms_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    """Wide: the column Gram matrices; else the squares of mergekit's column norms."""
+    if chunk.wide:
+        return _columns_collect(chunk, stats)
+    return {"squares": _column_sums(chunk, [squares(v) for v in vectors(chunk, None)], 2 * stats["exponent"])}
+
+
+def _column_norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    if "squares" not in totals:
+        return _columns_finish(totals, chunk, stats)
+    sums = _column_values(totals["squares"], chunk, 2 * stats["exponent"])
+    return {**stats, "norms": [as_norm(s, chunk.models[0].dtype).clamp(min=1e-7) for s in sums]}
+
+
+_UNIT_EXPONENT = 1  # products of unit vectors' entries stay below 2 in magnitude, rounding included
+
+
+def _column_cos_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    u0, u1 = (v / n for v, n in zip(vectors(chunk, None), stats["norms"]))
+    return {"dot": _column_sums(chunk, [u0 * u1], _UNIT_EXPONENT)}
+
+
+def _column_cos_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    dot = as_sum(_column_values(totals["dot"][0], chunk, _UNIT_EXPONENT), chunk.models[0].dtype)
+    return {**stats, "cos": dot.clamp(-1, 1).reshape(chunk.shape[1:])}
+
+
+# vectors along dim 0 span every chunk: column sums as fixed-point integers, exact under addition
+_FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish), StatPass(_column_norms_collect, _column_norms_finish),
+              StatPass(_column_cos_collect, _column_cos_finish, when=lambda stats: "norms" in stats))
 
 
 def _passes(params: TensorParams) -> tuple[StatPass, ...]:
@@ -105,7 +145,8 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def _mergekit_nuslerp(chunk: Chunk, stats: Stats, t: float) -> torch.Tensor:
     """mergekit's steps in the compute dtype; cos θ from the statistics passes for a whole-tensor
-    vector, else from the chunk's own rows (vectors along the last dim lie inside a row)."""
+    vector or vectors along dim 0, else from the chunk's own rows (vectors along the last dim lie
+    inside a row)."""
     base = chunk.base
     v0, v1 = chunk.models if base is None else (x - base for x in chunk.models)
     cos = stats["cos"] if "cos" in stats else torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
@@ -126,7 +167,7 @@ def nuslerp_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     """
     w0, w1 = chunk.params.per_model("weight")
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-    if not chunk.wide and _layout(chunk) != "first":
+    if not chunk.wide:
         return _mergekit_nuslerp(chunk, stats, t)
     g, shape = _pair_gram(chunk, stats)
     cos = g[0, 1] / (g[0, 0].sqrt().clamp_min(1e-7) * g[1, 1].sqrt().clamp_min(1e-7))
