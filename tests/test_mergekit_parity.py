@@ -7,7 +7,8 @@ case's config says how its comparison differs from "every element within toleran
   breadcrumbs' magnitude cuts, sce's variance cut) keeps a different member of a run of equal values
   at its threshold (we keep the lowest flat indices; mergekit keeps what torch's unstable
   ``argsort``/``topk`` puts first); every one of them is checked to sit where some model's ranked
-  value equals the value at its cut;
+  value equals the value at its cut, or for sce, whose weights depend on the selection, that
+  replaying mergekit's steps with either tie order gives the golden and our output bit for bit;
 - ``{"arithmetic_diffs": N}``: exactly N elements differ because a float32 sum over a whole tensor
   (karcher's and slerp's norms and dot products, which mergekit takes in float32 even for half
   inputs) is added in another order than torch's (README, "Where results differ");
@@ -66,11 +67,10 @@ def _at_cut(values: torch.Tensor, cuts: list[int]) -> torch.Tensor:
     return torch.stack([values.float() == ranked[c] for c in cuts if 0 <= c < ranked.numel()]).any(0)
 
 
-def _tied(case: str, name: str) -> torch.Tensor:
-    """Where some model's ranked value (|δ_i| for ties and breadcrumbs) equals the value at its
-    selection cut, computed from the inputs as mergekit ranks them; for sce, the whole tensor when
-    several variances equal the value at its cut."""
+def _inputs(case: str, name: str) -> tuple[dict, torch.Tensor, list[torch.Tensor]]:
+    """The case's config, and tensor ``name`` of its base and its task vectors in the config's dtype."""
     cfg = yaml.safe_load((GOLDEN / "cases" / case / "config.yml").read_text())
+
     def tensor(model: str) -> torch.Tensor:
         path = GOLDEN / model
         if (path / "model.safetensors").exists():
@@ -79,12 +79,14 @@ def _tied(case: str, name: str) -> torch.Tensor:
         return load_file(str(path / index[name]))[name]
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg["dtype"]]
     base = tensor(cfg["base_model"]).to(dtype)
-    deltas = [tensor(m["model"]).to(dtype) - base for m in cfg["models"]]
+    return cfg, base, [tensor(m["model"]).to(dtype) - base for m in cfg["models"]]
+
+
+def _tied(case: str, name: str) -> torch.Tensor:
+    """Where some model's ranked value (|δ_i| for ties and breadcrumbs) equals the value at its
+    selection cut, computed from the inputs as mergekit ranks them."""
+    cfg, base, deltas = _inputs(case, name)
     n = base.numel()
-    if cfg["merge_method"] == "sce":  # the weights depend on the selection: a tie moves its whole tensor
-        var = torch.var(torch.stack(deltas), dim=0, unbiased=False)
-        k = int(torch.count_nonzero(var) * cfg["parameters"]["select_topk"])
-        return torch.full(base.shape, int(_at_cut(var, [n - k]).sum()) > 1)
     tied = torch.zeros(base.shape, dtype=torch.bool)
     for m, delta in zip(cfg["models"], deltas):
         p = m["parameters"]
@@ -96,6 +98,29 @@ def _tied(case: str, name: str) -> torch.Tensor:
             cuts = [bottom, bottom + keep - 1]
         tied |= _at_cut(delta.abs(), cuts)
     return tied
+
+
+def _sce_replay(case: str, name: str, lowest_first: bool) -> torch.Tensor:
+    """mergekit 0.1.5's sce on tensor ``name``, step by step in the config's dtype, with the equal
+    variances at its top-k cut taken in torch.topk's order or lowest flat index first. (sce's model
+    weights depend on the selection, so a tie order can move every element of the tensor.)"""
+    cfg, base, deltas = _inputs(case, name)
+    tvs = torch.stack(deltas)
+    var = torch.var(tvs, dim=0, unbiased=False).reshape(-1)
+    k = int(torch.count_nonzero(var) * cfg["parameters"]["select_topk"])
+    if lowest_first:  # a stable descending sort keeps equal values in index order
+        chosen = torch.sort(var.abs(), descending=True, stable=True).indices[:k]
+    else:
+        chosen = torch.topk(var.abs(), k=k, largest=True).indices
+    mask = torch.zeros_like(var)
+    mask[chosen] = 1
+    tvs = tvs * mask.reshape(base.shape)
+    agree = tvs.sign() == (tvs.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+    weights = tvs.square().reshape(len(tvs), -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    weights = (torch.ones_like(weights) / len(weights) if abs(total) < 1e-6 else weights / total).view(-1, *[1] * base.dim())
+    erased = weights * agree
+    return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
 
 
 def _statistics(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor], seed_cos: float) -> None:
@@ -123,7 +148,14 @@ def test_matches_mergekit(case: str, device: str, tmp_path: Path, monkeypatch: p
         gold = {name: g.to(got[name].dtype) for name, g in gold.items()}
     differing = _differing(got, gold)
     assert sum(int(d.sum()) for d in differing.values()) == expect.get("tie_order_diffs", 0) + expect.get("arithmetic_diffs", 0)
-    if "tie_order_diffs" in expect:
-        for name, d in differing.items():
-            if d.any():
-                assert bool((d <= _tied(case, name)).all()), f"{name}: a difference away from a threshold tie"
+    if "tie_order_diffs" not in expect:
+        return
+    sce = yaml.safe_load((GOLDEN / "cases" / case / "config.yml").read_text())["merge_method"] == "sce"
+    for name, d in differing.items():
+        if not d.any():
+            continue
+        if sce:  # mergekit's steps give the golden with torch's tie order, and our output with ours
+            assert torch.equal(_sce_replay(case, name, lowest_first=False), gold[name]), name
+            assert torch.equal(_sce_replay(case, name, lowest_first=True), got[name]), name
+        else:
+            assert bool((d <= _tied(case, name)).all()), f"{name}: a difference away from a threshold tie"
