@@ -15,6 +15,9 @@ def linear_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     """
     first = chunk.models[0]
     weights = torch.tensor(chunk.params.per_model("weight"), dtype=first.dtype, device=first.device)
+    if chunk.wide:
+        out = torch.stack(chunk.models).mul_(weights.view(-1, *[1] * first.dim())).sum(0)
+        return out / sum(chunk.params.per_model("weight")) if chunk.params.globals["normalize"] else out
     out = torch.zeros_like(first)
     for x, w in zip(chunk.models, weights):  # mergekit's order: accumulate w_i·x_i, then divide by Σ w_i
         out.addcmul_(x, w)

@@ -31,7 +31,7 @@ def _merge(chunk: Chunk, unique_scale: torch.Tensor | None) -> torch.Tensor:
     tv, active, count = _active(chunk)
     tv = tv * active
     if unique_scale is None:
-        unique_scale = torch.ones(len(tv), dtype=tv.dtype)
+        unique_scale = torch.ones(len(tv), dtype=tv.dtype, device=tv.device)
     scale = unique_scale.to(tv.device).view(-1, *[1] * chunk.base.dim())
     # mergekit divides each shared entry by c before summing over the models
     return chunk.base + (tv * (count == 1) * scale + tv * (count > 1) / count.clamp(min=1)).sum(0)
