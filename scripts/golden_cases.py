@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "data" / "golden"
 DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
-ROUNDED = {"fp16": ("base", "ft1", "ft2", "ft3"), "bf16": ("ft3",)}  # bf16 base/ft1/ft2 come from the shared set
+# rounded here from models/fp32; bf16 base/ft1/ft2 come from the shared golden set
+ROUNDED = {"fp16": ("base", "ft1", "ft2", "ft3"), "bf16": ("ft3",)}
 
 
 def _model(d: str, name: str, **params: Any) -> dict[str, Any]:
@@ -54,31 +55,39 @@ def case_configs(d: str) -> dict[str, dict[str, Any]]:
     base = {"base_model": f"./models/{d}/base"}
     cases: dict[str, dict[str, Any]] = {
         "linear": {"merge_method": "linear", "models": _weighted(d, {"ft1": 0.3, "ft2": 0.7})},
-        "ties": {"merge_method": "ties", **base, "models": _weighted(d, {"ft1": 0.6, "ft2": 0.4}, density=0.4),
-                 "parameters": {"normalize": True}},
+        "ties": {"merge_method": "ties", **base,
+                 "models": _weighted(d, {"ft1": 0.6, "ft2": 0.4}, density=0.4), "parameters": {"normalize": True}},
         "task_arithmetic": {"merge_method": "task_arithmetic", **base, "models": _weighted(d, fts),
                             "parameters": {"lambda": 0.8}},
         "ties3": {"merge_method": "ties", **base, "models": _weighted(d, fts, density=0.4),
                   "parameters": {"normalize": True}},
-        "breadcrumbs": {"merge_method": "breadcrumbs", **base, "models": _weighted(d, fts, density=0.7, gamma=0.1)},
+        "breadcrumbs": {"merge_method": "breadcrumbs", **base,
+                        "models": _weighted(d, fts, density=0.7, gamma=0.1)},
         "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", **base,
-                             "models": _weighted(d, fts, density=0.75, gamma=0.03), "parameters": {"normalize": True}},
+                             "models": _weighted(d, fts, density=0.75, gamma=0.03),
+                             "parameters": {"normalize": True}},
         "slerp": {"merge_method": "slerp", "base_model": f"./models/{d}/ft2",
                   "models": [_model(d, "ft2"), _model(d, "ft3")], "parameters": {"t": 0.65}},
         "nuslerp_rows": {"merge_method": "nuslerp", "models": _weighted(d, {"ft1": 0.35, "ft3": 0.65}),
                          "parameters": {"nuslerp_flatten": False}},
-        "nuslerp_base": {"merge_method": "nuslerp", **base, "models": _weighted(d, {"ft2": 0.55, "ft3": 0.45})},
-        "nuslerp_columns": {"merge_method": "nuslerp", **base, "models": _weighted(d, {"ft1": 0.2, "ft2": 0.7}),
+        "nuslerp_base": {"merge_method": "nuslerp", **base,
+                         "models": _weighted(d, {"ft2": 0.55, "ft3": 0.45})},
+        "nuslerp_columns": {"merge_method": "nuslerp", **base,
+                            "models": _weighted(d, {"ft1": 0.2, "ft2": 0.7}),
                             "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
-        "multislerp": {"merge_method": "multislerp", "models": _weighted(d, {"ft1": 0.5, "ft2": 0.2, "ft3": 0.3})},
-        "karcher": {"merge_method": "karcher", "models": plain, "parameters": {"max_iter": 25, "tol": 1.0e-07}},
+        "multislerp": {"merge_method": "multislerp",
+                       "models": _weighted(d, {"ft1": 0.5, "ft2": 0.2, "ft3": 0.3})},
+        "karcher": {"merge_method": "karcher", "models": plain,
+                    "parameters": {"max_iter": 25, "tol": 1.0e-07}},
         "model_stock": {"merge_method": "model_stock", **base, "models": plain},
         "model_stock_filterwise": {"merge_method": "model_stock", **base, "models": plain,
                                    "parameters": {"filter_wise": True}},
         "sce": {"merge_method": "sce", **base, "models": plain, "parameters": {"select_topk": 0.6}},
         "ram": {"merge_method": "ram", **base, "models": plain},
-        "ramplus_tl": {"merge_method": "ramplus_tl", **base, "models": plain, "parameters": {"r": 0.25, "alpha": 0.4}},
-        "nearswap": {"merge_method": "nearswap", **base, "models": [_model(d, "ft2")], "parameters": {"t": 0.0015}},
+        "ramplus_tl": {"merge_method": "ramplus_tl", **base, "models": plain,
+                       "parameters": {"r": 0.25, "alpha": 0.4}},
+        "nearswap": {"merge_method": "nearswap", **base, "models": [_model(d, "ft2")],
+                     "parameters": {"t": 0.0015}},
         "arcee_fusion": {"merge_method": "arcee_fusion", **base, "models": [_model(d, "ft3")]},
         "passthrough_slices": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": f"./models/{d}/ft3", "layer_range": [0, 2]}]},
@@ -129,8 +138,10 @@ def run_mergekit(mergekit: str, case: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mergekit", required=True, help="mergekit-yaml of mergekit 0.1.5 (scripts/mergekit_venv.sh)")
-    ap.add_argument("cases", nargs="*", help="case folders to regenerate (default: every half-precision case)")
+    ap.add_argument("--mergekit", required=True,
+                    help="mergekit-yaml of mergekit 0.1.5 (scripts/mergekit_venv.sh)")
+    ap.add_argument("cases", nargs="*",
+                    help="case folders to regenerate (default: every half-precision case)")
     args = ap.parse_args()
     write_inputs()
     generated = write_configs()

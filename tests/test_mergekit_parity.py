@@ -1,7 +1,9 @@
 """mergekit configs run unchanged and reproduce mergekit 0.1.5's tensors (tests/data/golden).
 
-Every case folder under ``tests/data/golden/cases`` is tested. An optional ``expect.json`` beside a
-case's config says how its comparison differs from "every element within tolerance":
+Every case folder under ``tests/data/golden/cases`` is tested (``scripts/golden_cases.py`` makes the
+bf16/fp16 ones). Outputs must equal the golden: bit for bit for bfloat16 and float16 goldens on the
+CPU (compute_dtype auto follows mergekit's dtypes and order of operations; one ulp on CUDA), within
+1e-6 for float32 ones. An optional ``expect.json`` beside a case's config says what differs:
 
 - ``{"tie_order_diffs": N}``: exactly N elements differ, because a selection (TIES's and
   breadcrumbs' magnitude cuts, sce's variance cut) keeps a different member of a run of equal values
@@ -12,8 +14,9 @@ case's config says how its comparison differs from "every element within toleran
 - ``{"arithmetic_diffs": N}``: exactly N elements differ because a float32 sum over a whole tensor
   (karcher's and slerp's norms and dot products, which mergekit takes in float32 even for half
   inputs) is added in another order than torch's (README, "Where results differ");
-- ``{"golden_dtype": "float32"}``: mergekit wrote this dtype instead of the config's (its
-  arcee_fusion, #604); the golden is rounded to the config's dtype before comparing;
+- ``{"golden_dtype": "float32"}``: mergekit wrote this dtype instead of the config's (arcee_fusion's
+  float32 mask, #604; ramplus_tl's float32 boost factors); the golden is rounded to the config's
+  dtype before comparing;
 - ``{"random": {"seed_cos": c}}``: a random method, compared statistically: kept fraction within
   0.01, ‖task vector‖ within 2 %, cosine with mergekit's draw within 0.03 of ``c``, the cosine two
   of mergekit's own seeds give each other (golden README).
@@ -47,15 +50,21 @@ def _run(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str
     return load_file(str(tmp_path / case / "model.safetensors"))
 
 
-def _differing(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per tensor, where the output differs from the golden: any bit for half precision, by more
-    than 1e-6 for float32."""
+def _differing(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor],
+               exact: bool) -> dict[str, torch.Tensor]:
+    """Per tensor, where the output differs from the golden: any bit for half precision (with
+    ``exact``; else by more than one ulp, with a 1e-6 floor), by more than 1e-6 for float32."""
     out = {}
     for name, g in gold.items():
         c = got[name]
         assert c.shape == g.shape and c.dtype == g.dtype, name
-        if g.dtype in (torch.bfloat16, torch.float16):
+        if g.dtype in (torch.bfloat16, torch.float16) and exact:
             out[name] = c.view(torch.int16) != g.view(torch.int16)
+        elif g.dtype in (torch.bfloat16, torch.float16):
+            mantissa = 7 if g.dtype == torch.bfloat16 else 10
+            exponent = torch.floor(torch.log2(g.double().abs().clamp_min(1e-30)))
+            ulp = torch.exp2(exponent - mantissa).clamp_min(1e-6)
+            out[name] = (c.double() - g.double()).abs() > ulp
         else:
             out[name] = (c.double() - g.double()).abs() > 1e-6
     return out
@@ -118,7 +127,8 @@ def _sce_replay(case: str, name: str, lowest_first: bool) -> torch.Tensor:
     agree = tvs.sign() == (tvs.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
     weights = tvs.square().reshape(len(tvs), -1).mean(dim=1)
     total = torch.sum(weights).item()
-    weights = (torch.ones_like(weights) / len(weights) if abs(total) < 1e-6 else weights / total).view(-1, *[1] * base.dim())
+    weights = torch.ones_like(weights) / len(weights) if abs(total) < 1e-6 else weights / total
+    weights = weights.view(-1, *[1] * base.dim())
     erased = weights * agree
     return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
 
@@ -146,16 +156,20 @@ def test_matches_mergekit(case: str, device: str, tmp_path: Path, monkeypatch: p
     if "golden_dtype" in expect:
         assert {str(g.dtype) for g in gold.values()} == {f"torch.{expect['golden_dtype']}"}
         gold = {name: g.to(got[name].dtype) for name, g in gold.items()}
-    differing = _differing(got, gold)
-    assert sum(int(d.sum()) for d in differing.values()) == expect.get("tie_order_diffs", 0) + expect.get("arithmetic_diffs", 0)
+    # counts pinned on the CPU; CUDA's kernels (variance, sin, acos, sums) may round differently,
+    # so there only differences beyond one ulp count, and they may not exceed the CPU's
+    differing = _differing(got, gold, exact=device == "cpu")
+    count = sum(int(d.sum()) for d in differing.values())
+    pinned = expect.get("tie_order_diffs", 0) + expect.get("arithmetic_diffs", 0)
+    assert count == pinned if device == "cpu" else count <= pinned
     if "tie_order_diffs" not in expect:
         return
     sce = yaml.safe_load((GOLDEN / "cases" / case / "config.yml").read_text())["merge_method"] == "sce"
     for name, d in differing.items():
         if not d.any():
             continue
-        if sce:  # mergekit's steps give the golden with torch's tie order, and our output with ours
+        if sce and device == "cpu":  # mergekit's steps: the golden with torch's tie order, ours with ours
             assert torch.equal(_sce_replay(case, name, lowest_first=False), gold[name]), name
             assert torch.equal(_sce_replay(case, name, lowest_first=True), got[name]), name
-        else:
+        elif not sce:
             assert bool((d <= _tied(case, name)).all()), f"{name}: a difference away from a threshold tie"

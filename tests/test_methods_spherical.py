@@ -224,8 +224,10 @@ def test_multislerp_opposite_pair_falls_back_to_weighted_sum(fp32_family: Family
 def test_multislerp_balanced_opposite_directions_fail(fp32_family: Family, tmp_path: Path) -> None:
     models = _opposed(fp32_family, tmp_path, [1.0, -1.0, 3.0])  # unit vectors u, -u, u weighted 1, 2, 1
     # float64 statistics see the zero mean; under compute_dtype auto, mergekit's float32 steps leave
-    # a mean of rounding noise (norm 1e-8 .. 5e-8 > eps here), and mergekit and streammerge write its direction
-    plan = {"merge_method": "multislerp", "models": _models(models, [1.0, 2.0, 1.0]), "compute_dtype": "float64"}
+    # a mean of rounding noise (norm 1e-8 .. 5e-8 > eps here), whose direction mergekit and
+    # streammerge write
+    plan = {"merge_method": "multislerp", "models": _models(models, [1.0, 2.0, 1.0]),
+            "compute_dtype": "float64"}
     with pytest.raises(PlanError, match="mean of the unit vectors .* is zero"):
         streammerge.merge(plan, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()

@@ -58,8 +58,10 @@ def _replay(chunk: Chunk, stats: Stats) -> tuple[list[torch.Tensor], torch.Tenso
     """The valid unit vectors, the iterate as far as ``stats`` reach, and the tangent when the
     current step has its dot products but not yet the tangent's norm."""
     tol = chunk.params.globals["tol"]
-    units = [x / n for x, n in zip(chunk.models, stats["norms"]) if n.item() > tol]  # zero norms are not valid either
-    alphas = [1 / len(units)] * len(units)
+    valid = [(x, n) for x, n in zip(chunk.models, stats["norms"]) if n.item() > tol]  # never a zero norm
+    units = [x / n for x, n in valid]
+    alpha = 1 / len(chunk.models)  # mergekit's weights: 1/n each, renormalized over the valid inputs
+    alphas = [alpha / sum([alpha] * len(valid))] * len(valid)
     mean = torch.zeros_like(units[0])
     for a, u in zip(alphas, units):
         mean += a * u
@@ -101,12 +103,15 @@ def _collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     wide = _wide_dtype(chunk.models[0].dtype)
     stage = _stage(stats)
     if stage == "norms":
-        return {"sums": chunk.per_row(torch.stack([squares(_rows(x.to(wide), chunk)).sum(1) for x in chunk.models]))}
-    units, mean, tangent = _replay(chunk, stats)
-    if stage == "dots":  # torch.dot: exact products, accumulated in float32
-        return {"sums": chunk.per_row(torch.stack([(_rows(mean, chunk).to(torch.float64) * _rows(u, chunk).to(torch.float64)).sum(1)
-                                                   for u in units]))}
-    return {"sums": chunk.per_row(squares(_rows((mean if tangent is None else tangent).to(wide), chunk)).sum(1))}
+        sums = [squares(_rows(x.to(wide), chunk)).sum(1) for x in chunk.models]
+    else:
+        units, mean, tangent = _replay(chunk, stats)
+        if stage == "dots":  # torch.dot: exact products, accumulated in float32
+            m = _rows(mean, chunk).to(torch.float64)
+            sums = [(m * _rows(u, chunk).to(torch.float64)).sum(1) for u in units]
+        else:
+            sums = [squares(_rows((mean if tangent is None else tangent).to(wide), chunk)).sum(1)]
+    return {"sums": chunk.per_row(torch.stack(sums))}
 
 
 def _finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
@@ -116,15 +121,17 @@ def _finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stat
     wide, sums, stage = _wide_dtype(dtype), totals["sums"].sum(-1), _stage(stats)
     if stage == "norms":
         norms = list(as_norm(sums, wide))
-        return {"norms": norms, "steps": [], "done": len(norms) == 1 or not any(n.item() > g["tol"] for n in norms)}
+        done = len(norms) == 1 or not any(n.item() > g["tol"] for n in norms)
+        return {"norms": norms, "steps": [], "done": done}
     if stage == "mean_norm":
-        return {**stats, "mean_norm": as_norm(sums[()], wide), "done": g["max_iter"] == 0}
+        return {**stats, "mean_norm": as_norm(sums[0], wide), "done": g["max_iter"] == 0}
     steps = [dict(s) for s in stats["steps"]]
     if stage == "dots":
         return {**stats, "steps": [*steps, {"dots": list(as_sum(sums, dtype).clamp(-1, 1))}]}
-    norm = as_norm(sums[()], wide)
+    norm = as_norm(sums[0], wide)
     steps[-1][stage] = norm
-    done = (stage == "tangent_norm" and norm.item() < g["tol"]) or (stage == "unit_norm" and len(steps) == g["max_iter"])
+    converged = stage == "tangent_norm" and norm.item() < g["tol"]
+    done = converged or (stage == "unit_norm" and len(steps) == g["max_iter"])
     return {**stats, "steps": steps, "done": done}
 
 

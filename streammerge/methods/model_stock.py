@@ -16,9 +16,9 @@ def _gram(tv: torch.Tensor, wide: bool) -> torch.Tensor:
     if wide:
         t = tv.to(torch.float64)
         return torch.stack([torch.stack([(a * b).sum(-1) for b in t]) for a in t])
-    n = len(tv)
-    return torch.stack([torch.stack([squares(tv[i]).sum(-1) if i == j else (tv[i] * tv[j]).to(torch.float64).sum(-1)
-                                     for j in range(n)]) for i in range(n)])
+    def term(i: int, j: int) -> torch.Tensor:
+        return squares(tv[i]).sum(-1) if i == j else (tv[i] * tv[j]).to(torch.float64).sum(-1)
+    return torch.stack([torch.stack([term(i, j) for j in range(len(tv))]) for i in range(len(tv))])
 
 
 def _ratio(norms: list[torch.Tensor], dots: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
@@ -29,23 +29,25 @@ def _ratio(norms: list[torch.Tensor], dots: dict[tuple[int, int], torch.Tensor])
                        for i in range(n) for j in range(i + 1, n)]).mean(0)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    return torch.where(singular, torch.zeros_like(cos), n * cos / safe)
 
 
 def _whole_ratio(gram: torch.Tensor, dtype: torch.dtype, wide: bool) -> torch.Tensor:
     """The ratio from the summed partials: in float64 (wide), else rounded as torch's reductions."""
     n = gram.shape[0]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     if wide:
-        return _ratio([gram[i, i].sqrt() for i in range(n)], {(i, j): gram[i, j] for i in range(n) for j in range(n)})
-    return _ratio([as_norm(gram[i, i], dtype) for i in range(n)], {(i, j): as_sum(gram[i, j], dtype) for i in range(n) for j in range(n)})
+        return _ratio([gram[i, i].sqrt() for i in range(n)], {p: gram[p] for p in pairs})
+    return _ratio([as_norm(gram[i, i], dtype) for i in range(n)], {p: as_sum(gram[p], dtype) for p in pairs})
 
 
 def _fiber_ratio(tv: torch.Tensor, wide: bool) -> torch.Tensor:
     """One ratio per last-dim fiber: rows are whole in a chunk, so mergekit's own ops run on them."""
     if wide:
         return _whole_ratio(_gram(tv, True), tv.dtype, True)
-    n = len(tv)
-    return _ratio([torch.norm(v, dim=-1) for v in tv], {(i, j): (tv[i] * tv[j]).sum(-1) for i in range(n) for j in range(n)})
+    pairs = [(i, j) for i in range(len(tv)) for j in range(i + 1, len(tv))]
+    return _ratio([torch.norm(v, dim=-1) for v in tv], {(i, j): (tv[i] * tv[j]).sum(-1) for i, j in pairs})
 
 
 def _per_fiber(chunk: Chunk) -> bool:
@@ -58,7 +60,8 @@ def _collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     if _per_fiber(chunk):
         return {}
     tv = stacked_task_vectors(chunk)
-    return {"gram": chunk.per_row(_gram(tv.reshape(len(tv), chunk.row_stop - chunk.row_start, -1), chunk.wide))}
+    rows = tv.reshape(len(tv), chunk.row_stop - chunk.row_start, -1)
+    return {"gram": chunk.per_row(_gram(rows, chunk.wide))}
 
 
 def _finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:

@@ -76,7 +76,8 @@ def _norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -
     if "squares" not in totals:
         return GRAM.finish(totals, chunk, stats)
     dtype, squares_ = chunk.models[0].dtype, totals["squares"].sum(-1)
-    return {**stats, "norms": as_norm(squares_, dtype).view(-1, 1), "weights": _weights(chunk, dtype, squares_.device)}
+    weights = _weights(chunk, dtype, squares_.device)
+    return {**stats, "norms": as_norm(squares_, dtype).view(-1, 1), "weights": weights}
 
 
 def _mean_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:

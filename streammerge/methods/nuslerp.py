@@ -36,7 +36,8 @@ def _norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -
     if "squares" not in totals:
         return GRAM.finish(totals, chunk, stats)
     dtype = chunk.models[0].dtype
-    return {**stats, "norms": [as_norm(s, dtype).reshape(1).clamp(min=1e-7) for s in totals["squares"].sum(-1)]}
+    norms = [as_norm(s, dtype).reshape(1).clamp(min=1e-7) for s in totals["squares"].sum(-1)]
+    return {**stats, "norms": norms}
 
 
 def _cos_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
@@ -48,8 +49,10 @@ def _cos_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> 
     return {**stats, "cos": as_sum(totals["dot"].sum(-1), chunk.models[0].dtype).reshape(1).clamp(-1, 1)}
 
 
-# the whole tensor as one vector: wide, one Gram pass; else mergekit's norms, then its cosine of the unit vectors
-_WHOLE = (StatPass(_norms_collect, _norms_finish), StatPass(_cos_collect, _cos_finish, when=lambda stats: "norms" in stats))
+# the whole tensor as one vector: wide, one Gram pass; else mergekit's norms, then its cosine of
+# the unit vectors
+_WHOLE = (StatPass(_norms_collect, _norms_finish),
+          StatPass(_cos_collect, _cos_finish, when=lambda stats: "norms" in stats))
 
 
 def _exponent_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
@@ -116,7 +119,8 @@ def _column_cos_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Sta
 
 
 # vectors along dim 0 span every chunk: column sums as fixed-point integers, exact under addition
-_FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish), StatPass(_column_norms_collect, _column_norms_finish),
+_FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish),
+              StatPass(_column_norms_collect, _column_norms_finish),
               StatPass(_column_cos_collect, _column_cos_finish, when=lambda stats: "norms" in stats))
 
 
@@ -149,7 +153,10 @@ def _mergekit_nuslerp(chunk: Chunk, stats: Stats, t: float) -> torch.Tensor:
     inside a row)."""
     base = chunk.base
     v0, v1 = chunk.models if base is None else (x - base for x in chunk.models)
-    cos = stats["cos"] if "cos" in stats else torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    if "cos" in stats:
+        cos = stats["cos"]
+    else:
+        cos = torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
     colinear = (1 - cos.square()) <= 1e-16
     theta = torch.acos(torch.where(colinear, 0, cos))
     out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)

@@ -40,7 +40,8 @@ _SELECT = top_k_passes(_variance, lambda chunk, stats: [stats["k"] or None], "sc
 
 def _weight_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     tv = _selected(chunk, stats)
-    squares = (tv.to(torch.float64) ** 2 if chunk.wide else tv.square().to(torch.float64))  # mergekit squares in the dtype
+    # mergekit squares in the dtype
+    squares = tv.to(torch.float64) ** 2 if chunk.wide else tv.square().to(torch.float64)
     return {"squares": chunk.per_row(squares.reshape(len(tv), chunk.row_stop - chunk.row_start, -1).sum(-1))}
 
 
@@ -51,7 +52,8 @@ def _weight_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) 
     if chunk.wide:
         means = squares / chunk.numel
         total = float(means.sum())
-        return {**stats, "weights": torch.full_like(means, 1 / len(means)) if abs(total) < 1e-6 else means / total}
+        uniform = torch.full_like(means, 1 / len(means))
+        return {**stats, "weights": uniform if abs(total) < 1e-6 else means / total}
     means = as_mean(squares, chunk.numel, chunk.base.dtype)
     total = torch.sum(means).item()
     return {**stats, "weights": torch.ones_like(means) / len(means) if abs(total) < 1e-6 else means / total}
