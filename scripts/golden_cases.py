@@ -56,7 +56,8 @@ def case_configs(d: str) -> dict[str, dict[str, Any]]:
     cases: dict[str, dict[str, Any]] = {
         "linear": {"merge_method": "linear", "models": _weighted(d, {"ft1": 0.3, "ft2": 0.7})},
         "ties": {"merge_method": "ties", **base,
-                 "models": _weighted(d, {"ft1": 0.6, "ft2": 0.4}, density=0.4), "parameters": {"normalize": True}},
+                 "models": _weighted(d, {"ft1": 0.6, "ft2": 0.4}, density=0.4),
+                 "parameters": {"normalize": True}},
         "task_arithmetic": {"merge_method": "task_arithmetic", **base, "models": _weighted(d, fts),
                             "parameters": {"lambda": 0.8}},
         "ties3": {"merge_method": "ties", **base, "models": _weighted(d, fts, density=0.4),
