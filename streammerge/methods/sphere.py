@@ -1,8 +1,10 @@
 """Shared pieces of the spherical methods (nuslerp, multislerp, karcher).
 
 Each of them returns a linear combination Σ_j c_j x_j of its inputs (task vectors when it has a
-base) whose coefficients depend only on the inputs' inner products, so one pass collecting the
-Gram matrix G_ij = ⟨x_i, x_j⟩ replaces any per-element state (a running mean, an iterate).
+base) whose coefficients depend only on the inputs' inner products, so with an explicit compute
+dtype one pass collecting the Gram matrix G_ij = ⟨x_i, x_j⟩ replaces any per-element state (a
+running mean, an iterate). Under ``compute_dtype: auto`` each follows mergekit's elementwise steps
+in the dtype instead, whose roundings no Gram matrix reproduces.
 """
 
 from __future__ import annotations
