@@ -46,7 +46,7 @@ def _coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor
 # statistics pass (two, then three per iteration); each pass replays the elementwise steps so far on
 # its chunk from the scalars recorded in ``stats["steps"]``.
 
-def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -100,7 +100,7 @@ def _stage(stats: Stats) -> str:
 def _collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     if chunk.wide:
         return GRAM.collect(chunk, stats)
-    wide = _wide_dtype(chunk.models[0].dtype)
+    wide = _norm_dtype(chunk.models[0].dtype)  # mergekit's norms: of x.to(float32)
     stage = _stage(stats)
     if stage == "norms":
         sums = [squares(_rows(x.to(wide), chunk)).sum(1) for x in chunk.models]
@@ -118,7 +118,7 @@ def _finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stat
     if "sums" not in totals:
         return {**GRAM.finish(totals, chunk, stats), "done": True}
     g, dtype = chunk.params.globals, chunk.models[0].dtype
-    wide, sums, stage = _wide_dtype(dtype), totals["sums"].sum(-1), _stage(stats)
+    wide, sums, stage = _norm_dtype(dtype), totals["sums"].sum(-1), _stage(stats)
     if stage == "norms":
         norms = list(as_norm(sums, wide))
         done = len(norms) == 1 or not any(n.item() > g["tol"] for n in norms)
