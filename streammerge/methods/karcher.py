@@ -56,19 +56,25 @@ def _rows(x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
 
 def _replay(chunk: Chunk, stats: Stats) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """The valid unit vectors, the iterate as far as ``stats`` reach, and the tangent when the
-    current step has its dot products but not yet the tangent's norm."""
+    current step has its dot products but not yet the tangent's norm. A chunk that is the whole
+    tensor (the same object in every pass) resumes from its last completed step in ``stats["cache"]``;
+    other chunks are read again by each pass and replay from the start."""
     tol = chunk.params.globals["tol"]
-    valid = [(x, n) for x, n in zip(chunk.models, stats["norms"]) if n.item() > tol]  # never a zero norm
-    units = [x / n for x, n in valid]
-    alpha = 1 / len(chunk.models)  # mergekit's weights: 1/n each, renormalized over the valid inputs
-    alphas = [alpha / sum([alpha] * len(valid))] * len(valid)
-    mean = torch.zeros_like(units[0])
-    for a, u in zip(alphas, units):
-        mean += a * u
-    if "mean_norm" not in stats:
-        return units, mean, None
-    mean = units[0].clone() if stats["mean_norm"].item() < tol else mean / stats["mean_norm"]
-    for step in stats["steps"]:
+    cache = stats["cache"] if chunk.row_start == 0 and chunk.row_stop == chunk.total_rows else {}
+    if cache.get("chunk") is chunk:
+        units, alphas, mean, done = cache["units"], cache["alphas"], cache["mean"], cache["steps"]
+    else:
+        valid = [(x, n) for x, n in zip(chunk.models, stats["norms"]) if n.item() > tol]  # never a zero norm
+        units = [x / n for x, n in valid]
+        alpha = 1 / len(chunk.models)  # mergekit's weights: 1/n each, renormalized over the valid inputs
+        alphas = [alpha / sum([alpha] * len(valid))] * len(valid)
+        mean = torch.zeros_like(units[0])
+        for a, u in zip(alphas, units):
+            mean += a * u
+        if "mean_norm" not in stats:
+            return units, mean, None
+        mean, done = units[0].clone() if stats["mean_norm"].item() < tol else mean / stats["mean_norm"], 0
+    for done, step in enumerate(stats["steps"][done:], done + 1):
         tangent = torch.zeros_like(mean)
         for a, u, dot in zip(alphas, units, step["dots"]):
             theta = torch.arccos(dot)
@@ -80,8 +86,11 @@ def _replay(chunk: Chunk, stats: Stats) -> tuple[list[torch.Tensor], torch.Tenso
         if norm.item() < tol:
             break
         mean = torch.cos(norm) * mean + torch.sin(norm) * (tangent / norm)
-        if "unit_norm" in step and step["unit_norm"].item() > tol:
+        if "unit_norm" not in step:
+            return units, mean, None
+        if step["unit_norm"].item() > tol:
             mean = mean / step["unit_norm"]
+        cache.update(chunk=chunk, units=units, alphas=alphas, mean=mean, steps=done)
     return units, mean, None
 
 
@@ -122,7 +131,7 @@ def _finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stat
     if stage == "norms":
         norms = list(as_norm(sums, wide))
         done = len(norms) == 1 or not any(n.item() > g["tol"] for n in norms)
-        return {"norms": norms, "steps": [], "done": done}
+        return {"norms": norms, "steps": [], "done": done, "cache": {}}
     if stage == "mean_norm":
         return {**stats, "mean_norm": as_norm(sums[0], wide), "done": g["max_iter"] == 0}
     steps = [dict(s) for s in stats["steps"]]
