@@ -38,7 +38,9 @@ class Chunk:
     """Rows ``[row_start, row_stop)`` of one output tensor's inputs, in the compute dtype.
 
     ``models`` excludes the base for methods that take one. ``model_ids`` are stable per-model keys
-    (the model's position in the plan) for counter-based randomness.
+    (the model's position in the plan) for counter-based randomness. ``wide``: an explicit
+    ``compute_dtype`` asks for float64 statistics; otherwise (``auto``) methods follow mergekit's
+    dtypes and order of operations (``reductions``).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Chunk:
     row_stop: int
     seed: int
     model_ids: tuple[int, ...]
+    wide: bool = False
 
     @property
     def total_rows(self) -> int:
