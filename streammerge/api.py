@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from streammerge.engine import MergeResult, RunReport, run_schedule
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.finalize import write_model_files
+from streammerge.io.layout import INDEX
 from streammerge.io.writer import StagedOutput
 from streammerge.journal import JOURNAL, Journal
 from streammerge.lora.output import write_adapter
@@ -40,7 +42,9 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
     A merge that was killed or failed left its partial output in a staging directory beside
     ``output``; running it again resumes from there (``restart`` discards it and starts over).
     ``overrides`` replace native plan keys: ``shard_size``, ``max_memory``, ``chunk_size``,
-    ``compute_dtype``, ``seed``, ``allow_nonfinite``, ``device`` (cpu, cuda, auto), ``max_gpu_memory``. ``strict``: unknown keys are errors rather than warnings
+    ``compute_dtype``, ``seed``, ``allow_nonfinite``, ``device`` (cpu, cuda, auto), ``max_gpu_memory``,
+    ``vocab_policy``, ``allow_crimes``, ``copy_tokenizer``, ``write_model_card``. ``strict``: unknown
+    keys are errors rather than warnings
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
@@ -123,18 +127,59 @@ def _kept(staged: StagedOutput) -> str:
             "--restart discards it)")
 
 
-def _merge_stages(path: Path, documents: list[Any], output: str | Path | None, *, overwrite: bool, restart: bool, quiet: bool,
-                  strict: bool | None, cache_dir: str | None, **overrides: Any) -> MergeResult:
-    """A mergekit-multi file: documents merged in order; every one but the last has a ``name:``
-    that later documents use as a model, and is written to ``<OUT>-stages/<name>``. A stage whose
-    output already exists (outputs appear only complete) is not merged again; delete it to redo it."""
+@dataclass(frozen=True)
+class Stage:
+    """One document of a multi-document plan file, and where its output goes."""
+
+    number: int  # its place in the file, from 1
+    document: dict  # without its 'name'
+    name: str | None  # later documents name it as a model
+    output: Path
+    reuse: bool  # an existing model at ``output`` is kept, not merged again
+
+
+def merge_stages(path: Path, stages: list[Stage], *, overwrite: bool = False, restart: bool = False,
+                 quiet: bool = False, strict: bool | None = None, cache_dir: str | None = None,
+                 **overrides: Any) -> list[MergeResult | None]:
+    """Merge ``stages`` in order (a stage's inputs come first); references to an earlier stage's
+    name become its output directory. One result per stage, None for a reused one."""
+    outputs: dict[str, str] = {}
+    results: list[MergeResult | None] = []
+    for stage in stages:
+        where = f"{path} (document {stage.number})"
+        if stage.reuse and _holds_model(stage.output):
+            if not quiet:
+                what = "the final merge" if stage.name is None else f"stage {stage.name!r}"
+                warnings.warn(f"{where}: {what} is already merged in {stage.output}; skipping it",
+                              PlanWarning, stacklevel=2)
+            results.append(None)
+        else:
+            doc = with_stage_outputs(stage.document, outputs)
+            plan = load_plan(doc, strict, cache_dir, root=path.parent, where=where)
+            results.append(_merge_one(plan, stage.output, overwrite, restart, quiet, overrides))
+        if stage.name is not None:
+            outputs[stage.name] = str(stage.output)
+    return results
+
+
+_WEIGHTS = ("model.safetensors", INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _holds_model(path: Path) -> bool:
+    """Whether ``path`` holds a model: config.json and weights (an output appears only complete)."""
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in _WEIGHTS)
+
+
+def _merge_stages(path: Path, documents: list[Any], output: str | Path | None, **options: Any) -> MergeResult:
+    """A mergekit-multi file run by ``streammerge run``: documents merged in order; every one but
+    the last has a ``name:`` that later documents use as a model, and is written to
+    ``<OUT>-stages/<name>``. A stage whose output already exists is not merged again; delete it to redo it."""
     last = documents[-1] if isinstance(documents[-1], dict) else {}
     final = output if output is not None else last.get("output")
     if final is None:
         raise PlanError(f"{path}: no output directory: give one (streammerge run PLAN OUT) or set 'output:' in the last document")
     final = Path(final).expanduser().absolute()
-    stages: dict[str, str] = {}
-    result = None
+    stages = []
     for k, doc in enumerate(documents):
         where = f"{path} (document {k + 1})"
         if not isinstance(doc, dict):
@@ -144,20 +189,14 @@ def _merge_stages(path: Path, documents: list[Any], output: str | Path | None, *
         is_last = k == len(documents) - 1
         if not is_last and not isinstance(name, str):
             raise PlanError(f"{where}: every document but the last needs a 'name:' for later ones to refer to")
-        doc = _with_stage_outputs(doc, stages)
         out = final if is_last else final.parent / f"{final.name}-stages" / name
-        if not is_last and (out / "config.json").is_file():
-            if not quiet:
-                warnings.warn(f"{where}: stage {name!r} is already merged in {out}; skipping it", PlanWarning, stacklevel=2)
-        else:
-            result = _merge_one(load_plan(doc, strict, cache_dir, root=path.parent, where=where), out, overwrite, restart, quiet, overrides)
-        if name is not None:
-            stages[name] = str(out)
+        stages.append(Stage(k + 1, doc, name, out, reuse=not is_last))
+    result = merge_stages(path, stages, **options)[-1]
     assert result is not None
     return result
 
 
-def _with_stage_outputs(doc: dict, stages: dict[str, str]) -> dict:
+def with_stage_outputs(doc: dict, stages: dict[str, str]) -> dict:
     """``doc`` with model references that name an earlier stage replaced by its output directory."""
     def swap(ref: Any) -> Any:
         return stages.get(ref, ref) if isinstance(ref, str) else ref

@@ -10,9 +10,12 @@ from typing import Any
 import click
 
 from streammerge import __version__
-from streammerge.api import merge, schedule
+from streammerge.api import merge, merge_stages, schedule
+from streammerge.engine import MergeResult
 from streammerge.errors import StreamMergeError
+from streammerge.frontdoors import mergekit_cli
 from streammerge.methods import get_method, method_names
+from streammerge.plan.load import read_documents
 from streammerge.plan.schema import parse_size
 
 
@@ -32,9 +35,6 @@ _plan_options = [
     click.option("--chunk-size", type=click.IntRange(min=1), help="Elements per chunk (rounded to whole rows); overrides --max-memory."),
     click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float64"]),
                  help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
-    click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]),
-                 help="Where the merge kernels run: cpu (default), cuda (an error without a GPU), or auto (CUDA when present, "
-                      "else the CPU, as the summary says)."),
     click.option("--max-gpu-memory", type=_Size(),
                  help="GPU memory for working chunks, e.g. 8GiB (default: 80% of the free GPU memory); a tensor that runs "
                       "out of GPU memory is merged again in smaller chunks."),
@@ -46,6 +46,15 @@ _plan_options = [
                  help="Unknown keys and parameters are errors (--strict) or warnings (--lenient). "
                       "Default: lenient for mergekit configs, strict for plans using streammerge's own keys."),
 ]
+
+
+_output_options = [
+    click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
+    click.option("--restart", is_flag=True,
+                 help="Discard the partial output of an earlier, interrupted run instead of resuming it."),
+    mergekit_cli.QUIET_OPTION,
+]
+_mergekit_options = [mergekit_cli.DEVICE_OPTION, *mergekit_cli.OPTIONS]
 
 
 def _add(options: list) -> Any:
@@ -74,58 +83,82 @@ def main() -> None:
     parameters, dtype, out_dtype, tokenizer_source or tokenizer, chat_template; several documents
     run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
-    device, max_gpu_memory, vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output). Models are local directories or
+    device, max_gpu_memory, vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output,
+    allow_crimes, copy_tokenizer, write_model_card). Models are local directories or
     org/name[@revision] on the Hugging Face Hub; model+adapter folds a PEFT LoRA adapter in.
     """
     warnings.showwarning = _warn
 
 
-@main.command()
+@main.command(cls=mergekit_cli.MergekitHelp)
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides the plan's 'output').")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--restart", is_flag=True, help="Discard the partial output of an earlier, interrupted run instead of resuming it.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_add(_output_options)
 @click.option("--threads", type=click.IntRange(min=1), help="Merge this many chunks at once on the CPU, a thread each (default: torch's thread count, one per core). Reading and writing run in threads of their own.")
 @_add(_plan_options)
+@_add(_mergekit_options)
 def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, restart: bool, quiet: bool,
-        threads: int | None, **overrides: Any) -> None:
+        **options: Any) -> None:
     """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output').
 
     The output appears only complete. A run that is killed or fails keeps its partial output in
-    .OUT.streammerge-partial beside OUT; the same command resumes it.
+    .OUT.streammerge-partial beside OUT; the same command resumes it. mergekit-yaml's options
+    are accepted too (listed last).
     """
     if out is not None and output is not None and out != output:
         _fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    overrides = _translated(options, quiet)
     try:
         result = merge(plan, output or out, overwrite=overwrite, restart=restart, quiet=quiet, **overrides)
     except StreamMergeError as e:
         _fail(e)
+    _report(result, quiet)
+
+
+def _translated(options: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """``options`` (streammerge's and mergekit's) as merge(...) overrides; prints the notes and
+    applies the thread count."""
+    given = {k: options.pop(k) for k in (*mergekit_cli.NAMES, "device") if k in options}
+    try:
+        translation = mergekit_cli.translate(given, options)
+    except StreamMergeError as e:
+        _fail(e)
     if not quiet:
-        for note in result.notes:
+        for note in translation.notes:
             click.echo(f"note: {note}", err=True)
-        if result.up_to_date:
-            click.echo(f"{result.output} already holds this merge's finished output (same plan and inputs; "
-                       "streammerge verify checks its bytes); nothing to do. --overwrite merges it again", err=True)
-            return
-        gpu = "" if result.peak_gpu_bytes is None else f", peak GPU memory {result.peak_gpu_bytes / 2**30:.2f} GiB"
-        click.echo(f"wrote {result.output}: {result.tensors} tensors in {result.shards} shard(s), "
-                   f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s ({result.sync_seconds:.1f} s of it syncing to disk); "
-                   f"device: {result.device}{gpu}", err=True)
+    if translation.threads is not None:
+        import torch
+
+        torch.set_num_threads(translation.threads)
+    return translation.overrides
 
 
-@main.command("plan")
+def _report(result: MergeResult, quiet: bool) -> None:
+    if quiet:
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if result.up_to_date:
+        click.echo(f"{result.output} already holds this merge's finished output (same plan and inputs; "
+                   "streammerge verify checks its bytes); nothing to do. --overwrite merges it again", err=True)
+        return
+    gpu = "" if result.peak_gpu_bytes is None else f", peak GPU memory {result.peak_gpu_bytes / 2**30:.2f} GiB"
+    click.echo(f"wrote {result.output}: {result.tensors} tensors in {result.shards} shard(s), "
+               f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s ({result.sync_seconds:.1f} s of it syncing to disk); "
+               f"device: {result.device}{gpu}", err=True)
+
+
+@main.command("plan", cls=mergekit_cli.MergekitHelp)
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
 @_add(_plan_options)
-def plan_command(plan: Path, **overrides: Any) -> None:
-    """Print PLAN's schedule (tensors, shards, bytes, predicted peak memory) from headers alone."""
+@_add(_mergekit_options)
+def plan_command(plan: Path, **options: Any) -> None:
+    """Print PLAN's schedule (tensors, shards, bytes, predicted peak memory) from headers alone;
+    takes run's options."""
     from streammerge.schedule import describe
 
+    overrides = _translated(options, quiet=False)
     try:
         sched = schedule(plan, **overrides)
     except StreamMergeError as e:
@@ -134,6 +167,66 @@ def plan_command(plan: Path, **overrides: Any) -> None:
         click.echo(describe(sched))
     finally:
         sched.close()
+
+
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command("streammerge-yaml", cls=mergekit_cli.MergekitHelp, context_settings=_HELP)
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
+@_add(_output_options)
+@_add(_mergekit_options)
+@click.version_option(__version__, prog_name="streammerge-yaml")
+def yaml_main(config_file: Path, out_path: Path, overwrite: bool, restart: bool, quiet: bool,
+              **options: Any) -> None:
+    """mergekit-yaml's command line: merge CONFIG_FILE into OUT_PATH with streammerge.
+
+    Takes every option of mergekit-yaml 0.1.5; the ones streammerge has no use for are accepted
+    with a note. As `streammerge run CONFIG_FILE OUT_PATH`, which takes the same options.
+    """
+    warnings.showwarning = _warn
+    overrides = _translated(options, quiet)
+    try:
+        result = merge(config_file, out_path, overwrite=overwrite, restart=restart, quiet=quiet, **overrides)
+    except StreamMergeError as e:
+        _fail(e)
+    _report(result, quiet)
+
+
+@click.command("streammerge-multi", cls=mergekit_cli.MergekitHelp, context_settings=_HELP)
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out-path", type=click.Path(file_okay=False, path_type=Path),
+              help="Output of the final merge (the document without a 'name:'); needed when there is one.")
+@click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where each named document's merge is written, as DIR/<name>.")
+@click.option("--lazy/--no-lazy", default=True,
+              help="Keep an output that already holds a model [lazy]; --no-lazy merges every document "
+                   "again, replacing it.")
+@_add(_output_options)
+@_add(_mergekit_options)
+@click.version_option(__version__, prog_name="streammerge-multi")
+def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path, lazy: bool, overwrite: bool,
+               restart: bool, quiet: bool, **options: Any) -> None:
+    """mergekit-multi's command line: the documents of CONFIG_FILE, merged in the order their
+    names are used.
+
+    A document with a 'name:' is written to DIR/<name> and later documents use the name as a
+    model; the one without a name (at most one) is written to --out-path. Takes every option of
+    mergekit-yaml 0.1.5, as streammerge-yaml does.
+    """
+    warnings.showwarning = _warn
+    overrides = _translated(options, quiet)
+    try:
+        documents = read_documents(config_file)
+        stages = mergekit_cli.multi_stages(config_file, documents, out_path, intermediate_dir, lazy)
+        results = merge_stages(config_file, stages, overwrite=overwrite or not lazy, restart=restart,
+                               quiet=quiet, **overrides)
+    except StreamMergeError as e:
+        _fail(e)
+    for result in results:
+        if result is not None:
+            _report(result, quiet)
 
 
 @main.command("verify")

@@ -203,7 +203,8 @@ def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: i
     tensors = [_to_compute(schedule, job, t) for t in raw]
     base = tensors[0] if job.has_base else None
     models = tensors[1:] if job.has_base else tensors
-    return Chunk(job.name, job.shape, base, models, job.params, start, stop, schedule.plan.seed, job.model_ids)
+    return Chunk(job.name, job.shape, base, models, job.params, start, stop, schedule.plan.seed,
+                 job.model_ids, wide=schedule.plan.compute_dtype != "auto")
 
 
 def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch.Tensor], None],
@@ -219,7 +220,7 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch
     if job.method is None:
         request_next()
         for start, stop in ranges:
-            write(start, reader.next()[0].to(job.out_dtype))
+            write(start, reader.next()[0].to(job.load_dtype).to(job.out_dtype))
         return
     if len(ranges) == 1:
         tensors = reader.next()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,7 @@ import yaml
 from streammerge.io.layout import BUILT_TOKENIZER_COMPANIONS, INDEX, TOKENIZER_FILES
 from streammerge.io.writer import StagedOutput
 from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor
+from streammerge.plan.load import PlanWarning
 from streammerge.schedule import Schedule
 from streammerge.tokenizer.vocab import added_tokens_decoder
 
@@ -45,14 +47,23 @@ def write_model_files(schedule: Schedule, staged: StagedOutput, version: str) ->
             config["dtype"] = config["torch_dtype"]
     staged.write_json("config.json", config)
     write_tokenizer_files(schedule, staged)
-    staged.write_text("README.md", model_card(schedule, version))
+    if schedule.plan.write_model_card:
+        staged.write_text("README.md", model_card(schedule, version))
 
 
 def write_tokenizer_files(schedule: Schedule, staged: StagedOutput) -> None:
     """A built tokenizer (tokenizer.json, and the donor's tokenizer_config.json with the output's
     added tokens), else the donor's tokenizer files verbatim; then the chat template, if the plan
-    sets one, in tokenizer_config.json and chat_template.jinja."""
+    sets one, in tokenizer_config.json and chat_template.jinja. Without ``copy_tokenizer`` a plan
+    that builds no tokenizer gets no tokenizer files, nor its chat template (as with mergekit's
+    --no-copy-tokenizer)."""
     plan, vocab, template = schedule.plan, schedule.vocabulary, schedule.chat_template
+    if vocab is None and not plan.copy_tokenizer:
+        if template is not None:
+            warnings.warn("chat_template: not written: the plan builds no tokenizer and copy_tokenizer is "
+                          "off (--no-copy-tokenizer); add 'tokenizer_source: base' to write it", PlanWarning,
+                          stacklevel=2)
+        return
     if vocab is not None:
         donor, files = vocab.donor, BUILT_TOKENIZER_COMPANIONS
     else:

@@ -21,10 +21,11 @@ from streammerge.io.reader import Checkpoint
 from streammerge.io.rows import RowMap
 from streammerge.io.safetensors_format import build_header
 from streammerge.lora.overlay import open_checkpoints
-from streammerge.methods import MergeMethod, TensorParams, get_method
-from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, is_pre_layer, is_vocab_tensor, layer_index,
-                                           module_fragments, tied_partner, with_layer)
-from streammerge.plan.parameters import evaluate, gradient_position
+from streammerge.methods import MergeMethod, Param, TensorParams, get_method
+from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, filter_name, is_pre_layer, is_vocab_tensor,
+                                           layer_index, module_fragments, tied_partner, with_layer)
+from streammerge.plan.crimes import check_architectures
+from streammerge.plan.parameters import evaluate, gradient_position, typed
 from streammerge.plan.schema import MergePlan, Module
 from streammerge.tokenizer.chat_template import resolve_chat_template
 from streammerge.tokenizer.embeddings import row_maps
@@ -38,6 +39,8 @@ ALLOCATOR_SLACK = 0.25  # share of a GPU memory budget kept free of planned chun
 HEAP_SLACK = 0.5  # the same for host memory: two workers' freed chunks fragment glibc's heap more
 READ_AHEAD_CHUNKS = 4  # chunks the engine's reader thread holds ready beyond those being merged (a pass starts with a burst)
 SPLIT_ELEMENTS = 1 << 20  # on several CPU workers, tensors at least this large are cut into a chunk per worker or more
+VocabRows = tuple[tuple[int, str], ...]  # a vocabulary matrix's (row count, model path) per input
+RSS_VARIATION = 1 << 20  # room a suggested max_memory leaves for the process's size (0.2 MiB apart over 9 fresh runs)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class Source:
 @dataclass(frozen=True)
 class TensorJob:
     """One output tensor. With ``has_base`` the first input is the base. A job with ``method``
-    None copies ``inputs[0]`` unchanged (non-float tensors)."""
+    None copies ``inputs[0]``, rounded to ``load_dtype`` then to ``out_dtype``."""
 
     name: str
     shape: tuple[int, ...]
@@ -125,6 +128,7 @@ class _Slice:
     sources: tuple[tuple[str, range | None, dict], ...]
     base_model: str | None
     parameters: tuple[dict, ...]  # the slice's, then its module's
+    adds_base: bool = False  # a `models:` list, to which mergekit adds a base_model it does not name
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,8 @@ class _Group:
 def _slices(merge: MergePlan | Module, base_model: str | None) -> list[_Slice]:
     extra = (merge.parameters,) if isinstance(merge, Module) else ()
     if merge.models is not None:  # a `models:` config is one slice over every layer
-        return [_Slice(tuple((m.model, None, m.parameters) for m in merge.models), base_model, ({}, *extra))]
+        return [_Slice(tuple((m.model, None, m.parameters) for m in merge.models), base_model, ({}, *extra),
+                       adds_base=True)]
     return [_Slice(tuple((src.model, range(*src.layer_range), src.parameters) for src in s.sources),
                    s.base_model or base_model, (s.parameters, *extra)) for s in merge.slices]
 
@@ -167,6 +172,7 @@ def build_schedule(plan: MergePlan) -> Schedule:
     paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
     checkpoints = open_checkpoints(paths)  # `model+adapter` references fold the adapter in as they are read
     try:
+        check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
         return _build(plan, method, groups, tuple(checkpoints), {p: i for i, p in enumerate(paths)}, device)
     except BaseException:
@@ -186,8 +192,14 @@ class _SliceInputs:
     model_ids: tuple[int, ...]
     has_base: bool
     slice_params: tuple[dict, ...]
-    donor: int
-    base: int | None  # the base's checkpoint index, if the slice has one  # position of the input that unmerged tensors are copied from: the base, else the first model
+    donor: int  # position of the input that unmerged tensors are copied from: the base, else the first model
+    base: int | None  # the base's checkpoint index, if the slice has one
+
+    @property
+    def base_only(self) -> bool:
+        """Nothing besides the base to merge into it (a method with ``min_models`` 0): its tensors
+        are the output, as mergekit's methods return the base when they have no task vector."""
+        return self.has_base and not self.model_ids
 
 
 def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, int], ckpts: tuple[Checkpoint, ...],
@@ -197,8 +209,12 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
         raise PlanError(f"base_model: {method.name} needs a base_model")
     entries = list(enumerate(s.sources))
     base_src = next(((m, r, p) for m, r, p in s.sources if m == s.base_model), None)
-    if s.base_model is not None and base_src is None:  # mergekit adds the base with the slice's layers
-        base_src = (s.base_model, s.sources[0][1], {})
+    if s.base_model is not None and base_src is None:
+        if s.adds_base:  # mergekit adds the base to a `models:` list
+            base_src = (s.base_model, s.sources[0][1], {})
+        elif method.base != "model":  # a slice's base must be a source (mergekit 0.1.5); linear and co. ignore it
+            raise PlanError(f"{where}: base_model {s.base_model} is not one of the slice's sources: add it, with the "
+                            f"slice's layer_range, as mergekit 0.1.5 requires")
     if uses_base:  # the base is the method's own input, not one of the merged models
         entries = [(i, e) for i, e in entries if e[0] != s.base_model]
     elif base_src is not None and base_src not in s.sources:
@@ -242,9 +258,12 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     budget = _working_budget(plan)
     gpu_budget = None if gpu is None else int(gpu * (1 - ALLOCATOR_SLACK))
     workers = 1 if device.is_cuda else torch.get_num_threads()  # a GPU runs one chunk's kernels at a time anyway
-    fragments = _module_fragments(plan, checkpoints[reference].config().get("model_type"))
+    model_type = checkpoints[reference].config().get("model_type")
+    fragments = _module_fragments(plan, model_type)
     jobs: list[TensorJob] = []
+    base_only: list[str] = []  # tensors of slices with no model besides the base
     notes: list[str] = []
+    differing: list[tuple[str, VocabRows]] = []  # vocabulary matrices of differing row counts, to refuse
     spec = plan.tokenizer_spec
     vocab = None if spec is None else build_vocabulary(spec, checkpoints, index.get(plan.base_model, 0), plan.tokenizer is not None, notes)
 
@@ -268,14 +287,20 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
             maps = row_maps(vocab, spec.tokens, [(s.checkpoint, s.tensor) for s in sources], checkpoints, sl.base, notes)
             sources = [replace(s, row_map=m) for s, m in zip(sources, maps)]
         else:
-            shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes)
+            shape = _output_shape(plan, out_name, sources, shapes, checkpoints, notes, differing)
             sources = [replace(s, rows=sh[0]) if sh[0] < shape[0] else s for s, sh in zip(sources, shapes)]
         info = checkpoints[sources[0].checkpoint].tensors[sources[0].tensor]
         load = DTYPES[plan.dtype] if plan.dtype and info.dtype.is_floating_point else info.dtype
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
-        if info.dtype.is_floating_point and _selected(plan, fragments, out_name):
-            job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids,
-                            _resolve_params(method, plan, sl, out_name, t), load, _compute_dtype(plan, method, load), out)
+        if info.dtype.is_floating_point and _selected(plan, fragments, out_name) and not sl.base_only:
+            params = _resolve_params(method, plan, sl, out_name, filter_name(model_type, out_name), t)
+            job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids, params, load,
+                            _compute_dtype(plan, method, load), out)
+        elif info.dtype.is_floating_point and sl.base_only:  # the base, rounded as a merge would round it
+            rounded = load if plan.compute_dtype == "auto" else info.dtype
+            job = TensorJob(out_name, shape, None, (sources[sl.donor],), False, (), TensorParams({}, ()),
+                            rounded, rounded, out)
+            base_only.append(out_name)
         else:  # copied unchanged from the donor (rounded to the output dtype)
             donor = sources[sl.donor]
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
@@ -294,6 +319,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         if k:
             resolved = [_slice_inputs(method, s, group.where.format(i), index, checkpoints, group.prefix) for i, s in enumerate(group.slices)]
         layer_counts.append((group.layers_key, _add_group(group.prefix, resolved, add, module_tensors)))
+    if differing:
+        raise PlanError(_vocab_refusal(differing))
     if plan.modules is not None:
         covered = {j.name for j in jobs}
         stray = [t for t in checkpoints[reference].tensors if t not in covered and not any(t.startswith(g.prefix) for g in groups)]
@@ -310,15 +337,21 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
             extra = [t for t in checkpoints[c].tensors if (c, t) not in read]
             if extra:
                 notes.append(f"{len(extra)} tensors of {checkpoints[c].path} are not in the output (e.g. {extra[0]!r})")
-    copied = sum(j.method is None for j in jobs)
+    if base_only:
+        notes.append(f"{len(base_only)} tensors are base_model's: no model besides it to merge (e.g. {base_only[0]!r}); "
+                     f"{method.name} writes the base, as mergekit does")
+    copied = sum(j.method is None for j in jobs) - len(base_only)
     if copied:
         notes.append(f"{copied} tensors copied unchanged (not selected, or not floating point)")
     shards, jobs = _place(jobs, plan.shard_size)
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j, workers) for j in jobs)
     read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
     template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
+    baseline = psutil.Process().memory_info().rss
+    if plan.max_memory is not None and plan.max_memory < baseline + peak:
+        raise PlanError(_budget_too_small(plan, plan.max_memory, baseline, peak))
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, layer_counts[0][1], read_bytes, tuple(notes),
-                    psutil.Process().memory_info().rss, peak, vocab, template,
+                    baseline, peak, vocab, template,
                     tuple((key, n) for key, n in layer_counts if key is not None), device, gpu_budget, workers)
 
 
@@ -383,9 +416,11 @@ def _common_width(sources: list[Source], shapes: list[tuple[int, ...]], checkpoi
 
 
 def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: list[tuple[int, ...]],
-                  checkpoints: tuple[Checkpoint, ...], notes: list[str]) -> tuple[int, ...]:
+                  checkpoints: tuple[Checkpoint, ...], notes: list[str],
+                  differing: list[tuple[str, VocabRows]]) -> tuple[int, ...]:
     """The inputs' common shape; for vocabulary matrices whose row counts differ, the rows the
-    plan's ``vocab_policy`` keeps: the common rows (``truncate``) or the first input's (``base``)."""
+    plan's ``vocab_policy`` keeps: the common rows (``truncate``) or the first input's (``base``).
+    Under ``error`` the tensor and its row count per model go to ``differing``, to be refused."""
     if all(sh == shapes[0] for sh in shapes):
         return shapes[0]
     first = checkpoints[sources[0].checkpoint].path
@@ -393,20 +428,46 @@ def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: lis
         if not (is_vocab_tensor(name) and sh[1:] == shapes[0][1:]):
             raise PlanError(f"tensor {src.tensor!r}: shape {list(sh)} in {checkpoints[src.checkpoint].path} does not match "
                             f"{list(shapes[0])} in {first}")
+    if plan.vocab_policy == "error":
+        per_model = dict.fromkeys((sh[0], str(checkpoints[s.checkpoint].path)) for s, sh in zip(sources, shapes))
+        differing.append((name, tuple(per_model)))
+        return shapes[0]  # never merged: the plan is refused once every tensor is scheduled
     rows = min(sh[0] for sh in shapes) if plan.vocab_policy == "truncate" else shapes[0][0]
     notes.append(f"{name}: vocabulary sizes differ ({', '.join(str(sh[0]) for sh in shapes)}): "
                  f"{rows} rows kept (vocab_policy: {plan.vocab_policy})")
     return (rows, *shapes[0][1:])
 
 
-def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, t: float) -> TensorParams:
-    """First found wins: the model's own parameters, the slice's, the plan's; then the default."""
-    def value(spec: Any, own: dict | None) -> Any:
+def _vocab_refusal(differing: list[tuple[str, VocabRows]]) -> str:
+    """One line: the vocabulary matrices whose row counts differ, their rows per model, and the fixes."""
+    by_rows: dict[VocabRows, list[str]] = {}
+    for name, rows in differing:
+        by_rows.setdefault(rows, []).append(name)
+    per_model = {rows: ", ".join(f"{n}{' rows' * (k == 0)} in {path}" for k, (n, path) in enumerate(rows))
+                 for rows in by_rows}
+    sizes = "; ".join(f"{' and '.join(names)} {'have' if len(names) > 1 else 'has'} {per_model[rows]}"
+                      for rows, names in by_rows.items())
+    return (f"vocabulary sizes differ: {sizes}, and no tokenizer block aligns them (truncating drops "
+            "the extra rows, often added special tokens): add a tokenizer block (e.g. tokenizer: "
+            "{source: base}), or opt in to truncation to the common rows as mergekit's "
+            "--unsafe-truncate-embeddings does: vocab_policy: truncate in the plan, or "
+            "--unsafe-truncate-embeddings on the command line")
+
+
+def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tensor: str, matched: str,
+                    t: float) -> TensorParams:
+    """First found wins: the model's own parameters, the slice's, the plan's; then the default.
+    Filters are matched against ``matched``, the name mergekit gives ``tensor``."""
+    def value(spec: Param, own: dict | None) -> Any:
         for source in (own, *sl.slice_params, plan.parameters):
             if source is not None and spec.name in source:
-                v = evaluate(source[spec.name], tensor, t)
+                v = evaluate(source[spec.name], matched, t)
                 if v is not None:
-                    return v
+                    try:  # an interpolated integer must come out whole, as mergekit validates it
+                        return typed(spec, v)
+                    except ValueError as e:
+                        raise PlanError(f"parameters.{spec.name}: for tensor {tensor!r} the gradient gives {v!r}, "
+                                        f"expected {e}") from None
         return spec.default
 
     globals_ = {}
@@ -462,6 +523,21 @@ def _working_budget(plan: MergePlan) -> int:
     return max(MIN_WORKING_BYTES, int((plan.max_memory - baseline) * (1 - HEAP_SLACK)))
 
 
+def _budget_too_small(plan: MergePlan, budget: int, baseline: int, working: int) -> str:
+    """Why ``max_memory`` cannot hold this merge, and the smallest value that can: the predicted peak
+    (what ``streammerge plan`` prints), rounded up to MiB with room for the process's own variation.
+    Any budget under it gives the same chunks (the smallest, ``MIN_WORKING_BYTES``), so the same peak."""
+    need = baseline + working
+    smallest = -(-(need + RSS_VARIATION) // 2**20)
+    chunks = ("the smallest chunks' working set" if plan.chunk_size is None
+              else f"chunk_size {plan.chunk_size}'s chunks")
+    given = _gib(budget) if budget >= 2**20 else f"{budget} bytes"
+    return (f"max_memory (--max-memory) {given} is below this merge's predicted peak of {_gib(need)} "
+            f"({_gib(baseline)} process + {_gib(working)} {chunks}); the smallest budget that works, with "
+            f"{RSS_VARIATION >> 20} MiB of room for the process's own variation, is {smallest}MiB: "
+            f"pass --max-memory {smallest}MiB or more")
+
+
 def _rows_per_chunk(plan: MergePlan, job: TensorJob, per_elem: int, budget: int, workers: int) -> int:
     row_numel = math.prod(job.shape) // job.rows if job.rows else 0
     if row_numel == 0:
@@ -497,9 +573,12 @@ def _shard_name(k: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def describe(schedule: Schedule) -> str:
     """The human summary that ``streammerge plan`` prints."""
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     plan = schedule.plan
     merged = sum(j.method is not None for j in schedule.jobs)
     chunked = sum(j.rows_per_chunk < j.rows for j in schedule.jobs)
@@ -508,13 +587,13 @@ def describe(schedule: Schedule) -> str:
         f"inputs        {len(schedule.checkpoints)} checkpoints" + (f" (base: {plan.base_model})" if plan.base_model else ""),
         f"tensors       {len(schedule.jobs)} ({merged} merged, {len(schedule.jobs) - merged} copied; {chunked} in several chunks)",
         f"shards        {len(schedule.shards)}: " + ", ".join(s.filename for s in schedule.shards[:3]) + (" ..." if len(schedule.shards) > 3 else ""),
-        f"read          {gib(schedule.read_bytes)}",
-        f"write         {gib(schedule.write_bytes)}",
-        f"peak memory   {gib(schedule.predicted_peak_rss)} predicted ({gib(schedule.baseline_rss)} process + {gib(schedule.peak_working_bytes)} largest chunk working set)",
+        f"read          {_gib(schedule.read_bytes)}",
+        f"write         {_gib(schedule.write_bytes)}",
+        f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} process + {_gib(schedule.peak_working_bytes)} largest chunk working set)",
         f"workers       {schedule.workers} chunk{'s' if schedule.workers > 1 else ''} merged at once",
     ]
     if schedule.device_budget is not None:
-        lines.append(f"device        {schedule.device.description}, {gib(schedule.device_budget)} of GPU memory for chunks")
+        lines.append(f"device        {schedule.device.description}, {_gib(schedule.device_budget)} of GPU memory for chunks")
     elif schedule.device.description != "cpu":
         lines.append(f"device        {schedule.device.description}")
     dts = sorted({(str(j.compute_dtype), str(j.out_dtype)) for j in schedule.jobs if j.method is not None})

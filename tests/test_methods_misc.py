@@ -135,6 +135,21 @@ def test_chunking_changes_no_byte(case: str, fp32_family: Family, tmp_path: Path
     assert all(r == first for r in rest)
 
 
+@pytest.mark.parametrize("compute_dtype", ["auto", "float64"])
+def test_model_stock_opposite_task_vectors_keep_the_base(compute_dtype: str, fp32_family: Family,
+                                                         tmp_path: Path) -> None:
+    """Two task vectors δ and −δ: cos = −1, so 1 + (N − 1)·cos = 0 and mergekit 0.1.5 keeps the base
+    (t = 0) rather than dividing by zero."""
+    base = fp32_family.tensors[fp32_family.base]
+    delta = {k: fp32_family.tensors[fp32_family.models[0]][k] - v for k, v in base.items()}
+    models = [write_checkpoint(tmp_path / f"m{sign}", {k: base[k] + sign * d for k, d in delta.items()},
+                               Arch().config(torch.float32)) for sign in (1, -1)]
+    streammerge.merge(_plan("model_stock", fp32_family.base, models), tmp_path / "out", quiet=True,
+                      compute_dtype=compute_dtype)
+    out = load_output(tmp_path / "out")
+    assert all(torch.equal(out[k], v) for k, v in base.items())
+
+
 def test_arcee_fusion_writes_the_plan_dtype(bf16_family: Family, tmp_path: Path) -> None:
     """mergekit's float32 mask upcasts its output to float32 (#604); the output keeps the plan's dtype."""
     streammerge.merge(CASES["arcee_fusion"][0](bf16_family), tmp_path / "out", quiet=True)

@@ -7,14 +7,31 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import references as ref
 import streammerge
 from checkpoint_builder import Arch, Family, base_tensors, fine_tunes, write_checkpoint
 from conftest import load_output
-from streammerge.errors import CheckpointError
+from streammerge.cli import main
+from streammerge.errors import CheckpointError, PlanError
 
 ARCH = Arch()
+VOCAB = ("lm_head.weight", "model.embed_tokens.weight")
+GOLDEN = Path(__file__).parent / "data" / "vocab_truncate"  # mergekit 0.1.5 outputs (make.py there)
+
+
+def _refusal(*sizes: tuple[str, list[tuple[int, Path]]]) -> str:
+    """The refusal's text for these (tensor names, [(rows, model)]) groups, written out in full."""
+    named = "; ".join(f"{names} {'have' if ' and ' in names else 'has'} {rows[0][0]} rows in {rows[0][1]}"
+                      + "".join(f", {n} in {m}" for n, m in rows[1:]) for names, rows in sizes)
+    return (f"vocabulary sizes differ: {named}, and no tokenizer block aligns them (truncating drops "
+            "the extra rows, often added special tokens): add a tokenizer block (e.g. tokenizer: "
+            "{source: base}), or opt in to truncation to the common rows as mergekit's "
+            "--unsafe-truncate-embeddings does: vocab_policy: truncate in the plan, or "
+            "--unsafe-truncate-embeddings on the command line")
 
 
 def _grown(tensors: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
@@ -42,9 +59,53 @@ def _ta(base: Path, models: list[Path], **extra) -> dict:
             "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models]} | extra
 
 
+def test_differing_vocabularies_are_refused_by_default(vocab_models, tmp_path: Path) -> None:
+    """Truncation drops rows (often the added special tokens), so it is refused unless asked for."""
+    base, ft1, ft2, _ = vocab_models
+    with pytest.raises(PlanError) as e:
+        streammerge.merge(_ta(ft2, [base, ft1]), tmp_path / "out", quiet=True)
+    both = " and ".join(VOCAB)
+    assert str(e.value) == _refusal((both, [(ARCH.vocab + 2, ft2), (ARCH.vocab, base), (ARCH.vocab, ft1)]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_refusal_gives_each_tensor_its_own_sizes(vocab_models, tmp_path: Path) -> None:
+    base, _, ft2, t = vocab_models
+    longer_head = dict(t[ft2]) | {"lm_head.weight": torch.zeros(ARCH.vocab + 5, ARCH.hidden)}
+    path = write_checkpoint(tmp_path / "head", longer_head, ARCH.config(torch.float32))
+    with pytest.raises(PlanError) as e:
+        streammerge.schedule(_ta(base, [path]))
+    assert str(e.value) == _refusal((VOCAB[0], [(ARCH.vocab, base), (ARCH.vocab + 5, path)]),
+                                    (VOCAB[1], [(ARCH.vocab, base), (ARCH.vocab + 2, path)]))
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_the_cli_refuses_unless_told_to_truncate(command: str, vocab_models, tmp_path: Path) -> None:
+    base, ft1, ft2, _ = vocab_models
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump(_ta(ft2, [base, ft1])))
+    out = tmp_path / "out"
+    args = [command, str(plan)] + ([str(out), "-q"] if command == "run" else [])
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1
+    sizes = [(ARCH.vocab + 2, ft2), (ARCH.vocab, base), (ARCH.vocab, ft1)]
+    assert refused.output.splitlines() == ["error: " + _refusal((" and ".join(VOCAB), sizes))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml"]
+    allowed = CliRunner().invoke(main, args + ["--unsafe-truncate-embeddings"])
+    assert allowed.exit_code == 0, allowed.output
+    if command == "plan":
+        assert f"{ARCH.vocab} rows kept (vocab_policy: truncate)" in allowed.output
+        return
+    streammerge.merge(_ta(ft2, [base, ft1], vocab_policy="truncate"), tmp_path / "api", quiet=True)
+    got, want = load_output(out), load_output(tmp_path / "api")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert got["lm_head.weight"].shape == (ARCH.vocab, ARCH.hidden)
+
+
 def test_truncate_keeps_the_common_rows_and_reports_it(vocab_models, tmp_path: Path) -> None:
     base, ft1, ft2, t = vocab_models
-    result = streammerge.merge(_ta(ft2, [base, ft1]), tmp_path / "out", quiet=True)  # the larger model as base
+    plan = _ta(ft2, [base, ft1], vocab_policy="truncate")  # the larger model as base
+    result = streammerge.merge(plan, tmp_path / "out", quiet=True)
     out = load_output(tmp_path / "out")
     assert out["model.embed_tokens.weight"].shape == (ARCH.vocab, ARCH.hidden)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == ARCH.vocab
@@ -69,12 +130,55 @@ def test_base_policy_keeps_the_base_rows(vocab_models, tmp_path: Path) -> None:
 
 
 def test_other_shape_mismatches_still_fail(vocab_models, tmp_path: Path) -> None:
+    """As in mergekit, truncation applies to the vocabulary matrices only."""
     base, ft1, _, t = vocab_models
     bad = dict(t[ft1])
     bad["model.layers.0.mlp.up_proj.weight"] = torch.zeros(ARCH.intermediate + 1, ARCH.hidden)
     path = write_checkpoint(tmp_path / "bad", bad, ARCH.config(torch.float32))
     with pytest.raises(streammerge.StreamMergeError, match="model.layers.0.mlp.up_proj.weight"):
-        streammerge.merge(_ta(base, [path]), tmp_path / "out", quiet=True)
+        streammerge.merge(_ta(base, [path], vocab_policy="truncate"), tmp_path / "out", quiet=True)
+
+
+def _golden(case: str, tmp_path: Path, **overrides: str) -> tuple[dict, dict]:
+    """streammerge's output for a case of tests/data/vocab_truncate, and mergekit's."""
+    streammerge.merge(GOLDEN / "cases" / case / "config.yml", tmp_path / case, quiet=True, **overrides)
+    gold = load_file(str(GOLDEN / "cases" / case / "golden" / "model.safetensors"))
+    return load_output(tmp_path / case), gold
+
+
+@pytest.mark.parametrize("case", ["linear", "ties"])
+def test_truncate_gives_mergekits_truncated_output(case: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """mergekit 0.1.5 with --unsafe-truncate-embeddings, on a fine-tune with two added tokens."""
+    monkeypatch.chdir(GOLDEN)
+    config = GOLDEN / "cases" / case / "config.yml"
+    with pytest.raises(PlanError, match="vocabulary sizes differ"):
+        streammerge.schedule(config)
+    got, gold = _golden(case, tmp_path, vocab_policy="truncate")
+    assert got.keys() == gold.keys() and all(got[n].shape == gold[n].shape for n in gold)
+    assert gold["lm_head.weight"].shape[0] == 120
+    if case == "ties":
+        assert all(torch.equal(got[n], gold[n]) for n in gold)
+        return
+    # linear sums in another order than mergekit (one ulp apart, as on the golden parity case);
+    # its truncated output is bit for bit streammerge's merge of the inputs truncated beforehand
+    assert max((got[n].double() - gold[n].double()).abs().max().item() for n in gold) < 1e-6
+    grown = GOLDEN / "models" / "ft2_grown"
+    tensors = {n: v[:120] if n in VOCAB else v for n, v in load_file(str(grown / "model.safetensors")).items()}
+    cut = write_checkpoint(tmp_path / "cut", tensors, json.loads((grown / "config.json").read_text()))
+    plan = yaml.safe_load(config.read_text())
+    plan["models"][2]["model"] = str(cut)
+    streammerge.merge(plan, tmp_path / "pre_cut", quiet=True)
+    want = load_output(tmp_path / "pre_cut")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_tokenizer_block_needs_no_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tokenizer: {source: union} re-indexes the rows as mergekit does, keeping the added tokens' rows."""
+    monkeypatch.chdir(GOLDEN)
+    got, gold = _golden("ties_tokenizer_union", tmp_path)
+    assert gold["lm_head.weight"].shape[0] == 122
+    assert got.keys() == gold.keys() and all(torch.equal(got[n], gold[n]) for n in gold)
 
 
 def test_mixed_tied_and_untied_heads(fp32_family: Family, tmp_path: Path) -> None:

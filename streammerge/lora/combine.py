@@ -57,7 +57,9 @@ def merged_delta(method: MergeMethod, name: str, params: TensorParams, factors: 
                  shape: tuple[int, int], seed: int, model_ids: tuple[int, ...]) -> torch.Tensor:
     """The method's merged task vector of this module, ΔW_i dense, as one chunk (a module at a time)."""
     deltas = [f[0] @ f[1] if f is not None else torch.zeros(shape) for f in factors]
-    chunk = Chunk(name, shape, torch.zeros(shape, dtype=deltas[0].dtype), deltas, params, 0, shape[0], seed, model_ids)
+    # wide: a native adapter combination has no mergekit result to follow, so float64 statistics
+    chunk = Chunk(name, shape, torch.zeros(shape, dtype=deltas[0].dtype), deltas, params, 0, shape[0], seed,
+                  model_ids, wide=True)
     return method.merge(chunk, run_passes(method.passes_for(params), lambda: [chunk]))
 
 

@@ -38,7 +38,9 @@ class Chunk:
     """Rows ``[row_start, row_stop)`` of one output tensor's inputs, in the compute dtype.
 
     ``models`` excludes the base for methods that take one. ``model_ids`` are stable per-model keys
-    (the model's position in the plan) for counter-based randomness.
+    (the model's position in the plan) for counter-based randomness. ``wide``: an explicit
+    ``compute_dtype`` asks for float64 statistics; otherwise (``auto``) methods follow mergekit's
+    dtypes and order of operations (``reductions``).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Chunk:
     row_stop: int
     seed: int
     model_ids: tuple[int, ...]
+    wide: bool = False
 
     @property
     def total_rows(self) -> int:
@@ -154,18 +157,19 @@ class Param:
     doc: str = ""
 
     def check(self, value: Any) -> str | None:
-        """None if ``value`` is valid, else what would be valid."""
+        """None if ``value`` (already of ``kind``: ``plan.parameters.typed``) is in range, else what
+        would be valid. NaN is in no range."""
         if self.kind is bool:
-            return None if isinstance(value, bool) else "true or false"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"a number{self._range()}"
-        if self.kind is int and not float(value).is_integer():
-            return f"an integer{self._range()}"
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return f"a number{self._range()}"
-        if self.high is not None and value > self.high:
-            return f"a number{self._range()}"
-        return None
+            return None
+        above = self.low is None or value > self.low or (value == self.low and not self.low_open)
+        below = self.high is None or value <= self.high
+        return None if above and below else self.expected()
+
+    def expected(self) -> str:
+        """What a valid value is, for messages."""
+        if self.kind is bool:
+            return "true or false (or yes/no, on/off, 1/0)"
+        return f"{'an integer' if self.kind is int else 'a number'}{self._range()}"
 
     def _range(self) -> str:
         if self.low is None and self.high is None:
@@ -193,7 +197,7 @@ class MergeMethod:
     paper: str
     passes: tuple[StatPass, ...] | Callable[[TensorParams], tuple[StatPass, ...]] = ()  # a function: passes depend on parameters
     models_exactly: int | None = None  # counting the base, when the method takes one
-    min_models: int = 1  # not counting the base
+    min_models: int = 1  # not counting the base; 0: with none, the output is the base (as mergekit returns it)
     max_models: int | None = None  # not counting the base
     check: Callable[[TensorParams], str | None] | None = None  # rules across parameters: what is wrong, or None
     doc: str = field(default="", compare=False)

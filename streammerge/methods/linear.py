@@ -13,10 +13,16 @@ def linear_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 
     Model soups: Wortsman et al., "Model soups", ICML 2022 (arXiv 2203.05482).
     """
-    weights = chunk.params.per_model("weight")
-    out = torch.stack(chunk.models).mul_(torch.tensor(weights, dtype=chunk.models[0].dtype, device=chunk.models[0].device).view(-1, *[1] * chunk.models[0].dim())).sum(0)
+    first = chunk.models[0]
+    weights = torch.tensor(chunk.params.per_model("weight"), dtype=first.dtype, device=first.device)
+    if chunk.wide:
+        out = torch.stack(chunk.models).mul_(weights.view(-1, *[1] * first.dim())).sum(0)
+        return out / sum(chunk.params.per_model("weight")) if chunk.params.globals["normalize"] else out
+    out = torch.zeros_like(first)
+    for x, w in zip(chunk.models, weights):  # mergekit's order: accumulate w_i·x_i, then divide by Σ w_i
+        out.addcmul_(x, w)
     if chunk.params.globals["normalize"]:
-        out /= sum(weights)
+        out.div_(weights.sum())
     return out
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
+from streammerge.methods.reductions import as_norm, as_sum, squares
 from streammerge.methods.registry import register
 from streammerge.methods.sphere import GRAM, combine, pairwise, vectors
 
@@ -22,12 +23,41 @@ def _layout(chunk: Chunk) -> str:
     return "last" if len(chunk.shape) >= 2 else "whole"
 
 
-def _gram_if_whole(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    return GRAM.collect(chunk, stats) if _layout(chunk) == "whole" else {}
+def _norms_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    """For a whole-tensor vector: the Gram matrix (wide), else the squares torch's norm sums."""
+    if _layout(chunk) != "whole":
+        return {}
+    if chunk.wide:
+        return GRAM.collect(chunk, stats)
+    return {"squares": chunk.per_row(torch.stack([squares(v).sum(1) for v in vectors(chunk, None)]))}
+
+
+def _norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    if "squares" not in totals:
+        return GRAM.finish(totals, chunk, stats)
+    dtype = chunk.models[0].dtype
+    norms = [as_norm(s, dtype).reshape(1).clamp(min=1e-7) for s in totals["squares"].sum(-1)]
+    return {**stats, "norms": norms}
+
+
+def _cos_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    u0, u1 = (v / n for v, n in zip(vectors(chunk, None), stats["norms"]))
+    return {"dot": chunk.per_row((u0 * u1).to(torch.float64).sum(1))}
+
+
+def _cos_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    return {**stats, "cos": as_sum(totals["dot"].sum(-1), chunk.models[0].dtype).reshape(1).clamp(-1, 1)}
+
+
+# the whole tensor as one vector: wide, one Gram pass; else mergekit's norms, then its cosine of
+# the unit vectors
+_WHOLE = (StatPass(_norms_collect, _norms_finish),
+          StatPass(_cos_collect, _cos_finish, when=lambda stats: "norms" in stats))
 
 
 def _exponent_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    return {"amax": chunk.per_row(torch.stack([v.abs().amax(1) for v in vectors(chunk)]).amax(0))}
+    vs = vectors(chunk, torch.float64 if chunk.wide else None)
+    return {"amax": chunk.per_row(torch.stack([v.abs().amax(1) for v in vs]).amax(0))}
 
 
 def _exponent_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
@@ -51,16 +81,54 @@ def _columns_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats)
     return {**stats, "gram": totals["gram"].to(torch.float64) * unit}
 
 
-_FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish), StatPass(_columns_collect, _columns_finish))
+def _column_sums(chunk: Chunk, terms: list[torch.Tensor], exponent: int) -> torch.Tensor:
+    """Σ over rows of each [rows, cols] term, every |term| < 2^exponent, as fixed-point int64."""
+    scale = 2.0 ** (_fraction_bits(chunk) - exponent)
+    return torch.stack([torch.round(t.to(torch.float64) * scale).to(torch.int64).sum(0) for t in terms])
+
+
+def _column_values(sums: torch.Tensor, chunk: Chunk, exponent: int) -> torch.Tensor:
+    return sums.to(torch.float64) * 2.0 ** (exponent - _fraction_bits(chunk))
+
+
+def _column_norms_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    """Wide: the column Gram matrices; else the squares of mergekit's column norms."""
+    if chunk.wide:
+        return _columns_collect(chunk, stats)
+    return {"squares": _column_sums(chunk, [squares(v) for v in vectors(chunk, None)], 2 * stats["exponent"])}
+
+
+def _column_norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    if "squares" not in totals:
+        return _columns_finish(totals, chunk, stats)
+    sums = _column_values(totals["squares"], chunk, 2 * stats["exponent"])
+    return {**stats, "norms": [as_norm(s, chunk.models[0].dtype).clamp(min=1e-7) for s in sums]}
+
+
+_UNIT_EXPONENT = 1  # products of unit vectors' entries stay below 2 in magnitude, rounding included
+
+
+def _column_cos_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    u0, u1 = (v / n for v, n in zip(vectors(chunk, None), stats["norms"]))
+    return {"dot": _column_sums(chunk, [u0 * u1], _UNIT_EXPONENT)}
+
+
+def _column_cos_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    dot = as_sum(_column_values(totals["dot"][0], chunk, _UNIT_EXPONENT), chunk.models[0].dtype)
+    return {**stats, "cos": dot.clamp(-1, 1).reshape(chunk.shape[1:])}
+
+
+# vectors along dim 0 span every chunk: column sums as fixed-point integers, exact under addition
+_FIRST_DIM = (StatPass(_exponent_collect, _exponent_finish),
+              StatPass(_column_norms_collect, _column_norms_finish),
+              StatPass(_column_cos_collect, _column_cos_finish, when=lambda stats: "norms" in stats))
 
 
 def _passes(params: TensorParams) -> tuple[StatPass, ...]:
     g = params.globals
-    if g["nuslerp_flatten"]:
-        return (GRAM,)
-    if g["nuslerp_row_wise"]:
+    if g["nuslerp_row_wise"] and not g["nuslerp_flatten"]:
         return _FIRST_DIM
-    return (StatPass(_gram_if_whole, GRAM.finish),)  # only 1-D tensors are one vector
+    return _WHOLE  # without flatten only 1-D tensors are one vector
 
 
 def _pair_gram(chunk: Chunk, stats: Stats) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -75,6 +143,27 @@ def _pair_gram(chunk: Chunk, stats: Stats) -> tuple[torch.Tensor, tuple[int, ...
     return pairwise([v0, v1], lambda p: p.sum(1)), (chunk.row_stop - chunk.row_start, *chunk.shape[1:-1], 1)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+
+def _mergekit_nuslerp(chunk: Chunk, stats: Stats, t: float) -> torch.Tensor:
+    """mergekit's steps in the compute dtype; cos θ from the statistics passes for a whole-tensor
+    vector or vectors along dim 0, else from the chunk's own rows (vectors along the last dim lie
+    inside a row)."""
+    base = chunk.base
+    v0, v1 = chunk.models if base is None else (x - base for x in chunk.models)
+    if "cos" in stats:
+        cos = stats["cos"]
+    else:
+        cos = torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    return out if base is None else base + out
+
+
 def nuslerp_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     """out = (sin((1−t)θ)·v0 + sin(tθ)·v1) / sin θ, t = w1/(w0+w1) (0.5 when |w0+w1| < 1e-6),
     cos θ = ⟨v0, v1⟩ / (max(‖v0‖, 1e-7)·max(‖v1‖, 1e-7)); lerp (1−t)·v0 + t·v1 where |sin θ| < 1e-8.
@@ -83,9 +172,11 @@ def nuslerp_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 
     mergekit's NuSLERP (docs/merge_methods.md); Shoemake, SIGGRAPH 1985.
     """
-    g, shape = _pair_gram(chunk, stats)
     w0, w1 = chunk.params.per_model("weight")
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    if not chunk.wide:
+        return _mergekit_nuslerp(chunk, stats, t)
+    g, shape = _pair_gram(chunk, stats)
     cos = g[0, 1] / (g[0, 0].sqrt().clamp_min(1e-7) * g[1, 1].sqrt().clamp_min(1e-7))
     theta = cos.clamp(-1, 1).acos()
     sin = theta.sin()

@@ -26,10 +26,13 @@ def _active(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tv, active, active.sum(0)
 
 
-def _merge(chunk: Chunk, unique_scale: list[float]) -> torch.Tensor:
+def _merge(chunk: Chunk, unique_scale: torch.Tensor | None) -> torch.Tensor:
+    """``unique_scale``: λ_i, whose dtype the result takes (mergekit's float32 λ promotes RAM+ to it)."""
     tv, active, count = _active(chunk)
     tv = tv * active
-    scale = torch.tensor(unique_scale, dtype=tv.dtype, device=tv.device).view(-1, *[1] * chunk.base.dim())
+    if unique_scale is None:
+        unique_scale = torch.ones(len(tv), dtype=tv.dtype, device=tv.device)
+    scale = unique_scale.to(tv.device).view(-1, *[1] * chunk.base.dim())
     # mergekit divides each shared entry by c before summing over the models
     return chunk.base + (tv * (count == 1) * scale + tv * (count > 1) / count.clamp(min=1)).sum(0)
 
@@ -39,7 +42,7 @@ def ram_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 
     mergekit docs, "Reinforced Agent Merging" (arXiv 2601.13572).
     """
-    return _merge(chunk, [1.0] * len(chunk.models))
+    return _merge(chunk, None)
 
 
 def _overlap_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
@@ -49,14 +52,19 @@ def _overlap_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
 
 
 def _overlap_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
+    """λ_i: in float64 (wide), else as mergekit: a float32 tensor from the integer counts."""
     g = chunk.params.globals
-    rho = [s / max(u, g["epsilon"]) for s, u in zip(totals["shared"].tolist(), totals["unique"].tolist())]
-    return {"unique_scale": [1 + g["r"] * min(max(x, 0.0), g["alpha"]) for x in rho]}
+    shared, unique = totals["shared"].cpu(), totals["unique"].cpu()
+    if chunk.wide:
+        shared, unique = shared.to(torch.float64), unique.to(torch.float64)
+    rho = shared / unique.clamp(min=g["epsilon"])
+    return {"unique_scale": 1 + g["r"] * rho.clamp(min=0, max=g["alpha"])}
 
 
 def ramplus_tl_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     """RAM with model i's unique entries scaled by 1 + r·clamp(s_i / max(u_i, ε), 0, α), s_i and
-    u_i counted over the whole tensor.
+    u_i counted over the whole tensor. Under ``auto`` λ is float32 and, as in mergekit, the unique
+    terms, the sum and the result are computed in float32 (rounded to the plan's dtype on writing).
 
     mergekit docs, "Reinforced Agent Merging Plus (Tensor-Local)" (arXiv 2601.13572).
     """
@@ -66,7 +74,7 @@ def ramplus_tl_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 register(
     MergeMethod(
         name="ram", merge=ram_merge, params=(_EPSILON,), base="required", precision="load",
-        paper="arXiv:2601.13572", doc="unique task-vector entries kept, shared ones averaged",
+        paper="arXiv:2601.13572", doc="unique task-vector entries kept, shared ones averaged", min_models=0,
     )
 )
 register(
@@ -79,5 +87,6 @@ register(
         ),
         passes=(StatPass(_overlap_collect, _overlap_finish),),
         doc="RAM with each model's unique entries boosted by its tensor's shared/unique ratio",
+        min_models=0,
     )
 )

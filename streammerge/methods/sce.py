@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
+from streammerge.methods.reductions import as_mean
 from streammerge.methods.registry import register
 from streammerge.methods.selection import top_k_mask, top_k_passes
 from streammerge.methods.task_vectors import sign_agreement, stacked_task_vectors
@@ -38,16 +39,24 @@ _SELECT = top_k_passes(_variance, lambda chunk, stats: [stats["k"] or None], "sc
 
 
 def _weight_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    tv = _selected(chunk, stats).to(torch.float64)
-    return {"squares": chunk.per_row((tv * tv).reshape(len(tv), chunk.row_stop - chunk.row_start, -1).sum(-1))}
+    tv = _selected(chunk, stats)
+    # mergekit squares in the dtype
+    squares = tv.to(torch.float64) ** 2 if chunk.wide else tv.square().to(torch.float64)
+    return {"squares": chunk.per_row(squares.reshape(len(tv), chunk.row_stop - chunk.row_start, -1).sum(-1))}
 
 
 def _weight_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
-    """w_i = mean(τ_i²) / Σ_j mean(τ_j²); uniform when that sum is below 1e-6."""
-    means = [s / chunk.numel for s in totals["squares"].sum(-1).tolist()]
-    total = sum(means)
-    weights = [1 / len(means)] * len(means) if abs(total) < 1e-6 else [m / total for m in means]
-    return {**stats, "weights": weights}
+    """w_i = mean(τ_i²) / Σ_j mean(τ_j²); uniform when that sum is below 1e-6. Wide: in float64;
+    else as mergekit: the means in the dtype, their sum taken in the dtype and read as a float."""
+    squares = totals["squares"].sum(-1)
+    if chunk.wide:
+        means = squares / chunk.numel
+        total = float(means.sum())
+        uniform = torch.full_like(means, 1 / len(means))
+        return {**stats, "weights": uniform if abs(total) < 1e-6 else means / total}
+    means = as_mean(squares, chunk.numel, chunk.base.dtype)
+    total = torch.sum(means).item()
+    return {**stats, "weights": torch.ones_like(means) / len(means) if abs(total) < 1e-6 else means / total}
 
 
 def _passes(params: TensorParams) -> tuple[StatPass, ...]:
@@ -63,7 +72,7 @@ def sce_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     Wan et al., "FuseChat: Knowledge Fusion of Chat Models" (arXiv 2408.07990).
     """
     tv = _selected(chunk, stats)
-    weights = torch.tensor(stats["weights"], dtype=tv.dtype, device=tv.device).view(-1, *[1] * chunk.base.dim())
+    weights = stats["weights"].to(tv.dtype).view(-1, *[1] * chunk.base.dim())
     erased = weights * torch.stack([m != 0 for m in sign_agreement(list(tv))])
     return chunk.base + (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
 
@@ -79,6 +88,7 @@ register(
         base="required",
         precision="load",
         paper="arXiv:2408.07990",
+        min_models=0,
         passes=_passes,
     )
 )

@@ -33,5 +33,6 @@ register(
         base="optional",
         precision="float32",
         paper="arXiv:2203.05482",
+        min_models=0,  # r is the base, with nothing folded into it
     )
 )

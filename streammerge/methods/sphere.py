@@ -1,8 +1,10 @@
 """Shared pieces of the spherical methods (nuslerp, multislerp, karcher).
 
 Each of them returns a linear combination Σ_j c_j x_j of its inputs (task vectors when it has a
-base) whose coefficients depend only on the inputs' inner products, so one pass collecting the
-Gram matrix G_ij = ⟨x_i, x_j⟩ replaces any per-element state (a running mean, an iterate).
+base) whose coefficients depend only on the inputs' inner products, so with an explicit compute
+dtype one pass collecting the Gram matrix G_ij = ⟨x_i, x_j⟩ replaces any per-element state (a
+running mean, an iterate). Under ``compute_dtype: auto`` each follows mergekit's elementwise steps
+in the dtype instead, whose roundings no Gram matrix reproduces.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import torch
 from streammerge.methods.base import Chunk, StatPass, Stats
 
 
-def vectors(chunk: Chunk) -> list[torch.Tensor]:
-    """The inputs as float64 ``[rows, -1]``: task vectors x_i − base when the method has a base."""
+def vectors(chunk: Chunk, dtype: torch.dtype | None = torch.float64) -> list[torch.Tensor]:
+    """The inputs as ``[rows, -1]`` in ``dtype`` (None: the chunk's, as mergekit subtracts): task
+    vectors x_i − base when the method has a base."""
     rows = chunk.row_stop - chunk.row_start
-    base = 0 if chunk.base is None else chunk.base.to(torch.float64)
-    return [(x.to(torch.float64) - base).reshape(rows, -1) for x in chunk.models]
+    base = 0 if chunk.base is None else chunk.base.to(dtype)
+    return [(x.to(dtype) - base).reshape(rows, -1) for x in chunk.models]
 
 
 def pairwise(xs: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -280,7 +280,8 @@ def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: boo
               passes: tuple[StatPass, ...] | Passes, params: tuple[Param, ...],
               check: Callable[[TensorParams], str | None] | None = None) -> None:
     register(MergeMethod(name=name, merge=_gta(None if keep is None else _sparsifier(keep), consensus), params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK),
-                         base="required", precision="load", paper=paper, passes=passes, doc=doc, check=check))
+                         base="required", precision="load", paper=paper, passes=passes, doc=doc, check=check,
+                         min_models=0))
 
 
 _TOPK = _with_rescale(top_k_passes(task_vectors, _keep_count, "topk", elementwise=True), _top_k_keep)

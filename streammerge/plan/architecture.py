@@ -4,6 +4,9 @@ Layer tensors carry their layer number as the first purely numeric path componen
 (``model.layers.12.mlp.up_proj.weight`` in Llama, Mistral, Qwen2/3, Gemma and Phi-3;
 ``transformer.h.12.attn.c_attn.weight`` in GPT-2 and Falcon; ``gpt_neox.layers.12...`` in GPT-NeoX).
 Other tensors are "pre" (embeddings, before the layers) or "post" (final norm, lm_head).
+Mixture-of-experts checkpoints as published (Mixtral, Qwen3-MoE) hold one tensor per expert,
+``model.layers.12.block_sparse_moe.experts.3.w1.weight``: the expert number comes after the layer
+number, so the first numeric component is still the layer.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ _LLAMA_LIKE = {
 }
 MODULE_KINDS: dict[str, dict[str, tuple[str, ...]]] = {
     **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    "mixtral": {**_LLAMA_LIKE, "mlp": ("block_sparse_moe.",), "experts": ("block_sparse_moe.experts.",),
+                "router": ("block_sparse_moe.gate.",)},
+    "qwen3_moe": {**_LLAMA_LIKE, "experts": ("mlp.experts.",), "router": ("mlp.gate.",)},
     "phi3": {"attention": ("self_attn.",), "qkv": ("self_attn.qkv_proj",), "o": ("self_attn.o_proj",), "mlp": ("mlp.",),
              "norm": ("layernorm",)},
     "gpt2": {"attention": ("attn.",), "qkv": ("attn.c_attn",), "o": ("attn.c_proj",), "mlp": ("mlp.",), "norm": ("ln_",)},
@@ -65,7 +71,7 @@ MODULE_KINDS: dict[str, dict[str, tuple[str, ...]]] = {
     "falcon": {"attention": ("self_attention.",), "qkv": ("self_attention.query_key_value",), "o": ("self_attention.dense",),
                "mlp": ("mlp.",), "norm": ("ln_", "layernorm")},
 }
-KIND_NAMES = ("attention", "q", "k", "v", "qkv", "o", "mlp", "norm")
+KIND_NAMES = ("attention", "q", "k", "v", "qkv", "o", "mlp", "norm", "experts", "router")
 
 
 def module_fragments(model_type: str | None, module: str) -> tuple[str, ...] | str:
@@ -76,9 +82,32 @@ def module_fragments(model_type: str | None, module: str) -> tuple[str, ...] | s
     kinds = MODULE_KINDS.get(model_type or "")
     if kinds is None:
         return f"module kinds are known for {', '.join(sorted(MODULE_KINDS))}, not {model_type!r}: name tensor-name fragments instead"
+    if module in ("experts", "router") and module not in kinds:
+        return f"{model_type} has no {module!r}: it is not a mixture-of-experts model (select 'mlp')"
     if module not in kinds:
         return f"{model_type} has no separate {module!r} projection (it fuses q, k and v: select 'qkv')"
     return kinds[module]
+
+
+# mergekit 0.1.5 runs on transformers 5, which holds a layer's experts fused and converts the
+# published per-expert tensors to that layout as it loads them; mergekit's parameter filters see the
+# fused names. Per family: (pattern of a published name, what transformers 5 calls that tensor).
+_EXPERT = r"\.experts\.\d+\."
+_FUSED_NAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
+    "mixtral": ((re.compile(rf"\.block_sparse_moe{_EXPERT}w[13]\.weight$"), ".mlp.experts.gate_up_proj"),
+                (re.compile(rf"\.block_sparse_moe{_EXPERT}w2\.weight$"), ".mlp.experts.down_proj"),
+                (re.compile(r"\.block_sparse_moe\."), ".mlp.")),
+    "qwen3_moe": ((re.compile(rf"\.mlp{_EXPERT}(?:gate|up)_proj\.weight$"), ".mlp.experts.gate_up_proj"),
+                  (re.compile(rf"\.mlp{_EXPERT}down_proj\.weight$"), ".mlp.experts.down_proj")),
+}
+
+
+def filter_name(model_type: str | None, tensor: str) -> str:
+    """The name a parameter's ``filter`` is matched against: ``tensor`` as mergekit 0.1.5 names it
+    (``model.layers.0.block_sparse_moe.experts.3.w2.weight`` -> ``model.layers.0.mlp.experts.down_proj``)."""
+    for pattern, fused in _FUSED_NAMES.get(model_type or "", ()):
+        tensor = pattern.sub(fused, tensor)
+    return tensor
 
 
 # Multi-module architectures (mergekit's "modular" definitions, by config.json model_type): each

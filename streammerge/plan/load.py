@@ -8,7 +8,6 @@ such as ``output`` — they are errors.
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ from streammerge.io.hub import fetch, is_hub_reference
 from streammerge.methods import get_method
 from streammerge.lora.combine import check_combination
 from streammerge.lora.reference import resolve_adapter, split_reference
-from streammerge.methods.base import MergeMethod
+from streammerge.methods.base import MergeMethod, Param
 from streammerge.plan.adapters import expand_adapters
+from streammerge.plan.parameters import typed
 from streammerge.plan.schema import (NATIVE_KEYS, Conditional, MergePlan, ModelEntry, ModelToken, Module, OutputSlice, SliceSource,
                                      TokenSpec)
 from streammerge.tokenizer.chat_template import check_chat_template
@@ -30,9 +30,6 @@ from streammerge.tokenizer.chat_template import check_chat_template
 
 class PlanWarning(UserWarning):
     """Something in the plan has no effect."""
-
-
-_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
 def read_documents(path: Path) -> list[Any]:
@@ -89,8 +86,8 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
 
 
 class _Cleaner:
-    """Drops (with a warning) or refuses (when strict) keys that mean nothing, and coerces numeric
-    strings in parameters to numbers, as mergekit's schema does."""
+    """Drops (with a warning) or refuses (when strict) keys that mean nothing, and converts
+    parameter values to their parameters' types, as mergekit's schema does."""
 
     def __init__(self, where: str, strict: bool, method: MergeMethod | None):
         self.where, self.strict, self.method = where, strict, method
@@ -117,16 +114,27 @@ class _Cleaner:
             return {}
         if not isinstance(params, dict) or self.method is None:
             return params
-        known = {p.name for p in self.method.params}
+        known = {p.name: p for p in self.method.params}
         out = {}
         for name, value in params.items():
             if name in known:
                 if isinstance(value, list):  # conditionals: keys besides filter/value mean nothing
                     value = [self._keys(v, Conditional, f"{at}{name}[{i}].") for i, v in enumerate(value)]
-                out[name] = _coerce(value)
+                out[name] = self._typed(known[name], value, f"{at}{name}")
             else:
                 self._unknown(f"{at}{name}", f"{self.method.name} has no parameter {name!r} (valid: {', '.join(sorted(known)) or 'none'})")
         return out
+
+    def _typed(self, spec: Param, value: Any, at: str) -> Any:
+        """``value`` with each scalar (of a gradient, of a ``{filter, value}``) of ``spec``'s type."""
+        if isinstance(value, list):
+            return [self._typed(spec, v, at) for v in value]
+        if isinstance(value, dict):  # a conditional; the schema checks the rest of its shape
+            return {**value, "value": self._typed(spec, value["value"], at)} if "value" in value else value
+        try:
+            return typed(spec, value)
+        except ValueError as e:
+            raise PlanError(f"{self.where}: {at}: got {value!r}, expected {e}") from None
 
     def plan(self, data: dict) -> dict:
         data = self._merge(self._keys(data, MergePlan, ""), "")
@@ -161,16 +169,6 @@ class _Cleaner:
         if isinstance(entry, dict) and "parameters" in entry:
             entry["parameters"] = self._params(entry["parameters"], f"{at}parameters.")
         return entry
-
-
-def _coerce(value: Any) -> Any:
-    if isinstance(value, str) and _NUMBER.match(value):
-        return float(value)
-    if isinstance(value, list):
-        return [_coerce(v) for v in value]
-    if isinstance(value, dict) and "value" in value:
-        return {**value, "value": _coerce(value["value"])}
-    return value
 
 
 def _describe(error: pydantic.ValidationError) -> str:
@@ -212,6 +210,8 @@ def _check_parameters(plan: MergePlan, method: MergeMethod, where: str) -> None:
 
 
 def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, Conditional):
+        return _leaves(value.value)
     if isinstance(value, list):
         return [leaf for v in value for leaf in _leaves(v.value if isinstance(v, Conditional) else v)]
     return [value]

@@ -7,10 +7,11 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# A parameter value: a scalar, a gradient (list of numbers, interpolated over the layers) or a list
-# of {filter, value} conditionals whose value may itself be a gradient.
+# A parameter value: a scalar, a gradient (list of values, interpolated over the layers) or a list
+# of {filter, value} conditionals (or one) whose value may itself be a gradient. Plan loading
+# converts each value to its parameter's type (``streammerge.plan.parameters.typed``).
 Scalar = Union[bool, int, float, str]
-Gradient = list[Union[int, float]]
+Gradient = list[Scalar]
 
 
 class Conditional(BaseModel):
@@ -19,12 +20,13 @@ class Conditional(BaseModel):
     value: Union[Scalar, Gradient]
 
 
-ParamValue = Union[Scalar, Gradient, list[Conditional]]
+ParamValue = Union[Scalar, Gradient, list[Conditional], Conditional]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "max_gpu_memory", "vocab_policy",
-               "select", "cache_dir", "allow_nonfinite", "adapters", "adapter_output")
+               "select", "cache_dir", "allow_nonfinite", "adapters", "adapter_output", "allow_crimes", "copy_tokenizer",
+               "write_model_card")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -171,11 +173,16 @@ class MergePlan(BaseModel):
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the kernels run; auto: CUDA when present
     max_gpu_memory: Optional[int] = None  # GPU bytes for working chunks (default: a share of the free memory)
-    vocab_policy: Literal["truncate", "base"] = "truncate"
+    # vocabulary matrices whose row counts differ, without a tokenizer to align them: refused, cut
+    # to the common rows (mergekit's --unsafe-truncate-embeddings) or given the first input's rows
+    vocab_policy: Literal["error", "truncate", "base"] = "error"
     select: Optional[Selection] = None
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
     adapter_output: Optional[AdapterOutput] = None  # the merged LoRA adapter is the output
+    allow_crimes: bool = False  # merge inputs of different architectures (mergekit's --allow-crimes)
+    copy_tokenizer: bool = True  # copy the donor's tokenizer files when the plan builds no tokenizer
+    write_model_card: bool = True  # README.md describing the merge
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":

@@ -1,5 +1,5 @@
 """The output vocabulary, built as mergekit builds it (``tokenizer/build.py``), from each input's
-``tokenizer.json`` through the ``tokenizers`` package (the optional ``tokenizer`` extra).
+``tokenizer.json`` through the ``tokenizers`` package.
 
 Each input's vocabulary keeps only the ids below its ``config.json`` ``vocab_size``, the rows its
 embeddings hold. The output vocabulary is the base's (or the first model's) so stripped
@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streammerge.errors import CheckpointError, PlanError
+import tokenizers
+
+from streammerge.errors import CheckpointError
 from streammerge.io.reader import Checkpoint
 from streammerge.plan.schema import TokenizerSpec
 
@@ -40,21 +42,12 @@ class Vocabulary:
         return {t: i for i, t in enumerate(self.tokens)}
 
 
-def _tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError:
-        raise PlanError("tokenizer_source / tokenizer: building the output tokenizer needs the 'tokenizers' package: "
-                        "pip install streammerge[tokenizer]") from None
-    return tokenizers
-
-
 def _load(path: Path) -> Any:
     file = path / TOKENIZER_JSON
     if not file.is_file():
         return None
     try:
-        return _tokenizers().Tokenizer.from_file(str(file))
+        return tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust parser raises its own exception type
         raise CheckpointError(f"{file}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
 
@@ -78,7 +71,7 @@ def _stripped(tokenizer: Any, size: int, path: Path) -> Any:
     data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if i < size}
     data["model"]["merges"] = [m for m in data["model"]["merges"]
                                if not unused.intersection(m.split(" ") if isinstance(m, str) else m)]
-    return _tokenizers().Tokenizer.from_str(json.dumps(data))
+    return tokenizers.Tokenizer.from_str(json.dumps(data))
 
 
 def _settings(token: Any) -> tuple:
@@ -90,7 +83,7 @@ def _add(tokenizer: Any, token: Any) -> None:
 
 
 def _union(base: Any, inputs: list[tuple[Any, int]], notes: list[str]) -> Any:
-    out = _tokenizers().Tokenizer.from_str(base.to_str())
+    out = tokenizers.Tokenizer.from_str(base.to_str())
     have = out.get_vocab(with_added_tokens=True)
     regular: dict[str, None] = {}
     added: dict[str, Any] = {}
@@ -139,7 +132,7 @@ def build_vocabulary(spec: TokenizerSpec, checkpoints: tuple[Checkpoint, ...], b
     if spec.source == "union":
         out = _union(base_tok, [loaded[base]] + [x for c, x in enumerate(loaded) if c != base], notes)
     elif spec.source == "base":
-        out = _tokenizers().Tokenizer.from_str(base_tok.to_str())
+        out = tokenizers.Tokenizer.from_str(base_tok.to_str())
     else:
         out = _load(donor)
     for token in spec.tokens:

@@ -1,0 +1,1 @@
+"""Command lines of other tools, translated into streammerge calls (mergekit_cli: mergekit-yaml, mergekit-multi)."""
