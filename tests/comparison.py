@@ -1,5 +1,5 @@
-"""Comparing a merge with mergekit's output: elements off by more than one rounding, and the
-statistics random methods are compared by."""
+"""Comparing a merge with mergekit's output: elements off by more than one rounding, the
+statistics random methods are compared by, and mergekit's sce replayed with either tie order."""
 
 from __future__ import annotations
 
@@ -54,3 +54,27 @@ def statistics(got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor], base
     assert tv.norm().item() == pytest.approx(tg.norm().item(), rel=0.02)
     cos = (tv @ tg / (tv.norm() * tg.norm())).item()
     assert abs(cos - seed_cos) < 0.03, cos
+
+
+def sce_replay(base: torch.Tensor, deltas: list[torch.Tensor], select_topk: float,
+               lowest_first: bool) -> torch.Tensor:
+    """mergekit 0.1.5's sce on one tensor, step by step in the inputs' dtype, with the equal
+    variances at its top-k cut taken in torch.topk's order or lowest flat index first. (sce's model
+    weights depend on the selection, so a tie order can move every element of the tensor.)"""
+    tvs = torch.stack(deltas)
+    var = torch.var(tvs, dim=0, unbiased=False).reshape(-1)
+    k = int(torch.count_nonzero(var) * select_topk)
+    if lowest_first:  # a stable descending sort keeps equal values in index order
+        chosen = torch.sort(var.abs(), descending=True, stable=True).indices[:k]
+    else:
+        chosen = torch.topk(var.abs(), k=k, largest=True).indices
+    mask = torch.zeros_like(var)
+    mask[chosen] = 1
+    tvs = tvs * mask.reshape(base.shape)
+    agree = tvs.sign() == (tvs.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+    weights = tvs.square().reshape(len(tvs), -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    weights = torch.ones_like(weights) / len(weights) if abs(total) < 1e-6 else weights / total
+    weights = weights.view(-1, *[1] * base.dim())
+    erased = weights * agree
+    return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)

@@ -51,17 +51,128 @@ def test_auto_takes_the_most_common_template(templated: list[Path], tmp_path: Pa
     assert config["marker"] == "m0"  # the rest of the donor's tokenizer_config.json is kept
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
-def test_built_in_templates_render(name: str, templated: list[Path], tmp_path: Path) -> None:
+SYSTEM, USER = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}
+ASSISTANT = {"role": "assistant", "content": " hello \n"}  # surrounding blanks: some templates trim
+CONVERSATIONS = {"u": [USER], "su": [SYSTEM, USER], "sua": [SYSTEM, USER, ASSISTANT],
+                 "suau": [SYSTEM, USER, ASSISTANT, {"role": "user", "content": "and?"}]}
+# What mergekit 0.1.5's built-in templates render for CONVERSATIONS through transformers (bos <s>,
+# eos </s>): (without, with the generation prompt). Quirks kept: alpaca starts with a blank line
+# without a system message and puts its generation prompt right after the last turn; exaone's
+# lines carry its template's indentation; mistral has no generation prompt.
+RENDERED = {
+    "alpaca": {
+        "u": ('\n\n### Instruction:\nhi',
+                '\n\n### Instruction:\nhi### Response:\n'),
+        "su": ('Be brief.\n\n### Instruction:\nhi',
+                'Be brief.\n\n### Instruction:\nhi### Response:\n'),
+        "sua": ('Be brief.\n\n### Instruction:\nhi\n\n### Response:\nhello',) * 2,
+        "suau": ('Be brief.\n\n### Instruction:\nhi\n\n### Response:\nhello\n\n### Instruction:\nand?',
+                'Be brief.\n\n### Instruction:\nhi\n\n### Response:\nhello\n\n### Instruction:\n'
+                'and?### Response:\n'),
+    },
+    "chatml": {
+        "u": ('<|im_start|>user\nhi<|im_end|>\n',
+                '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'),
+        "su": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n',
+                '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n'
+                '<|im_start|>assistant\n'),
+        "sua": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n'
+                '<|im_start|>assistant\n hello \n<|im_end|>\n',
+                '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n'
+                '<|im_start|>assistant\n hello \n<|im_end|>\n<|im_start|>assistant\n'),
+        "suau": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n'
+                '<|im_start|>assistant\n hello \n<|im_end|>\n<|im_start|>user\nand?<|im_end|>\n',
+                '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n'
+                '<|im_start|>assistant\n hello \n<|im_end|>\n<|im_start|>user\nand?<|im_end|>\n'
+                '<|im_start|>assistant\n'),
+    },
+    "exaone": {
+        "u": ('        [|system|][|endofturn|]\n\n    [|user|]hi\n        \n\n',
+                '        [|system|][|endofturn|]\n\n    [|user|]hi\n        \n\n    [|assistant|]\n'),
+        "su": ('    [|system|]Be brief.\n        [|endofturn|]\n\n    [|user|]hi\n        \n\n',
+                '    [|system|]Be brief.\n        [|endofturn|]\n\n    [|user|]hi\n        \n\n'
+                '    [|assistant|]\n'),
+        "sua": ('    [|system|]Be brief.\n        [|endofturn|]\n\n    [|user|]hi\n        \n\n'
+                '    [|assistant|] hello \n\n        [|endofturn|]\n\n',
+                '    [|system|]Be brief.\n        [|endofturn|]\n\n    [|user|]hi\n        \n\n'
+                '    [|assistant|] hello \n\n        [|endofturn|]\n\n    [|assistant|]\n'),
+        "suau": ('    [|system|]Be brief.\n        [|endofturn|]\n\n    [|user|]hi\n        \n\n'
+                '    [|assistant|] hello \n\n        [|endofturn|]\n\n    [|user|]and?\n        \n\n',
+                '    [|system|]Be brief.\n        [|endofturn|]\n\n    [|user|]hi\n        \n\n'
+                '    [|assistant|] hello \n\n        [|endofturn|]\n\n    [|user|]and?\n        \n\n'
+                '    [|assistant|]\n'),
+    },
+    "llama3": {
+        "u": ('<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n',
+                '<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+        "su": ('<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n',
+                '<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+        "sua": ('<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>\n',
+                '<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+        "suau": ('<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nand?<|eot_id|>\n',
+                '<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>\n'
+                '<|start_header_id|>user<|end_header_id|>\n\nand?<|eot_id|>\n'
+                '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+    },
+    "mistral": {
+        "u": ('<s> [INST] hi [/INST]',) * 2,
+        "su": ('<s> [INST] Be brief.\n\nhi [/INST]',) * 2,
+        "sua": ('<s> [INST] Be brief.\n\nhi [/INST]  hello \n</s>',) * 2,
+        "suau": ('<s> [INST] Be brief.\n\nhi [/INST]  hello \n</s> [INST] and? [/INST]',) * 2,
+    },
+}
+
+
+def _tokenizer(name: str, templated: list[Path], out: Path):  # -> transformers' tokenizer
     from transformers import AutoTokenizer
 
-    _merge(templated[:1], tmp_path / "out", chat_template=name)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
-    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                                    {"role": "assistant", "content": "Hello"}], tokenize=False)
-    assert "Hi there" in text and "Hello" in text and text != "Hi thereHello"
-    if name == "chatml":
-        assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>")
+    _merge(templated[:1], out, chat_template=name)
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_built_in_templates_render_as_mergekits(name: str, templated: list[Path], tmp_path: Path) -> None:
+    tok = _tokenizer(name, templated, tmp_path / "out")
+    for conversation, expected in RENDERED[name].items():
+        messages = CONVERSATIONS[conversation]
+        got = tuple(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+                    for prompt in (False, True))
+        assert got == expected, conversation
+
+
+def test_alpaca_edge_cases_as_mergekits(templated: list[Path], tmp_path: Path) -> None:
+    """The last system message wins, user_context is an Input, a system message alone is a prefix."""
+    tok = _tokenizer("alpaca", templated, tmp_path / "out")
+    messages = [SYSTEM, USER, {"role": "user_context", "content": " ctx "},
+                {"role": "system", "content": "Last."}]
+    assert (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == "Last.\n\n### Instruction:\nhi\n\n### Input:\nctx\n\n### Response:\n")
+    alone = tok.apply_chat_template([SYSTEM], tokenize=False, add_generation_prompt=True)
+    assert alone == "Be brief.\n\n### Response:\n"
+
+
+def test_mistral_refuses_roles_out_of_turn(templated: list[Path], tmp_path: Path) -> None:
+    from jinja2.exceptions import TemplateError
+
+    tok = _tokenizer("mistral", templated, tmp_path / "out")
+    with pytest.raises(TemplateError, match="roles must alternate user/assistant"):
+        tok.apply_chat_template([ASSISTANT], tokenize=False)
+    with pytest.raises(TemplateError, match="Only user and assistant roles are supported"):
+        tok.apply_chat_template([USER, ASSISTANT, USER, SYSTEM], tokenize=False)
 
 
 def test_literal_template_with_a_built_tokenizer(templated: list[Path], tmp_path: Path) -> None:

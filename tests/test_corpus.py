@@ -3,7 +3,8 @@ they name and give mergekit 0.1.5's results (goldens: scripts/corpus_goldens.py,
 
 ``expect.json`` pins each config's class: ``exact`` (every element within one rounding: 1e-6 in
 float32, one ulp in bf16/fp16), ``tie_order`` (at most ``tie_order_diffs`` elements differ, by the
-order of equal values at a selection threshold), ``statistical`` (a random method: kept fraction,
+order of equal values at a selection threshold; for sce, replaying mergekit's steps with either
+order must give the golden and our output), ``statistical`` (a random method: kept fraction,
 task-vector norm and cosine with mergekit's draw, against ``seed_cos``, the cosine two of
 mergekit's seeds give each other) or ``refused`` (mergekit stops; streammerge must stop too, with
 one line that contains ``reason``). ``golden_dtype``: mergekit wrote this dtype where the plan says
@@ -23,7 +24,7 @@ import torch
 
 import corpus
 import streammerge
-from comparison import differing, statistics
+from comparison import differing, differing_masks, sce_replay, statistics
 from conftest import load_output
 from family_builder import build_corpus
 from moe_builder import arch_of, fused_state_dict
@@ -87,6 +88,28 @@ def _check_tokenizer(out: Path, golden: Path) -> None:
         assert ours is not None and _render(ours) == _render(template)
 
 
+def _check_sce_ties(config: Path, got: dict[str, torch.Tensor], gold: dict[str, torch.Tensor],
+                    tmp_path: Path) -> None:
+    """Each tensor sce gives differently is mergekit's steps replayed with torch.topk's order of
+    equal variances at the cut (the golden) and with the lowest flat index first (ours), bit for
+    bit. Inputs as mergekit reads them: each reference (adapter folded in) in the config's dtype."""
+    (doc,) = corpus.documents(config)
+
+    def read(ref: str, out: Path) -> dict[str, torch.Tensor]:
+        streammerge.merge({"merge_method": "passthrough", "models": [{"model": ref}], "dtype": doc["dtype"]},
+                          out, quiet=True)
+        return load_output(out)
+
+    refs = [doc["base_model"], *(m["model"] for m in doc["models"])]
+    base, *models = [read(ref, tmp_path / f"input{i}") for i, ref in enumerate(refs)]
+    topk = doc["parameters"]["select_topk"]
+    for name, mask in differing_masks(got, gold).items():
+        if mask.any():
+            deltas = [m[name] - base[name] for m in models]
+            assert torch.equal(sce_replay(base[name], deltas, topk, lowest_first=False), gold[name]), name
+            assert torch.equal(sce_replay(base[name], deltas, topk, lowest_first=True), got[name]), name
+
+
 def _merge(config: Path, out: Path) -> None:
     """As the goldens were made: a file of several documents as `streammerge-multi CONFIG --out-path
     OUT -I ./intermediates` (mergekit-multi's command; configs name stages as ./intermediates/X)."""
@@ -126,6 +149,8 @@ def test_config_as_mergekit(stem: str, corpus_dirs: dict[str, Path], tmp_path: P
         statistics(got, gold, fuse(load_output(Path(corpus.base_model(config)))), expect["seed_cos"])
     else:
         assert differing(got, gold) <= expect.get("tie_order_diffs", 0)
+        if expect["class"] == "tie_order" and corpus.documents(config)[0]["merge_method"] == "sce":
+            _check_sce_ties(config, got, gold, tmp_path)
     written = json.loads((out / "config.json").read_text())
     if (golden / "config.json").is_file():
         assert _layers(written) == _layers(json.loads((golden / "config.json").read_text()))

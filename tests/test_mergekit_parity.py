@@ -33,7 +33,7 @@ import yaml
 from safetensors.torch import load_file
 
 import streammerge
-from comparison import differing_masks, statistics
+from comparison import differing_masks, sce_replay, statistics
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = sorted(p.name for p in (GOLDEN / "cases").iterdir())
@@ -90,30 +90,6 @@ def _tied(case: str, name: str) -> torch.Tensor:
     return tied
 
 
-def _sce_replay(case: str, name: str, lowest_first: bool) -> torch.Tensor:
-    """mergekit 0.1.5's sce on tensor ``name``, step by step in the config's dtype, with the equal
-    variances at its top-k cut taken in torch.topk's order or lowest flat index first. (sce's model
-    weights depend on the selection, so a tie order can move every element of the tensor.)"""
-    cfg, base, deltas = _inputs(case, name)
-    tvs = torch.stack(deltas)
-    var = torch.var(tvs, dim=0, unbiased=False).reshape(-1)
-    k = int(torch.count_nonzero(var) * cfg["parameters"]["select_topk"])
-    if lowest_first:  # a stable descending sort keeps equal values in index order
-        chosen = torch.sort(var.abs(), descending=True, stable=True).indices[:k]
-    else:
-        chosen = torch.topk(var.abs(), k=k, largest=True).indices
-    mask = torch.zeros_like(var)
-    mask[chosen] = 1
-    tvs = tvs * mask.reshape(base.shape)
-    agree = tvs.sign() == (tvs.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-    weights = tvs.square().reshape(len(tvs), -1).mean(dim=1)
-    total = torch.sum(weights).item()
-    weights = torch.ones_like(weights) / len(weights) if abs(total) < 1e-6 else weights / total
-    weights = weights.view(-1, *[1] * base.dim())
-    erased = weights * agree
-    return base + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_mergekit(case: str, device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +117,9 @@ def test_matches_mergekit(case: str, device: str, tmp_path: Path, monkeypatch: p
         if not d.any():
             continue
         if sce and device == "cpu":  # mergekit's steps: the golden with torch's tie order, ours with ours
-            assert torch.equal(_sce_replay(case, name, lowest_first=False), gold[name]), name
-            assert torch.equal(_sce_replay(case, name, lowest_first=True), got[name]), name
+            cfg, base, deltas = _inputs(case, name)
+            topk = cfg["parameters"]["select_topk"]
+            assert torch.equal(sce_replay(base, deltas, topk, lowest_first=False), gold[name]), name
+            assert torch.equal(sce_replay(base, deltas, topk, lowest_first=True), got[name]), name
         elif not sce:
             assert bool((d <= _tied(case, name)).all()), f"{name}: a difference away from a threshold tie"
