@@ -11,12 +11,14 @@ one line that contains ``reason``). ``golden_dtype``: mergekit wrote this dtype 
 otherwise (arcee_fusion, a documented difference); its values are compared rounded to the plan's
 dtype. Where mergekit failed after writing every tensor (``mergekit_error.txt``), the tensors are
 compared and the written config.json must pass transformers' validation, as it must everywhere.
-A summary of the classes is printed at the end of the run.
+A summary of the classes is printed at the end of the run. Configs pinned ``slow`` (karcher with
+a max_iter in the thousands, which mergekit also runs to the end) run with STREAMMERGE_SLOW_TESTS=1.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -120,7 +122,12 @@ def _merge(config: Path, out: Path) -> None:
     merge_stages(config, stages, quiet=True)
 
 
-@pytest.mark.parametrize("stem", sorted(CONFIGS))
+SLOW = pytest.mark.skipif(not os.environ.get("STREAMMERGE_SLOW_TESTS"),
+                          reason="slow; STREAMMERGE_SLOW_TESTS=1 runs it")
+
+
+@pytest.mark.parametrize("stem", [pytest.param(s, marks=SLOW) if "slow" in EXPECT.get(s, {}) else s
+                                  for s in sorted(CONFIGS)])
 def test_config_as_mergekit(stem: str, corpus_dirs: dict[str, Path], tmp_path: Path,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     assert stem in EXPECT, f"{stem} has no goldens: run scripts/corpus_goldens.py {stem}"
@@ -148,16 +155,17 @@ def test_config_as_mergekit(stem: str, corpus_dirs: dict[str, Path], tmp_path: P
     if expect["class"] == "statistical":
         statistics(got, gold, fuse(load_output(Path(corpus.base_model(config)))), expect["seed_cos"])
     else:
-        assert differing(got, gold) <= expect.get("tie_order_diffs", 0)
+        assert differing(got, gold) <= expect.get("tie_order_diffs", 0) + expect.get("sum_order_diffs", 0)
         if expect["class"] == "tie_order" and corpus.documents(config)[0]["merge_method"] == "sce":
             _check_sce_ties(config, got, gold, tmp_path)
     written = json.loads((out / "config.json").read_text())
     if (golden / "config.json").is_file():
         assert _layers(written) == _layers(json.loads((golden / "config.json").read_text()))
-    transformers = pytest.importorskip("transformers")
-    transformers.AutoConfig.from_pretrained(out)  # transformers' own validation (layer_types, ...)
     _check_tokenizer(out, golden)
     RESULTS[stem] = expect["class"]
+    # last, so that a plain install (no transformers) still checks everything above
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoConfig.from_pretrained(out)  # transformers' own validation (layer_types, ...)
 
 
 def summary() -> str:
