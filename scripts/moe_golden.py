@@ -124,9 +124,13 @@ def main(mergekit_yaml: str) -> None:
 def _readme(versions: str) -> str:
     return ("mergekit 0.1.5 outputs on tiny Mixtral and Qwen3-MoE checkpoints (per-expert layout), made by\n"
             f"`python3 scripts/moe_golden.py MERGEKIT_YAML` with {versions}:\n"
-            "`mergekit-yaml cases/CASE/config.yml OUT --random-seed 42 --no-copy-tokenizer --no-write-model-card`\n"
-            "run from this folder with OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1. `cases/CASE/expect.json`: how many\n"
-            "expert elements streammerge's output differs on (see README, Where results differ from mergekit).\n")
+            "`mergekit-yaml cases/CASE/config.yml OUT --random-seed 42 --no-copy-tokenizer "
+            "--no-write-model-card`\n"
+            "run from this folder with OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1. "
+            "`cases/CASE/expect.json`: how many\n"
+            "expert elements streammerge's output differs on "
+            "(see README, Where results differ from mergekit).\n")
+
 
 
 _VERSIONS = ("import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "

@@ -22,8 +22,9 @@ from streammerge.io.rows import RowMap
 from streammerge.io.safetensors_format import build_header
 from streammerge.lora.overlay import open_checkpoints
 from streammerge.methods import MergeMethod, Param, TensorParams, get_method
-from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, filter_name, is_pre_layer, is_vocab_tensor,
-                                           layer_index, module_fragments, tied_partner, with_layer)
+from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, filter_name, is_pre_layer,
+                                           is_vocab_tensor, layer_index, module_fragments, tied_partner,
+                                           with_layer)
 from streammerge.plan.crimes import check_architectures
 from streammerge.plan.parameters import evaluate, gradient_position, typed
 from streammerge.plan.schema import MergePlan, Module
@@ -40,7 +41,8 @@ HEAP_SLACK = 0.5  # the same for host memory: two workers' freed chunks fragment
 READ_AHEAD_CHUNKS = 4  # chunks the engine's reader thread holds ready beyond those being merged (a pass starts with a burst)
 SPLIT_ELEMENTS = 1 << 20  # on several CPU workers, tensors at least this large are cut into a chunk per worker or more
 VocabRows = tuple[tuple[int, str], ...]  # a vocabulary matrix's (row count, model path) per input
-RSS_VARIATION = 1 << 20  # room a suggested max_memory leaves for the process's size (0.2 MiB apart over 9 fresh runs)
+# Room a suggested max_memory leaves for the process's size (0.2 MiB apart over 9 fresh runs).
+RSS_VARIATION = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -212,9 +214,10 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
     if s.base_model is not None and base_src is None:
         if s.adds_base:  # mergekit adds the base to a `models:` list
             base_src = (s.base_model, s.sources[0][1], {})
-        elif method.base != "model":  # a slice's base must be a source (mergekit 0.1.5); linear and co. ignore it
-            raise PlanError(f"{where}: base_model {s.base_model} is not one of the slice's sources: add it, with the "
-                            f"slice's layer_range, as mergekit 0.1.5 requires")
+        elif method.base != "model":
+            # A slice's base must be a source (mergekit 0.1.5); linear and co. ignore it.
+            raise PlanError(f"{where}: base_model {s.base_model} is not one of the slice's sources: "
+                            f"add it, with the slice's layer_range, as mergekit 0.1.5 requires")
     if uses_base:  # the base is the method's own input, not one of the merged models
         entries = [(i, e) for i, e in entries if e[0] != s.base_model]
     elif base_src is not None and base_src not in s.sources:
@@ -338,8 +341,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
             if extra:
                 notes.append(f"{len(extra)} tensors of {checkpoints[c].path} are not in the output (e.g. {extra[0]!r})")
     if base_only:
-        notes.append(f"{len(base_only)} tensors are base_model's: no model besides it to merge (e.g. {base_only[0]!r}); "
-                     f"{method.name} writes the base, as mergekit does")
+        notes.append(f"{len(base_only)} tensors are base_model's: no model besides it to merge "
+                     f"(e.g. {base_only[0]!r}); {method.name} writes the base, as mergekit does")
     copied = sum(j.method is None for j in jobs) - len(base_only)
     if copied:
         notes.append(f"{copied} tensors copied unchanged (not selected, or not floating point)")
@@ -429,7 +432,8 @@ def _output_shape(plan: MergePlan, name: str, sources: list[Source], shapes: lis
             raise PlanError(f"tensor {src.tensor!r}: shape {list(sh)} in {checkpoints[src.checkpoint].path} does not match "
                             f"{list(shapes[0])} in {first}")
     if plan.vocab_policy == "error":
-        per_model = dict.fromkeys((sh[0], str(checkpoints[s.checkpoint].path)) for s, sh in zip(sources, shapes))
+        per_model = dict.fromkeys((sh[0], str(checkpoints[s.checkpoint].path))
+                                  for s, sh in zip(sources, shapes))
         differing.append((name, tuple(per_model)))
         return shapes[0]  # never merged: the plan is refused once every tensor is scheduled
     rows = min(sh[0] for sh in shapes) if plan.vocab_policy == "truncate" else shapes[0][0]
@@ -466,8 +470,8 @@ def _resolve_params(method: MergeMethod, plan: MergePlan, sl: _SliceInputs, tens
                     try:  # an interpolated integer must come out whole, as mergekit validates it
                         return typed(spec, v)
                     except ValueError as e:
-                        raise PlanError(f"parameters.{spec.name}: for tensor {tensor!r} the gradient gives {v!r}, "
-                                        f"expected {e}") from None
+                        raise PlanError(f"parameters.{spec.name}: for tensor {tensor!r} the gradient "
+                                        f"gives {v!r}, expected {e}") from None
         return spec.default
 
     globals_ = {}
@@ -589,11 +593,14 @@ def describe(schedule: Schedule) -> str:
         f"shards        {len(schedule.shards)}: " + ", ".join(s.filename for s in schedule.shards[:3]) + (" ..." if len(schedule.shards) > 3 else ""),
         f"read          {_gib(schedule.read_bytes)}",
         f"write         {_gib(schedule.write_bytes)}",
-        f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} process + {_gib(schedule.peak_working_bytes)} largest chunk working set)",
+        f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} "
+        f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set)",
         f"workers       {schedule.workers} chunk{'s' if schedule.workers > 1 else ''} merged at once",
     ]
     if schedule.device_budget is not None:
-        lines.append(f"device        {schedule.device.description}, {_gib(schedule.device_budget)} of GPU memory for chunks")
+        lines.append(f"device        {schedule.device.description}, "
+                     f"{_gib(schedule.device_budget)} of GPU memory for chunks")
+
     elif schedule.device.description != "cpu":
         lines.append(f"device        {schedule.device.description}")
     dts = sorted({(str(j.compute_dtype), str(j.out_dtype)) for j in schedule.jobs if j.method is not None})

@@ -12,7 +12,9 @@ CORPUS = Path(__file__).parent / "data" / "corpus"
 EXPECT = CORPUS / "expect.json"
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 TOKENIZER_KEYS = {"tokenizer", "tokenizer_source", "chat_template"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
 CLASSES = ("exact", "tie_order", "sum_order", "statistical", "refused")
 
 

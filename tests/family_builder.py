@@ -59,7 +59,8 @@ class Spec:
     extra: dict = field(default_factory=dict)
 
     def layer_shapes(self, p: str) -> dict[str, tuple[int, ...]]:
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        h, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         a = p + "self_attn."
         out: dict[str, tuple[int, ...]] = {p + "input_layernorm.weight": (h,)}
         if self.fused:
@@ -73,7 +74,8 @@ class Spec:
         out[a + "o_proj.weight"] = (h, q)
         out[p + "post_attention_layernorm.weight"] = (h,)
         if self.sandwich_norms:
-            out |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
+            out |= {p + "pre_feedforward_layernorm.weight": (h,),
+                    p + "post_feedforward_layernorm.weight": (h,)}
         if self.moe == "mixtral":
             m = p + "block_sparse_moe."
             out[m + "gate.weight"] = (self.experts, h)
@@ -107,7 +109,8 @@ class Spec:
         return {
             "architectures": [self.architecture], "model_type": self.model_type, "hidden_size": self.hidden,
             "intermediate_size": self.intermediate, "num_hidden_layers": layers,
-            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
             "vocab_size": self.vocab, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
             "tie_word_embeddings": self.tied, "bos_token_id": 1, "eos_token_id": 2, **self.extra,
         }
@@ -126,7 +129,8 @@ class Spec:
 # Qwen3-30B-A3B (many small experts, top-8 of 128, here top-2 of 8).
 FAMILIES: dict[str, Spec] = {
     "llama": Spec("LlamaForCausalLM", "llama", 16, 56, 4, 1, 4,
-                  extra={"hidden_act": "silu", "rope_theta": 500000.0, "attention_bias": False, "mlp_bias": False}),
+                  extra={"hidden_act": "silu", "rope_theta": 500000.0, "attention_bias": False,
+                         "mlp_bias": False}),
     "mistral": Spec("MistralForCausalLM", "mistral", 16, 56, 4, 1, 4,
                     extra={"hidden_act": "silu", "rope_theta": 1000000.0, "sliding_window": None}),
     "qwen2": Spec("Qwen2ForCausalLM", "qwen2", 16, 80, 4, 2, 4, qkv_bias=True, specials=QWEN_SPECIALS,
@@ -136,9 +140,12 @@ FAMILIES: dict[str, Spec] = {
                   extra={"hidden_act": "silu", "rope_theta": 1000000.0, "attention_bias": False,
                          "use_sliding_window": False, "sliding_window": None}),
     "gemma2": Spec("Gemma2ForCausalLM", "gemma2", 16, 64, 4, 2, 8, sandwich_norms=True, tied=True,
-                   extra={"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 8, "sliding_window": 64,
-                          "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "pad_token_id": 0}),
-    "gemma3": Spec("Gemma3ForCausalLM", "gemma3_text", 16, 64, 4, 2, 8, qk_norm=True, sandwich_norms=True, tied=True,
+                   extra={"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 8,
+                          "sliding_window": 64, "final_logit_softcapping": 30.0,
+                          "attn_logit_softcapping": 50.0, "pad_token_id": 0}),
+    "gemma3": Spec("Gemma3ForCausalLM", "gemma3_text", 16, 64, 4, 2, 8, qk_norm=True,
+                   sandwich_norms=True, tied=True,
+
                    vocab=64, extra={"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 8,
                                     "sliding_window": 64, "rope_theta": 1000000.0, "pad_token_id": 0}),
     "phi3": Spec("Phi3ForCausalLM", "phi3", 16, 48, 4, 4, 4, fused=True,
@@ -149,7 +156,8 @@ FAMILIES: dict[str, Spec] = {
                            "num_experts_per_tok": 2, "sliding_window": None, "router_aux_loss_coef": 0.02}),
     "qwen3_moe": Spec("Qwen3MoeForCausalLM", "qwen3_moe", 16, 8, 4, 1, 4, qk_norm=True, moe="qwen", experts=8,
                       specials=QWEN_SPECIALS,
-                      extra={"hidden_act": "silu", "rope_theta": 1000000.0, "num_experts": 8, "num_experts_per_tok": 2,
+                      extra={"hidden_act": "silu", "rope_theta": 1000000.0, "num_experts": 8,
+                             "num_experts_per_tok": 2,
                              "moe_intermediate_size": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
                              "norm_topk_prob": True, "attention_bias": False, "use_sliding_window": False}),
 }
@@ -194,7 +202,8 @@ def layout(family: str, layers: int, vision: bool = False) -> tuple[dict[str, tu
     config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
               "text_config": text, "vision_config": VISION | {"num_hidden_layers": layers},
               "mm_tokens_per_image": 4, "boi_token_index": image_ids["<start_of_image>"],
-              "eoi_token_index": image_ids["<end_of_image>"], "image_token_index": image_ids["<image_soft_token>"],
+              "eoi_token_index": image_ids["<end_of_image>"],
+              "image_token_index": image_ids["<image_soft_token>"],
               "tie_word_embeddings": True}
     return shapes, config
 
@@ -238,8 +247,9 @@ def write_lora(path: Path, family: str, base: dict[str, torch.Tensor], seed: int
         deltas[name] = alpha / rank * (b.float().double() @ a.float().double())
     path.mkdir(parents=True, exist_ok=True)
     save_file(factors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-              "target_modules": spec.lora_targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "lora_dropout": 0.0, "target_modules": spec.lora_targets, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False,
               "base_model_name_or_path": base_path, "inference_mode": True}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return deltas
@@ -292,8 +302,11 @@ def build(root: Path, need: Needs, dtype: torch.dtype = torch.bfloat16) -> Path:
             write_standin(root / "models" / family / role, family, tensors, config, dtype, vision)
         for f, name in sorted(need.loras):
             if f == family:
-                write_lora(root / "loras" / family / name, family, base, seed + 50 + int(name.removeprefix("lora")),
+                write_lora(root / "loras" / family / name, family, base,
+                           seed + 50 + int(name.removeprefix("lora")),
                            base_path=f"./models/{family}/base")
+
+
     return root
 
 

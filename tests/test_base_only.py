@@ -49,7 +49,8 @@ def _lora(family: Family, out: Path, r: int = 4, alpha: int = 8) -> dict[str, to
     out.mkdir()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": [t.split(".")[-1] for t in TARGETS],
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha,
+        "target_modules": [t.split(".")[-1] for t in TARGETS],
         "base_model_name_or_path": str(family.base), "fan_in_fan_out": False, "bias": "none"}))
     return folded
 
@@ -57,11 +58,13 @@ def _lora(family: Family, out: Path, r: int = 4, alpha: int = 8) -> dict[str, to
 def _plan(method: str, base: str, **extra: object) -> dict:
     own = {"weight": 1.0} if method in WEIGHTED else {}
     params = {"t": 0.5} if method in ("slerp", "nearswap") else {}
-    return {"merge_method": method, "base_model": base, "models": [{"model": base, "parameters": own}], "parameters": params} | extra
+    return {"merge_method": method, "base_model": base, "models": [{"model": base, "parameters": own}],
+            "parameters": params} | extra
 
 
 @pytest.fixture(scope="module")
-def adapted(fp32_family: Family, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, torch.Tensor]]:
+def adapted(fp32_family: Family,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, torch.Tensor]]:
     """``X+adapter`` and its fold."""
     adapter = tmp_path_factory.mktemp("lora") / "adapter"
     folded = _lora(fp32_family, adapter)
@@ -69,17 +72,21 @@ def adapted(fp32_family: Family, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 
 @pytest.mark.parametrize("method", WRITE_THE_BASE)
-def test_the_adapted_base_alone_is_written(method: str, adapted: tuple[str, dict[str, torch.Tensor]], fp32_family: Family,
-                                           tmp_path: Path) -> None:
+def test_the_adapted_base_alone_is_written(method: str, adapted: tuple[str, dict[str, torch.Tensor]],
+                                           fp32_family: Family, tmp_path: Path) -> None:
     ref, folded = adapted
     result = streammerge.merge(_plan(method, ref), tmp_path / "out", quiet=True)
     got = load_output(tmp_path / "out")
     assert set(got) == set(folded)
     assert [k for k in folded if not torch.equal(got[k], folded[k])] == []
     changed = [k for k, v in fp32_family.tensors[fp32_family.base].items() if not torch.equal(folded[k], v)]
-    assert len(changed) == len(TARGETS) * fp32_family.arch.layers  # the adapter's modules, and only those
-    if method not in ("linear", "karcher", "passthrough"):  # those merge their one model; the rest write the base
-        assert any(n.startswith(f"{len(folded)} tensors are base_model's") for n in result.notes), result.notes
+    # The adapter's modules, and only those.
+    assert len(changed) == len(TARGETS) * fp32_family.arch.layers
+    # linear, karcher and passthrough merge their one model; the rest write the base.
+    if method not in ("linear", "karcher", "passthrough"):
+
+        assert any(n.startswith(f"{len(folded)} tensors are base_model's")
+                   for n in result.notes), result.notes
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
@@ -88,7 +95,8 @@ def test_the_only_slice_source_is_the_adapted_base(method: str, adapted: tuple[s
     ref, folded = adapted
     own = {"weight": 1.0}
     plan = {"merge_method": method, "base_model": ref,
-            "slices": [{"sources": [{"model": ref, "layer_range": [0, fp32_family.arch.layers], "parameters": own}]}]}
+            "slices": [{"sources": [{"model": ref, "layer_range": [0, fp32_family.arch.layers],
+                                     "parameters": own}]}]}
     streammerge.merge(plan, tmp_path / "out", quiet=True)
     got = load_output(tmp_path / "out")
     assert set(got) == set(folded) and all(torch.equal(got[k], folded[k]) for k in folded)
@@ -101,12 +109,16 @@ def test_a_plain_base_alone_is_written_byte_for_byte(fp32_family: Family, tmp_pa
     assert set(got) == set(base) and all(torch.equal(got[k], base[k]) for k in base)
 
 
-def test_the_base_is_rounded_to_dtype_then_out_dtype(adapted: tuple[str, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+def test_the_base_is_rounded_to_dtype_then_out_dtype(adapted: tuple[str, dict[str, torch.Tensor]],
+                                                     tmp_path: Path) -> None:
     """mergekit loads the base in `dtype` and writes it in `out_dtype`: bfloat16 values in float32."""
     ref, folded = adapted
-    streammerge.merge(_plan("task_arithmetic", ref, dtype="bfloat16", out_dtype="float32"), tmp_path / "out", quiet=True)
+    plan = _plan("task_arithmetic", ref, dtype="bfloat16", out_dtype="float32")
+    streammerge.merge(plan, tmp_path / "out", quiet=True)
+
     got = load_output(tmp_path / "out")
-    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], folded[k].bfloat16().float()) for k in folded)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], folded[k].bfloat16().float())
+               for k in folded)
     assert any(not torch.equal(folded[k].bfloat16().float(), folded[k]) for k in folded)
 
 
@@ -135,9 +147,8 @@ def test_slices_with_only_the_base_keep_it_and_the_others_merge(fp32_family: Fam
     ("nuslerp", "models: nuslerp needs at least 2 model(s) besides base_model, got 0"),
     ("multislerp", "models: multislerp needs at least 1 model(s) besides base_model, got 0"),
 ])
-def test_methods_mergekit_refuses_with_the_base_alone_are_refused(method: str, message: str,
-                                                                  adapted: tuple[str, dict[str, torch.Tensor]],
-                                                                  tmp_path: Path) -> None:
+def test_methods_mergekit_refuses_with_the_base_alone_are_refused(
+        method: str, message: str, adapted: tuple[str, dict[str, torch.Tensor]], tmp_path: Path) -> None:
     plan = _plan(method, adapted[0])
     if method in ("nuslerp", "multislerp"):
         plan["models"][0]["parameters"] = {"weight": 1.0}
@@ -147,7 +158,8 @@ def test_methods_mergekit_refuses_with_the_base_alone_are_refused(method: str, m
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_bakes_the_adapter_from_a_mergekit_config(adapted: tuple[str, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+def test_cli_bakes_the_adapter_from_a_mergekit_config(adapted: tuple[str, dict[str, torch.Tensor]],
+                                                      tmp_path: Path) -> None:
     ref, folded = adapted
     config = tmp_path / "bake.yml"
     config.write_text(f"merge_method: task_arithmetic\nbase_model: {ref}\nmodels:\n  - model: {ref}\n"
@@ -177,11 +189,12 @@ def test_a_slice_ignores_a_base_it_does_not_name_for_methods_without_one(method:
     streammerge.merge(plan, tmp_path / "out", quiet=True)
     got = load_output(tmp_path / "out")
     t1, t2 = fp32_family.tensors[fp32_family.models[0]], fp32_family.tensors[fp32_family.models[1]]
-    want = {"model.embed_tokens.weight": t1["model.embed_tokens.weight"], "model.norm.weight": t2["model.norm.weight"],
-            "lm_head.weight": t2["lm_head.weight"]}
+    want = {"model.embed_tokens.weight": t1["model.embed_tokens.weight"],
+            "model.norm.weight": t2["model.norm.weight"], "lm_head.weight": t2["lm_head.weight"]}
     for out_layer, (t, layer) in enumerate([(t1, 0), (t1, 1), (t2, 1), (t2, 2)]):
         prefix = f"model.layers.{layer}."
-        want |= {k.replace(prefix, f"model.layers.{out_layer}."): v for k, v in t.items() if k.startswith(prefix)}
+        want |= {k.replace(prefix, f"model.layers.{out_layer}."): v
+                 for k, v in t.items() if k.startswith(prefix)}
     assert set(got) == set(want) and [k for k in want if not torch.equal(got[k], want[k])] == []
 
 
@@ -192,5 +205,6 @@ def test_a_slice_without_its_base_is_refused(method: str, fp32_family: Family, t
         {"model": m, "layer_range": [0, 3], "parameters": {"weight": 0.5}} for m in (m1, m2)]}]}
     with pytest.raises(PlanError) as err:
         streammerge.merge(plan, tmp_path / "out", quiet=True)
-    assert str(err.value) == (f"slices[0]: base_model {base} is not one of the slice's sources: add it, with the slice's "
-                              "layer_range, as mergekit 0.1.5 requires")
+    assert str(err.value) == (f"slices[0]: base_model {base} is not one of the slice's sources: "
+                              "add it, with the slice's layer_range, as mergekit 0.1.5 requires")
+

@@ -252,7 +252,8 @@ def test_adapter_plans_are_validated(plan: dict, message: str, fp32_family: Fami
         streammerge.merge(full, tmp_path / "out", quiet=True)
 
 
-def test_a_fold_is_rounded_to_the_base_dtype_as_mergekit_hands_it_on(bf16_family: Family, tmp_path: Path) -> None:
+def test_a_fold_is_rounded_to_the_base_dtype_as_mergekit_hands_it_on(bf16_family: Family,
+                                                                     tmp_path: Path) -> None:
     """mergekit folds `model+adapter` with PEFT into the model as stored (bf16 here) and merges that,
     so a float32 merge of it sees W + ΔW rounded to bf16, not the float32 sum."""
     from comparison import differing
@@ -261,9 +262,12 @@ def test_a_fold_is_rounded_to_the_base_dtype_as_mergekit_hands_it_on(bf16_family
     base = bf16_family.tensors[bf16_family.base]
     deltas = write_lora(tmp_path / "lora", "llama", base, seed=3)
     model = {"model": f"{bf16_family.base}+{tmp_path / 'lora'}", "parameters": {"weight": 1.0}}
-    streammerge.merge({"merge_method": "linear", "dtype": "float32", "models": [model]}, tmp_path / "out", quiet=True)
+    streammerge.merge({"merge_method": "linear", "dtype": "float32", "models": [model]}, tmp_path / "out",
+                      quiet=True)
     got = load_output(tmp_path / "out")
     wide = {n: (base[n].double() + d).float() for n, d in deltas.items()}
-    assert any(not torch.equal(w, w.bfloat16().float()) for w in wide.values())  # the float32 sums need rounding
+    # The float32 sums need rounding.
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in wide.values())
+
     assert all(torch.equal(got[n], got[n].bfloat16().float()) for n in deltas)
     assert differing({n: got[n].bfloat16() for n in deltas}, {n: w.bfloat16() for n, w in wide.items()}) == 0

@@ -132,8 +132,8 @@ def test_options_streammerge_already_does_get_one_note(args: list[str], note: st
                              "CUDA_VISIBLE_DEVICES=1 and --device cuda"),
     (["--device", "mps"], "--device mps: streammerge runs its kernels on cpu or cuda; "
                           "use --device cpu, cuda or auto"),
-    (["--no-safe-serialization"], "--no-safe-serialization: streammerge writes safetensors only (no pickled .bin "
-                                  "output); drop the option"),
+    (["--no-safe-serialization"], "--no-safe-serialization: streammerge writes safetensors only "
+                                  "(no pickled .bin output); drop the option"),
 ])
 def test_what_streammerge_cannot_do_is_refused(args: list[str], message: str) -> None:
     with pytest.raises(PlanError) as e:
@@ -355,7 +355,9 @@ def test_console_scripts_and_core_dependencies() -> None:
     loaded = {name: getattr(importlib.import_module(module), attr) for name, (module, attr) in entry.items()}
     assert loaded["streammerge-yaml"] is yaml_main and loaded["streammerge-multi"] is multi_main
     assert "tokenizers>=0.15" in project["dependencies"]
-    assert project["optional-dependencies"]["tokenizer"] == ["tokenizers>=0.15"]  # the old extra still installs
+    # The old extra still installs.
+    assert project["optional-dependencies"]["tokenizer"] == ["tokenizers>=0.15"]
+
 
 
 def test_streammerge_yaml_runs_as_a_program(fp32_family: Family, tmp_path: Path) -> None:

@@ -237,7 +237,9 @@ def test_multislerp_balanced_opposite_directions_fail(fp32_family: Family, tmp_p
     (lambda f: {"merge_method": "nuslerp", "models": _models(f.models, [1, 1, 1])}, "at most 2 models"),
     (lambda f: {"merge_method": "nuslerp", "base_model": str(f.models[0]), "models": _models(f.models[:2], [1, 1])},
      "at least 2 model"),
-    (lambda f: {"merge_method": "nuslerp", "models": _models(f.models[:2], [1, 1]), "parameters": {"nuslerp_flatten": 2}},
+    (lambda f: {"merge_method": "nuslerp", "models": _models(f.models[:2], [1, 1]),
+                "parameters": {"nuslerp_flatten": 2}},
+
      "true or false"),
     (lambda f: {"merge_method": "multislerp", "models": _models(f.models[:2], [1, -1])}, "sum to 0"),
     (lambda f: {"merge_method": "multislerp", "models": _models(f.models[:2], [1, 1]), "parameters": {"eps": -1e-8}},

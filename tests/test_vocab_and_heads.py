@@ -164,7 +164,9 @@ def test_truncate_gives_mergekits_truncated_output(case: str, tmp_path: Path,
     # its truncated output is bit for bit streammerge's merge of the inputs truncated beforehand
     assert max((got[n].double() - gold[n].double()).abs().max().item() for n in gold) < 1e-6
     grown = GOLDEN / "models" / "ft2_grown"
-    tensors = {n: v[:120] if n in VOCAB else v for n, v in load_file(str(grown / "model.safetensors")).items()}
+    tensors = {n: v[:120] if n in VOCAB else v
+               for n, v in load_file(str(grown / "model.safetensors")).items()}
+
     cut = write_checkpoint(tmp_path / "cut", tensors, json.loads((grown / "config.json").read_text()))
     plan = yaml.safe_load(config.read_text())
     plan["models"][2]["model"] = str(cut)

@@ -1,1 +1,3 @@
-"""Command lines of other tools, translated into streammerge calls (mergekit_cli: mergekit-yaml, mergekit-multi)."""
+"""Command lines of other tools, translated into streammerge calls (mergekit_cli: mergekit-yaml,
+mergekit-multi)."""
+

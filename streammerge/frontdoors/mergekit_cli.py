@@ -90,7 +90,8 @@ OPTIONS = [
                  help="Accepted; one writer thread runs behind the merge."),
 ]
 NAMES = frozenset((
-    "allow_crimes", "unsafe_truncate_embeddings", "transformers_cache", "lora_merge_cache", "lora_merge_dtype",
+    "allow_crimes", "unsafe_truncate_embeddings", "transformers_cache", "lora_merge_cache",
+    "lora_merge_dtype",
     "cuda", "low_cpu_memory", "out_shard_size", "copy_tokenizer", "clone_tensors", "trust_remote_code",
     "random_seed", "lazy_unpickle", "write_model_card", "safe_serialization", "verbosity", "read_to_gpu",
     "multi_gpu", "num_threads", "gpu_rich", "async_write", "write_threads"))
@@ -104,17 +105,21 @@ _ALREADY = {
     "read_to_gpu": "--read-to-gpu: streammerge reads into host buffers and, on CUDA, moves each chunk to the "
                    "GPU as it merges it",
     "multi_gpu": "--multi-gpu: streammerge merges one chunk at a time on one device; a second GPU would idle",
-    "async_write": "--async-write: streammerge already writes in a thread of its own, behind the merge",
-    "write_threads": "--write-threads: streammerge writes with one thread behind the merge; the disk, not the "
-                     "thread count, bounds it",
+    "async_write": "--async-write: streammerge already writes in a thread of its own, "
+                   "behind the merge",
+    "write_threads": "--write-threads: streammerge writes with one thread behind the merge; "
+                     "the disk, not the thread count, bounds it",
+
     "clone_tensors": "--clone-tensors: streammerge writes every output tensor from its own buffer; repeated "
                      "layers need no clone",
     "trust_remote_code": "--trust-remote-code: streammerge reads config.json and tensors only and never runs "
                          "code from a checkpoint; there is nothing to trust",
     "lora_merge_cache": "--lora-merge-cache: streammerge folds LoRA adapters into their base as it reads it "
                         "and stores no merged copy; nothing is cached",
-    "lora_merge_dtype": "--lora-merge-dtype: streammerge adds an adapter's update to the base in float32 as it "
-                        "reads it (no merged copy is written in any dtype); the option has no effect",
+    "lora_merge_dtype": "--lora-merge-dtype: streammerge adds an adapter's update to the base in "
+                        "float32 as it reads it (no merged copy is written in any dtype); "
+                        "the option has no effect",
+
     "verbosity": "-v: streammerge has one level of output (notes and a summary; --quiet silences them)",
     "gpu_rich": "--gpu-rich: taken as --cuda; streammerge already streams (see --low-cpu-memory, "
                 "--read-to-gpu, --multi-gpu)",

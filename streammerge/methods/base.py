@@ -197,7 +197,9 @@ class MergeMethod:
     paper: str
     passes: tuple[StatPass, ...] | Callable[[TensorParams], tuple[StatPass, ...]] = ()  # a function: passes depend on parameters
     models_exactly: int | None = None  # counting the base, when the method takes one
-    min_models: int = 1  # not counting the base; 0: with none, the output is the base (as mergekit returns it)
+    # Not counting the base; 0: with none, the output is the base (as mergekit returns it).
+    min_models: int = 1
+
     max_models: int | None = None  # not counting the base
     check: Callable[[TensorParams], str | None] | None = None  # rules across parameters: what is wrong, or None
     doc: str = field(default="", compare=False)

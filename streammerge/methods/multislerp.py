@@ -10,7 +10,7 @@ from streammerge.errors import PlanError
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats
 from streammerge.methods.reductions import as_norm, as_sum, squares
 from streammerge.methods.registry import register
-from streammerge.methods.sphere import GRAM, combine, vectors
+from streammerge.methods.sphere import GRAM, combine, norms_collect, vectors
 
 
 def _weights(chunk: Chunk, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -66,12 +66,6 @@ def _tangent(chunk: Chunk, stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, _weighted_sum(units - stats["dots"].view(-1, 1, 1) * mean, stats)
 
 
-def _norms_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    if chunk.wide:
-        return GRAM.collect(chunk, stats)
-    return {"squares": chunk.per_row(torch.stack([squares(v).sum(1) for v in vectors(chunk, None)]))}
-
-
 def _norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
     if "squares" not in totals:
         return GRAM.finish(totals, chunk, stats)
@@ -113,7 +107,7 @@ def _spherical(stats: Stats) -> bool:
 
 
 # wide: one Gram pass; auto: the norms, the mean's norm, the dot products, the tangent's norm
-_PASSES = (StatPass(_norms_collect, _norms_finish),
+_PASSES = (StatPass(norms_collect, _norms_finish),
            StatPass(_mean_collect, _mean_finish, when=lambda stats: "norms" in stats),
            StatPass(_dots_collect, _dots_finish, when=_spherical),
            StatPass(_tangent_collect, _tangent_finish, when=_spherical))

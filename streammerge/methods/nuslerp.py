@@ -9,7 +9,7 @@ import torch
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.reductions import as_norm, as_sum, squares
 from streammerge.methods.registry import register
-from streammerge.methods.sphere import GRAM, combine, pairwise, vectors
+from streammerge.methods.sphere import GRAM, combine, norms_collect, pairwise, vectors
 
 
 def _layout(chunk: Chunk) -> str:
@@ -24,12 +24,9 @@ def _layout(chunk: Chunk) -> str:
 
 
 def _norms_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    """For a whole-tensor vector: the Gram matrix (wide), else the squares torch's norm sums."""
-    if _layout(chunk) != "whole":
-        return {}
-    if chunk.wide:
-        return GRAM.collect(chunk, stats)
-    return {"squares": chunk.per_row(torch.stack([squares(v).sum(1) for v in vectors(chunk, None)]))}
+    """Whole-tensor vectors only: vectors along the last dim lie inside each chunk row, where the
+    merge takes their norms itself."""
+    return norms_collect(chunk, stats) if _layout(chunk) == "whole" else {}
 
 
 def _norms_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:

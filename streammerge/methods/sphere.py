@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from streammerge.methods.base import Chunk, StatPass, Stats
+from streammerge.methods.reductions import squares
 
 
 def vectors(chunk: Chunk, dtype: torch.dtype | None = torch.float64) -> list[torch.Tensor]:
@@ -40,6 +41,14 @@ def _gram_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) ->
 
 
 GRAM = StatPass(_gram_collect, _gram_finish)  # stats["gram"]: the n×n float64 Gram matrix of the whole tensor
+
+
+def norms_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    """Each input's squared norm as per-row partials in the chunk's dtype, as torch's norm sums them
+    ("squares"); on a wide chunk, GRAM's Gram matrix instead."""
+    if chunk.wide:
+        return GRAM.collect(chunk, stats)
+    return {"squares": chunk.per_row(torch.stack([squares(v).sum(1) for v in vectors(chunk, None)]))}
 
 
 def combine(chunk: Chunk, coefs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -24,9 +24,10 @@ ParamValue = Union[Scalar, Gradient, list[Conditional], Conditional]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
-NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device", "max_gpu_memory", "vocab_policy",
-               "select", "cache_dir", "allow_nonfinite", "adapters", "adapter_output", "allow_crimes", "copy_tokenizer",
-               "write_model_card")
+NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
+               "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
+               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card")
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 

@@ -40,7 +40,8 @@ def grown_model() -> Path:
     tokenizer = json.loads((SOURCE / "tokenizer.json").read_text())
     first = len(tokenizer["model"]["vocab"])
     tokenizer["added_tokens"] += [{"id": first + i, "content": t, "single_word": False, "lstrip": False,
-                                   "rstrip": False, "normalized": False, "special": True} for i, t in enumerate(ADDED)]
+                                   "rstrip": False, "normalized": False, "special": True}
+                                  for i, t in enumerate(ADDED)]
     (out / "tokenizer.json").write_text(json.dumps(tokenizer))
     shutil.copy(SOURCE / "tokenizer_config.json", out / "tokenizer_config.json")
     return out
@@ -52,8 +53,11 @@ def golden(case: Path, mergekit: str) -> None:
     out = case / "golden"
     shutil.rmtree(out, ignore_errors=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([mergekit, str(case / "config.yml"), str(out), "--random-seed", "42", "--no-copy-tokenizer",
-                    "--no-write-model-card", *truncate], cwd=HERE, env=env, check=True)
+    subprocess.run([mergekit, str(case / "config.yml"), str(out), "--random-seed", "42",
+                    "--no-copy-tokenizer", "--no-write-model-card", *truncate],
+                   cwd=HERE, env=env, check=True)
+
+
     for extra in out.iterdir():  # only the tensors are compared
         if extra.is_dir():
             shutil.rmtree(extra)
