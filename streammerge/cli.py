@@ -143,7 +143,6 @@ def _report(result: MergeResult, quiet: bool) -> None:
         click.echo(f"{result.output} already holds this merge's finished output (same plan and inputs; "
                    "streammerge verify checks its bytes); nothing to do. --overwrite merges it again",
                    err=True)
-
         return
     gpu = ("" if result.peak_gpu_bytes is None
            else f", peak GPU memory {result.peak_gpu_bytes / 2**30:.2f} GiB")
@@ -151,8 +150,6 @@ def _report(result: MergeResult, quiet: bool) -> None:
                f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s "
                f"({result.sync_seconds:.1f} s of it syncing to disk); device: {result.device}{gpu}",
                err=True)
-
-
 
 
 @main.command("plan", cls=mergekit_cli.MergekitHelp)
