@@ -15,3 +15,7 @@ class CheckpointError(StreamMergeError):
 
 class OutputError(StreamMergeError):
     """The output location cannot be written as asked."""
+
+
+class MissingExtraError(StreamMergeError):
+    """An optional package is needed: the message names the extra to install."""

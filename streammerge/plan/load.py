@@ -217,6 +217,12 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
+def resolve_model(ref: str, cache_dir: str | None = None) -> str:
+    """A model reference as a plan takes it (a directory, ``org/name[@revision]``, ``X+adapter``),
+    as local directories: ``dir`` or ``dir+adapter_dir``."""
+    return _resolve(ref, Path.cwd(), "model", ref, cache_dir)
+
+
 def _resolve(ref: str, root: Path, key: str, where: str, cache_dir: str | None) -> str:
     model, adapter = split_reference(ref)
     if adapter is not None:  # mergekit's `model+adapter`: a LoRA adapter folded into the model
