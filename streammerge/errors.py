@@ -15,3 +15,7 @@ class CheckpointError(StreamMergeError):
 
 class OutputError(StreamMergeError):
     """The output location cannot be written as asked."""
+
+
+class DataError(StreamMergeError):
+    """Evaluation or calibration data is missing, empty or unreadable: the message names the source and the fix."""
