@@ -37,8 +37,8 @@ def write_parquet(path: Path, columns: dict[str, list]) -> Path:
 # --- reading documents ---------------------------------------------------------------------------
 
 def test_txt_is_one_document_exactly_as_stored(tmp_path: Path) -> None:
-    text = "First paragraph.\n\n = Heading = \n\nSecond, with ünïcode.\n"
-    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    text = "First paragraph.\r\n\r\n = Heading = \n\nSecond, with ünïcode.\n"
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-8"))
     assert read_documents(str(tmp_path / "a.txt")) == [text]
 
 
@@ -49,6 +49,9 @@ def test_jsonl_default_and_custom_field_keep_empty_documents(tmp_path: Path) -> 
     path.write_text(json.dumps(records[0]) + "\n\n" + "\n".join(map(json.dumps, records[1:])) + "\n\n")
     assert read_documents(str(path)) == ["one", "", " three "]
     assert read_documents(str(path), text_field="body") == ["x", "y", ""]
+    # a line separator (U+2028) and a "\r\n" line end inside and after a record
+    (tmp_path / "u.jsonl").write_text('{"text": "a\u2028b"}\r\n{"text": "c"}\r\n', encoding="utf-8")
+    assert read_documents(str(tmp_path / "u.jsonl")) == ["a\u2028b", "c"]
 
 
 def test_json_list_of_objects_or_strings(tmp_path: Path) -> None:
@@ -123,8 +126,10 @@ def test_local_dataset_directory_and_dataset_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("write, message", [
     (lambda p: p.with_suffix(".csv").write_text("a,b"), "unknown data format '.csv'; give a .txt, "
      ".jsonl, .json, .parquet file or a dataset as name[:config]:split"),
-    (lambda p: p.with_suffix(".txt").write_text(""), "empty data (1 empty document); give text to evaluate on"),
-    (lambda p: p.with_suffix(".jsonl").write_text("\n\n"), "empty data (no documents); give text to evaluate on"),
+    (lambda p: p.with_suffix(".txt").write_text(""),
+     "empty data (1 empty document); give text to evaluate on"),
+    (lambda p: p.with_suffix(".jsonl").write_text("\n\n"),
+     "empty data (no documents); give text to evaluate on"),
     (lambda p: write_jsonl(p.with_suffix(".jsonl"), [{"text": ""}, {"text": ""}]),
      "empty data (2 empty documents); give text to evaluate on"),
     (lambda p: p.with_suffix(".json").write_text("[]"), "empty data (no documents)"),
@@ -212,7 +217,8 @@ def test_protocol_describes_itself() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"seqlen": 1}, "seqlen=1 is too short: a window scores its positions 1..seqlen-1 (use --seqlen 2 or more)"),
+    ({"seqlen": 1},
+     "seqlen=1 is too short: a window scores its positions 1..seqlen-1 (use --seqlen 2 or more)"),
     ({"seqlen": 8, "stride": 0}, "stride=0 is out of range: windows of seqlen=8 tokens need "
      "1 <= stride <= 8 (use --stride S in that range)"),
     ({"seqlen": 8, "stride": 9}, "stride=9 is out of range: windows of seqlen=8 tokens need "
@@ -230,7 +236,8 @@ def test_text_shorter_than_one_window() -> None:
     for stride in (None, 3):
         with pytest.raises(DataError) as e:
             cut_windows(torch.arange(7), Protocol(seqlen=8, stride=stride))
-        assert str(e.value) == "data has 7 tokens; one window needs seqlen=8 (use --seqlen 7 or less, or more text)"
+        assert str(e.value) == ("data has 7 tokens; one window needs seqlen=8 "
+                                "(use --seqlen 7 or less, or more text)")
     with pytest.raises(DataError) as e:
         cut_windows(torch.arange(0), Protocol(seqlen=8))
     assert str(e.value) == "data has 0 tokens; one window needs seqlen=8 (give more text)"
@@ -291,17 +298,20 @@ def test_windows_equal_the_published_loops(n: int, seqlen: int, stride: int) -> 
     for samples in (1, 2, 100):
         assert (scored(cut_windows(ids, Protocol(seqlen=seqlen, stride=stride, samples=samples)))
                 == hf_reference(n, seqlen, stride)[:samples])
-        assert scored(cut_windows(ids, Protocol(seqlen=seqlen, samples=samples))) == gptq_reference(n, seqlen)[:samples]
+        assert (scored(cut_windows(ids, Protocol(seqlen=seqlen, samples=samples)))
+                == gptq_reference(n, seqlen)[:samples])
 
 
 def test_stride_equal_to_seqlen_is_non_overlapping_plus_the_tail() -> None:
     ids = torch.arange(10)
     # a multiple of seqlen: the same windows as the GPTQ protocol
-    assert scored(cut_windows(ids[:8], Protocol(seqlen=4, stride=4))) == scored(cut_windows(ids[:8], Protocol(seqlen=4)))
+    assert (scored(cut_windows(ids[:8], Protocol(seqlen=4, stride=4)))
+            == scored(cut_windows(ids[:8], Protocol(seqlen=4))))
     # otherwise the tail is a last, shorter window; each window's first token is never scored
     assert scored(cut_windows(ids, Protocol(seqlen=4, stride=4))) == [
         ([0, 1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7], [5, 6, 7]), ([8, 9], [9])]
-    assert scored(cut_windows(ids, Protocol(seqlen=4))) == [([0, 1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7], [5, 6, 7])]
+    assert scored(cut_windows(ids, Protocol(seqlen=4))) == [([0, 1, 2, 3], [1, 2, 3]),
+                                                           ([4, 5, 6, 7], [5, 6, 7])]
     # a 1-token tail scores nothing and is not a window
     assert len(cut_windows(ids[:9], Protocol(seqlen=4, stride=4))) == 2
 

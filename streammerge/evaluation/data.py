@@ -15,7 +15,8 @@ from streammerge.errors import DataError
 
 EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 # name[:config]:split; a split may carry a slice such as train[:10%] (the one place a ':' may sit).
-_DATASET = re.compile(r"^(?P<name>[^:\[\]]+?)(?::(?P<config>[^:\[\]]+))?:(?P<split>[^:\[\]]+(?:\[[^\]]*\])?)$")
+_DATASET = re.compile(r"^(?P<name>[^:\[\]]+?)(?::(?P<config>[^:\[\]]+))?"
+                      r":(?P<split>[^:\[\]]+(?:\[[^\]]*\])?)$")
 _INSTALL = "pip install 'streammerge[data]'"
 
 
@@ -51,8 +52,8 @@ def read_documents(source: str, text_field: str = "text") -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
+    try:  # bytes decoded as they are: text mode would turn "\r\n" into "\n" and change the tokens
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
@@ -81,7 +82,8 @@ def _string(value: Any, where: str, text_field: str, source: object) -> str:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs: list[str] = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    # split on "\n" only: str.splitlines also splits at U+2028, which a JSON string may hold unescaped
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():  # blank lines (a trailing newline, a separator) hold no record
             continue
         try:
