@@ -126,6 +126,8 @@ def test_local_dataset_directory_and_dataset_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("write, message", [
     (lambda p: p.with_suffix(".csv").write_text("a,b"), "unknown data format '.csv'; give a .txt, "
      ".jsonl, .json, .parquet file or a dataset as name[:config]:split"),
+    (lambda p: p.write_text("a"), "unknown data format (no extension); give a .txt, "
+     ".jsonl, .json, .parquet file or a dataset as name[:config]:split"),
     (lambda p: p.with_suffix(".txt").write_text(""),
      "empty data (1 empty document); give text to evaluate on"),
     (lambda p: p.with_suffix(".jsonl").write_text("\n\n"),

@@ -1,7 +1,7 @@
 """Evaluation documents from a file or a Hugging Face dataset, as a list of strings.
 
 Documents are returned exactly as stored, empty ones included: the WikiText protocol joins every
-row of the split (about a third of them empty) with "\\n\\n", and dropping them changes the tokens.
+row of the split (many of them empty) with "\\n\\n", and dropping them changes the tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def read_documents(source: str, text_field: str = "text") -> list[str]:
         elif suffix == ".parquet":
             docs = _read_parquet(path, text_field)
         else:
-            raise DataError(f"{source}: unknown data format {suffix or '(no extension)'!r}; "
+            raise DataError(f"{source}: unknown data format {repr(suffix) if suffix else '(no extension)'}; "
                             f"give a {', '.join(EXTENSIONS)} file or a dataset as name[:config]:split")
     elif not path.exists() and (m := _DATASET.match(source)):
         docs = _read_dataset(source, m["name"], m["config"], m["split"], text_field)
