@@ -19,3 +19,7 @@ class OutputError(StreamMergeError):
 
 class MissingExtraError(StreamMergeError):
     """An optional package is needed: the message names the extra to install."""
+
+
+class DataError(StreamMergeError):
+    """Evaluation or calibration data is missing, empty or unreadable: the message names the source and the fix."""
