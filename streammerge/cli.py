@@ -13,29 +13,20 @@ from streammerge import __version__
 from streammerge.api import merge, merge_stages, schedule
 from streammerge.engine import MergeResult
 from streammerge.errors import StreamMergeError
+from streammerge.cli_common import Size, fail
+from streammerge.evaluation.commands import eval_command
 from streammerge.frontdoors import mergekit_cli
 from streammerge.methods import get_method, method_names
 from streammerge.plan.load import read_documents
-from streammerge.plan.schema import parse_size
-
-
-class _Size(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
 
 
 _plan_options = [
-    click.option("--shard-size", type=_Size(), help="Largest output shard, e.g. 5GB (default) or 500MB."),
-    click.option("--max-memory", type=_Size(), help="Peak memory budget, e.g. 2GiB; chunks are sized to fit it."),
+    click.option("--shard-size", type=Size(), help="Largest output shard, e.g. 5GB (default) or 500MB."),
+    click.option("--max-memory", type=Size(), help="Peak memory budget, e.g. 2GiB; chunks are sized to fit it."),
     click.option("--chunk-size", type=click.IntRange(min=1), help="Elements per chunk (rounded to whole rows); overrides --max-memory."),
     click.option("--compute-dtype", type=click.Choice(["auto", "float32", "float64"]),
                  help="auto: as mergekit (the plan's dtype); float32/float64: compute wide and round once at the end."),
-    click.option("--max-gpu-memory", type=_Size(),
+    click.option("--max-gpu-memory", type=Size(),
                  help="GPU memory for working chunks, e.g. 8GiB (default: 80% of the free GPU memory); a tensor that runs "
                       "out of GPU memory is merged again in smaller chunks."),
     click.option("--seed", type=int, help="Seed for random methods (dare_*, della*); the same seed gives the same bytes."),
@@ -67,11 +58,6 @@ def _add(options: list) -> Any:
 
 def _warn(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     click.echo(f"warning: {message}", err=True)
-
-
-def _fail(e: StreamMergeError) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,12 +93,12 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
     are accepted too (listed last).
     """
     if out is not None and output is not None and out != output:
-        _fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
+        fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
     overrides = _translated(options, quiet)
     try:
         result = merge(plan, output or out, overwrite=overwrite, restart=restart, quiet=quiet, **overrides)
     except StreamMergeError as e:
-        _fail(e)
+        fail(e)
     _report(result, quiet)
 
 
@@ -123,7 +109,7 @@ def _translated(options: dict[str, Any], quiet: bool) -> dict[str, Any]:
     try:
         translation = mergekit_cli.translate(given, options)
     except StreamMergeError as e:
-        _fail(e)
+        fail(e)
     if not quiet:
         for note in translation.notes:
             click.echo(f"note: {note}", err=True)
@@ -165,7 +151,7 @@ def plan_command(plan: Path, **options: Any) -> None:
     try:
         sched = schedule(plan, **overrides)
     except StreamMergeError as e:
-        _fail(e)
+        fail(e)
     try:
         click.echo(describe(sched))
     finally:
@@ -193,7 +179,7 @@ def yaml_main(config_file: Path, out_path: Path, overwrite: bool, restart: bool,
     try:
         result = merge(config_file, out_path, overwrite=overwrite, restart=restart, quiet=quiet, **overrides)
     except StreamMergeError as e:
-        _fail(e)
+        fail(e)
     _report(result, quiet)
 
 
@@ -226,7 +212,7 @@ def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path,
         results = merge_stages(config_file, stages, overwrite=overwrite or not lazy, restart=restart,
                                quiet=quiet, **overrides)
     except StreamMergeError as e:
-        _fail(e)
+        fail(e)
     for result in results:
         if result is not None:
             _report(result, quiet)
@@ -257,6 +243,8 @@ def methods() -> None:
             default = "required" if p.required else f"default {p.default}"
             click.echo(f"    {p.name:<10} {'per model' if p.per_model else 'global':<9} {default:<14} {p.doc}")
 
+
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

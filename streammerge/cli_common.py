@@ -1,0 +1,26 @@
+"""What every command line shares: sizes as options, and errors printed as one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from streammerge.errors import StreamMergeError
+from streammerge.plan.schema import parse_size
+
+
+class Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def fail(e: StreamMergeError) -> NoReturn:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
