@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up streammerge and its test dependencies on a fresh machine.
+# Set up streammerge, every optional extra and the test dependencies on a fresh machine.
 # torch first: the pinned CPU wheel where no torch is installed (a bare `torch` requirement would
 # pull several GB of CUDA packages); an installed torch is left as it is.
 set -euo pipefail
@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install --quiet torch==2.13.0
 fi
-"$PY" -m pip install --quiet -e ".[test]"
+"$PY" -m pip install --quiet -e ".[test,eval,data,plot]"
 "$PY" -c "import torch, streammerge; print(f'streammerge {streammerge.__version__} with torch {torch.__version__}')"

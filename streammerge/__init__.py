@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from streammerge.api import merge, schedule  # noqa: E402
 from streammerge.errors import StreamMergeError  # noqa: E402
+from streammerge.evaluation.evaluate import EvalResult, evaluate  # noqa: E402
 from streammerge.plan import MergePlan, load_plan  # noqa: E402
 
-__all__ = ["MergePlan", "StreamMergeError", "__version__", "load_plan", "merge", "schedule"]
+__all__ = ["EvalResult", "MergePlan", "StreamMergeError", "__version__", "evaluate", "load_plan", "merge", "schedule"]

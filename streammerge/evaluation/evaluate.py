@@ -157,14 +157,14 @@ def evaluate(model: str | Path, data: str | Path | list[str] | None = None, *, s
     started = time.perf_counter()
     with PeakRss() as peak:
         model_dir, checkpoint = open_model(model, cache_dir)
-        try:
-            tokenizer = load_tokenizer(model_dir)
-            windows: list[Window] = []
-            if data is not None:  # the data is checked before any weight is read
-                documents = list(data) if isinstance(data, list) else read_documents(str(data), text_field)
-                windows = cut_windows(tokenize(tokenizer, documents, protocol.join), protocol)
+        try:  # the architecture, tokenizer and data are checked before any layer is read
             stream = LayerStream(model_dir, checkpoint, dtype=_run_dtype(checkpoint, dtype), activation_budget=0,
                                  spill_dir=spill_dir, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(model_dir)
+            windows: list[Window] = []
+            if data is not None:
+                documents = list(data) if isinstance(data, list) else read_documents(str(data), text_field)
+                windows = cut_windows(tokenize(tokenizer, documents, protocol.join), protocol)
             stream.activation_budget = (activation_budget if activation_budget is not None
                                         else _activation_budget(stream, max_memory))
             stream.progress = progress
@@ -174,6 +174,8 @@ def evaluate(model: str | Path, data: str | Path | list[str] | None = None, *, s
         finally:
             checkpoint.close()
     nll = total / count if count else None
-    return EvalResult(str(model), math.exp(nll) if nll is not None else None, nll, count, len(windows), seqlen,
-                      time.perf_counter() - started, peak.bytes, protocol.as_dict(), str(stream.skeleton.dtype)
-                      .removeprefix("torch."), stream.spilled_bytes, generations)
+    return EvalResult(
+        model=str(model), perplexity=None if nll is None else math.exp(nll), nll=nll, tokens=count,
+        windows=len(windows), seqlen=seqlen, seconds=time.perf_counter() - started, peak_rss_bytes=peak.bytes,
+        protocol=protocol.as_dict(), dtype=str(stream.skeleton.dtype).removeprefix("torch."),
+        spilled_bytes=stream.spilled_bytes, generations=generations)

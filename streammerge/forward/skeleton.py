@@ -80,16 +80,20 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool 
     if "auto_map" in raw and not trust_remote_code:
         raise CheckpointError(f"{model_dir}/config.json: this architecture needs the checkpoint's own modeling code "
                               "(auto_map); streammerge runs no code from a checkpoint unless --trust-remote-code is given")
-    model_type = raw.get("model_type")
+    where = f"{model_dir}/config.json"
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        config.use_cache = False
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: model_type {raw.get('model_type')!r} is not an architecture transformers "
+                              f"{transformers.__version__} knows; a newer transformers may (pip install -U "
+                              f"transformers)") from None
+    config.use_cache = False
+    try:
         model = _meta_model(transformers, config, dtype, trust_remote_code)
     except (ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{model_dir}/config.json: transformers {transformers.__version__} cannot build a causal "
-                              f"LM for model_type {model_type!r} ({first}); upgrade transformers, or this is not "
-                              "a text generation model") from None
+        raise CheckpointError(f"{where}: transformers has no causal LM for {type(config).__name__} ({first}); "
+                              "only text generation models can be run") from None
     model.eval()
     return _parts(model, model_dir, dtype)
 
