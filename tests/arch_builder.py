@@ -162,7 +162,6 @@ def build_model(root: Path, family: str, seed: int = 0, dtype: torch.dtype = tor
     cfg = tiny_config(family, family_vocab(family, vocab))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.generation_config.pad_token_id = PAD
     path = root / family
     model.save_pretrained(path, safe_serialization=True)
     if family == "qwen2":
