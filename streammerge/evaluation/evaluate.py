@@ -30,7 +30,7 @@ from streammerge.lora.overlay import open_checkpoints
 from streammerge.lora.reference import split_reference
 from streammerge.plan.load import resolve_model
 
-_BATCH_TOKENS = 2048  # tokens run through a layer at once: bounds the layer's working memory
+BATCH_TOKENS = 2048  # tokens run through a layer at once by default: bounds a layer's working memory
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,12 +83,12 @@ def _run_dtype(checkpoint: Source, dtype: str) -> torch.dtype:
     return floats.most_common(1)[0][0] if floats else torch.float32  # as stored, as from_pretrained loads it
 
 
-def _activation_budget(stream: LayerStream, max_memory: int | None) -> int:
+def _activation_budget(stream: LayerStream, max_memory: int | None, batch_tokens: int) -> int:
     """What the activations may hold in memory: the budget left after the process as it stands, two
     layers (one running, one being read) and a batch's working memory."""
     text = stream.skeleton.model.config.get_text_config()
     width = max(text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size)
-    fixed = psutil.Process().memory_info().rss + 2 * stream.layer_bytes() + 4 * _BATCH_TOKENS * width * 4
+    fixed = psutil.Process().memory_info().rss + 2 * stream.layer_bytes() + 4 * batch_tokens * width * 4
     if max_memory is None:
         return psutil.virtual_memory().available // 2
     if max_memory < fixed:
@@ -98,21 +98,22 @@ def _activation_budget(stream: LayerStream, max_memory: int | None) -> int:
     return max_memory - fixed
 
 
-def _batches(windows: list[Window]) -> list[list[int]]:
-    """Window indices grouped into batches of one length and about _BATCH_TOKENS tokens."""
+def _batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
+    """Window indices grouped into batches of one length and at most ``batch_tokens`` tokens (at
+    least one window)."""
     by_length: dict[int, list[int]] = {}
     for i, w in enumerate(windows):
         by_length.setdefault(len(w.ids), []).append(i)
     out = []
     for length, idx in by_length.items():
-        size = max(1, _BATCH_TOKENS // length)
+        size = max(1, batch_tokens // length)
         out += [idx[k:k + size] for k in range(0, len(idx), size)]
     return out
 
 
-def score(stream: LayerStream, windows: list[Window]) -> tuple[float, int]:
+def score(stream: LayerStream, windows: list[Window], batch_tokens: int = BATCH_TOKENS) -> tuple[float, int]:
     """The summed NLL (nats, float64) of every window's scored positions, and their count."""
-    groups = _batches(windows)
+    groups = _batches(windows, batch_tokens)
     batches = [Batch(torch.stack([windows[i].ids for i in g])) for g in groups]
     positions, targets = [], []
     for g in groups:
@@ -146,11 +147,11 @@ def evaluate(model: str | Path, data: str | Path | list[str] | None = None, *, s
              prompts: list[str] | tuple[str, ...] = (), max_new_tokens: int = 32, dtype: str = "auto",
              max_memory: int | None = None, trust_remote_code: bool = False, cache_dir: str | None = None,
              spill_dir: str | None = None, activation_budget: int | None = None,
-             progress: bool = False) -> EvalResult:
+             batch_tokens: int = BATCH_TOKENS, progress: bool = False) -> EvalResult:
     """Perplexity of ``model`` on ``data`` (a file, a dataset as ``name[:config]:split``, or a list of
     documents) under the protocol ``seqlen``/``stride``/``samples``, and greedy continuations of
     ``prompts``. ``activation_budget`` (bytes of activations kept in memory) overrides what
-    ``max_memory`` leaves for them."""
+    ``max_memory`` leaves for them; ``batch_tokens`` is how many tokens run through a layer at once."""
     if data is None and not prompts:
         raise DataError("nothing to evaluate: give data to score (--data) or prompts to continue (--prompt)")
     protocol = Protocol(seqlen=seqlen, stride=stride, samples=samples)
@@ -166,9 +167,9 @@ def evaluate(model: str | Path, data: str | Path | list[str] | None = None, *, s
                 documents = list(data) if isinstance(data, list) else read_documents(str(data), text_field)
                 windows = cut_windows(tokenize(tokenizer, documents, protocol.join), protocol)
             stream.activation_budget = (activation_budget if activation_budget is not None
-                                        else _activation_budget(stream, max_memory))
+                                        else _activation_budget(stream, max_memory, batch_tokens))
             stream.progress = progress
-            total, count = score(stream, windows) if windows else (0.0, 0)
+            total, count = score(stream, windows, batch_tokens) if windows else (0.0, 0)
             stream.progress = False  # generation shows one bar over its tokens instead
             generations = _generate(stream, tokenizer, list(prompts), max_new_tokens, progress) if prompts else []
         finally:

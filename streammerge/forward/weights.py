@@ -34,28 +34,42 @@ class LayerWeights:
         for name in checkpoint.tensors:
             match = pattern.search(name)
             (self.layer_keys[int(match.group(1))] if match else rest).append(name)
-        self.embedding_key = self._key_of(skeleton.embedding.weight, "input embedding")
-        self.head_key = self._head_key()
+        names = self._model_names(rest)
+        self.embedding_key = self._key_of(names, skeleton.embedding.weight, "input embedding")
+        self.head_key = self._head_key(names)
         # everything besides the layers, the token embedding and the head: final norm, learned
         # position embeddings; small, so held for the whole run
         self.resident_keys = [k for k in rest if k not in (self.embedding_key, self.head_key)]
         self._meta = {i: [(m, n, p) for m in layer.modules() for n, p in m._parameters.items() if p is not None]
                       for i, layer in enumerate(skeleton.layers)}
 
-    def _names(self, param: nn.Parameter) -> list[str]:
-        return [n for n, p in self.skeleton.model.named_parameters(remove_duplicate=False) if p is param]
+    def _model_names(self, keys: list[str]) -> dict[str, str]:
+        """Checkpoint name -> the model's parameter name, as transformers' loader renames them
+        (GPT-NeoX's ``embed_out`` is ``lm_head``, GPT-2's ``wte`` is ``transformer.wte``)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    def _key_of(self, param: nn.Parameter, what: str) -> str:
-        prefix = self.skeleton.model.base_model_prefix + "."
-        for name in self._names(param):
-            for key in (name, name.removeprefix(prefix)):
-                if key in self.checkpoint.tensors:
-                    return key
-        raise CheckpointError(f"{self.checkpoint.path}: no {what} tensor (looked for {self._names(param)})")
+        model = self.skeleton.model
+        mapping = get_model_conversion_mapping(model)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        names = {}
+        for key in keys:
+            name, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+            names[key] = name if name in meta or key not in meta else key
+        return names
 
-    def _head_key(self) -> str:
+    def _key_of(self, names: dict[str, str], param: nn.Parameter, what: str) -> str:
+        wanted = [n for n, p in self.skeleton.model.named_parameters(remove_duplicate=False) if p is param]
+        found = [key for key, name in names.items() if name in wanted]
+        if not found:
+            raise CheckpointError(f"{self.checkpoint.path}: no {what} tensor (the model calls it {wanted[0]})")
+        return found[0]
+
+    def _head_key(self, names: dict[str, str]) -> str:
         try:
-            return self._key_of(self.skeleton.head.weight, "output head")
+            return self._key_of(names, self.skeleton.head.weight, "output head")
         except CheckpointError:
             if self.skeleton.head.weight is self.skeleton.embedding.weight or getattr(
                     self.skeleton.model.config.get_text_config(), "tie_word_embeddings", False):
