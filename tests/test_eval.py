@@ -16,7 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from arch_builder import FAMILIES, build_model, folded_model, reference_generate, reference_nll, sample_text, write_adapter
+from arch_builder import (FAMILIES, build_model, folded_model, reference_generate, reference_nll, sample_text,
+                          write_adapter)
 from streammerge import evaluate
 from streammerge.cli import main
 from streammerge.evaluation.evaluate import load_tokenizer
@@ -96,15 +97,17 @@ def test_cli_prints_the_scores_and_writes_json(models: Path, text: str, tmp_path
     data = tmp_path / "text.txt"
     data.write_text(text)
     out = tmp_path / "eval.json"
-    run = CliRunner().invoke(main, ["eval", str(model), "--data", str(data), "--seqlen", str(SEQLEN), "--samples", "5",
-                                    "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--json", str(out), "-q"])
+    run = CliRunner().invoke(main, ["eval", str(model), "--data", str(data), "--seqlen", str(SEQLEN),
+                                    "--samples", "5", "--prompt", PROMPTS[0], "--max-new-tokens", "4",
+                                    "--json", str(out), "-q"])
     assert run.exit_code == 0, run.output
     report = json.loads(out.read_text())
     expected = evaluate(model, data, seqlen=SEQLEN, samples=5, prompts=PROMPTS[:1], max_new_tokens=4)
     assert {k: report[k] for k in ("perplexity", "nll", "tokens", "windows", "seqlen")} == {
         "perplexity": expected.perplexity, "nll": expected.nll, "tokens": 5 * (SEQLEN - 1), "windows": 5,
         "seqlen": SEQLEN}
-    assert report["protocol"]["name"] == "non-overlapping" and report["peak_rss_bytes"] > 0 and report["seconds"] > 0
+    assert report["protocol"]["name"] == "non-overlapping"
+    assert report["peak_rss_bytes"] > 0 and report["seconds"] > 0
     assert f"perplexity   {expected.perplexity:.6g}" in run.output
     assert f"tokens       {5 * (SEQLEN - 1)} scored in 5 windows of {SEQLEN}" in run.output
     assert "GPTQ/SparseGPT protocol" in run.output
@@ -139,8 +142,8 @@ def _broken(models: Path, tmp_path: Path, what: str) -> Path:
 def test_bad_input_is_one_line(models: Path, tmp_path: Path, case: str, message: str) -> None:
     data = tmp_path / ("empty.txt" if case == "empty" else "text.txt")
     data.write_text("" if case == "empty" else "the river of stone" if case == "short" else sample_text(100))
-    model = _broken(models, tmp_path, case) if case in ("no-tokenizer", "unknown-architecture", "remote-code") \
-        else _model(models, "llama")
+    broken = case in ("no-tokenizer", "unknown-architecture", "remote-code")
+    model = _broken(models, tmp_path, case) if broken else _model(models, "llama")
     extra = ["--max-memory", "1MB"] if case == "budget" else []
     run = CliRunner().invoke(main, ["eval", str(model), "--data", str(data), "--seqlen", "32", "-q", *extra])
     assert run.exit_code == 1
@@ -152,7 +155,7 @@ def test_missing_transformers_names_the_extra(models: Path, tmp_path: Path) -> N
     data.write_text(sample_text(100))
     code = ("import sys; sys.modules['transformers'] = None\n"  # as if it were not installed
             "from streammerge.cli import main; main()")
-    run = subprocess.run([sys.executable, "-c", code, "eval", str(_model(models, "llama")), "--data", str(data)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code, "eval", str(_model(models, "llama")),
+                          "--data", str(data)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert run.stderr == "error: running a model needs transformers: pip install 'streammerge[eval]'\n"
