@@ -15,6 +15,7 @@ from streammerge.engine import MergeResult
 from streammerge.errors import StreamMergeError
 from streammerge.cli_common import Size, fail
 from streammerge.evaluation.commands import eval_command
+from streammerge.evaluation.compare_command import compare_command
 from streammerge.frontdoors import mergekit_cli
 from streammerge.methods import get_method, method_names
 from streammerge.plan.load import read_documents
@@ -245,6 +246,7 @@ def methods() -> None:
 
 
 main.add_command(eval_command)
+main.add_command(compare_command)
 
 if __name__ == "__main__":
     main()

@@ -217,10 +217,11 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
-def resolve_model(ref: str, cache_dir: str | None = None) -> str:
+def resolve_model(ref: str, cache_dir: str | None = None, root: Path | None = None) -> str:
     """A model reference as a plan takes it (a directory, ``org/name[@revision]``, ``X+adapter``),
-    as local directories: ``dir`` or ``dir+adapter_dir``."""
-    return _resolve(ref, Path.cwd(), "model", ref, cache_dir)
+    as local directories: ``dir`` or ``dir+adapter_dir``. A relative path is tried from the
+    current directory, then from ``root`` (the plan file's directory), as in a plan."""
+    return _resolve(ref, root or Path.cwd(), "model", ref, cache_dir)
 
 
 def _resolve(ref: str, root: Path, key: str, where: str, cache_dir: str | None) -> str:
