@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from streammerge.api import merge
-from streammerge.errors import PlanError
+from streammerge.api import merge, schedule
+from streammerge.errors import PlanError, StreamMergeError
 from streammerge.evaluation.data import read_documents as read_data
 from streammerge.evaluation.evaluate import evaluate
 from streammerge.evaluation.peak import PeakRss
@@ -92,12 +92,12 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
     with _each_warning_once():
         if methods is not None:
             path = paths[0]
-            merges = [_Job(m, m, _method_plan(raw[path], path, m, method_params.get(m, {}), cache_dir), str(out_dir / m))
-                      for m in methods]
+            merges = [_Job(m, m, _method_plan(raw[path], path, m, method_params.get(m, {}), cache_dir, max_memory),
+                           str(out_dir / m)) for m in methods]
         else:
             merges = []
             for p in paths:
-                plan = load_plan(raw[p], None, cache_dir, root=p.parent, where=str(p))
+                plan = _loaded(raw[p], p, cache_dir, max_memory)
                 merges.append(_Job(p.stem, plan.merge_method, plan, str(out_dir / p.stem)))
         jobs = (_input_jobs(raw, cache_dir) if with_inputs else []) + merges
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,8 +222,8 @@ def _sections(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bool]]
                 yield f"{where}parameters", owner["parameters"], own
 
 
-def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str, Any],
-                 cache_dir: str | None) -> MergePlan:
+def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str, Any], cache_dir: str | None,
+                 max_memory: int | None) -> MergePlan:
     """The plan at ``path`` with ``method`` as its merge method and ``params`` in its parameters.
     Parameters of the plan's own method that ``method`` does not take are left out, with one
     warning each; the rest is checked as the plan's loading checks it."""
@@ -247,10 +247,22 @@ def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str,
     if params and (top is None or isinstance(top, dict)):
         doc["parameters"] = {**(top or {}), **params}
     doc["merge_method"] = method
+    return _loaded(doc, path, cache_dir, max_memory, f" (in the plan merged with {method})")
+
+
+def _loaded(doc: dict[str, Any], path: Path, cache_dir: str | None, max_memory: int | None,
+            suffix: str = "") -> MergePlan:
+    """The plan, with its schedule built from the headers once: what only the schedule checks
+    (model counts, shapes) stops compare before the first merge, not after some."""
     try:
-        return load_plan(doc, None, cache_dir, root=path.parent, where=str(path))
+        plan = load_plan(doc, None, cache_dir, root=path.parent, where=str(path))
     except PlanError as e:
-        raise PlanError(f"{e} (in the plan merged with {method})") from None
+        raise PlanError(f"{e}{suffix}") from None
+    try:
+        schedule(plan, max_memory=max_memory).close()
+    except StreamMergeError as e:
+        raise type(e)(f"{path}: {e}{suffix}") from None
+    return plan
 
 
 def _input_jobs(raw: dict[Path, dict[str, Any]], cache_dir: str | None) -> list[_Job]:
