@@ -178,6 +178,28 @@ def test_without_matplotlib(models: Path, tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "ties"]
 
 
+def test_rerun(models: Path, tmp_path: Path) -> None:
+    """A merge already in its directory is kept; another merge there is refused before any work."""
+    out = tmp_path / "runs"
+    first = compare([models / "ties.yaml"], models / "data.txt", out, methods=["ties"], **PROTOCOL)
+    written = (out / "ties" / "model.safetensors").stat().st_mtime_ns
+    again = compare([models / "ties.yaml"], models / "data.txt", out, methods=["ties"], **PROTOCOL)
+    assert again.notes[0] == (f"ties: {out / 'ties'} already held this merge; it was not merged again "
+                              "(--overwrite merges it again)")
+    assert (out / "ties" / "model.safetensors").stat().st_mtime_ns == written
+    assert again.rows[0].perplexity == first.rows[0].perplexity
+    result = run(models / "ties.yaml", "--methods", "ties", "--param", "ties.density=0.3", "--data",
+                 models / "data.txt", "-o", out, *CLI_PROTOCOL)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (f"error: {out / 'ties'}: output already exists and holds another "
+                                              "merge; pass --overwrite to replace it, or choose another -o")
+    result = run(models / "ties.yaml", "--methods", "ties", "--param", "ties.density=0.3", "--data",
+                 models / "data.txt", "-o", out, "--overwrite", *CLI_PROTOCOL)
+    assert result.exit_code == 0, result.output
+    assert_same_tensors(load_output(out / "ties"), reference_merge(plan_doc(models, "ties", density=0.3),
+                                                                   tmp_path / "ref03"))
+
+
 def test_gather_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("plan").write_text("")  # an existing file ends the names, as a .yaml name does

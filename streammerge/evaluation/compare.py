@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from streammerge.api import merge, schedule
-from streammerge.errors import PlanError, StreamMergeError
+from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.evaluation.data import read_documents as read_data
 from streammerge.evaluation.evaluate import evaluate
 from streammerge.evaluation.peak import PeakRss
 from streammerge.evaluation.windows import Protocol
+from streammerge.forward.skeleton import import_transformers
 from streammerge.methods import get_method, method_names
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.load import PlanWarning, read_documents, resolve_model
+from streammerge.verify import holds_merge
 
 JSON_NAME, CHART_NAME = "comparison.json", "comparison.png"
 NO_CHART = f"no {CHART_NAME}: it needs matplotlib; pip install 'streammerge[plot]' for the chart"
@@ -87,19 +89,20 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
     _check_request(paths, methods, method_params)
     protocol = Protocol(seqlen=seqlen, stride=stride, samples=samples)
     documents = list(data) if isinstance(data, list) else read_data(str(data), text_field)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser().absolute()
     raw = {p: _plan_document(p) for p in paths}
     with _each_warning_once():
         if methods is not None:
             path = paths[0]
-            merges = [_Job(m, m, _method_plan(raw[path], path, m, method_params.get(m, {}), cache_dir, max_memory),
-                           str(out_dir / m)) for m in methods]
+            merges = [_Job(m, m, _method_plan(raw[path], path, m, method_params.get(m, {}), cache_dir, max_memory,
+                                              out_dir / m, overwrite), str(out_dir / m)) for m in methods]
         else:
             merges = []
             for p in paths:
-                plan = _loaded(raw[p], p, cache_dir, max_memory)
+                plan = _loaded(raw[p], p, cache_dir, max_memory, out_dir / p.stem, overwrite)
                 merges.append(_Job(p.stem, plan.merge_method, plan, str(out_dir / p.stem)))
         jobs = (_input_jobs(raw, cache_dir) if with_inputs else []) + merges
+    import_transformers()  # before the first merge; and the first row's eval time is not the import's
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, notes = [], []
     for number, job in enumerate(jobs, 1):
@@ -114,7 +117,7 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
                 merge_seconds = merged.seconds
                 if merged.up_to_date:
                     notes.append(f"{job.name}: {job.model} already held this merge; it was not merged again "
-                                 "(overwrite merges it again)")
+                                 "(--overwrite merges it again)")
             result = evaluate(job.model, documents, seqlen=seqlen, samples=samples, stride=stride, dtype=dtype,
                               max_memory=max_memory, cache_dir=cache_dir, progress=progress)
         assert result.perplexity is not None and result.nll is not None  # data was given, so windows were scored
@@ -123,7 +126,7 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
     source = f"{len(documents)} documents given in Python" if isinstance(data, list) else str(data)
     comparison = Comparison(rows, protocol.as_dict(), source, text_field, dtype, out_dir, None, notes)
     (out_dir / JSON_NAME).write_text(json.dumps(comparison.as_dict(), indent=2) + "\n")
-    if _draw(rows, out_dir / CHART_NAME, protocol):
+    if _draw(rows, out_dir / CHART_NAME, f"{source}: {protocol.name} windows of {protocol.seqlen} tokens"):
         comparison.chart = out_dir / CHART_NAME
     else:
         notes.append(NO_CHART)
@@ -223,7 +226,7 @@ def _sections(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bool]]
 
 
 def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str, Any], cache_dir: str | None,
-                 max_memory: int | None) -> MergePlan:
+                 max_memory: int | None, output: Path, overwrite: bool) -> MergePlan:
     """The plan at ``path`` with ``method`` as its merge method and ``params`` in its parameters.
     Parameters of the plan's own method that ``method`` does not take are left out, with one
     warning each; the rest is checked as the plan's loading checks it."""
@@ -247,21 +250,27 @@ def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str,
     if params and (top is None or isinstance(top, dict)):
         doc["parameters"] = {**(top or {}), **params}
     doc["merge_method"] = method
-    return _loaded(doc, path, cache_dir, max_memory, f" (in the plan merged with {method})")
+    return _loaded(doc, path, cache_dir, max_memory, output, overwrite, f" (in the plan merged with {method})")
 
 
-def _loaded(doc: dict[str, Any], path: Path, cache_dir: str | None, max_memory: int | None,
-            suffix: str = "") -> MergePlan:
+def _loaded(doc: dict[str, Any], path: Path, cache_dir: str | None, max_memory: int | None, output: Path,
+            overwrite: bool, suffix: str = "") -> MergePlan:
     """The plan, with its schedule built from the headers once: what only the schedule checks
-    (model counts, shapes) stops compare before the first merge, not after some."""
+    (model counts, shapes) and an output in the way stop compare before the first merge."""
     try:
         plan = load_plan(doc, None, cache_dir, root=path.parent, where=str(path))
     except PlanError as e:
         raise PlanError(f"{e}{suffix}") from None
     try:
-        schedule(plan, max_memory=max_memory).close()
+        sched = schedule(plan, max_memory=max_memory)
     except StreamMergeError as e:
         raise type(e)(f"{path}: {e}{suffix}") from None
+    try:
+        if not overwrite and output.exists() and not holds_merge(output, sched):
+            raise OutputError(f"{output}: output already exists and holds another merge; pass --overwrite to "
+                              "replace it, or choose another -o")
+    finally:
+        sched.close()
     return plan
 
 
@@ -291,7 +300,7 @@ def _short(ref: str) -> str:
     return "+".join(Path(part).name if Path(part).expanduser().is_absolute() else part for part in ref.split("+"))
 
 
-def _draw(rows: list[Row], path: Path, protocol: Protocol) -> bool:
+def _draw(rows: list[Row], path: Path, title: str) -> bool:
     """A bar chart of the rows' perplexities; False where matplotlib is not installed."""
     try:
         import matplotlib  # noqa: F401 - the optional package, imported only here
@@ -312,7 +321,7 @@ def _draw(rows: list[Row], path: Path, protocol: Protocol) -> bool:
     if max(values) / min(values) > 10:  # a wide range: on a linear axis the good rows look alike
         axes.set_yscale("log")
     axes.set_ylabel("perplexity (lower is better)")
-    axes.set_title(f"{protocol.name} windows of {protocol.seqlen} tokens", fontsize=10)
+    axes.set_title(title, fontsize=10)
     if any(r.merge_seconds is None for r in rows):
         axes.legend(handles=[Patch(color=merged, label="merge"), Patch(color=baseline, label="input")], fontsize=8)
     figure.savefig(path, dpi=120)
