@@ -92,8 +92,8 @@ def test_methods_and_inputs(models: Path, tmp_path: Path) -> None:
         result = compare([models / "ties.yaml"], data, out, methods=["ties", "dare_ties", "task_arithmetic"],
                          with_inputs=True, **PROTOCOL)
     dropped = [str(w.message) for w in caught if "not of task_arithmetic" in str(w.message)]
-    assert dropped == [f"{models / 'ties.yaml'}: parameters, models[0].parameters: 'density' is a parameter of "
-                       "ties, not of task_arithmetic; the task_arithmetic merge leaves it out"]
+    assert dropped == [f"{models / 'ties.yaml'}: parameters, models[0].parameters: 'density' is a "
+                       "parameter of ties, not of task_arithmetic; the task_arithmetic merge leaves it out"]
 
     assert [(r.name, r.method) for r in result.rows] == [
         ("base", "base"), ("ft1", "input"), ("ft2", "input"),
@@ -126,8 +126,8 @@ def test_methods_and_inputs(models: Path, tmp_path: Path) -> None:
 
 def test_cli_methods_and_param(models: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    result = run(models / "ties.yaml", "--methods", "ties", "dare_ties", "--data", models / "data.txt", "-o", out,
-                 "--param", "ties.density=0.3", *CLI_PROTOCOL)
+    result = run(models / "ties.yaml", "--methods", "ties", "dare_ties", "--data", models / "data.txt",
+                 "-o", out, "--param", "ties.density=0.3", *CLI_PROTOCOL)
     assert result.exit_code == 0, result.output
     assert (f"warning: {models / 'ties.yaml'}: models[0].parameters.density is that model's own and takes "
             "precedence over --param ties.density=0.3 there") in result.stderr
@@ -140,7 +140,7 @@ def test_cli_methods_and_param(models: Path, tmp_path: Path) -> None:
 
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["name", "method", "perplexity", "loss", "merge", "s", "eval", "s", "peak", "GiB"]
+    assert lines[0].split() == "name method perplexity loss merge s eval s peak GiB".split()
     for line, row in zip(lines[1:], rows, strict=True):
         assert line.split() == [row["name"], row["method"], f"{row['perplexity']:.6g}", f"{row['nll']:.6f}",
                                 f"{row['merge_seconds']:.1f}", f"{row['eval_seconds']:.1f}",
@@ -157,13 +157,15 @@ def test_several_plans(models: Path, tmp_path: Path) -> None:
         {"model": str(models / "ft1"), "parameters": {"weight": 1.0}},
         {"model": str(models / "ft2"), "parameters": {"weight": 3.0}}]}))
     out = tmp_path / "runs"
-    result = run(plans / "mine.yaml", plans / "avg.yaml", "--data", models / "data.txt", "-o", out, *CLI_PROTOCOL)
+    result = run(plans / "mine.yaml", plans / "avg.yaml", "--data", models / "data.txt", "-o", out,
+                 *CLI_PROTOCOL)
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     assert [(r["name"], r["method"]) for r in rows] == [("mine", "ties"), ("avg", "linear")]
     for row in rows:
         plan = yaml.safe_load((plans / f"{row['name']}.yaml").read_text())
-        assert_same_tensors(load_output(out / row["name"]), reference_merge(plan, tmp_path / f"ref-{row['name']}"))
+        reference = reference_merge(plan, tmp_path / f"ref-{row['name']}")
+        assert_same_tensors(load_output(out / row["name"]), reference)
         expected = evaluate(out / row["name"], models / "data.txt", **PROTOCOL)
         assert (row["perplexity"], row["nll"]) == (expected.perplexity, expected.nll)
 
@@ -191,8 +193,9 @@ def test_rerun(models: Path, tmp_path: Path) -> None:
     result = run(models / "ties.yaml", "--methods", "ties", "--param", "ties.density=0.3", "--data",
                  models / "data.txt", "-o", out, *CLI_PROTOCOL)
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr.splitlines()[-1] == (f"error: {out / 'ties'}: output already exists and holds another "
-                                              "merge; pass --overwrite to replace it, or choose another -o")
+    assert result.stderr.splitlines()[-1] == (f"error: {out / 'ties'}: output already exists and holds "
+                                              "another merge; pass --overwrite to replace it, or choose "
+                                              "another -o")
     result = run(models / "ties.yaml", "--methods", "ties", "--param", "ties.density=0.3", "--data",
                  models / "data.txt", "-o", out, "--overwrite", *CLI_PROTOCOL)
     assert result.exit_code == 0, result.output
@@ -203,12 +206,14 @@ def test_rerun(models: Path, tmp_path: Path) -> None:
 def test_gather_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("plan").write_text("")  # an existing file ends the names, as a .yaml name does
-    assert _gather_methods(["p.yaml", "--methods", "ties", "dare_ties", "task_arithmetic", "--data", "d"]) == [
+    names = ["ties", "dare_ties", "task_arithmetic"]
+    assert _gather_methods(["p.yaml", "--methods", *names, "--data", "d"]) == [
         "p.yaml", "--methods", "ties,dare_ties,task_arithmetic", "--data", "d"]
     assert _gather_methods(["--methods", "ties", "linear", "p.yml", "-o", "x"]) == [
         "--methods", "ties,linear", "p.yml", "-o", "x"]
     assert _gather_methods(["--methods", "ties", "plan"]) == ["--methods", "ties", "plan"]
-    assert _gather_methods(["--methods", "a", "--methods", "b", "c"]) == ["--methods", "a", "--methods", "b,c"]
+    assert _gather_methods(["--methods", "a", "--methods", "b", "c"]) == [
+        "--methods", "a", "--methods", "b,c"]
     assert _gather_methods(["--methods=a,b", "--", "--methods", "x", "y"]) == [
         "--methods=a,b", "--", "--methods", "x", "y"]
 
@@ -219,7 +224,8 @@ def test_gather_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     (["--methods", "ties", "--param", "linear.weight=1"],
      "--param linear.weight: 'linear' is not in --methods (ties); add it there or drop the parameter"),
     (["--methods", "ties", "--param", "ties.t=0.5"],
-     "--param ties.t: ties has no parameter 't' (valid: density, int8_mask, lambda, normalize, rescale, weight)"),
+     "--param ties.t: ties has no parameter 't' (valid: density, int8_mask, lambda, normalize, rescale, "
+     "weight)"),
     (["--methods", "ties", "--param", "ties.density"],
      "--param 'ties.density': expected METHOD.KEY=VALUE, e.g. --param ties.density=0.5"),
     (["--methods", "ties", "--param", "density=0.3"],
@@ -227,7 +233,8 @@ def test_gather_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     (["--methods", "ties", "--param", "ties.density=[0.3"],
      "--param 'ties.density=[0.3': the value is not valid YAML (while parsing a flow sequence)"),
     (["--param", "ties.density=0.3"],
-     "--param ties.…: parameters per method go with --methods; without it each plan's own parameters are used"),
+     "--param ties.…: parameters per method go with --methods; without it each plan's own parameters "
+     "are used"),
     (["--methods", "ties", "--param", "ties.density=2"],
      "PLAN: parameters.density: got 2.0, expected a number with 0.0 < density <= 1.0 (in the plan merged "
      "with ties)"),

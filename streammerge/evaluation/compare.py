@@ -60,8 +60,8 @@ class Comparison:
 
     def as_dict(self) -> dict[str, Any]:
         """What comparison.json holds."""
-        return {"data": self.data, "text_field": self.text_field, "protocol": self.protocol, "dtype": self.dtype,
-                "rows": [asdict(r) for r in self.rows]}
+        return {"data": self.data, "text_field": self.text_field, "protocol": self.protocol,
+                "dtype": self.dtype, "rows": [asdict(r) for r in self.rows]}
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,10 @@ class _Job:
 
 def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str | Path, *,
             methods: list[str] | None = None, method_params: dict[str, dict[str, Any]] | None = None,
-            with_inputs: bool = False, seqlen: int = 2048, samples: int | None = None, stride: int | None = None,
-            text_field: str = "text", max_memory: int | None = None, dtype: str = "auto",
-            cache_dir: str | None = None, overwrite: bool = False, progress: bool = False) -> Comparison:
+            with_inputs: bool = False, seqlen: int = 2048, samples: int | None = None,
+            stride: int | None = None, text_field: str = "text", max_memory: int | None = None,
+            dtype: str = "auto", cache_dir: str | None = None, overwrite: bool = False,
+            progress: bool = False) -> Comparison:
     """Merge the one plan in ``plans`` once per method of ``methods`` (its ``merge_method``
     replaced; ``method_params[method]`` set in its top-level ``parameters``) into
     ``out_dir/<method>``, or each of several ``plans`` into ``out_dir/<file stem>``; evaluate every
@@ -94,8 +95,9 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
     with _each_warning_once():
         if methods is not None:
             path = paths[0]
-            merges = [_Job(m, m, _method_plan(raw[path], path, m, method_params.get(m, {}), cache_dir, max_memory,
-                                              out_dir / m, overwrite), str(out_dir / m)) for m in methods]
+            merges = [_Job(m, m, _method_plan(raw[path], path, m, method_params.get(m, {}), cache_dir,
+                                              max_memory, out_dir / m, overwrite), str(out_dir / m))
+                      for m in methods]
         else:
             merges = []
             for p in paths:
@@ -113,14 +115,15 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
         merge_seconds = None
         with PeakRss() as peak:
             if job.plan is not None:
-                merged = merge(job.plan, job.model, overwrite=overwrite, quiet=not progress, max_memory=max_memory)
+                merged = merge(job.plan, job.model, overwrite=overwrite, quiet=not progress,
+                               max_memory=max_memory)
                 merge_seconds = merged.seconds
                 if merged.up_to_date:
                     notes.append(f"{job.name}: {job.model} already held this merge; it was not merged again "
                                  "(--overwrite merges it again)")
-            result = evaluate(job.model, documents, seqlen=seqlen, samples=samples, stride=stride, dtype=dtype,
-                              max_memory=max_memory, cache_dir=cache_dir, progress=progress)
-        assert result.perplexity is not None and result.nll is not None  # data was given, so windows were scored
+            result = evaluate(job.model, documents, seqlen=seqlen, samples=samples, stride=stride,
+                              dtype=dtype, max_memory=max_memory, cache_dir=cache_dir, progress=progress)
+        assert result.perplexity is not None and result.nll is not None  # data given: windows were scored
         rows.append(Row(job.name, job.method, result.perplexity, result.nll, result.tokens, merge_seconds,
                         result.seconds, peak.bytes, job.model))
     source = f"{len(documents)} documents given in Python" if isinstance(data, list) else str(data)
@@ -133,22 +136,23 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
     return comparison
 
 
-def _check_request(paths: list[Path], methods: list[str] | None, method_params: dict[str, dict[str, Any]]) -> None:
+def _check_request(paths: list[Path], methods: list[str] | None,
+                   method_params: dict[str, dict[str, Any]]) -> None:
     if not paths:
         raise PlanError("no plan given: give one plan with --methods, or several plans")
     if methods is None:
         if method_params:
-            raise PlanError(f"--param {next(iter(method_params))}.…: parameters per method go with --methods; "
-                            "without it each plan's own parameters are used")
+            raise PlanError(f"--param {next(iter(method_params))}.…: parameters per method go with "
+                            "--methods; without it each plan's own parameters are used")
         stems = [p.stem for p in paths]
         twice = next((s for s in stems if stems.count(s) > 1), None)
         if twice is not None:
-            raise PlanError(f"two plans are named {twice!r} (rows and output directories are named by the file "
-                            "name); rename one")
+            raise PlanError(f"two plans are named {twice!r} (rows and output directories are named by "
+                            "the file name); rename one")
         return
     if len(paths) > 1:
-        raise PlanError(f"--methods runs one plan with each method, but {len(paths)} plans were given; give one "
-                        "plan with --methods, or several plans without it")
+        raise PlanError(f"--methods runs one plan with each method, but {len(paths)} plans were given; "
+                        "give one plan with --methods, or several plans without it")
     if not methods:
         raise PlanError("--methods: no method given; name one or more, e.g. --methods ties dare_ties")
     valid = method_names()
@@ -219,7 +223,8 @@ def _sections(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bool]]
         owners += [(f"{at}models[{i}].", m, True) for i, m in enumerate(_dicts(part.get("models")))]
         for k, s in enumerate(_dicts(part.get("slices"))):
             owners.append((f"{at}slices[{k}].", s, False))
-            owners += [(f"{at}slices[{k}].sources[{i}].", src, True) for i, src in enumerate(_dicts(s.get("sources")))]
+            owners += [(f"{at}slices[{k}].sources[{i}].", src, True)
+                       for i, src in enumerate(_dicts(s.get("sources")))]
         for where, owner, own in owners:
             if isinstance(owner.get("parameters"), dict):
                 yield f"{where}parameters", owner["parameters"], own
@@ -250,7 +255,8 @@ def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str,
     if params and (top is None or isinstance(top, dict)):
         doc["parameters"] = {**(top or {}), **params}
     doc["merge_method"] = method
-    return _loaded(doc, path, cache_dir, max_memory, output, overwrite, f" (in the plan merged with {method})")
+    return _loaded(doc, path, cache_dir, max_memory, output, overwrite,
+                   f" (in the plan merged with {method})")
 
 
 def _loaded(doc: dict[str, Any], path: Path, cache_dir: str | None, max_memory: int | None, output: Path,
@@ -297,7 +303,8 @@ def _input_jobs(raw: dict[Path, dict[str, Any]], cache_dir: str | None) -> list[
 
 def _short(ref: str) -> str:
     """A row name for a model reference: a path's last component (``org/name`` stays whole)."""
-    return "+".join(Path(part).name if Path(part).expanduser().is_absolute() else part for part in ref.split("+"))
+    parts = ref.split("+")
+    return "+".join(Path(p).name if Path(p).expanduser().is_absolute() else p for p in parts)
 
 
 def _draw(rows: list[Row], path: Path, title: str) -> bool:
@@ -306,7 +313,8 @@ def _draw(rows: list[Row], path: Path, title: str) -> bool:
         import matplotlib  # noqa: F401 - the optional package, imported only here
     except ImportError:
         return False
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: the caller's backend is left alone
+    # No pyplot: a caller's own matplotlib backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -315,7 +323,8 @@ def _draw(rows: list[Row], path: Path, title: str) -> bool:
     figure = Figure(figsize=(max(4.0, 1.0 + 0.8 * len(rows)), 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    bars = axes.bar(range(len(rows)), values, color=[baseline if r.merge_seconds is None else merged for r in rows])
+    colors = [baseline if r.merge_seconds is None else merged for r in rows]
+    bars = axes.bar(range(len(rows)), values, color=colors)
     axes.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=8)
     axes.set_xticks(range(len(rows)), [r.name for r in rows], rotation=30, ha="right")
     if max(values) / min(values) > 10:  # a wide range: on a linear axis the good rows look alike
@@ -323,6 +332,7 @@ def _draw(rows: list[Row], path: Path, title: str) -> bool:
     axes.set_ylabel("perplexity (lower is better)")
     axes.set_title(title, fontsize=10)
     if any(r.merge_seconds is None for r in rows):
-        axes.legend(handles=[Patch(color=merged, label="merge"), Patch(color=baseline, label="input")], fontsize=8)
+        axes.legend(handles=[Patch(color=merged, label="merge"), Patch(color=baseline, label="input")],
+                    fontsize=8)
     figure.savefig(path, dpi=120)
     return True

@@ -54,7 +54,8 @@ def _method_params(given: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         try:
             out.setdefault(method, {})[name] = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise PlanError(f"--param {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+            first = str(e).splitlines()[0]
+            raise PlanError(f"--param {item!r}: the value is not valid YAML ({first})") from None
     return out
 
 
@@ -65,43 +66,59 @@ def comparison_table(comparison: Comparison) -> str:
               "-" if r.merge_seconds is None else f"{r.merge_seconds:.1f}", f"{r.eval_seconds:.1f}",
               f"{r.peak_rss_bytes / 2**30:.2f}") for r in comparison.rows]
     widths = [max(len(c) for c in column) for column in zip(head, *cells)]
-    return "\n".join("  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths)))
-                     .rstrip() for line in (head, *cells))
+
+    def aligned(line: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths)))
+
+    return "\n".join(aligned(line).rstrip() for line in (head, *cells))
 
 
 @click.command("compare", cls=_CompareCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("plans", nargs=-1, required=True, metavar="PLAN [PLAN ...]", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("plans", nargs=-1, required=True, metavar="PLAN [PLAN ...]",
+                type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--methods", "methods", multiple=True, metavar="NAME [NAME ...]",
               help="Merge the plan once with each of these methods, into DIR/<method>: "
-                   "--methods ties dare_ties task_arithmetic (or comma-separated). Without it, each PLAN is "
-                   "merged as written, into DIR/<plan file name>.")
+                   "--methods ties dare_ties task_arithmetic (or comma-separated). Without it, each PLAN "
+                   "is merged as written, into DIR/<plan file name>.")
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE",
               help="A parameter of one of --methods, set in the plan's top-level parameters for that "
                    "method's merge (repeatable; the value is read as YAML), e.g. --param ties.density=0.5.")
 @click.option("--data", required=True,
               help="Text to score: a .txt file (one document), .jsonl/.json (field 'text'), .parquet, "
                    "or a Hugging Face dataset as name[:config]:split.")
-@click.option("-o", "--output", "out_dir", required=True, metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", "out_dir", required=True, metavar="DIR",
+              type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the merges, comparison.json and comparison.png.")
-@click.option("--with-inputs", is_flag=True, help="Also evaluate the base model and each input model, unmerged.")
-@click.option("--text-field", default="text", show_default=True, help="The field holding each document's text.")
-@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens per window.")
+@click.option("--with-inputs", is_flag=True,
+              help="Also evaluate the base model and each input model, unmerged.")
+@click.option("--text-field", default="text", show_default=True,
+              help="The field holding each document's text.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Tokens per window.")
 @click.option("--samples", type=click.IntRange(min=1), help="Score only the first N windows.")
 @click.option("--stride", type=click.IntRange(min=1),
-              help="Hugging Face's sliding-window protocol with this stride, instead of non-overlapping windows.")
-@click.option("--max-memory", type=Size(), help="Peak memory budget of each merge and each evaluation, e.g. 2GiB.")
+              help="Hugging Face's sliding-window protocol with this stride, instead of non-overlapping "
+                   "windows.")
+@click.option("--max-memory", type=Size(),
+              help="Peak memory budget of each merge and each evaluation, e.g. 2GiB.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Evaluation compute dtype; auto runs each model in the dtype it is stored in.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache for models named org/name[@revision].")
+              show_default=True,
+              help="Evaluation compute dtype; auto runs each model in the dtype it is stored in.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Cache for models named org/name[@revision].")
 @click.option("--overwrite", is_flag=True, help="Merge again into output directories that already exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines or bars.")
 def compare_command(plans: tuple[Path, ...], methods: tuple[str, ...], params: tuple[str, ...], data: str,
                     out_dir: Path, with_inputs: bool, text_field: str, seqlen: int, samples: int | None,
-                    stride: int | None, max_memory: int | None, dtype: str, cache_dir: str | None, overwrite: bool,
-                    quiet: bool) -> None:
-    """Merge PLAN with each of --methods (or each PLAN as written), evaluate every merge on --data
-    as `streammerge eval` does, and print one table: perplexity, loss, merge and eval seconds and
-    peak memory per merge. Writes DIR/comparison.json, and DIR/comparison.png with matplotlib.
+                    stride: int | None, max_memory: int | None, dtype: str, cache_dir: str | None,
+                    overwrite: bool, quiet: bool) -> None:
+    """Merge a plan with several methods (or several plans) and evaluate each merge; one table.
+
+    PLAN is merged once with each of --methods into DIR/<method> (or each PLAN as written, into
+    DIR/<plan file name>), every merge is evaluated on --data as `streammerge eval` does, and one
+    table is printed: perplexity, loss, merge and eval seconds and peak memory per merge (and per
+    input, with --with-inputs). Writes DIR/comparison.json, and DIR/comparison.png with matplotlib
+    (pip install 'streammerge[plot]').
 
     \b
       streammerge compare plan.yaml --methods ties dare_ties task_arithmetic \\
