@@ -248,6 +248,19 @@ def test_errors(models: Path, tmp_path: Path, args: list[str], message: str) -> 
     assert not (tmp_path / "runs").exists()  # refused before any merge
 
 
+def test_data_shorter_than_a_window(models: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    text = (models / "data.txt").read_text()
+    tokens = len(AutoTokenizer.from_pretrained(models / "base")(text)["input_ids"])
+    result = run(models / "ties.yaml", "--methods", "ties", "--data", models / "data.txt",
+                 "-o", tmp_path / "runs", "--seqlen", tokens + 1, "-q")
+    assert (result.exit_code, result.stderr) == (
+        1, f"error: data has {tokens} tokens; one window needs seqlen={tokens + 1} (use --seqlen {tokens} or "
+           "less, or more text)\n")
+    assert not (tmp_path / "runs").exists()  # refused before any merge
+
+
 def test_plan_errors(models: Path, tmp_path: Path) -> None:
     other = tmp_path / "elsewhere"
     other.mkdir()

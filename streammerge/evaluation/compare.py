@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from streammerge.api import merge, schedule
-from streammerge.errors import OutputError, PlanError, StreamMergeError
+from streammerge.errors import CheckpointError, OutputError, PlanError, StreamMergeError
 from streammerge.evaluation.data import read_documents as read_data
-from streammerge.evaluation.evaluate import evaluate
+from streammerge.evaluation.evaluate import evaluate, load_tokenizer
 from streammerge.evaluation.peak import PeakRss
-from streammerge.evaluation.windows import Protocol
+from streammerge.evaluation.windows import Protocol, cut_windows, tokenize
 from streammerge.forward.skeleton import import_transformers
 from streammerge.methods import get_method, method_names
+from streammerge.lora.reference import split_reference
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.load import PlanWarning, read_documents, resolve_model
@@ -103,8 +104,11 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
             for p in paths:
                 plan = _loaded(raw[p], p, cache_dir, max_memory, out_dir / p.stem, overwrite)
                 merges.append(_Job(p.stem, plan.merge_method, plan, str(out_dir / p.stem)))
-        jobs = (_input_jobs(raw, cache_dir) if with_inputs else []) + merges
+        inputs = _input_jobs(raw, cache_dir)
     import_transformers()  # before the first merge; and the first row's eval time is not the import's
+    if inputs:
+        _check_windows(inputs[0].model, documents, protocol)
+    jobs = (inputs if with_inputs else []) + merges
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, notes = [], []
     for number, job in enumerate(jobs, 1):
@@ -299,6 +303,16 @@ def _input_jobs(raw: dict[Path, dict[str, Any]], cache_dir: str | None) -> list[
     names = [_short(written) for _, (written, _) in ordered]
     return [_Job(name if names.count(name) == 1 else written, "base" if base else "input", None, resolved)
             for name, (resolved, (written, base)) in zip(names, ordered)]
+
+
+def _check_windows(model: str, documents: list[str], protocol: Protocol) -> None:
+    """Data too short for one window stops compare before the first merge. It is cut with the
+    first input's tokenizer: the one merges copy from the base in the usual case."""
+    try:
+        tokenizer = load_tokenizer(Path(split_reference(model)[0]))
+    except CheckpointError:
+        return  # evaluating a model without a tokenizer says so, for that model
+    cut_windows(tokenize(tokenizer, documents, protocol.join), protocol)
 
 
 def _short(ref: str) -> str:
