@@ -129,8 +129,8 @@ def test_cli_methods_and_param(models: Path, tmp_path: Path) -> None:
     result = run(models / "ties.yaml", "--methods", "ties", "dare_ties", "--data", models / "data.txt",
                  "-o", out, "--param", "ties.density=0.3", *CLI_PROTOCOL)
     assert result.exit_code == 0, result.output
-    assert (f"warning: {models / 'ties.yaml'}: models[0].parameters.density is that model's own and takes "
-            "precedence over --param ties.density=0.3 there") in result.stderr
+    assert (f"warning: {models / 'ties.yaml'}: models[0].parameters.density takes precedence over "
+            "--param ties.density=0.3 there") in result.stderr
     ties = load_output(out / "ties")
     assert_same_tensors(ties, reference_merge(plan_doc(models, "ties", density=0.3), tmp_path / "ref03"))
     other = reference_merge(plan_doc(models, "ties", density=0.9), tmp_path / "ref09")

@@ -24,8 +24,8 @@ from streammerge.evaluation.evaluate import evaluate, load_tokenizer
 from streammerge.evaluation.peak import PeakRss
 from streammerge.evaluation.windows import Protocol, cut_windows, tokenize
 from streammerge.forward.skeleton import import_transformers
-from streammerge.methods import get_method, method_names
 from streammerge.lora.reference import split_reference
+from streammerge.methods import get_method, method_names
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.load import PlanWarning, read_documents, resolve_model
@@ -220,18 +220,18 @@ def _dicts(items: Any) -> list[dict[str, Any]]:
     return [e for e in items if isinstance(e, dict)] if isinstance(items, list) else []
 
 
-def _sections(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bool]]:
-    """Every parameters mapping of a raw plan: (where, mapping, is it a model's own)."""
+def _sections(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every parameters mapping of a raw plan, with where it is."""
     for at, part in _parts(doc):
-        owners = [(at, part, False)]
-        owners += [(f"{at}models[{i}].", m, True) for i, m in enumerate(_dicts(part.get("models")))]
+        owners = [(at, part)]
+        owners += [(f"{at}models[{i}].", m) for i, m in enumerate(_dicts(part.get("models")))]
         for k, s in enumerate(_dicts(part.get("slices"))):
-            owners.append((f"{at}slices[{k}].", s, False))
-            owners += [(f"{at}slices[{k}].sources[{i}].", src, True)
-                       for i, src in enumerate(_dicts(s.get("sources")))]
-        for where, owner, own in owners:
+            owners.append((f"{at}slices[{k}].", s))
+            sources = _dicts(s.get("sources"))
+            owners += [(f"{at}slices[{k}].sources[{i}].", src) for i, src in enumerate(sources)]
+        for where, owner in owners:
             if isinstance(owner.get("parameters"), dict):
-                yield f"{where}parameters", owner["parameters"], own
+                yield f"{where}parameters", owner["parameters"]
 
 
 def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str, Any], cache_dir: str | None,
@@ -244,14 +244,14 @@ def _method_plan(doc: dict[str, Any], path: Path, method: str, params: dict[str,
     own_takes = {p.name for p in get_method(own).params} if own in method_names() else set()
     takes = {p.name for p in get_method(method).params}
     dropped: dict[str, list[str]] = {}
-    for where, section, is_model in _sections(doc):
+    for where, section in _sections(doc):
         for name in [k for k in section if k in own_takes - takes]:
             del section[name]
             dropped.setdefault(name, []).append(where)
-        shadowing = sorted(params.keys() & section.keys()) if is_model else []
-        for name in shadowing:
-            warnings.warn(f"{path}: {where}.{name} is that model's own and takes precedence over "
-                          f"--param {method}.{name}={params[name]!r} there", PlanWarning, stacklevel=2)
+        shadowing = sorted(params.keys() & section.keys()) if where != "parameters" else []
+        for name in shadowing:  # as in mergekit, a model's, slice's or module's value wins over the top's
+            warnings.warn(f"{path}: {where}.{name} takes precedence over --param {method}.{name}="
+                          f"{params[name]!r} there", PlanWarning, stacklevel=2)
     for name, places in dropped.items():
         warnings.warn(f"{path}: {', '.join(places)}: {name!r} is a parameter of {own}, not of {method}; "
                       f"the {method} merge leaves it out", PlanWarning, stacklevel=2)
