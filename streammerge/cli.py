@@ -13,7 +13,7 @@ from streammerge import __version__
 from streammerge.api import merge, merge_stages, schedule
 from streammerge.engine import MergeResult
 from streammerge.errors import StreamMergeError
-from streammerge.cli_common import Size, fail
+from streammerge.cli_common import Size, add_options, fail
 from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
 from streammerge.frontdoors import mergekit_cli
@@ -49,14 +49,6 @@ _output_options = [
 _mergekit_options = [mergekit_cli.DEVICE_OPTION, *mergekit_cli.OPTIONS]
 
 
-def _add(options: list) -> Any:
-    def wrap(f: Any) -> Any:
-        for opt in reversed(options):
-            f = opt(f)
-        return f
-    return wrap
-
-
 def _warn(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     click.echo(f"warning: {message}", err=True)
 
@@ -81,10 +73,10 @@ def main() -> None:
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides the plan's 'output').")
-@_add(_output_options)
+@add_options(_output_options)
 @click.option("--threads", type=click.IntRange(min=1), help="Merge this many chunks at once on the CPU, a thread each (default: torch's thread count, one per core). Reading and writing run in threads of their own.")
-@_add(_plan_options)
-@_add(_mergekit_options)
+@add_options(_plan_options)
+@add_options(_mergekit_options)
 def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, restart: bool, quiet: bool,
         **options: Any) -> None:
     """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output').
@@ -141,8 +133,8 @@ def _report(result: MergeResult, quiet: bool) -> None:
 
 @main.command("plan", cls=mergekit_cli.MergekitHelp)
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
-@_add(_plan_options)
-@_add(_mergekit_options)
+@add_options(_plan_options)
+@add_options(_mergekit_options)
 def plan_command(plan: Path, **options: Any) -> None:
     """Print PLAN's schedule (tensors, shards, bytes, predicted peak memory) from headers alone;
     takes run's options."""
@@ -165,8 +157,8 @@ _HELP = {"help_option_names": ["-h", "--help"]}
 @click.command("streammerge-yaml", cls=mergekit_cli.MergekitHelp, context_settings=_HELP)
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
-@_add(_output_options)
-@_add(_mergekit_options)
+@add_options(_output_options)
+@add_options(_mergekit_options)
 @click.version_option(__version__, prog_name="streammerge-yaml")
 def yaml_main(config_file: Path, out_path: Path, overwrite: bool, restart: bool, quiet: bool,
               **options: Any) -> None:
@@ -193,8 +185,8 @@ def yaml_main(config_file: Path, out_path: Path, overwrite: bool, restart: bool,
 @click.option("--lazy/--no-lazy", default=True,
               help="Keep an output that already holds a model [lazy]; --no-lazy merges every document "
                    "again, replacing it.")
-@_add(_output_options)
-@_add(_mergekit_options)
+@add_options(_output_options)
+@add_options(_mergekit_options)
 @click.version_option(__version__, prog_name="streammerge-multi")
 def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path, lazy: bool, overwrite: bool,
                restart: bool, quiet: bool, **options: Any) -> None:

@@ -21,6 +21,15 @@ class Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def add_options(options: list) -> Any:
+    """A decorator applying click options in the order listed."""
+    def wrap(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return wrap
+
+
 def fail(e: StreamMergeError) -> NoReturn:
     click.echo(f"error: {e}", err=True)
     sys.exit(1)

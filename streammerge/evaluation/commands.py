@@ -7,9 +7,28 @@ from pathlib import Path
 
 import click
 
-from streammerge.cli_common import Size, fail
+from streammerge.cli_common import Size, add_options, fail
 from streammerge.errors import StreamMergeError
 from streammerge.evaluation.evaluate import EvalResult, evaluate
+
+
+DATA_HELP = ("Text to score: a .txt file (one document), .jsonl/.json (field 'text'), .parquet, "
+             "or a Hugging Face dataset as name[:config]:split.")
+# the scoring protocol and how models are run: the same for eval and compare
+PROTOCOL_OPTIONS = [
+    click.option("--text-field", default="text", show_default=True,
+                 help="The field holding each document's text."),
+    click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
+                 help="Tokens per window."),
+    click.option("--samples", type=click.IntRange(min=1), help="Score only the first N windows."),
+    click.option("--stride", type=click.IntRange(min=1),
+                 help="Hugging Face's sliding-window protocol with this stride, instead of "
+                      "non-overlapping windows."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                 show_default=True, help="Compute dtype; auto runs a model in the dtype it is stored in."),
+    click.option("--cache-dir", type=click.Path(file_okay=False),
+                 help="Cache for models named org/name[@revision]."),
+]
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -35,13 +54,8 @@ def scores_table(result: EvalResult) -> str:
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
-@click.option("--data", help="Text to score: a .txt file (one document), .jsonl/.json (field 'text'), .parquet, "
-                             "or a Hugging Face dataset as name[:config]:split.")
-@click.option("--text-field", default="text", show_default=True, help="The field holding each document's text.")
-@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens per window.")
-@click.option("--samples", type=click.IntRange(min=1), help="Score only the first N windows.")
-@click.option("--stride", type=click.IntRange(min=1),
-              help="Hugging Face's sliding-window protocol with this stride, instead of non-overlapping windows.")
+@click.option("--data", help=DATA_HELP)
+@add_options(PROTOCOL_OPTIONS)
 @click.option("--prompt", "prompts", multiple=True, help="Continue this text greedily (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A file of prompts, one per line.")
@@ -49,12 +63,9 @@ def scores_table(result: EvalResult) -> str:
               help="Tokens each prompt is continued by.")
 @click.option("--max-memory", type=Size(),
               help="Peak memory budget, e.g. 2GiB: activations beyond it spill to a temp file.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Compute dtype; auto runs the model in the dtype it is stored in.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON here.")
 @click.option("--spill-dir", type=click.Path(file_okay=False), help="Directory for the activation spill file.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache for models named org/name[@revision].")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run a checkpoint's own modeling code (config.json auto_map); refused without it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

@@ -9,8 +9,9 @@ from typing import Any
 import click
 import yaml
 
-from streammerge.cli_common import Size, fail
+from streammerge.cli_common import Size, add_options, fail
 from streammerge.errors import PlanError, StreamMergeError
+from streammerge.evaluation.commands import DATA_HELP, PROTOCOL_OPTIONS
 from streammerge.evaluation.compare import Comparison, compare
 
 _PLAN_SUFFIXES = (".yaml", ".yml")
@@ -83,29 +84,15 @@ def comparison_table(comparison: Comparison) -> str:
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE",
               help="A parameter of one of --methods, set in the plan's top-level parameters for that "
                    "method's merge (repeatable; the value is read as YAML), e.g. --param ties.density=0.5.")
-@click.option("--data", required=True,
-              help="Text to score: a .txt file (one document), .jsonl/.json (field 'text'), .parquet, "
-                   "or a Hugging Face dataset as name[:config]:split.")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("-o", "--output", "out_dir", required=True, metavar="DIR",
               type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the merges, comparison.json and comparison.png.")
 @click.option("--with-inputs", is_flag=True,
               help="Also evaluate the base model and each input model, unmerged.")
-@click.option("--text-field", default="text", show_default=True,
-              help="The field holding each document's text.")
-@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Tokens per window.")
-@click.option("--samples", type=click.IntRange(min=1), help="Score only the first N windows.")
-@click.option("--stride", type=click.IntRange(min=1),
-              help="Hugging Face's sliding-window protocol with this stride, instead of non-overlapping "
-                   "windows.")
+@add_options(PROTOCOL_OPTIONS)
 @click.option("--max-memory", type=Size(),
               help="Peak memory budget of each merge and each evaluation, e.g. 2GiB.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True,
-              help="Evaluation compute dtype; auto runs each model in the dtype it is stored in.")
-@click.option("--cache-dir", type=click.Path(file_okay=False),
-              help="Cache for models named org/name[@revision].")
 @click.option("--overwrite", is_flag=True, help="Merge again into output directories that already exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines or bars.")
 def compare_command(plans: tuple[Path, ...], methods: tuple[str, ...], params: tuple[str, ...], data: str,
