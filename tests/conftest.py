@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,6 +25,17 @@ def sharded_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
 @pytest.fixture(scope="session")
 def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
     return write_family(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
+
+
+def hub_cache(root: Path, repo: str, snapshots: dict[str, Path], refs: dict[str, str]) -> Path:
+    """A huggingface_hub cache (hub/models--org--name/{snapshots,refs}) holding copies of local models."""
+    folder = root / "hub" / f"models--{repo.replace('/', '--')}"
+    for commit, model in snapshots.items():
+        shutil.copytree(model, folder / "snapshots" / commit)
+    (folder / "refs").mkdir(parents=True)
+    for ref, commit in refs.items():
+        (folder / "refs" / ref).write_text(commit)
+    return root
 
 
 def load_output(path: Path) -> dict[str, torch.Tensor]:

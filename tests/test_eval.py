@@ -8,6 +8,7 @@ greedy tokens, with and without activation spilling, and with a LoRA adapter fol
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 
 from arch_builder import (FAMILIES, build_model, folded_model, reference_generate, reference_nll, sample_text,
                           write_adapter)
+from conftest import hub_cache
 from streammerge import evaluate
 from streammerge.cli import main
 from streammerge.evaluation.evaluate import load_tokenizer
@@ -159,3 +161,17 @@ def test_missing_transformers_names_the_extra(models: Path, tmp_path: Path) -> N
                           "--data", str(data)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert run.stderr == "error: running a model needs transformers: pip install 'streammerge[eval]'\n"
+
+
+def test_hub_reference_evaluates_from_the_cache(models: Path, text: str, tmp_path: Path) -> None:
+    model = _model(models, "qwen3")
+    home = hub_cache(tmp_path / "hf", "acme/tiny-qwen3", {"3" * 40: model}, {"main": "3" * 40})
+    data = tmp_path / "text.txt"
+    data.write_text(text)
+    out = tmp_path / "eval.json"
+    env = os.environ | {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "streammerge", "eval", "acme/tiny-qwen3@main",
+                          "--data", str(data), "--seqlen", str(SEQLEN), "--json", str(out), "-q"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["nll"] == evaluate(model, data, seqlen=SEQLEN).nll

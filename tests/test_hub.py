@@ -7,7 +7,6 @@ child process with them set, as a user would.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,23 +16,12 @@ import torch
 import yaml
 
 from checkpoint_builder import Family
-from conftest import load_output
-
-
-def _cache(root: Path, repo: str, snapshots: dict[str, Path], refs: dict[str, str]) -> Path:
-    """A huggingface_hub cache (hub/models--org--name/{snapshots,refs}) holding copies of local models."""
-    folder = root / "hub" / f"models--{repo.replace('/', '--')}"
-    for commit, model in snapshots.items():
-        shutil.copytree(model, folder / "snapshots" / commit)
-    (folder / "refs").mkdir(parents=True)
-    for ref, commit in refs.items():
-        (folder / "refs" / ref).write_text(commit)
-    return root
+from conftest import hub_cache, load_output
 
 
 @pytest.fixture(scope="module")
 def hf_home(sharded_family: Family, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _cache(tmp_path_factory.mktemp("hf"), "acme/tiny-ft", {"1" * 40: sharded_family.models[0], "2" * 40: sharded_family.models[1]},
+    return hub_cache(tmp_path_factory.mktemp("hf"), "acme/tiny-ft", {"1" * 40: sharded_family.models[0], "2" * 40: sharded_family.models[1]},
                   {"main": "2" * 40, "v1": "1" * 40})
 
 

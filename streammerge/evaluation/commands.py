@@ -43,7 +43,8 @@ def scores_table(result: EvalResult) -> str:
         lines += [f"perplexity   {result.perplexity:.6g}",
                   f"loss         {result.nll:.6f} nats per token",
                   f"tokens       {result.tokens} scored in {result.windows} windows of {result.seqlen}"]
-    spilled = f" ({result.spilled_bytes / 2**20:.1f} MiB of activations spilled to disk)" if result.spilled_bytes else ""
+    spilled = (f" ({result.spilled_bytes / 2**20:.1f} MiB of activations spilled to disk)"
+               if result.spilled_bytes else "")
     lines += [f"seconds      {result.seconds:.1f}",
               f"peak memory  {gib:.2f} GiB{spilled}",
               f"dtype        {result.dtype}"]
@@ -70,9 +71,9 @@ def scores_table(result: EvalResult) -> str:
               help="Run a checkpoint's own modeling code (config.json auto_map); refused without it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_command(model: str, data: str | None, text_field: str, seqlen: int, samples: int | None,
-                 stride: int | None, prompts: tuple[str, ...], prompts_file: Path | None, max_new_tokens: int,
-                 max_memory: int | None, dtype: str, json_out: Path | None, spill_dir: str | None,
-                 cache_dir: str | None, trust_remote_code: bool, quiet: bool) -> None:
+                 stride: int | None, prompts: tuple[str, ...], prompts_file: Path | None,
+                 max_new_tokens: int, max_memory: int | None, dtype: str, json_out: Path | None,
+                 spill_dir: str | None, cache_dir: str | None, trust_remote_code: bool, quiet: bool) -> None:
     """Perplexity of MODEL on --data, and greedy continuations of --prompt, run one decoder layer at
     a time: memory holds one layer's weights, never the model.
 
@@ -82,9 +83,9 @@ def eval_command(model: str, data: str | None, text_field: str, seqlen: int, sam
     all_prompts = [*prompts, *(_read_prompts(prompts_file) if prompts_file else [])]
     try:
         result = evaluate(model, data, seqlen=seqlen, samples=samples, stride=stride, text_field=text_field,
-                          prompts=all_prompts, max_new_tokens=max_new_tokens, dtype=dtype, max_memory=max_memory,
-                          trust_remote_code=trust_remote_code, cache_dir=cache_dir, spill_dir=spill_dir,
-                          progress=not quiet)
+                          prompts=all_prompts, max_new_tokens=max_new_tokens, dtype=dtype,
+                          max_memory=max_memory, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+                          spill_dir=spill_dir, progress=not quiet)
     except StreamMergeError as e:
         fail(e)
     click.echo(scores_table(result))
