@@ -56,7 +56,7 @@ def fisher_stats(stream: LayerStream, windows: list[Window]) -> Iterator[tuple[i
         yield from sweep.layers()
         yield -1, sweep.outside()
     finally:
-        stream.spilled_bytes = max(stream.spilled_bytes, sweep.spilled_bytes)
+        stream.spilled_bytes = max(stream.spilled_bytes, sweep.store.spilled_bytes)
         sweep.close()
 
 
@@ -76,6 +76,8 @@ def _inputs_kept(layer: nn.Module, put: Callable[[int, torch.Tensor], None]) -> 
 
 
 class _Sweep:
+    """One Fisher computation: the kept activations and gradients, and the passes over them."""
+
     def __init__(self, stream: LayerStream, windows: list[Window]):
         self.stream, self.windows, self.skel = stream, windows, stream.skeleton
         self.n = len(windows)
@@ -83,29 +85,28 @@ class _Sweep:
         self.acc = torch.promote_types(self.skel.dtype, torch.float32)
         weights = stream.weights
         self.tied = weights.head_key == weights.embedding_key
-        self.stores = [ActivationStore(stream.activation_budget, stream.spill_dir) for _ in range(4)]
-        # layer i's input of window s at i * n + s | window s's gradient by the current boundary |
-        # per window, the head pass's gradients of the resident weights and of the tied rows used |
-        # the head's sum of squares until the end
-        self.inputs, self.grads, self.carry, self.held = self.stores
+        # One store, so that the activation budget bounds all of it (the layer stream's own store
+        # gets the other half while the forward runs). Keys: layer i's input of window s at
+        # i * n + s; window s's gradient by the current boundary at _grad + s; the head pass's
+        # gradients of the resident weights and of the tied rows used at _carry + s; the head's
+        # sum of squares at _held.
+        self.store = ActivationStore(stream.activation_budget // 2, stream.spill_dir)
+        layers = stream.layer_count * self.n
+        self._grad, self._carry, self._held = layers, layers + self.n, layers + 2 * self.n
         embedding, head = self.skel.embedding.weight, self.skel.head.weight
         model_names = weights._model_names(weights.resident_keys)
         by_model = {name: key for key, name in model_names.items()}
         self.resident = [(by_model[name], p) for name, p in self.skel.model.named_parameters()
                          if p is not embedding and p is not head and name in by_model]
+        self._flags = [p.requires_grad for _, p in self.resident]
         for _, p in self.resident:
             p.requires_grad_(True)
         self.calls: dict[int, list] = {}  # window length -> the recorded calls of every layer
 
-    @property
-    def spilled_bytes(self) -> int:
-        return sum(s.spilled_bytes for s in self.stores)
-
     def close(self) -> None:
-        for store in self.stores:
-            store.close()
-        for _, p in self.resident:
-            p.requires_grad_(False)
+        self.store.close()
+        for (_, p), flag in zip(self.resident, self._flags):
+            p.requires_grad_(flag)
 
     def _rows(self, ids: torch.Tensor, grad: bool) -> nn.Parameter:
         """The embedding rows of ``torch.unique(ids)``, a parameter for ``LayerStream.prepare``."""
@@ -123,14 +124,20 @@ class _Sweep:
         batches = [Batch(w.ids[None]) for w in self.windows]
 
         def keep(i: int, layer: nn.Module) -> contextlib.AbstractContextManager:
-            return _inputs_kept(layer, lambda s, x: self.inputs.put(i * self.n + s, x))
+            return _inputs_kept(layer, lambda s, x: self.store.put(i * self.n + s, x))
 
-        with self.stream.run(batches, hook=keep) as last:
+        budget = self.stream.activation_budget
+        self.stream.activation_budget = budget - self.store.budget
+        try:
+            last = self.stream.run(batches, hook=keep)
+        finally:
+            self.stream.activation_budget = budget
+        with last:
             head = VocabHead(self.stream)
             squares = torch.zeros(head.vocab, head.width, dtype=self.acc)
             for s in range(self.n):
                 self._head(head, s, last.get(s), squares)
-        self.held.put(0, squares)
+        self.store.put(self._held, squares)
 
     def _logsumexp(self, head: VocabHead, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         checkpoint = self.stream.weights.checkpoint
@@ -190,12 +197,12 @@ class _Sweep:
         checkpoint.release(head.key)
         params = [p for _, p in self.resident]
         got = torch.autograd.grad(normed, [hidden, *params], dx.to(normed.dtype), allow_unused=True)
-        self.grads.put(s, got[0])
+        self.store.put(self._grad + s, got[0])
         carried = [torch.zeros(p.shape, dtype=self.acc) if g is None else g.to(self.acc)
                    for p, g in zip(params, got[1:])]
         if bias is not None:
             carried[next(k for k, p in enumerate(params) if p is bias)] += dbias
-        self.carry.put(s, torch.cat([c.flatten() for c in [*carried, tied_rows]]))
+        self.store.put(self._carry + s, torch.cat([c.flatten() for c in [*carried, tied_rows]]))
 
     # -- the reverse sweep ----------------------------------------------------------------------
 
@@ -220,12 +227,12 @@ class _Sweep:
             p.requires_grad_(True)
         for s, w in enumerate(self.windows):
             call = self.calls[len(w.ids)][i]
-            x = self.inputs.get(i * self.n + s).clone().requires_grad_(True)
+            x = self.store.get(i * self.n + s).clone().requires_grad_(True)
             with torch.enable_grad():
                 out = layer(x, *call.args, **call.kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            got = torch.autograd.grad(out, [x, *params], self.grads.get(s), allow_unused=True)
-            self.grads.put(s, got[0])
+            got = torch.autograd.grad(out, [x, *params], self.store.get(self._grad + s), allow_unused=True)
+            self.store.put(self._grad + s, got[0])
             for sq, g in zip(squares, got[1:]):
                 if g is not None:  # None: a parameter no token reached (an expert never routed to)
                     sq += g.to(self.acc).square()
@@ -254,13 +261,13 @@ class _Sweep:
                         f"{sorted(fused)} maps back to {key!r} {tuple(sq.shape)}, not a tensor of the "
                         "checkpoint; this architecture's Fisher cannot be stored by checkpoint name")
                 out[key] = sq
-        return {key: {"fisher": (sq / self.n).float()} for key, sq in out.items()}
+        return {key: {"fisher": sq.div_(self.n).float()} for key, sq in out.items()}
 
     # -- the embedding and everything outside the layers -------------------------------------------
 
     def outside(self) -> Stats:
         weights = self.stream.weights
-        head_squares = self.held.get(0)
+        head_squares = self.store.get(self._held)
         pad = getattr(self.skel.embedding, "padding_idx", None)
         vocab, width = weights.checkpoint.tensors[weights.embedding_key].shape
         embedding = head_squares if self.tied else torch.zeros(vocab, width, dtype=self.acc)
@@ -270,13 +277,13 @@ class _Sweep:
             rows = self._rows(w.ids, True)
             with torch.enable_grad():
                 embedded, _ = self.stream.prepare(Batch(w.ids[None]), upto=0, rows=rows)
-            got = torch.autograd.grad(embedded, [rows, *(p for _, p in self.resident)], self.grads.get(s),
-                                      allow_unused=True)
+            got = torch.autograd.grad(embedded, [rows, *(p for _, p in self.resident)],
+                                      self.store.get(self._grad + s), allow_unused=True)
             used = torch.unique(w.ids)
             e = got[0].to(self.acc)
             if pad is not None:
                 e[used == pad] = 0  # nn.Embedding gives its padding row no gradient
-            carried = self.carry.get(s).split([*sizes, e.numel() if self.tied else 0])
+            carried = self.store.get(self._carry + s).split([*sizes, e.numel() if self.tied else 0])
             if self.tied:  # (h + e)² - h² at the used rows; h² is in already
                 h = carried[-1].view_as(e)
                 embedding.index_add_(0, used, e * (2 * h + e))
@@ -288,5 +295,5 @@ class _Sweep:
         if not self.tied:
             stats[weights.head_key] = {"fisher": head_squares.div_(self.n).float()}
         for (key, _), total in zip(self.resident, resident):
-            stats[key] = {"fisher": (total / self.n).float()}
+            stats[key] = {"fisher": total.div_(self.n).float()}
         return stats
