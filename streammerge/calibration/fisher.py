@@ -189,7 +189,7 @@ class _Sweep:
                 dweight += got[1]
                 if bias is not None:
                     dbias += got[2]
-            squares[start:stop] += dweight.square()
+            squares[start:stop].addcmul_(dweight, dweight)
             if self.tied:
                 inside = (used >= start) & (used < stop)
                 tied_rows[inside] = dweight[used[inside] - start]
@@ -235,7 +235,7 @@ class _Sweep:
             self.store.put(self._grad + s, got[0])
             for sq, g in zip(squares, got[1:]):
                 if g is not None:  # None: a parameter no token reached (an expert never routed to)
-                    sq += g.to(self.acc).square()
+                    sq.addcmul_(g, g)  # squared in the accumulator's precision
         return squares
 
     def _stats(self, keys: list[str], squares: dict[str, torch.Tensor]) -> Stats:
@@ -288,7 +288,7 @@ class _Sweep:
                 h = carried[-1].view_as(e)
                 embedding.index_add_(0, used, e * (2 * h + e))
             else:
-                embedding.index_add_(0, used, e.square())
+                embedding.index_add_(0, used, e * e)
             for total, c, g, (_, p) in zip(resident, carried, got[1:], self.resident):
                 total += (c.view(p.shape) if g is None else c.view(p.shape) + g.to(self.acc)).square()
         stats = {weights.embedding_key: {"fisher": embedding.div_(self.n).float()}}
