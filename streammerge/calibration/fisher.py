@@ -153,8 +153,9 @@ class _Sweep:
         return lse
 
     def _head(self, head: VocabHead, s: int, hidden: torch.Tensor, squares: torch.Tensor) -> None:
-        """Window ``s``'s loss gradient by the last layer's output (into ``grads``), by the head
-        (its square into ``squares``) and by the final norm and head bias (into ``carry``)."""
+        """Window ``s``'s loss gradient by the last layer's output (stored at ``_grad + s``), by the
+        head (its square added to ``squares``) and by the resident weights, the final norm's and the
+        head's bias, with the tied rows the window uses (stored at ``_carry + s``)."""
         w, skel = self.windows[s], self.skel
         pos, target = torch.arange(w.score_from - 1, len(w.ids) - 1), w.ids[w.score_from:]
         hidden = hidden.clone().requires_grad_(True)  # [1, L, H]
