@@ -90,15 +90,21 @@ class LayerStream:
     def _compact_embedding(self, rows: torch.Tensor) -> Iterator[None]:
         emb = self.skeleton.embedding
         meta, padding_idx = emb.weight, getattr(emb, "padding_idx", None)
-        emb.weight, emb.padding_idx = nn.Parameter(rows, requires_grad=False), None  # padding only matters to grads
+        # padding only matters to grads (a caller differentiating by the rows handles it)
+        emb.weight = rows if isinstance(rows, nn.Parameter) else nn.Parameter(rows, requires_grad=False)
+        emb.padding_idx = None
         try:
             yield
         finally:
             emb.weight, emb.padding_idx = meta, padding_idx
 
-    def prepare(self, batch: Batch, cache: Any = None, upto: int | None = None) -> tuple[torch.Tensor, list[_Call]]:
+    def prepare(self, batch: Batch, cache: Any = None, upto: int | None = None,
+                rows: nn.Parameter | None = None) -> tuple[torch.Tensor, list[_Call]]:
         """The embedded batch and the calls of layers 0..upto (default: all) as the model makes them.
-        ``cache`` is a KV cache to attend to and fill, or ``True`` for a new one (generation)."""
+        ``cache`` is a KV cache to attend to and fill, or ``True`` for a new one (generation).
+        ``rows`` are the embedding rows of ``torch.unique(batch.ids)`` to embed with instead of the
+        checkpoint's; given, the decoder runs outside inference mode, so autograd can differentiate
+        the embedded batch by them (calibration's Fisher) and the calls hold ordinary tensors."""
         layers = self.skeleton.layers
         last = len(layers) - 1 if upto is None else upto
         calls: list[_Call] = []
@@ -115,12 +121,16 @@ class LayerStream:
                 return hidden
             return forward
 
-        rows, compact = self._embedding_rows(batch.ids)
+        given = rows is not None
+        if rows is None:
+            rows, compact = self._embedding_rows(batch.ids)
+        else:
+            compact = torch.searchsorted(torch.unique(batch.ids), batch.ids)
         extra = {} if cache is None else {"use_cache": True, **({} if cache is True else {self._cache_kwarg: cache})}
         for i in range(last + 1):
             layers[i].forward = recorder(i)
         try:
-            with self._compact_embedding(rows), torch.inference_mode():
+            with self._compact_embedding(rows), torch.inference_mode(not given):
                 self.skeleton.base(input_ids=compact, attention_mask=batch.attention_mask,
                                    position_ids=batch.position_ids, **extra)
         except _Recorded:
