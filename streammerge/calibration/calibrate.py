@@ -89,10 +89,10 @@ def _check_output(out: Path) -> None:
 
 
 def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], provenance: Provenance,
-             out: Path, max_memory: int | None) -> Path:
+             out: Path, max_memory: int | None, batch_tokens: int = BATCH_TOKENS) -> Path:
     """Run the calibration passes over ``windows`` and write ``out``."""
     input_kinds = tuple(k for k in kinds if k in INPUT_KINDS)
-    budget = _activation_budget(stream, max_memory, BATCH_TOKENS)
+    budget = _activation_budget(stream, max_memory, batch_tokens)
     if max_memory is not None:
         held = _stats_bytes(stream, kinds)
         if budget < held:
@@ -105,7 +105,7 @@ def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], prove
     try:
         if input_kinds:
             collector = InputStats(stream, writer, input_kinds)
-            batches = [Batch(torch.stack([windows[i].ids for i in g])) for g in _batches(windows, BATCH_TOKENS)]
+            batches = [Batch(torch.stack([windows[i].ids for i in g])) for g in _batches(windows, batch_tokens)]
             stream.run(batches, hook=collector).close()
             if collector.skipped:
                 warnings.warn(f"no {'/'.join(input_kinds)} statistics for {', '.join(sorted(collector.skipped))} "
@@ -144,11 +144,11 @@ def _prepare(model: str | Path, data: str | Path | list[str], model_dir: Path, c
 def calibrate(model: str | Path, data: str | Path | list[str] | None, *, samples: int = 128, seqlen: int = 2048,
               shuffle: bool = False, seed: int = 0, kinds: Sequence[str] = INPUT_KINDS, out: str | Path,
               text_field: str = "text", dtype: str = "auto", max_memory: int | None = None,
-              cache_dir: str | None = None, progress: bool = False) -> Path:
+              cache_dir: str | None = None, batch_tokens: int = BATCH_TOKENS, progress: bool = False) -> Path:
     """Compute ``kinds`` of statistics of ``model`` (a directory, ``org/name[@revision]``,
     ``model+adapter``) on ``data`` (a file, a dataset as ``name[:config]:split``, or a list of
     documents) and write them to the statistics directory ``out``. ``cache_dir`` is where models
-    named on the Hub are downloaded."""
+    named on the Hub are downloaded; ``batch_tokens`` how many tokens run through a layer at once."""
     kinds = check_kinds(kinds)
     if data is None:
         raise DataError(f"{model}: no calibration data; give --data FILE (or a dataset as name[:config]:split)")
@@ -161,7 +161,7 @@ def calibrate(model: str | Path, data: str | Path | list[str] | None, *, samples
                                                   text_field=text_field, dtype=dtype)
         stream = LayerStream(model_dir, checkpoint, dtype=run_dtype, activation_budget=0)
         stream.progress = progress
-        return _compute(stream, windows, kinds, provenance, out, max_memory)
+        return _compute(stream, windows, kinds, provenance, out, max_memory, batch_tokens)
     finally:
         checkpoint.close()
 
