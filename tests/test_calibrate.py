@@ -75,11 +75,11 @@ def _reference(model: Path, windows: list[torch.Tensor]) -> dict[str, tuple[torc
             acc[0], acc[1], acc[2] = acc[0] + x.T @ x, acc[1] + x.square().sum(0), acc[2] + x.shape[0]
         return pre
 
-    layers = reference.base_model.layers if hasattr(reference.base_model, "layers") else reference.base_model.h
+    layers = next(m for m in reference.base_model.children() if isinstance(m, torch.nn.ModuleList))
     for name, module in reference.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and any(module is m for m in layers.modules()):
-            weight = f"{name}.weight"  # GPT-2's checkpoint names lack the model's "transformer." prefix
-            module.register_forward_pre_hook(hook(weight if weight in stored else weight.removeprefix("transformer.")))
+            assert f"{name}.weight" in stored  # these families' checkpoints use the model's names
+            module.register_forward_pre_hook(hook(f"{name}.weight"))
     with torch.no_grad():
         for ids in windows:
             reference(ids[None])
@@ -103,7 +103,7 @@ def test_statistics_match_the_whole_model(models: Path, text: str, tmp_path: Pat
         torch.testing.assert_close(got_sqnorm, sqnorm, rtol=1e-5, atol=0)
         assert stats.shape(name, "gram") == (len(sqnorm), len(sqnorm))
     if family == "gpt2":  # Conv1D: the weight is [in, out], the statistics index its rows
-        name = next(n for n in stats.entries if n.endswith("h.0.mlp.c_proj.weight"))
+        name = "transformer.h.0.mlp.c_proj.weight"
         with safe_open(str(model / "model.safetensors"), "pt") as f:
             assert stats.shape(name, "sqnorm") == (f.get_slice(name).get_shape()[0],) == (96,)
 
@@ -114,8 +114,9 @@ def test_linears_sharing_an_input_share_one_statistic(models: Path, text: str, t
     for i in range(3):
         attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         for kind in ("gram", "sqnorm"):
+            q_file = [f"layer-0000{i}.safetensors", f"{attn}q_proj.weight:{kind}"]
             assert entries[attn + "q_proj.weight"][kind] == entries[attn + "k_proj.weight"][kind] \
-                == entries[attn + "v_proj.weight"][kind] == [f"layer-0000{i}.safetensors", f"{attn}q_proj.weight:{kind}"]
+                == entries[attn + "v_proj.weight"][kind] == q_file
             assert entries[mlp + "gate_proj.weight"][kind] == entries[mlp + "up_proj.weight"][kind]
             assert entries[attn + "o_proj.weight"][kind][1] == f"{attn}o_proj.weight:{kind}"
         with safe_open(str(out / f"layer-0000{i}.safetensors"), "pt") as f:
@@ -138,9 +139,9 @@ def test_provenance(models: Path, text: str, tmp_path: Path) -> None:
     assert p.model_fingerprint == model_fingerprint({"model.safetensors": (len(raw), header)})
     assert (p.model, p.data, p.data_fingerprint) == (str(model), "1 documents", digest.hexdigest())
     assert (p.tokens, p.windows) == (4 * SEQLEN, 4)
-    assert {k: p.protocol[k] for k in ("name", "seqlen", "samples", "stride", "shuffle", "seed", "dtype")} == {
-        "name": "non-overlapping", "seqlen": SEQLEN, "samples": 4, "stride": None, "shuffle": False, "seed": None,
-        "dtype": "float32"}
+    expected = {"name": "non-overlapping", "seqlen": SEQLEN, "samples": 4, "stride": None, "shuffle": False,
+                "seed": None, "dtype": "float32"}
+    assert {k: p.protocol[k] for k in expected} == expected
     assert stats.kinds == ["sqnorm"] and all(list(k) == ["sqnorm"] for k in stats.entries.values())
     assert sorted(q.name for q in tmp_path.iterdir()) == ["stats"]  # no staging directory left
 
@@ -163,14 +164,15 @@ def test_one_layer_of_statistics_in_memory(models: Path, text: str, tmp_path: Pa
             gc.collect()
             assert written == list(range(index))
             assert alive if index else not alive
-            assert all(ref() is None for ref in alive), f"a statistic of an earlier layer is alive at layer {index}"
+            assert all(ref() is None for ref in alive), f"layer {index}: an earlier statistic is alive"
             starts.append(index)
             return hook(index, layer)
         return run(self, batches, cache, checked)
 
     monkeypatch.setattr(StatsWriter, "write_layer", recording_write)
     monkeypatch.setattr(LayerStream, "run", checking_run)
-    calibrate(_model(models, "llama"), [text], samples=4, seqlen=SEQLEN, out=tmp_path / "stats", batch_tokens=64)
+    calibrate(_model(models, "llama"), [text], samples=4, seqlen=SEQLEN, out=tmp_path / "stats",
+              batch_tokens=64)
     assert starts == [0, 1, 2] and written == [0, 1, 2]
 
 
@@ -236,12 +238,13 @@ def test_a_second_pass_over_a_layer_keeps_the_first(tmp_path: Path, models: Path
     both = StatsDir(writer.finish())
     assert torch.equal(both.read("model.layers.0.mlp.down_proj.weight", "sqnorm"), sq)
     assert torch.equal(both.read("model.layers.0.mlp.down_proj.weight", "fisher"), torch.ones(64, 96))
-    assert sorted(p.name for p in both.path.iterdir()) == ["layer-00000-1.safetensors", "layer-00000.safetensors",
-                                                           "manifest.json"]
+    assert sorted(p.name for p in both.path.iterdir()) == [
+        "layer-00000-1.safetensors", "layer-00000.safetensors", "manifest.json"]
 
 
 def test_fisher_goes_into_the_same_directory(models: Path, text: str, tmp_path: Path) -> None:
-    pytest.importorskip("streammerge.calibration.fisher", reason="streammerge/calibration/fisher.py (fisher_stats) is not merged yet")
+    pytest.importorskip("streammerge.calibration.fisher",
+                        reason="streammerge/calibration/fisher.py (fisher_stats) is not merged yet")
     model = _model(models, "llama")
     out = calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=["gram", "fisher"], out=tmp_path / "stats")
     stats = StatsDir(out)
@@ -286,3 +289,32 @@ def test_cli_errors(models: Path, data_file: Path, tmp_path: Path, args: list[st
     run = CliRunner().invoke(main, ["calibrate", str(model), *args, *output, "-q"])
     assert (run.exit_code, run.stderr) == (1, message.format(model=model))
     assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "stats").exists()
+
+
+def test_moe_experts_and_routers_are_named_not_measured(models: Path, text: str, tmp_path: Path) -> None:
+    """transformers' Mixtral keeps its experts as 3-D tensors and routes with a bare matrix: no linears."""
+    with pytest.warns(UserWarning, match=r"no gram/sqnorm statistics for mlp\.experts, mlp\.gate in each "
+                                         r"decoder layer: not linear layers"):
+        out = calibrate(_model(models, "mixtral"), [text], samples=2, seqlen=SEQLEN, out=tmp_path / "stats")
+    names = sorted(StatsDir(out).entries)
+    assert names == sorted(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(3) for p in "qkvo")
+
+
+def test_max_memory_budgets_one_layer_of_statistics(models: Path, text: str, tmp_path: Path) -> None:
+    from streammerge.calibration.calibrate import _stats_bytes
+    from streammerge.evaluation.evaluate import open_model
+
+    model = _model(models, "llama")
+    model_dir, checkpoint = open_model(model)
+    stream = LayerStream(model_dir, checkpoint, dtype=torch.float32, activation_budget=0)
+    # q, k, v, o, gate, up read 64 columns, down 96; each counted as if it stored its own
+    assert _stats_bytes(stream, ["gram", "sqnorm"]) == 4 * (6 * (64 * 64 + 64) + 96 * 96 + 96)
+    assert _stats_bytes(stream, ["sqnorm", "fisher"]) == 4 * (6 * 64 + 96)
+    checkpoint.close()
+    bounded = calibrate(model, [text], samples=3, seqlen=SEQLEN, out=tmp_path / "a", max_memory=2**36)
+    free = calibrate(model, [text], samples=3, seqlen=SEQLEN, out=tmp_path / "b")
+    for name in StatsDir(free).entries:
+        assert torch.equal(StatsDir(bounded).read(name, "gram"), StatsDir(free).read(name, "gram"))
+    with pytest.raises(PlanError, match=r"--max-memory 0\.00 GiB is below what running this model takes"):
+        calibrate(model, [text], samples=3, seqlen=SEQLEN, out=tmp_path / "c", max_memory=2**20)
+    assert not (tmp_path / "c").exists()

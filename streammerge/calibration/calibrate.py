@@ -11,6 +11,7 @@ pass of the layer stream; the Fisher information from its own forward and backwa
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -79,13 +80,19 @@ def _stats_bytes(stream: LayerStream, kinds: list[str]) -> int:
     return 4 * max(per_layer, default=0)
 
 
+def _is_stats_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_output(out: Path) -> None:
-    """``out`` is replaced when done: refuse anything but a statistics directory or nothing."""
-    if out.is_file() or out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    """``out`` is replaced when done: refuse anything but nothing, an empty directory or a
+    statistics directory."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_stats_dir(out))):
         raise OutputError(f"{out}: exists and is not a statistics directory; choose another -o "
                           "(a statistics directory there is replaced)")
-    if (out / MANIFEST).is_file() and f'"{FORMAT}"' not in (out / MANIFEST).read_text():
-        raise OutputError(f"{out}: holds a {MANIFEST} that is not a {FORMAT} manifest; choose another -o")
 
 
 def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], provenance: Provenance,
@@ -96,21 +103,23 @@ def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], prove
     if max_memory is not None:
         held = _stats_bytes(stream, kinds)
         if budget < held:
-            raise PlanError(f"--max-memory {max_memory / 2**30:.2f} GiB leaves {budget / 2**30:.2f} GiB besides "
-                            f"running the model, less than one layer's statistics ({held / 2**30:.2f} GiB); "
-                            "raise --max-memory")
+            raise PlanError(f"--max-memory {max_memory / 2**30:.2f} GiB leaves {budget / 2**30:.2f} GiB "
+                            "besides running the model, less than one layer's statistics "
+                            f"({held / 2**30:.2f} GiB); raise --max-memory")
         budget -= held
     stream.activation_budget = budget
     writer = StatsWriter(out, provenance, kinds)
     try:
         if input_kinds:
             collector = InputStats(stream, writer, input_kinds)
-            batches = [Batch(torch.stack([windows[i].ids for i in g])) for g in _batches(windows, batch_tokens)]
+            groups = _batches(windows, batch_tokens)
+            batches = [Batch(torch.stack([windows[i].ids for i in g])) for g in groups]
             stream.run(batches, hook=collector).close()
             if collector.skipped:
-                warnings.warn(f"no {'/'.join(input_kinds)} statistics for {', '.join(sorted(collector.skipped))} "
-                              "in each decoder layer: not linear layers (transformers' fused MoE experts and "
-                              "routers); data-aware methods treat their weights by magnitude", stacklevel=3)
+                skipped = ", ".join(sorted(collector.skipped))
+                warnings.warn(f"no {'/'.join(input_kinds)} statistics for {skipped} in each decoder layer: "
+                              "not linear layers (transformers' fused MoE experts and routers); data-aware "
+                              "methods rank their weights by magnitude", stacklevel=3)
         if "fisher" in kinds:
             from streammerge.calibration.fisher import fisher_stats
 
@@ -122,48 +131,64 @@ def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], prove
         raise
 
 
-def _provenance(model: str | Path, checkpoint: Source, data: str | Path | list[str], windows: list[Window],
-                protocol: dict[str, Any]) -> Provenance:
-    source = f"{len(data)} documents" if isinstance(data, list) else str(data)
-    return Provenance(model=str(model), model_fingerprint=model_fingerprint(checkpoint.fingerprint()),
-                      data=source, data_fingerprint=data_fingerprint([w.ids for w in windows]),
-                      protocol=protocol, tokens=sum(len(w.ids) for w in windows), windows=len(windows))
-
-
 def _prepare(model: str | Path, data: str | Path | list[str], model_dir: Path, checkpoint: Source, *,
              samples: int, seqlen: int, shuffle: bool, seed: int, text_field: str,
              dtype: str) -> tuple[list[Window], Provenance, torch.dtype]:
     """The windows, what the manifest says about them, and the dtype the model runs in."""
     documents = list(data) if isinstance(data, list) else read_documents(str(data), text_field)
-    windows, protocol = calibration_windows(load_tokenizer(model_dir), documents, seqlen, samples, shuffle, seed)
+    tokenizer = load_tokenizer(model_dir)
+    windows, protocol = calibration_windows(tokenizer, documents, seqlen, samples, shuffle, seed)
     run_dtype = _run_dtype(checkpoint, dtype)
     protocol["dtype"] = str(run_dtype).removeprefix("torch.")  # the statistics depend on it
-    return windows, _provenance(model, checkpoint, data, windows, protocol), run_dtype
+    provenance = Provenance(
+        model=str(model), model_fingerprint=model_fingerprint(checkpoint.fingerprint()),
+        data=f"{len(data)} documents" if isinstance(data, list) else str(data),
+        data_fingerprint=data_fingerprint([w.ids for w in windows]), protocol=protocol,
+        tokens=sum(len(w.ids) for w in windows), windows=len(windows))
+    return windows, provenance, run_dtype
 
 
-def calibrate(model: str | Path, data: str | Path | list[str] | None, *, samples: int = 128, seqlen: int = 2048,
-              shuffle: bool = False, seed: int = 0, kinds: Sequence[str] = INPUT_KINDS, out: str | Path,
-              text_field: str = "text", dtype: str = "auto", max_memory: int | None = None,
-              cache_dir: str | None = None, batch_tokens: int = BATCH_TOKENS, progress: bool = False) -> Path:
+def _run(model: str | Path, data: str | Path | list[str], kinds: list[str], window_options: dict[str, Any],
+         *, out: Path | None = None, cache_root: Path | None = None, dtype: str, max_memory: int | None,
+         cache_dir: str | None, batch_tokens: int = BATCH_TOKENS, progress: bool = False) -> Path:
+    """Open the model, cut the windows and compute into ``out``, or into the cache entry under
+    ``cache_root`` unless it is there."""
+    model_dir, checkpoint = open_model(model, cache_dir)
+    try:
+        windows, provenance, run_dtype = _prepare(model, data, model_dir, checkpoint, dtype=dtype,
+                                                  **window_options)
+        if cache_root is not None:
+            out = cache_root / cache_key(provenance.model_fingerprint, provenance.data_fingerprint,
+                                         provenance.protocol, kinds)
+            if (out / MANIFEST).is_file():  # directories appear complete: a manifest means done
+                return out
+            cache_root.mkdir(parents=True, exist_ok=True)
+        stream = LayerStream(model_dir, checkpoint, dtype=run_dtype, activation_budget=0)
+        stream.progress = progress
+        return _compute(stream, windows, kinds, provenance, out, max_memory, batch_tokens)
+    finally:
+        checkpoint.close()
+
+
+def calibrate(model: str | Path, data: str | Path | list[str] | None, *, samples: int = 128,
+              seqlen: int = 2048, shuffle: bool = False, seed: int = 0, kinds: Sequence[str] = INPUT_KINDS,
+              out: str | Path, text_field: str = "text", dtype: str = "auto", max_memory: int | None = None,
+              cache_dir: str | None = None, batch_tokens: int = BATCH_TOKENS,
+              progress: bool = False) -> Path:
     """Compute ``kinds`` of statistics of ``model`` (a directory, ``org/name[@revision]``,
     ``model+adapter``) on ``data`` (a file, a dataset as ``name[:config]:split``, or a list of
     documents) and write them to the statistics directory ``out``. ``cache_dir`` is where models
     named on the Hub are downloaded; ``batch_tokens`` how many tokens run through a layer at once."""
     kinds = check_kinds(kinds)
     if data is None:
-        raise DataError(f"{model}: no calibration data; give --data FILE (or a dataset as name[:config]:split)")
+        raise DataError(f"{model}: no calibration data; give --data FILE "
+                        "(or a dataset as name[:config]:split)")
     out = Path(out)
     _check_output(out)
-    model_dir, checkpoint = open_model(model, cache_dir)
-    try:
-        windows, provenance, run_dtype = _prepare(model, data, model_dir, checkpoint, samples=samples,
-                                                  seqlen=seqlen, shuffle=shuffle, seed=seed,
-                                                  text_field=text_field, dtype=dtype)
-        stream = LayerStream(model_dir, checkpoint, dtype=run_dtype, activation_budget=0)
-        stream.progress = progress
-        return _compute(stream, windows, kinds, provenance, out, max_memory, batch_tokens)
-    finally:
-        checkpoint.close()
+    options = {"samples": samples, "seqlen": seqlen, "shuffle": shuffle, "seed": seed,
+               "text_field": text_field}
+    return _run(model, data, kinds, options, out=out, dtype=dtype, max_memory=max_memory, cache_dir=cache_dir,
+                batch_tokens=batch_tokens, progress=progress)
 
 
 def _spec_values(spec: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +200,8 @@ def _spec_values(spec: dict[str, Any]) -> dict[str, Any]:
     if "data" not in spec:
         raise PlanError("calibration: no 'data'; give data: FILE (or a dataset as name[:config]:split)")
     values = {"samples": 128, "seqlen": 2048, "shuffle": False, "seed": 0, "text_field": "text", **spec}
-    for key, kind in (("samples", int), ("seqlen", int), ("seed", int), ("shuffle", bool), ("text_field", str)):
+    types = {"samples": int, "seqlen": int, "seed": int, "shuffle": bool, "text_field": str}
+    for key, kind in types.items():
         value = values[key]
         if not isinstance(value, kind) or kind is int and isinstance(value, bool):
             raise PlanError(f"calibration: {key}: {value!r} is not a{'n' * (kind is int)} {kind.__name__}")
@@ -190,19 +216,8 @@ def cached_stats(model: str | Path, spec: dict[str, Any], kinds: Sequence[str] =
     present. The key covers the model's and the data's fingerprints, the protocol and the kinds,
     so finding it needs the data tokenized, but a cache hit runs no model."""
     kinds = check_kinds(kinds)
-    values = _spec_values(spec)
+    options = _spec_values(spec)
+    data = options.pop("data")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    model_dir, checkpoint = open_model(model, model_cache_dir)
-    try:
-        data = values.pop("data")
-        windows, provenance, run_dtype = _prepare(model, data, model_dir, checkpoint, dtype=dtype, **values)
-        path = root / cache_key(provenance.model_fingerprint, provenance.data_fingerprint, provenance.protocol,
-                                kinds)
-        if (path / MANIFEST).is_file():
-            return path
-        root.mkdir(parents=True, exist_ok=True)
-        stream = LayerStream(model_dir, checkpoint, dtype=run_dtype, activation_budget=0)
-        stream.progress = progress
-        return _compute(stream, windows, kinds, provenance, path, max_memory)
-    finally:
-        checkpoint.close()
+    return _run(model, data, kinds, options, cache_root=root, dtype=dtype, max_memory=max_memory,
+                cache_dir=model_cache_dir, progress=progress)
