@@ -253,6 +253,17 @@ def test_fisher_goes_into_the_same_directory(models: Path, text: str, tmp_path: 
     assert {n: stats.shape(n, "fisher") for n in shapes} == shapes  # every tensor, the layers' and the rest
     name = "model.layers.2.self_attn.k_proj.weight"  # the Grams' file is not overwritten by Fisher's
     assert stats.has(name, "gram") and stats.read(name, "gram").shape == (64, 64)
+    # the same windows reach fisher_stats: the mean over windows of each window's squared gradient
+    reference = load_reference(model)
+    squares: dict[str, torch.Tensor] = {}
+    for ids in _every_window(model, text)[:2]:
+        reference.zero_grad()
+        reference(ids[None], labels=ids[None]).loss.backward()
+        for n, param in reference.named_parameters():
+            squares[n] = squares.get(n, 0) + param.grad.double().square() / 2
+    for n in ("model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        got = stats.read(n, "fisher").double()
+        assert (got - squares[n]).abs().max() <= 1e-5 * squares[n].abs().max(), n
 
 
 def test_cli_writes_and_reports(models: Path, data_file: Path, tmp_path: Path) -> None:
