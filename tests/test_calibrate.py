@@ -279,7 +279,7 @@ def test_cli_writes_and_reports(models: Path, data_file: Path, tmp_path: Path) -
     lines = run.stdout.splitlines()
     assert lines[0] == f"model        {model}"
     assert lines[1] == f"statistics   {out}: gram, sqnorm of 12 weights"
-    assert lines[2] == f"wrote        3 layer files, {stored} tensors, {size:.2f} MiB" and stored == 24
+    assert lines[2] == f"wrote        3 layers in 3 files, {stored} tensors, {size:.2f} MiB" and stored == 24
     assert lines[3] == f"windows      3 of {SEQLEN} tokens ({3 * SEQLEN} tokens), dtype float32"
     assert [line.split()[0] for line in lines[4:]] == ["seconds", "peak", "protocol"]
 

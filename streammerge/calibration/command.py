@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -21,12 +22,14 @@ def written_table(path: Path, seconds: float, peak_rss_bytes: int) -> str:
     stats = StatsDir(path)
     stored = {tuple(where) for kinds in stats.entries.values() for where in kinds.values()}
     files = {file for file, _ in stored}
+    # layer-00007.safetensors (and -1, -2 for later passes); the weights outside the layers: layer--0001
+    layers = {m[1] for f in files if (m := re.match(r"layer-(\d+)", f))}
     size = sum(f.stat().st_size for f in path.iterdir())
     p = stats.provenance
     return "\n".join([
         f"model        {p.model}",
         f"statistics   {path}: {', '.join(stats.kinds)} of {len(stats.entries)} weights",
-        f"wrote        {len(files)} layer files, {len(stored)} tensors, {size / 2**20:.2f} MiB",
+        f"wrote        {len(layers)} layers in {len(files)} files, {len(stored)} tensors, {size / 2**20:.2f} MiB",
         f"windows      {p.windows} of {p.protocol['seqlen']} tokens ({p.tokens} tokens), dtype "
         f"{p.protocol['dtype']}",
         f"seconds      {seconds:.1f}",
