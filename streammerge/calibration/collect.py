@@ -3,7 +3,8 @@
 For every ``nn.Linear`` and GPT-2 ``Conv1D`` of a decoder layer, over the rows X it is called with
 (one row per token, ``in_features`` columns): ``gram`` G = XᵀX / rows and ``sqnorm`` Σ_t x_tj².
 Both are float32 and accumulated in float32, one batch at a time (``addmm_``): against a float64
-reference they stay within 1e-6 of the tensor's scale at the token counts calibration uses.
+sum over 128 × 2048 random rows of 512 columns, a Gram is off by 2e-7 of its largest entry and its
+diagonal and Σx² by 2e-6 relative; float64 accumulators would double a layer's statistics.
 
 Forward pre-hooks live on one layer's linears while that layer runs; when it is done its statistics
 are written and dropped, so memory never holds more than one layer's. Linears called with the same
@@ -104,11 +105,10 @@ class InputStats:
         checkpoint = self.stream.weights.checkpoint_names(index)
         out = {}
         for name, module in layer.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
             weight = checkpoint.get(f"{self._prefix}.{index}.{name}.weight")
             if is_linear(module) and weight is not None:
                 out[module] = weight
-            elif own:
+            elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):
                 self.skipped.add(name)
         return out
 
