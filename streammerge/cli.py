@@ -13,6 +13,7 @@ from streammerge import __version__
 from streammerge.api import merge, merge_stages, schedule
 from streammerge.engine import MergeResult
 from streammerge.errors import StreamMergeError
+from streammerge.calibration.command import calibrate_command
 from streammerge.cli_common import Size, add_options, fail
 from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
@@ -238,6 +239,7 @@ def methods() -> None:
 
 
 main.add_command(eval_command)
+main.add_command(calibrate_command)
 main.add_command(compare_command)
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ class StatsWriter:
                     shared: dict[str, str] | None = None) -> None:
         """``stats[weight][kind]`` for one layer's weights; ``shared[weight] = other`` makes ``weight``
         use ``other``'s input statistics (gram, sqnorm) instead of storing its own."""
-        file = f"layer-{index:05d}.safetensors"
+        file, part = f"layer-{index:05d}.safetensors", 1
+        while (self.staging / file).exists():  # a second pass over the layer (Fisher after Grams)
+            file, part = f"layer-{index:05d}-{part}.safetensors", part + 1
         tensors = {}
         for weight, kinds in stats.items():
             for kind, value in kinds.items():

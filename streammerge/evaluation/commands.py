@@ -12,22 +12,28 @@ from streammerge.errors import StreamMergeError
 from streammerge.evaluation.evaluate import EvalResult, evaluate
 
 
-DATA_HELP = ("Text to score: a .txt file (one document), .jsonl/.json (field 'text'), .parquet, "
-             "or a Hugging Face dataset as name[:config]:split.")
-# the scoring protocol and how models are run: the same for eval and compare
+DATA_SOURCES = ("a .txt file (one document), .jsonl/.json (field 'text'), .parquet, or a Hugging Face "
+                "dataset as name[:config]:split.")
+DATA_HELP = "Text to score: " + DATA_SOURCES
+# the scoring protocol and how models are run: the same for eval and compare (calibrate takes
+# the ones named)
+TEXT_FIELD = click.option("--text-field", default="text", show_default=True,
+                          help="The field holding each document's text.")
+SEQLEN = click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
+                      help="Tokens per window.")
+DTYPE = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="Compute dtype; auto runs a model in the dtype it is stored in.")
+CACHE_DIR = click.option("--cache-dir", type=click.Path(file_okay=False),
+                         help="Cache for models named org/name[@revision].")
 PROTOCOL_OPTIONS = [
-    click.option("--text-field", default="text", show_default=True,
-                 help="The field holding each document's text."),
-    click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
-                 help="Tokens per window."),
+    TEXT_FIELD,
+    SEQLEN,
     click.option("--samples", type=click.IntRange(min=1), help="Score only the first N windows."),
     click.option("--stride", type=click.IntRange(min=1),
                  help="Hugging Face's sliding-window protocol with this stride, instead of "
                       "non-overlapping windows."),
-    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                 show_default=True, help="Compute dtype; auto runs a model in the dtype it is stored in."),
-    click.option("--cache-dir", type=click.Path(file_okay=False),
-                 help="Cache for models named org/name[@revision]."),
+    DTYPE,
+    CACHE_DIR,
 ]
 
 

@@ -60,6 +60,15 @@ class LayerWeights:
             names[key] = name if name in meta or key not in meta else key
         return names
 
+    def checkpoint_names(self, index: int) -> dict[str, str]:
+        """Layer ``index``'s model parameter names -> the checkpoint tensor each is loaded from.
+        Only parameters made from one tensor are named: Mixtral's per-expert tensors, which the
+        loader fuses into one ``experts.gate_up_proj``, have no single name."""
+        sources: dict[str, list[str]] = defaultdict(list)
+        for key, name in self._model_names(self.layer_keys[index]).items():
+            sources[name].append(key)
+        return {name: keys[0] for name, keys in sources.items() if len(keys) == 1}
+
     def _key_of(self, names: dict[str, str], param: nn.Parameter, what: str) -> str:
         wanted = [n for n, p in self.skeleton.model.named_parameters(remove_duplicate=False) if p is param]
         found = [key for key, name in names.items() if name in wanted]
