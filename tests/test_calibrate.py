@@ -114,12 +114,12 @@ def test_linears_sharing_an_input_share_one_statistic(models: Path, text: str, t
     for i in range(3):
         attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         for kind in ("gram", "sqnorm"):
-            q_file = [f"layer-0000{i}.safetensors", f"{attn}q_proj.weight:{kind}"]
+            q_file = [f"layer-0000{i}-gram-sqnorm.safetensors", f"{attn}q_proj.weight:{kind}"]
             assert entries[attn + "q_proj.weight"][kind] == entries[attn + "k_proj.weight"][kind] \
                 == entries[attn + "v_proj.weight"][kind] == q_file
             assert entries[mlp + "gate_proj.weight"][kind] == entries[mlp + "up_proj.weight"][kind]
             assert entries[attn + "o_proj.weight"][kind][1] == f"{attn}o_proj.weight:{kind}"
-        with safe_open(str(out / f"layer-0000{i}.safetensors"), "pt") as f:
+        with safe_open(str(out / f"layer-0000{i}-gram-sqnorm.safetensors"), "pt") as f:
             # q/k/v, o, gate/up, down: four inputs, each stored once per kind
             assert sorted(f.keys()) == sorted(f"{attn if w[0] in 'qo' else mlp}{w}.weight:{k}"
                                               for w in ("q_proj", "o_proj", "gate_proj", "down_proj")
@@ -239,7 +239,7 @@ def test_a_second_pass_over_a_layer_keeps_the_first(tmp_path: Path, models: Path
     assert torch.equal(both.read("model.layers.0.mlp.down_proj.weight", "sqnorm"), sq)
     assert torch.equal(both.read("model.layers.0.mlp.down_proj.weight", "fisher"), torch.ones(64, 96))
     assert sorted(p.name for p in both.path.iterdir()) == [
-        "layer-00000-1.safetensors", "layer-00000.safetensors", "manifest.json"]
+        "layer-00000-fisher.safetensors", "layer-00000-sqnorm.safetensors", "manifest.json"]
 
 
 def test_fisher_goes_into_the_same_directory(models: Path, text: str, tmp_path: Path) -> None:
@@ -273,7 +273,7 @@ def test_cli_writes_and_reports(models: Path, data_file: Path, tmp_path: Path) -
     assert run.exit_code == 0, run.output
     stored = 0
     for i in range(3):
-        with safe_open(str(out / f"layer-0000{i}.safetensors"), "pt") as f:
+        with safe_open(str(out / f"layer-0000{i}-gram-sqnorm.safetensors"), "pt") as f:
             stored += len(f.keys())
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     lines = run.stdout.splitlines()

@@ -22,7 +22,7 @@ def written_table(path: Path, seconds: float, peak_rss_bytes: int) -> str:
     stats = StatsDir(path)
     stored = {tuple(where) for kinds in stats.entries.values() for where in kinds.values()}
     files = {file for file, _ in stored}
-    # layer-00007.safetensors (and -1, -2 for later passes); the weights outside the layers: layer--0001
+    # layer-00007-gram-sqnorm.safetensors, layer-00007-fisher.safetensors, outside-layers-fisher.safetensors
     layers = {m[1] for f in files if (m := re.match(r"layer-(\d+)", f))}
     size = sum(f.stat().st_size for f in path.iterdir())
     p = stats.provenance

@@ -3,7 +3,8 @@
 ```
 STATS/manifest.json            format, where the numbers came from (model and data fingerprints,
                                protocol, tokens), and for each weight and kind the file and stored name
-STATS/layer-00007.safetensors  one file per decoder layer, float32
+STATS/layer-00007-gram-sqnorm.safetensors  per decoder layer and pass, float32
+STATS/outside-layers-fisher.safetensors    the embedding, final norm and head (Fisher only)
 ```
 
 A statistic is named after the checkpoint weight it describes (``model.layers.7.mlp.down_proj.weight``
@@ -84,9 +85,9 @@ class StatsWriter:
                     shared: dict[str, str] | None = None) -> None:
         """``stats[weight][kind]`` for one layer's weights; ``shared[weight] = other`` makes ``weight``
         use ``other``'s input statistics (gram, sqnorm) instead of storing its own."""
-        file, part = f"layer-{index:05d}.safetensors", 1
-        while (self.staging / file).exists():  # a second pass over the layer (Fisher after Grams)
-            file, part = f"layer-{index:05d}-{part}.safetensors", part + 1
+        # one file per layer and kind set: a second pass over a layer (Fisher after the Grams) adds a file
+        written = "-".join(sorted({kind for kinds in stats.values() for kind in kinds}))
+        file = f"{'outside-layers' if index < 0 else f'layer-{index:05d}'}-{written}.safetensors"
         tensors = {}
         for weight, kinds in stats.items():
             for kind, value in kinds.items():
