@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import shutil
 import weakref
 from pathlib import Path
 
@@ -209,11 +210,19 @@ def test_cached_stats_reuses_an_entry_without_running_the_model(models: Path, da
 
     monkeypatch.setattr(LayerStream, "run", counting_run)
     model, cache = _model(models, "llama"), tmp_path / "cache"
+    data_file = Path(shutil.copy(data_file, tmp_path / "calib.txt"))  # changed below
     spec = {"data": str(data_file), "samples": 3, "seqlen": SEQLEN}
     first = cached_stats(model, spec, ["gram", "sqnorm"], cache)
     inode, mtime = first.stat().st_ino, (first / "manifest.json").stat().st_mtime_ns
     assert len(runs) == 1 and first.parent == cache and StatsDir(first).provenance.windows == 3
-    again = cached_stats(model, dict(spec), ["sqnorm", "gram"], cache)  # the kinds' order does not matter
+    import streammerge.calibration.calibrate as calibrate_module
+
+    def no_reading(*args: object) -> None:
+        raise AssertionError("a cache hit read the calibration data")
+
+    with monkeypatch.context() as m:
+        m.setattr(calibrate_module, "read_documents", no_reading)
+        again = cached_stats(model, dict(spec), ["sqnorm", "gram"], cache)  # the kinds' order does not matter
     assert again == first and len(runs) == 1
     assert (first.stat().st_ino, (first / "manifest.json").stat().st_mtime_ns) == (inode, mtime)
     assert [p.name for p in cache.iterdir()] == [first.name]  # nothing staged, nothing new
@@ -222,6 +231,8 @@ def test_cached_stats_reuses_an_entry_without_running_the_model(models: Path, da
     assert len(runs) == 3 and len({first, other, fewer}) == 3
     monkeypatch.setenv("STREAMMERGE_CACHE", str(tmp_path / "env-cache"))
     assert cached_stats(model, spec, ["sqnorm"]).parent == tmp_path / "env-cache"
+    data_file.write_text(data_file.read_text() + " river")  # the data changed: a new entry
+    assert cached_stats(model, spec, ["gram", "sqnorm"], cache) != first and len(runs) == 5
     with pytest.raises(PlanError, match=r"calibration: unknown key 'stats'"):
         cached_stats(model, spec | {"stats": "dir"}, ["gram"], cache)
 

@@ -1,5 +1,5 @@
 """``calibrate``: a model's statistics on calibration data, written as a statistics directory, and
-``cached_stats``: the same through a cache keyed by the model's and the data's fingerprints.
+``cached_stats``: the same through a cache keyed by the model and the data source.
 
 The windows are ``streammerge eval``'s non-overlapping ones: the documents joined with "\\n\\n",
 tokenized once, cut into ``seqlen``-token windows (the tail dropped), the first ``samples`` kept.
@@ -22,7 +22,8 @@ import torch
 
 from streammerge.calibration.collect import INPUT_KINDS, InputStats, in_features, is_linear
 from streammerge.calibration.statsdir import (FORMAT, KINDS, MANIFEST, Provenance, StatsWriter, cache_key,
-                                              data_fingerprint, model_fingerprint)
+                                              data_fingerprint, files_fingerprint, model_fingerprint,
+                                              source_identity)
 from streammerge.errors import DataError, OutputError, PlanError
 from streammerge.evaluation.data import read_documents
 from streammerge.evaluation.evaluate import (BATCH_TOKENS, _activation_budget, _batches, _run_dtype,
@@ -30,6 +31,7 @@ from streammerge.evaluation.evaluate import (BATCH_TOKENS, _activation_budget, _
 from streammerge.evaluation.windows import Protocol, Window, cut_windows, tokenize
 from streammerge.forward import Batch, LayerStream
 from streammerge.forward.weights import Source
+from streammerge.io.layout import TOKENIZER_FILES
 
 CACHE_ENV = "STREAMMERGE_CACHE"
 DEFAULT_CACHE = Path("~/.cache/streammerge/stats")
@@ -155,14 +157,17 @@ def _run(model: str | Path, data: str | Path | list[str], kinds: list[str], wind
     ``cache_root`` unless it is there."""
     model_dir, checkpoint = open_model(model, cache_dir)
     try:
-        windows, provenance, run_dtype = _prepare(model, data, model_dir, checkpoint, dtype=dtype,
-                                                  **window_options)
-        if cache_root is not None:
-            out = cache_root / cache_key(provenance.model_fingerprint, provenance.data_fingerprint,
-                                         provenance.protocol, kinds)
+        if cache_root is not None:  # the key needs no data read: a hit reads none
+            identity = model_fingerprint({**checkpoint.fingerprint(),
+                                          "tokenizer": files_fingerprint([model_dir / f for f in TOKENIZER_FILES])})
+            options = {**window_options, "dtype": str(_run_dtype(checkpoint, dtype))}
+            out = cache_root / cache_key(identity, source_identity(data, window_options["text_field"]),
+                                         options, kinds)
             if (out / MANIFEST).is_file():  # directories appear complete: a manifest means done
                 return out
             cache_root.mkdir(parents=True, exist_ok=True)
+        windows, provenance, run_dtype = _prepare(model, data, model_dir, checkpoint, dtype=dtype,
+                                                  **window_options)
         stream = LayerStream(model_dir, checkpoint, dtype=run_dtype, activation_budget=0)
         stream.progress = progress
         return _compute(stream, windows, kinds, provenance, out, max_memory, batch_tokens)
@@ -213,8 +218,9 @@ def cached_stats(model: str | Path, spec: dict[str, Any], kinds: Sequence[str] =
                  model_cache_dir: str | None = None, progress: bool = False) -> Path:
     """The statistics directory of ``model`` under the calibration ``spec`` (a plan's
     ``calibration:`` mapping): ``cache_dir/<cache_key>``, computed when missing and reused when
-    present. The key covers the model's and the data's fingerprints, the protocol and the kinds,
-    so finding it needs the data tokenized, but a cache hit runs no model."""
+    present. The key covers the model's weights and tokenizer, the data source (a file's path, size
+    and modification time; a dataset's name), the options and the kinds: a hit reads no data and
+    runs no model."""
     kinds = check_kinds(kinds)
     options = _spec_values(spec)
     data = options.pop("data")

@@ -64,10 +64,31 @@ def data_fingerprint(windows: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_fp: str, data_fp: str, protocol: dict[str, Any], kinds: list[str]) -> str:
-    """The name of a cache entry: the same model, data, protocol and kinds give the same key."""
-    key = json.dumps([model_fp, data_fp, protocol, sorted(kinds)], sort_keys=True)
+def cache_key(model_fp: str, source: str, options: dict[str, Any], kinds: list[str]) -> str:
+    """The name of a cache entry, known before any data is read: the same model (weights and
+    tokenizer), data source (``source_identity``), options and kinds give the same key."""
+    key = json.dumps([model_fp, source, options, sorted(kinds)], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def source_identity(data: str | Path | list[str], text_field: str) -> str:
+    """What the calibration data is, without reading it: a file by path, size and modification
+    time (as make judges it), a dataset by its name, in-memory documents by a digest."""
+    if isinstance(data, list):
+        return "documents:" + hashlib.sha256("\0".join(data).encode()).hexdigest()
+    path = Path(data)
+    if path.is_file():
+        st = path.stat()
+        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{text_field}"
+    return f"dataset:{data}:{text_field}"
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """A digest of small files' names and bytes (a tokenizer's), those that exist."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in paths if p.is_file()):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 class StatsWriter:
