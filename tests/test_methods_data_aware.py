@@ -1,0 +1,280 @@
+"""The data-aware methods end to end against float64 references written here: TIES/breadcrumbs/DELLA
+ranking by Wanda or SparseGPT importance, RegMean and Fisher merging, reading statistics
+directories written with ``StatsWriter`` (Grams XᵀX/n of random inputs with columns of very
+different scales, positive Fisher values); plus the plan keys and the refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import references as ref
+import streammerge
+from checkpoint_builder import Arch, Family, write_family
+from conftest import load_output, merge_with_chunk_sizes
+from streammerge.calibration.statsdir import Provenance, StatsWriter
+from streammerge.errors import PlanError
+
+ARCH = Arch(hidden=32, intermediate=48, layers=2, vocab=64)
+TOKENS = 96
+INPUTS = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
+          "self_attn.o_proj": "o", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "down"}
+
+
+def linear_name(name: str) -> bool:
+    return any(f".{m}.weight" in name for m in INPUTS) and ".layers." in name
+
+
+def write_stats(path: Path, family: Family, model: Path, seed: int, kinds: tuple[str, ...] = ("gram", "sqnorm", "fisher"),
+                skip: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """A statistics directory for ``model``: per layer, one random input X per input group (q/k/v
+    and gate/up share theirs, as calibration stores them), columns scaled by e^N(0,1); Fisher
+    values (g²)/S > 0 for every tensor. ``skip``: a weight left without statistics. Returns the
+    statistics by weight, as stored (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    writer = StatsWriter(path, Provenance(str(model), "m" * 64, "synthetic", "d" * 64, {"seqlen": 8}, TOKENS, 12), list(kinds))
+    tensors = family.tensors[model]
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for layer in range(ARCH.layers):
+        layer_stats: dict[str, dict[str, torch.Tensor]] = {}
+        xs: dict[str, torch.Tensor] = {}
+        for module, group in INPUTS.items():
+            name = f"model.layers.{layer}.{module}.weight"
+            cols = tensors[name].shape[1]
+            if group not in xs:
+                scale = torch.randn(cols, generator=g).exp()
+                xs[group] = torch.randn(TOKENS, cols, generator=g, dtype=torch.float64) * scale
+            x = xs[group]
+            layer_stats[name] = {k: v for k, v in (("gram", x.T @ x / TOKENS), ("sqnorm", x.square().sum(0))) if k in kinds}
+        for name, t in tensors.items():
+            if f"layers.{layer}." in name and "fisher" in kinds:
+                layer_stats.setdefault(name, {})["fisher"] = torch.randn(t.shape, generator=g).square() * 1e-3
+        layer_stats.pop(skip, None)
+        writer.write_layer(layer, layer_stats)
+        out |= {k: {kind: v.float() for kind, v in d.items()} for k, d in layer_stats.items()}
+    if "fisher" in kinds:
+        rest = {n: {"fisher": torch.rand(t.shape, generator=g) * 1e-3} for n, t in tensors.items() if ".layers." not in n}
+        writer.write_layer(ARCH.layers, rest)
+        out |= rest
+    writer.finish()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, list[Path], list[dict]]:
+    root = tmp_path_factory.mktemp("data_aware")
+    family = write_family(root, ARCH, n=3)
+    dirs = [root / f"stats{i}" for i in range(3)]
+    stats = [write_stats(d, family, m, seed=10 + i) for i, (d, m) in enumerate(zip(dirs, family.models))]
+    return family, dirs, stats
+
+
+def plan(family: Family, dirs: list[Path], method: str, per_model: dict[str, list[float]], base: bool = True,
+         **parameters: object) -> dict:
+    models = [{"model": str(m), "calibration": {"stats": str(d)},
+               "parameters": {k: v[i] for k, v in per_model.items()}} for i, (m, d) in enumerate(zip(family.models, dirs))]
+    out: dict = {"merge_method": method, "models": models, "parameters": dict(parameters), "dtype": "float32"}
+    if base:
+        out["base_model"] = str(family.base)
+    return out
+
+
+# --- references ----------------------------------------------------------------------------------
+
+def scores(delta32: torch.Tensor, st: dict[str, torch.Tensor] | None, importance: str, damp: float = 0.01) -> torch.Tensor:
+    """Float32 importance of a float32 task vector: |δ|·sqrt(Σx²), or δ²/[(G + λI)⁻¹]_jj with the inverse in float64."""
+    if st is None or importance == "magnitude":
+        return delta32.abs()
+    if importance == "wanda":
+        return delta32.abs() * st["sqnorm"].sqrt()
+    gram = st["gram"].double()
+    damped = gram + damp * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+    return delta32.square() / torch.linalg.inv(damped).diagonal().float()
+
+
+def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest scores; equal scores by lowest flat index."""
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.sort(-score.reshape(-1), stable=True).indices[:k]] = True
+    return mask.reshape(score.shape)
+
+
+def ties_reference(family: Family, stats: list[dict], name: str, ws: list[float], ds: list[float], importance: str) -> torch.Tensor:
+    base = family.tensors[family.base][name]
+    sparsified = []
+    for m, st, d in zip(family.models, stats, ds):
+        delta32 = family.tensors[m][name].float() - base.float()
+        keep = top_k(scores(delta32, st.get(name) if linear_name(name) else None, importance), max(1, int(d * base.numel())))
+        sparsified.append(base.double() + (family.tensors[m][name].double() - base.double()) * keep)
+    return ref.task_family(base, sparsified, ws, consensus=True, normalize=True)
+
+
+def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    return alpha * gram + (1 - alpha) * torch.diag(gram.diagonal())
+
+
+# --- importance ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("importance", ["wanda", "sparsegpt"])
+def test_keep_masks_match_the_reference(world, tmp_path: Path, importance: str) -> None:
+    """One fine-tune merged into the base: the entries that moved are exactly the kept ones."""
+    family, dirs, stats = world
+    p = plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}, importance=importance)
+    p["models"] = p["models"][:1]
+    streammerge.merge(p, tmp_path / "out", quiet=True)
+    out = load_output(tmp_path / "out")
+    base, ft = family.tensors[family.base], family.tensors[family.models[0]]
+    checked = 0
+    for name in ARCH.shapes():
+        delta32 = ft[name].float() - base[name].float()
+        keep = top_k(scores(delta32, stats[0].get(name) if linear_name(name) else None, importance),
+                     max(1, int(0.3 * delta32.numel())))
+        moved = out[name] != base[name].float()
+        assert torch.equal(moved, keep & (delta32 != 0)), name
+        checked += linear_name(name)
+    assert checked == 7 * ARCH.layers
+    # the importance changes what is kept: not the magnitude mask on the linear weights
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta32 = ft[name].float() - base[name].float()
+    assert not torch.equal(out[name] != base[name].float(), top_k(delta32.abs(), int(0.3 * delta32.numel())) & (delta32 != 0))
+
+
+@pytest.mark.parametrize("importance", ["wanda", "sparsegpt"])
+def test_ties_with_importance_matches_the_reference(world, tmp_path: Path, importance: str) -> None:
+    family, dirs, stats = world
+    ws, ds = [0.8, 0.5, 0.6], [0.3, 0.5, 0.2]
+    streammerge.merge(plan(family, dirs, "ties", {"weight": ws, "density": ds}, importance=importance), tmp_path / "out", quiet=True)
+    out = load_output(tmp_path / "out")
+    for name in ARCH.shapes():
+        expected = ties_reference(family, stats, name, ws, ds, importance)
+        assert (out[name].double() - expected).abs().max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("method,importance", [("ties", "wanda"), ("breadcrumbs_ties", "sparsegpt"), ("della", "wanda"),
+                                               ("regmean", None), ("fisher", None)])
+def test_chunk_sizes_give_the_same_bytes(world, tmp_path: Path, method: str, importance: str | None) -> None:
+    family, dirs, _ = world
+    per_model = {"weight": [0.8, 0.5, 0.6]}
+    params: dict = {}
+    if importance is not None:
+        per_model["density"] = [0.3, 0.5, 0.4]
+        params = {"importance": importance}
+    p = plan(family, dirs, method, per_model, base=importance is not None, **params)
+    outputs = merge_with_chunk_sizes(p, tmp_path, (32, 5 * 32, 10**9))
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_magnitude_importance_is_todays_ties(world, tmp_path: Path) -> None:
+    family, dirs, _ = world
+    today = plan(family, dirs, "ties", {"weight": [0.8, 0.5, 0.6], "density": [0.3, 0.5, 0.2]})
+    for m in today["models"]:
+        del m["calibration"]
+    streammerge.merge(today, tmp_path / "today", quiet=True)
+    streammerge.merge(plan(family, dirs, "ties", {"weight": [0.8, 0.5, 0.6], "density": [0.3, 0.5, 0.2]}, importance="magnitude"),
+                      tmp_path / "magnitude", quiet=True)
+    assert (tmp_path / "today/model.safetensors").read_bytes() == (tmp_path / "magnitude/model.safetensors").read_bytes()
+
+
+# --- regmean and fisher --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [0.9, 0.4])
+def test_regmean_matches_the_reference(world, tmp_path: Path, alpha: float) -> None:
+    family, dirs, stats = world
+    ws = [1.0, 0.5, 2.0]
+    streammerge.merge(plan(family, dirs, "regmean", {"weight": ws}, base=False, alpha=alpha), tmp_path / "out", quiet=True)
+    out = load_output(tmp_path / "out")
+    for name in ARCH.shapes():
+        xs = [family.tensors[m][name].double() for m in family.models]
+        if linear_name(name):
+            grams = [w * shrunk(st[name]["gram"].double(), alpha) for w, st in zip(ws, stats)]
+            expected = torch.linalg.solve(sum(grams), sum(g @ x.T for g, x in zip(grams, xs))).T
+        else:
+            expected = sum(w * x for w, x in zip(ws, xs)) / sum(ws)
+        assert (out[name].double() - expected).abs().max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fisher_matches_the_reference(world, tmp_path: Path, normalize: bool) -> None:
+    family, dirs, stats = world
+    ws, floor = [1.0, 0.5, 2.0], 1e-5
+    p = plan(family, dirs, "fisher", {"weight": ws}, base=False, fisher_floor=floor, normalize_fisher=normalize)
+    streammerge.merge(p, tmp_path / "out", quiet=True)
+    out = load_output(tmp_path / "out")
+    norms = [sum(s["fisher"].double().square().sum() for s in st.values()).sqrt() if normalize else 1.0 for st in stats]
+    for name in ARCH.shapes():
+        coef = [w * (st[name]["fisher"].double() / n + floor) for w, st, n in zip(ws, stats, norms)]
+        expected = sum(c * family.tensors[m][name].double() for c, m in zip(coef, family.models)) / sum(coef)
+        assert (out[name].double() - expected).abs().max() <= 1e-6, name
+
+
+# --- plan keys and refusals ----------------------------------------------------------------------
+
+def test_a_models_own_calibration_wins(world, tmp_path: Path) -> None:
+    """The plan-wide calibration names a directory without sqnorm; each model's own is used."""
+    family, dirs, _ = world
+    write_stats(tmp_path / "grams", family, family.models[0], 0, kinds=("gram",))
+    p = plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}, importance="wanda")
+    streammerge.merge(p, tmp_path / "own", quiet=True)
+    streammerge.merge({**p, "calibration": {"stats": str(tmp_path / "grams")}}, tmp_path / "both", quiet=True)
+    assert (tmp_path / "own/model.safetensors").read_bytes() == (tmp_path / "both/model.safetensors").read_bytes()
+    for m in p["models"][1:]:  # models without their own take the plan's: it lacks sqnorm
+        del m["calibration"]
+    with pytest.raises(PlanError, match=f"model {family.models[1]}: ties reads sqnorm statistics of each model; "
+                                        f"its statistics directory {tmp_path / 'grams'} has no sqnorm \\(it has gram\\)"):
+        streammerge.merge({**p, "calibration": {"stats": str(tmp_path / "grams")}}, tmp_path / "plan", quiet=True)
+
+
+def test_missing_statistics_are_refused_before_any_weight_is_read(world, tmp_path: Path) -> None:
+    family, dirs, _ = world
+    p = plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}, importance="sparsegpt")
+    del p["models"][2]["calibration"]
+    with pytest.raises(PlanError) as e:
+        streammerge.merge(p, tmp_path / "out", quiet=True)
+    assert str(e.value) == (f"model {family.models[2]}: ties reads gram statistics of each model, and it has no calibration: "
+                            "add calibration: {data: FILE} (or {stats: DIR} from streammerge calibrate) to its entry or to the plan")
+    assert not (tmp_path / "out").exists()
+    name = "model.layers.1.mlp.up_proj.weight"
+    write_stats(tmp_path / "partial", family, family.models[2], 3, skip=name)
+    p["models"][2]["calibration"] = {"stats": str(tmp_path / "partial")}
+    with pytest.raises(PlanError, match=f"model {family.models[2]}: no gram statistics for tensor '{name}' in {tmp_path / 'partial'} "
+                                        "\\(other models have them\\): recompute it with streammerge calibrate --stats gram"):
+        streammerge.merge(p, tmp_path / "out", quiet=True)
+    p = plan(family, dirs, "fisher", {"weight": [1.0] * 3}, base=False)
+    p["models"][1]["calibration"] = {"stats": str(tmp_path / "grams-only")}
+    write_stats(tmp_path / "grams-only", family, family.models[1], 4, kinds=("gram", "sqnorm"))
+    with pytest.raises(PlanError, match="has no fisher \\(it has gram, sqnorm\\): recompute it with streammerge calibrate "
+                                        "--stats fisher,gram,sqnorm, or give calibration: {data: FILE}"):
+        streammerge.merge(p, tmp_path / "out", quiet=True)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"calibration": {"data": "x.txt", "stats": "d"}}, "plan: key 'calibration': a calibration gives exactly one of 'data'"),
+    ({"calibration": {"stats": "d", "samples": 4}}, "plan: key 'calibration': 'samples' describes the windows cut from 'data'"),
+    ({"calibration": {"data": "x.txt", "samples": 0}}, "plan: key 'calibration.samples': Input should be greater than 0"),
+    ({"calibration": {"stats": "no/such/dir"}}, "plan: calibration.stats: statistics directory 'no/such/dir' not found"),
+    ({"calibration": {"data": "x.txt", "windows": 3}}, "plan: unknown key 'calibration.windows'"),
+    ({"parameters": {"importance": "fisher"}}, "plan: parameters.importance: got 'fisher', expected one of magnitude, wanda, sparsegpt"),
+    ({"parameters": {"damp": 0}}, "plan: parameters.damp: got 0.0, expected a number with 0.0 < damp"),
+])
+def test_plan_keys_are_validated_at_load(world, change: dict, message: str) -> None:
+    family, dirs, _ = world
+    p = {**plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}), **change}
+    with pytest.raises(PlanError) as e:
+        streammerge.schedule(p)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_plan_prints_the_statistics(world) -> None:
+    family, dirs, _ = world
+    sched = streammerge.schedule(plan(family, dirs, "regmean", {"weight": [1.0] * 3}, base=False))
+    try:
+        notes = [n for n in sched.notes if n.startswith("statistics of ")]
+        assert notes == [f"statistics of {m}: {d} (gram)" for m, d in zip(family.models, dirs)]
+        down = next(j for j in sched.jobs if j.name == "model.layers.0.mlp.down_proj.weight")
+        assert down.statistics == ("gram",)
+        assert next(j for j in sched.jobs if j.name == "model.norm.weight").statistics == ()
+        assert sched.peak_working_bytes >= 4 * ARCH.intermediate**2 * 4  # regmean's N + 1 Grams of down_proj's input
+    finally:
+        sched.close()
