@@ -639,6 +639,12 @@ def describe(schedule: Schedule) -> str:
         f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set)",
         f"workers       {schedule.workers} chunk{'s' if schedule.workers > 1 else ''} merged at once",
     ]
+    with_stats = [j for j in schedule.jobs if j.statistics]
+    if with_stats:
+        largest = max(with_stats, key=_statistics_bytes)
+        kinds = sorted({k for j in with_stats for k in j.statistics})
+        lines.append(f"statistics    {len(with_stats)} tensors read {', '.join(kinds)}; the most prepared at once: "
+                     f"{_gib(_statistics_bytes(largest))} ({largest.name}), counted in the peak")
     if schedule.device_budget is not None:
         lines.append(f"device        {schedule.device.description}, "
                      f"{_gib(schedule.device_budget)} of GPU memory for chunks")

@@ -9,13 +9,14 @@ this is checked from manifests and headers, before any weight is read.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
 
-from streammerge.calibration.statsdir import StatsDir
+from streammerge.calibration.statsdir import MANIFEST, StatsDir
 from streammerge.errors import PlanError
 from streammerge.methods import MergeMethod
 from streammerge.plan.schema import Calibration, MergePlan, Module
@@ -50,6 +51,10 @@ class ModelStatistics:
                     total += float(self.read(weight, kind).double().square().sum())
                 self._norms[kind] = total ** 0.5
             return self._norms[kind]
+
+    def fingerprint(self) -> str:
+        """A digest of the manifest (provenance, and each statistic's file and name)."""
+        return hashlib.sha256((self.directory.path / MANIFEST).read_bytes()).hexdigest()
 
     def close(self) -> None:
         self.directory.close()

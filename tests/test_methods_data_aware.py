@@ -16,6 +16,7 @@ from checkpoint_builder import Arch, Family, write_family
 from conftest import load_output, merge_with_chunk_sizes
 from streammerge.calibration.statsdir import Provenance, StatsWriter
 from streammerge.errors import PlanError
+from streammerge.schedule import describe
 
 ARCH = Arch(hidden=32, intermediate=48, layers=2, vocab=64)
 TOKENS = 96
@@ -28,13 +29,13 @@ def linear_name(name: str) -> bool:
 
 
 def write_stats(path: Path, family: Family, model: Path, seed: int, kinds: tuple[str, ...] = ("gram", "sqnorm", "fisher"),
-                skip: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                skip: str | None = None, provenance_data: str = "d" * 64) -> dict[str, dict[str, torch.Tensor]]:
     """A statistics directory for ``model``: per layer, one random input X per input group (q/k/v
     and gate/up share theirs, as calibration stores them), columns scaled by e^N(0,1); Fisher
     values (g²)/S > 0 for every tensor. ``skip``: a weight left without statistics. Returns the
     statistics by weight, as stored (float32)."""
     g = torch.Generator().manual_seed(seed)
-    writer = StatsWriter(path, Provenance(str(model), "m" * 64, "synthetic", "d" * 64, {"seqlen": 8}, TOKENS, 12), list(kinds))
+    writer = StatsWriter(path, Provenance(str(model), "m" * 64, "synthetic", provenance_data, {"seqlen": 8}, TOKENS, 12), list(kinds))
     tensors = family.tensors[model]
     out: dict[str, dict[str, torch.Tensor]] = {}
     for layer in range(ARCH.layers):
@@ -275,6 +276,23 @@ def test_plan_prints_the_statistics(world) -> None:
         down = next(j for j in sched.jobs if j.name == "model.layers.0.mlp.down_proj.weight")
         assert down.statistics == ("gram",)
         assert next(j for j in sched.jobs if j.name == "model.norm.weight").statistics == ()
-        assert sched.peak_working_bytes >= 4 * ARCH.intermediate**2 * 4  # regmean's N + 1 Grams of down_proj's input
+        grams = 4 * ARCH.intermediate**2 * 4  # regmean's N + 1 Grams of down_proj's input, float32
+        assert sched.peak_working_bytes >= grams
+        assert (f"statistics    {7 * ARCH.layers} tensors read gram; the most prepared at once: {grams / 2**20:.1f} MiB "
+                "(model.layers.0.mlp.down_proj.weight), counted in the peak") in describe(sched)
     finally:
         sched.close()
+
+
+def test_changed_statistics_are_not_an_up_to_date_output(world, tmp_path: Path) -> None:
+    family, _, _ = world
+    dirs = [tmp_path / f"s{i}" for i in range(3)]
+    for i, (d, m) in enumerate(zip(dirs, family.models)):
+        write_stats(d, family, m, 20 + i, kinds=("fisher",))
+    p = plan(family, dirs, "fisher", {"weight": [1.0] * 3}, base=False)
+    assert not streammerge.merge(p, tmp_path / "out", quiet=True).up_to_date
+    assert streammerge.merge(p, tmp_path / "out", quiet=True).up_to_date
+    first = (tmp_path / "out/model.safetensors").read_bytes()
+    write_stats(dirs[1], family, family.models[1], 99, kinds=("fisher",), provenance_data="e" * 64)  # recalibrated
+    assert not streammerge.merge(p, tmp_path / "out", quiet=True, overwrite=True).up_to_date
+    assert (tmp_path / "out/model.safetensors").read_bytes() != first
