@@ -16,6 +16,7 @@ from checkpoint_builder import Arch, Family, write_family
 from conftest import load_output, merge_with_chunk_sizes
 from streammerge.calibration.statsdir import Provenance, StatsWriter
 from streammerge.errors import PlanError
+from streammerge.methods.random import Stream
 from streammerge.schedule import describe
 
 ARCH = Arch(hidden=32, intermediate=48, layers=2, vocab=64)
@@ -118,11 +119,32 @@ def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 # --- importance ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("importance", ["wanda", "sparsegpt"])
-def test_keep_masks_match_the_reference(world, tmp_path: Path, importance: str) -> None:
+def band(score: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the int(γ·n) highest scores, keep the next int(density·n)."""
+    n = score.numel()
+    target = int(density * n)
+    n_top = min(int(gamma * n), n - target)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.sort(-score.reshape(-1), stable=True).indices[n_top : n_top + target]] = True
+    return mask.reshape(score.shape)
+
+
+def della(score: torch.Tensor, density: float, eps: float, name: str) -> torch.Tensor:
+    """DELLA: keep with p = density − ε + 2ε·r/(m−1), r the ascending rank of the score in its row
+    (a 1-D tensor is one row), u from the project's generator (seed 0, model 0)."""
+    rows = score.reshape(1, -1) if score.dim() < 2 else score
+    rank = rows.argsort(dim=1, stable=True).argsort(dim=1).double() / (rows.shape[1] - 1)
+    u = Stream(0, name, 0).uniform(0, score.numel()).reshape(rows.shape)
+    return (u < (density - eps) + rank * 2 * eps).reshape(score.shape)
+
+
+@pytest.mark.parametrize("method,importance", [("ties", "wanda"), ("ties", "sparsegpt"), ("breadcrumbs", "sparsegpt"),
+                                               ("della", "wanda")])
+def test_keep_masks_match_the_reference(world, tmp_path: Path, method: str, importance: str) -> None:
     """One fine-tune merged into the base: the entries that moved are exactly the kept ones."""
     family, dirs, stats = world
-    p = plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}, importance=importance)
+    per_model = {"weight": [1.0] * 3, "density": [0.3] * 3} | ({"gamma": [0.05] * 3} if method == "breadcrumbs" else {})
+    p = plan(family, dirs, method, per_model, importance=importance)
     p["models"] = p["models"][:1]
     streammerge.merge(p, tmp_path / "out", quiet=True)
     out = load_output(tmp_path / "out")
@@ -130,16 +152,21 @@ def test_keep_masks_match_the_reference(world, tmp_path: Path, importance: str) 
     checked = 0
     for name in ARCH.shapes():
         delta32 = ft[name].float() - base[name].float()
-        keep = top_k(scores(delta32, stats[0].get(name) if linear_name(name) else None, importance),
-                     max(1, int(0.3 * delta32.numel())))
+        s = scores(delta32, stats[0].get(name) if linear_name(name) else None, importance)
+        if method == "ties":
+            keep = top_k(s, max(1, int(0.3 * delta32.numel())))
+        elif method == "breadcrumbs":
+            keep = band(s, 0.3, 0.05)
+        else:
+            keep = della(s.abs(), 0.3, 0.15, name)
         moved = out[name] != base[name].float()
         assert torch.equal(moved, keep & (delta32 != 0)), name
         checked += linear_name(name)
     assert checked == 7 * ARCH.layers
-    # the importance changes what is kept: not the magnitude mask on the linear weights
-    name = "model.layers.0.mlp.down_proj.weight"
-    delta32 = ft[name].float() - base[name].float()
-    assert not torch.equal(out[name] != base[name].float(), top_k(delta32.abs(), int(0.3 * delta32.numel())) & (delta32 != 0))
+    if method == "ties":  # the importance changes what is kept: not the magnitude mask on the linear weights
+        name = "model.layers.0.mlp.down_proj.weight"
+        delta32 = ft[name].float() - base[name].float()
+        assert not torch.equal(out[name] != base[name].float(), top_k(delta32.abs(), int(0.3 * delta32.numel())) & (delta32 != 0))
 
 
 @pytest.mark.parametrize("importance", ["wanda", "sparsegpt"])
