@@ -100,10 +100,6 @@ def _chunk_bytes(schedule: Schedule, job: TensorJob, rows: int) -> list[int]:
     return [rows * row * schedule.checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs]
 
 
-def _merged_models(job: TensorJob) -> tuple[Source, ...]:
-    return job.inputs[1:] if job.has_base else job.inputs
-
-
 def _row_statistics(job: TensorJob) -> list[str]:
     """The weight-shaped statistics kinds ``job`` reads per chunk, after its inputs."""
     return [k for k in job.statistics if k in WEIGHT_SHAPED]
@@ -111,7 +107,7 @@ def _row_statistics(job: TensorJob) -> list[str]:
 
 def _statistics_bytes(job: TensorJob, rows: int) -> list[int]:
     row = math.prod(job.shape[1:]) if job.shape else 1
-    return [rows * row * 4] * (len(_row_statistics(job)) * len(_merged_models(job)))
+    return [rows * row * 4] * (len(_row_statistics(job)) * len(job.merged_inputs))
 
 
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool, buffer: torch.Tensor) -> list[torch.Tensor]:
@@ -128,7 +124,7 @@ def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool
         out.append(raw)
     rows = slice(start, stop) if job.shape else None
     for kind in _row_statistics(job):
-        out += [schedule.statistics[src.checkpoint].read(src.tensor, kind, rows) for src in _merged_models(job)]
+        out += [schedule.statistics[src.checkpoint].read(src.tensor, kind, rows) for src in job.merged_inputs]
     return out
 
 
@@ -239,7 +235,7 @@ def _prepared(schedule: Schedule, job: TensorJob, note: Callable[[str], None]) -
     prepare = job.method.statistics.prepare if job.statistics and job.method.statistics is not None else None
     if prepare is None:
         return ()
-    sources = tuple((schedule.statistics[s.checkpoint], s.tensor) for s in _merged_models(job))
+    sources = tuple((schedule.statistics[s.checkpoint], s.tensor) for s in job.merged_inputs)
     prepared = prepare(job.params, JobStatistics(job.name, job.shape, sources, note))
     device = schedule.device.torch
     return tuple({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()} for p in prepared)

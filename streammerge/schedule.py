@@ -74,11 +74,16 @@ class TensorJob:
     rows_per_chunk: int = 0
     shard: int = 0
     offset: int = 0
-    statistics: tuple[str, ...] = ()  # kinds of calibration statistics the method reads for it (``streammerge.statistics``)
+    statistics: tuple[str, ...] = ()  # kinds of calibration statistics its method reads (``streammerge.statistics``)
 
     @property
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
+
+    @property
+    def merged_inputs(self) -> tuple[Source, ...]:
+        """The inputs of the merged models (the base excluded), in ``Chunk.models``'s order."""
+        return self.inputs[1:] if self.has_base else self.inputs
 
     @property
     def out_bytes(self) -> int:
@@ -358,7 +363,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         statistics, jobs = attach(plan, method, jobs, paths, notes)
         jobs = [_rechunked(plan, checkpoints, j, budget, gpu_budget, workers) if j.statistics else j for j in jobs]
     try:
-        return _finish(plan, method, checkpoints, jobs, notes, statistics, reference, layer_counts, vocab, device, gpu_budget, workers)
+        return _finish(plan, method, checkpoints, jobs, notes, statistics, reference, layer_counts, vocab, device,
+                       gpu_budget, workers)
     except BaseException:
         for st in statistics:
             if st is not None:
@@ -366,13 +372,13 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         raise
 
 
-def _rechunked(plan: MergePlan, checkpoints: tuple[Checkpoint, ...], job: TensorJob, budget: int, gpu_budget: int | None,
-               workers: int) -> TensorJob:
-    """``job``'s chunk rows once its weight-shaped statistics count among its inputs."""
+def _rechunked(plan: MergePlan, checkpoints: tuple[Checkpoint, ...], job: TensorJob, budget: int,
+               gpu_budget: int | None, workers: int) -> TensorJob:
+    """``job``'s chunk rows once its weight-shaped statistics count among its inputs and what its
+    method prepares from the others is held beside its chunks."""
     per_elem = _bytes_per_element(checkpoints, job, workers)
-    rows = _rows_per_chunk(plan, job, per_elem, max(MIN_WORKING_BYTES, budget - _statistics_bytes(job)), workers)
-    if gpu_budget is not None:
-        rows = min(rows, _rows_per_chunk(plan, job, per_elem, max(MIN_WORKING_BYTES, gpu_budget - _statistics_bytes(job)), workers))
+    rows = min(_rows_per_chunk(plan, job, per_elem, max(MIN_WORKING_BYTES, b - _statistics_bytes(job)), workers)
+               for b in (budget, gpu_budget) if b is not None)
     return replace(job, rows_per_chunk=rows)
 
 
@@ -380,12 +386,13 @@ def _statistics_bytes(job: TensorJob) -> int:
     """What the method's ``Statistics.prepare`` holds for ``job`` at its peak (0 without statistics)."""
     if not job.statistics:
         return 0
-    return job.method.statistics.memory(job.params, job.shape, len(job.inputs) - job.has_base)
+    return job.method.statistics.memory(job.params, job.shape, len(job.merged_inputs))
 
 
-def _finish(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], jobs: list[TensorJob], notes: list[str],
-            statistics: tuple[ModelStatistics | None, ...], reference: int, layer_counts: list[tuple[str | None, int]],
-            vocab: Vocabulary | None, device: Device, gpu_budget: int | None, workers: int) -> Schedule:
+def _finish(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], jobs: list[TensorJob],
+            notes: list[str], statistics: tuple[ModelStatistics | None, ...], reference: int,
+            layer_counts: list[tuple[str | None, int]], vocab: Vocabulary | None, device: Device,
+            gpu_budget: int | None, workers: int) -> Schedule:
     shards, jobs = _place(jobs, plan.shard_size)
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j, workers)
                + _statistics_bytes(j) for j in jobs)
@@ -396,7 +403,8 @@ def _finish(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint,
         raise PlanError(_budget_too_small(plan, plan.max_memory, baseline, peak))
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, layer_counts[0][1], read_bytes, tuple(notes),
                     baseline, peak, vocab, template,
-                    tuple((key, n) for key, n in layer_counts if key is not None), device, gpu_budget, workers, statistics)
+                    tuple((key, n) for key, n in layer_counts if key is not None), device, gpu_budget, workers,
+                    statistics)
 
 
 def _add_group(prefix: str, resolved: list[_SliceInputs], add: Any, module_tensors: Any) -> int:
@@ -551,7 +559,7 @@ def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob, work
     (deltas, stacked copies, masks, keys, the output), and the merged chunks waiting for the writer
     thread or being written. Measured on 7B-shaped merges at about 3n + 8 values of 4 bytes for n
     inputs, bfloat16 included (its masks, int32 keys and float32 sums)."""
-    rows_stats = sum(k in WEIGHT_SHAPED for k in job.statistics) * (len(job.inputs) - job.has_base)  # float32, read like inputs
+    rows_stats = sum(k in WEIGHT_SHAPED for k in job.statistics) * len(job.merged_inputs)  # float32, like inputs
     raw = sum(checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs) + 4 * rows_stats
     working = (3 * (len(job.inputs) + rows_stats) + 8) * max(4, job.compute_dtype.itemsize)
     written = (in_flight(workers) + 1) * job.out_dtype.itemsize

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -20,6 +20,9 @@ from streammerge.calibration.statsdir import MANIFEST, StatsDir
 from streammerge.errors import PlanError
 from streammerge.methods import MergeMethod
 from streammerge.plan.schema import Calibration, MergePlan, Module
+
+if TYPE_CHECKING:  # the schedule imports this module
+    from streammerge.schedule import Source, TensorJob
 
 # Kinds with the weight's own shape, read per row chunk like the weight (the rest are per input column).
 WEIGHT_SHAPED = frozenset({"fisher"})
@@ -45,7 +48,8 @@ class ModelStatistics:
         that several weights share counts once), read a tensor at a time, once per run."""
         with self._lock:
             if kind not in self._norms:
-                stored = {tuple(kinds[kind]): weight for weight, kinds in self.directory.entries.items() if kind in kinds}
+                stored = {tuple(kinds[kind]): weight for weight, kinds in self.directory.entries.items()
+                          if kind in kinds}
                 total = 0.0
                 for weight in sorted(stored.values()):
                     total += float(self.read(weight, kind).double().square().sum())
@@ -83,17 +87,15 @@ def _expected_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...] | None
     return (shape[1], shape[1]) if kind == "gram" else (shape[1],)
 
 
-def attach(plan: MergePlan, method: MergeMethod, jobs: list, paths: list[str],
-           notes: list[str]) -> tuple[tuple[ModelStatistics | None, ...], list]:
+def attach(plan: MergePlan, method: MergeMethod, jobs: list[TensorJob], paths: list[str],
+           notes: list[str]) -> tuple[tuple[ModelStatistics | None, ...], list[TensorJob]]:
     """Each checkpoint's statistics (None where unused) and ``jobs`` with the kinds each one reads
     (``TensorJob.statistics``); refuses, naming the model and what to add, a merged model that lacks
     statistics its method needs."""
     stats_of = method.statistics
-    merged = [j for j in jobs if j.method is not None]
-    models = lambda job: job.inputs[1:] if job.has_base else job.inputs  # noqa: E731 - merged models, base excluded
     wanted: dict[int, set[str]] = {}
-    for job in merged:
-        for src in models(job):
+    for job in (j for j in jobs if j.method is not None):
+        for src in job.merged_inputs:
             wanted.setdefault(src.checkpoint, set()).update(stats_of.kinds(job.params))
     specs = calibrations(plan)
     opened: dict[int, ModelStatistics] = {}
@@ -101,12 +103,13 @@ def attach(plan: MergePlan, method: MergeMethod, jobs: list, paths: list[str],
         for c, kinds in sorted(wanted.items()):
             if kinds:
                 opened[c] = _open(plan, method, paths[c], specs.get(paths[c]), sorted(kinds), notes)
-        out = [replace(j, statistics=_job_kinds(j, stats_of.kinds(j.params), [(s, opened[s.checkpoint]) for s in models(j)]))
+        out = [replace(j, statistics=_job_kinds(j, stats_of.kinds(j.params), [(s, opened[s.checkpoint])
+                                                                               for s in j.merged_inputs]))
                if j.method is not None and stats_of.kinds(j.params) else j for j in jobs]
         for c, st in opened.items():
-            if not any(j.statistics and any(s.checkpoint == c for s in models(j)) for j in out):
-                raise PlanError(f"model {paths[c]}: its statistics directory {st.directory.path} describes none of the "
-                                "tensors merged (statistics of another model?): calibrate this model")
+            if not any(j.statistics and any(s.checkpoint == c for s in j.merged_inputs) for j in out):
+                raise PlanError(f"model {paths[c]}: its statistics directory {st.directory.path} describes none "
+                                "of the tensors merged (statistics of another model?): calibrate this model")
     except BaseException:
         for st in opened.values():
             st.close()
@@ -130,29 +133,34 @@ def _open(plan: MergePlan, method: MergeMethod, path: str, spec: Calibration | N
     missing = [k for k in kinds if k not in st.directory.kinds]
     if missing:
         st.close()
+        every = ",".join(sorted(set(kinds) | set(st.directory.kinds)))
         raise PlanError(f"model {path}: {what}; its statistics directory {st.directory.path} has no {missing[0]} "
-                        f"(it has {', '.join(st.directory.kinds) or 'none'}): recompute it with streammerge calibrate "
-                        f"--stats {','.join(sorted(set(kinds) | set(st.directory.kinds)))}, or give calibration: {{data: FILE}}")
+                        f"(it has {', '.join(st.directory.kinds) or 'none'}): recompute it with streammerge "
+                        f"calibrate --stats {every}, or give calibration: {{data: FILE}}")
     notes.append(f"statistics of {path}: {st.directory.path} ({', '.join(kinds)})")
     return st
 
 
-def _job_kinds(job, kinds: Iterable[str], models: list[tuple]) -> tuple[str, ...]:
+def _job_kinds(job: TensorJob, kinds: Iterable[str],
+               models: list[tuple[Source, ModelStatistics]]) -> tuple[str, ...]:
     """The kinds ``job`` reads: those of ``kinds`` a tensor of its shape can have, when any model's
     directory describes the tensor with one (each model must then have each, of the right shape)."""
-    remapped = any(src.row_map is not None or src.rows is not None for src, _ in models)  # rows not the model's own
-    kinds = sorted(k for k in kinds if _expected_shape(k, job.shape) is not None and not (remapped and k in WEIGHT_SHAPED))
+    remapped = any(src.row_map is not None or src.rows is not None for src, _ in models)  # not the model's own rows
+    kinds = sorted(k for k in kinds
+                   if _expected_shape(k, job.shape) is not None and not (remapped and k in WEIGHT_SHAPED))
     if not any(st.directory.has(src.tensor, k) for src, st in models for k in kinds):
         return ()
     for src, st in models:
         for k in kinds:
             if not st.directory.has(src.tensor, k):
-                raise PlanError(f"model {st.model}: no {k} statistics for tensor {src.tensor!r} in {st.directory.path} "
-                                f"(other models have them): recompute it with streammerge calibrate --stats {','.join(kinds)}")
+                raise PlanError(f"model {st.model}: no {k} statistics for tensor {src.tensor!r} in "
+                                f"{st.directory.path} (other models have them): recompute it with streammerge "
+                                f"calibrate --stats {','.join(kinds)}")
             got, expected = tuple(st.directory.shape(src.tensor, k)), _expected_shape(k, job.shape)
             if got != expected:
-                raise PlanError(f"model {st.model}: {k} statistics of {src.tensor!r} in {st.directory.path} have shape "
-                                f"{list(got)}, expected {list(expected)} (statistics of another model?): calibrate this model")
+                raise PlanError(f"model {st.model}: {k} statistics of {src.tensor!r} in {st.directory.path} have "
+                                f"shape {list(got)}, expected {list(expected)} (statistics of another model?): "
+                                "calibrate this model")
     return tuple(kinds)
 
 
@@ -162,7 +170,7 @@ class JobStatistics:
 
     name: str
     shape: tuple[int, ...]
-    sources: tuple  # (ModelStatistics, checkpoint weight name) per merged model
+    sources: tuple[tuple[ModelStatistics, str], ...]  # (statistics, checkpoint weight name) per merged model
     note: Callable[[str], None]
 
     def read(self, i: int, kind: str) -> torch.Tensor:

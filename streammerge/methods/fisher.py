@@ -49,9 +49,11 @@ register(
         name="fisher",
         merge=fisher_merge,
         params=(
-            Param("weight", float, default=1.0, per_model=True, low=0.0, low_open=True, doc="the model's weight w_i"),
+            Param("weight", float, default=1.0, per_model=True, low=0.0, low_open=True,
+                  doc="the model's weight w_i"),
             Param("fisher_floor", float, default=1e-6, low=0.0, doc="added to every Fisher value"),
-            Param("normalize_fisher", bool, default=False, doc="divide each model's Fisher by its L2 norm over the model"),
+            Param("normalize_fisher", bool, default=False,
+                  doc="divide each model's Fisher by its L2 norm over the model"),
         ),
         base="model",
         precision="float32",

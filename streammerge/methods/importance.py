@@ -25,8 +25,9 @@ from streammerge.errors import CheckpointError
 from streammerge.methods.base import Chunk, Param, Statistics, TensorParams, TensorStatistics
 
 IMPORTANCE = Param("importance", str, default="magnitude", choices=("magnitude", "wanda", "sparsegpt"),
-                   doc="what entries are ranked by: |δ|, or with calibration statistics |δ|·‖x_j‖ or OBS δ²/[H⁻¹]_jj")
-DAMP = Param("damp", float, default=0.01, low=0.0, low_open=True, doc="sparsegpt: λ = damp · mean(diag G) added to G")
+                   doc="rank entries by |δ|, or with calibration statistics by |δ|·‖x_j‖ or δ²/[H⁻¹]_jj")
+DAMP = Param("damp", float, default=0.01, low=0.0, low_open=True,
+             doc="sparsegpt: λ = damp · mean(diag G) added to G")
 _KINDS = {"magnitude": frozenset(), "wanda": frozenset({"sqnorm"}), "sparsegpt": frozenset({"gram"})}
 _BLOCK = 1024  # columns of the inverse's Cholesky factor solved at once
 
@@ -34,16 +35,16 @@ _BLOCK = 1024  # columns of the inverse's Cholesky factor solved at once
 def inverse_diagonal(gram: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """diag((G + λI)⁻¹), λ = damp · mean(diag G), overwriting ``gram`` (float32 [in, in]).
 
-    With G + λI = L Lᵀ, (G + λI)⁻¹ = L⁻ᵀ L⁻¹, so its j-th diagonal entry is ‖L⁻¹ e_j‖². L⁻¹ is lower
-    triangular and its trailing block is the inverse of L's, so columns [j0, j1) come from one
-    triangular solve with L[j0:, j0:]: memory stays one [in, in] matrix and an [in, block] one."""
+    With G + λI = L Lᵀ, (G + λI)⁻¹ = L⁻ᵀ L⁻¹, so its j-th diagonal entry is ‖L⁻¹ e_j‖². L⁻¹ is
+    lower triangular and its trailing block is the inverse of L's, so columns [j0, j1) come from
+    one triangular solve with L[j0:, j0:]: memory stays one [in, in] matrix and an [in, block] one."""
     n = gram.shape[0]
     gram.diagonal().add_(damp * gram.diagonal().mean())
     info = torch.empty((), dtype=torch.int32)
     torch.linalg.cholesky_ex(gram, out=(gram, info))  # in place: a second [in, in] matrix is not needed
     if int(info):
-        raise CheckpointError(f"tensor {name!r}: its Gram matrix plus damping is not positive definite (pivot {int(info)}); "
-                              "raise the damp parameter, or recompute the statistics")
+        raise CheckpointError(f"tensor {name!r}: its Gram matrix plus damping is not positive definite "
+                              f"(pivot {int(info)}); raise the damp parameter, or recompute the statistics")
     out = torch.empty(n, dtype=torch.float32)
     for j0 in range(0, n, _BLOCK):
         j1 = min(n, j0 + _BLOCK)

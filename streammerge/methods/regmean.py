@@ -64,7 +64,8 @@ def _prepare(params: TensorParams, stats: TensorStatistics) -> tuple[dict[str, t
         inverse = torch.cholesky_inverse(factor)
     else:
         inverse = torch.linalg.pinv(a, hermitian=True)
-        stats.note(f"tensor {stats.name!r}: regmean's Σ w_i G̃_i is ill-conditioned: solved with its pseudo-inverse")
+        stats.note(f"tensor {stats.name!r}: regmean's Σ w_i G̃_i is ill-conditioned: "
+                   "solved with its pseudo-inverse")
     del factor
     return ({}, *({"solved_gram": _rows_matmul(kept.pop(0), inverse, 0)} for _ in range(len(kept))))
 
@@ -111,13 +112,15 @@ register(
         name="regmean",
         merge=regmean_merge,
         params=(
-            Param("weight", float, default=1.0, per_model=True, low=0.0, low_open=True, doc="the model's weight w_i (scales its G̃_i)"),
+            Param("weight", float, default=1.0, per_model=True, low=0.0, low_open=True,
+                  doc="the model's weight w_i (scales its G̃_i)"),
             Param("alpha", float, default=0.9, low=0.0, high=1.0, doc="G̃ = α G + (1 − α) diag(G)"),
         ),
         base="model",
         precision="float32",
         paper="arXiv:2212.09849",
         statistics=Statistics(lambda params: frozenset({"gram"}), _prepare, _memory),
-        doc="linear weights solving Σ_i ‖X_i W − X_i W_i‖² with shrunk Grams; other tensors averaged (Jin et al., ICLR 2023)",
+        doc="linear weights solving Σ_i ‖X_i W − X_i W_i‖² with shrunk Grams; other tensors "
+            "averaged (Jin et al., ICLR 2023)",
     )
 )

@@ -200,7 +200,10 @@ def _band_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Ten
     p = chunk.params.models[i]
     n_top, target = _band(chunk.numel, p["density"], p["gamma"])
     s = importance.score(chunk, i, d)
-    keep = top_k_mask(s, len(chunk.models) + i, chunk, stats, "band") if n_top + target else torch.zeros_like(d, dtype=torch.bool)
+    if n_top + target:
+        keep = top_k_mask(s, len(chunk.models) + i, chunk, stats, "band")
+    else:
+        keep = torch.zeros_like(d, dtype=torch.bool)
     if n_top:
         keep &= ~top_k_mask(s, i, chunk, stats, "band")
     return keep
@@ -293,7 +296,7 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
 def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: bool,
               passes: tuple[StatPass, ...] | Passes, params: tuple[Param, ...],
               check: Callable[[TensorParams], str | None] | None = None, ranks: bool = False) -> None:
-    """``ranks``: the method keeps entries by a ranking, which ``importance`` may base on calibration statistics."""
+    """``ranks``: the method keeps entries by a ranking ``importance`` may take from calibration statistics."""
     ranking = (importance.IMPORTANCE, importance.DAMP) if ranks else ()
     register(MergeMethod(name=name, merge=_gta(None if keep is None else _sparsifier(keep), consensus),
                          params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK, *ranking),
@@ -305,8 +308,10 @@ _TOPK = _with_rescale(_by_importance(top_k_passes(task_vectors, _keep_count, "to
                                      top_k_passes(_scores, _keep_count, "topk")), _top_k_keep)
 _DARE = _with_rescale((), _dare_keep)
 # one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
-_BAND = _with_rescale(_by_importance(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band", elementwise=True),
-                                     top_k_passes(lambda chunk, stats: _scores(chunk, stats) * 2, _band_counts, "band")), _band_keep)
+_BAND = _with_rescale(
+    _by_importance(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band", elementwise=True),
+                   top_k_passes(lambda chunk, stats: _scores(chunk, stats) * 2, _band_counts, "band")),
+    _band_keep)
 
 def _clamp_check(params: TensorParams) -> str | None:
     low, high = params.globals["clamp_min"], params.globals["clamp_max"]
@@ -328,6 +333,8 @@ _register("breadcrumbs", "arXiv:2312.06795", "drop the largest γ and the smalle
 _register("breadcrumbs_ties", "arXiv:2312.06795", "breadcrumbs trim, then TIES sign election (Davari & Belilovsky, 2023)",
           _band_keep, True, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)), ranks=True)
 _register("della", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then TIES sign election (Deep et al., 2024)",
-          _della_keep, True, _DELLA, (_DENSITY, _EPSILON, _normalize(True), _rescale(True)), _della_check, ranks=True)
+          _della_keep, True, _DELLA, (_DENSITY, _EPSILON, _normalize(True), _rescale(True)), _della_check,
+          ranks=True)
 _register("della_linear", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then a weighted sum (Deep et al., 2024)",
-          _della_keep, False, _DELLA, (_DENSITY, _EPSILON, _normalize(False), _rescale(True)), _della_check, ranks=True)
+          _della_keep, False, _DELLA, (_DENSITY, _EPSILON, _normalize(False), _rescale(True)), _della_check,
+          ranks=True)

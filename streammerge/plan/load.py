@@ -23,8 +23,8 @@ from streammerge.lora.reference import resolve_adapter, split_reference
 from streammerge.methods.base import MergeMethod, Param
 from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.parameters import typed
-from streammerge.plan.schema import (NATIVE_KEYS, Calibration, Conditional, MergePlan, ModelEntry, ModelToken, Module, OutputSlice,
-                                     SliceSource, TokenSpec)
+from streammerge.plan.schema import (NATIVE_KEYS, Calibration, Conditional, MergePlan, ModelEntry, ModelToken, Module,
+                                     OutputSlice, SliceSource, TokenSpec)
 from streammerge.tokenizer.chat_template import check_chat_template
 
 
@@ -268,9 +268,9 @@ def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | Non
     def merged(m: MergePlan | Module, at: str) -> dict[str, Any]:
         update: dict[str, Any] = {}
         if m.models is not None:
-            update["models"] = [e.model_copy(update={"model": res(e.model, f"{at}models[{i}].model"),
-                                                     "calibration": calibration(e.calibration, f"{at}models[{i}].calibration")})
-                                for i, e in enumerate(m.models)]
+            update["models"] = [e.model_copy(update={
+                "model": res(e.model, f"{at}models[{i}].model"),
+                "calibration": calibration(e.calibration, f"{at}models[{i}].calibration")}) for i, e in enumerate(m.models)]
         if m.slices is not None:
             update["slices"] = [
                 s.model_copy(update={

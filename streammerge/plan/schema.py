@@ -60,7 +60,8 @@ class Calibration(BaseModel):
         if (self.data is None) == (self.stats is None):
             raise ValueError("a calibration gives exactly one of 'data' (a file or dataset to measure) "
                              "and 'stats' (a statistics directory from streammerge calibrate)")
-        windows = [k for k in ("samples", "seqlen", "shuffle", "seed") if getattr(self, k) != type(self).model_fields[k].default]
+        fields = type(self).model_fields
+        windows = [k for k in ("samples", "seqlen", "shuffle", "seed") if getattr(self, k) != fields[k].default]
         if self.stats is not None and windows:
             raise ValueError(f"'{windows[0]}' describes the windows cut from 'data'; with 'stats' the "
                              "statistics directory was measured already: drop it")
