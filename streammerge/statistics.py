@@ -126,7 +126,8 @@ def _open(plan: MergePlan, method: MergeMethod, path: str, spec: Calibration | N
     if spec.data is not None:
         from streammerge.calibration.calibrate import cached_stats  # the layer stream loads only when measuring
 
-        directory = cached_stats(path, spec, kinds, plan.cache_dir)
+        # the default statistics cache ($STREAMMERGE_CACHE); plan.cache_dir is the Hub's model cache
+        directory = cached_stats(path, spec.model_dump(exclude={"stats"}), kinds, None)
     else:
         directory = spec.stats
     st = ModelStatistics(path, StatsDir(directory))

@@ -54,6 +54,7 @@ class Calibration(BaseModel):
     seqlen: int = Field(default=2048, gt=1)
     shuffle: bool = False  # random windows drawn with `seed` instead of the first `samples`
     seed: int = 0
+    text_field: str = "text"  # the field of a jsonl file or dataset that holds the text
 
     @model_validator(mode="after")
     def _data_or_stats(self) -> "Calibration":
@@ -61,7 +62,8 @@ class Calibration(BaseModel):
             raise ValueError("a calibration gives exactly one of 'data' (a file or dataset to measure) "
                              "and 'stats' (a statistics directory from streammerge calibrate)")
         fields = type(self).model_fields
-        windows = [k for k in ("samples", "seqlen", "shuffle", "seed") if getattr(self, k) != fields[k].default]
+        windows = [k for k in ("samples", "seqlen", "shuffle", "seed", "text_field")
+                   if getattr(self, k) != fields[k].default]
         if self.stats is not None and windows:
             raise ValueError(f"'{windows[0]}' describes the windows cut from 'data'; with 'stats' the "
                              "statistics directory was measured already: drop it")
