@@ -30,13 +30,16 @@ def linear_name(name: str) -> bool:
 
 
 def write_stats(path: Path, family: Family, model: Path, seed: int, kinds: tuple[str, ...] = ("gram", "sqnorm", "fisher"),
-                skip: str | None = None, provenance_data: str = "d" * 64) -> dict[str, dict[str, torch.Tensor]]:
+                skip: str | None = None, provenance_data: str = "d" * 64,
+                tokens: int = TOKENS) -> dict[str, dict[str, torch.Tensor]]:
     """A statistics directory for ``model``: per layer, one random input X per input group (q/k/v
     and gate/up share theirs, as calibration stores them), columns scaled by e^N(0,1); Fisher
-    values (g²)/S > 0 for every tensor. ``skip``: a weight left without statistics. Returns the
-    statistics by weight, as stored (float32)."""
+    values (g²)/S > 0 for every tensor. ``skip``: a weight left without statistics; ``tokens``: rows
+    of X (fewer than a weight's inputs: a singular Gram). Returns the statistics by weight, as
+    stored (float32)."""
     g = torch.Generator().manual_seed(seed)
-    writer = StatsWriter(path, Provenance(str(model), "m" * 64, "synthetic", provenance_data, {"seqlen": 8}, TOKENS, 12), list(kinds))
+    provenance = Provenance(str(model), "m" * 64, "synthetic", provenance_data, {"seqlen": 8}, tokens, 12)
+    writer = StatsWriter(path, provenance, list(kinds))
     tensors = family.tensors[model]
     out: dict[str, dict[str, torch.Tensor]] = {}
     for layer in range(ARCH.layers):
@@ -47,9 +50,10 @@ def write_stats(path: Path, family: Family, model: Path, seed: int, kinds: tuple
             cols = tensors[name].shape[1]
             if group not in xs:
                 scale = torch.randn(cols, generator=g).exp()
-                xs[group] = torch.randn(TOKENS, cols, generator=g, dtype=torch.float64) * scale
+                xs[group] = torch.randn(tokens, cols, generator=g, dtype=torch.float64) * scale
             x = xs[group]
-            layer_stats[name] = {k: v for k, v in (("gram", x.T @ x / TOKENS), ("sqnorm", x.square().sum(0))) if k in kinds}
+            layer_stats[name] = {k: v for k, v in (("gram", x.T @ x / tokens), ("sqnorm", x.square().sum(0)))
+                                 if k in kinds}
         for name, t in tensors.items():
             if f"layers.{layer}." in name and "fisher" in kinds:
                 layer_stats.setdefault(name, {})["fisher"] = torch.randn(t.shape, generator=g).square() * 1e-3
@@ -221,6 +225,24 @@ def test_regmean_matches_the_reference(world, tmp_path: Path, alpha: float) -> N
         else:
             expected = sum(w * x for w, x in zip(ws, xs)) / sum(ws)
         assert (out[name].double() - expected).abs().max() <= 1e-6, name
+
+
+def test_regmean_falls_back_to_the_pseudo_inverse(world, tmp_path: Path) -> None:
+    """Grams of 8 tokens, α = 1: A = Σ w_i G_i has rank 24 for down_proj's 48 inputs. The result
+    still solves the normal equations W* A = Σ w_i W_i G_i, and each such tensor is named."""
+    family, _, _ = world
+    dirs = [tmp_path / f"s{i}" for i in range(3)]
+    stats = [write_stats(d, family, m, 30 + i, kinds=("gram",), tokens=8) for i, (d, m) in enumerate(zip(dirs, family.models))]
+    result = streammerge.merge(plan(family, dirs, "regmean", {"weight": [1.0] * 3}, base=False, alpha=1.0),
+                               tmp_path / "out", quiet=True)
+    out = load_output(tmp_path / "out")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert (f"tensor {name!r}: regmean's Σ w_i G̃_i is ill-conditioned: solved with its pseudo-inverse"
+            in result.notes)
+    grams = [st[name]["gram"].double() for st in stats]
+    target = sum(family.tensors[m][name].double() @ g for m, g in zip(family.models, grams))
+    assert torch.linalg.matrix_rank(sum(grams), rtol=1e-5) == 24  # float32-stored: rank up to rounding
+    assert (out[name].double() @ sum(grams) - target).abs().max() <= 1e-5 * target.abs().max()  # the average: 0.13
 
 
 @pytest.mark.parametrize("normalize", [False, True])

@@ -11,10 +11,11 @@ Every other tensor (no statistics: embeddings, norms, the head) is Σ w_i θ_i /
 Rows of W* are independent: with A = Σ_i w_i G̃_i and M_i = w_i G̃_i (Σ M_i = A),
 W*[rows] = (Σ_i W_i[rows] M_i) A⁻¹ = W_1[rows] + Σ_{i>1} (W_i − W_1)[rows] N_i with N_i = M_i A⁻¹,
 prepared once per tensor: a row chunk needs N_2..N_N (N − 1 matrices of [in, in]) and acts on
-the models' differences, which float32 resolves best. A⁻¹ comes from A's Cholesky factor in
-float32; when that fails or the factor's diagonal spans more than ``ILL_CONDITIONED`` in
-condition (a lower bound of A's), the pseudo-inverse A⁺ stands for it and a note names the
-tensor. (Where A is singular, no model's inputs reach those directions; A⁺ leaves W_1 there.)
+the models' differences, which float32 resolves best. N_i is solved with A's Cholesky factor in
+float32 (no explicit inverse: torch's cholesky_inverse took 31 s for a 4096-wide A on two cores,
+the solve 3 s); when the factorization fails or the factor's diagonal spans more than
+``ILL_CONDITIONED`` in condition (a lower bound of A's), the pseudo-inverse A⁺ stands for A⁻¹ and
+a note names the tensor. (Where A is singular, no model's inputs reach those directions; A⁺ leaves W_1 there.)
 The products run on blocks of ``ROW_BLOCK`` rows on the tensor's row grid, padded with zeros,
 so a row's arithmetic never depends on the chunk it came in.
 """
@@ -57,17 +58,24 @@ def _prepare(params: TensorParams, stats: TensorStatistics) -> tuple[dict[str, t
     a = m(0)
     for k in kept:
         a += k
-    factor, info = torch.linalg.cholesky_ex(a)
-    diagonal = factor.diagonal()
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(a, out=(a, info))  # in place: A itself is not needed once factored
+    diagonal = a.diagonal()
     if int(info) == 0 and float(diagonal.max() / diagonal.min()) ** 2 <= ILL_CONDITIONED:
-        del a
-        inverse = torch.cholesky_inverse(factor)
+        def solved(k: torch.Tensor) -> torch.Tensor:
+            return torch.cholesky_solve(k, a).T  # M_i A⁻¹ = (A⁻¹ M_i)ᵀ, M_i and A symmetric
     else:
+        a = m(0)  # factoring overwrote A: rebuilt
+        for k in kept:
+            a += k
         inverse = torch.linalg.pinv(a, hermitian=True)
+        del a
         stats.note(f"tensor {stats.name!r}: regmean's Σ w_i G̃_i is ill-conditioned: "
                    "solved with its pseudo-inverse")
-    del factor
-    return ({}, *({"solved_gram": _rows_matmul(kept.pop(0), inverse, 0)} for _ in range(len(kept))))
+
+        def solved(k: torch.Tensor) -> torch.Tensor:
+            return k @ inverse
+    return ({}, *({"solved_gram": solved(kept.pop(0))} for _ in range(len(kept))))
 
 
 def _rows_matmul(x: torch.Tensor, m: torch.Tensor, row_start: int) -> torch.Tensor:
@@ -90,8 +98,8 @@ def _rows_matmul(x: torch.Tensor, m: torch.Tensor, row_start: int) -> torch.Tens
 
 
 def _memory(params: TensorParams, shape: tuple[int, ...], n: int) -> int:
-    """N + 1 matrices of [in, in] at the peak of ``_prepare`` (A, its factor or inverse, M_2..M_N,
-    then N_i as each M_i goes); the pseudo-inverse's eigendecomposition takes about three more."""
+    """N + 1 matrices of [in, in] at the peak of ``_prepare`` (A factored in place, M_2..M_N, and
+    each N_i as it replaces its M_i); the pseudo-inverse's eigendecomposition takes about three more."""
     cols = shape[1] if len(shape) == 2 else 0
     return 4 * cols * cols * (n + 1)
 
