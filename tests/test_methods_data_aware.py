@@ -316,6 +316,14 @@ def test_plan_keys_are_validated_at_load(world, change: dict, message: str) -> N
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
+def test_an_adapter_output_refuses_importance(world) -> None:
+    family, dirs, _ = world
+    p = plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}, importance="wanda")
+    with pytest.raises(PlanError, match="plan: importance: 'wanda' ranks with calibration statistics, which adapter_output "
+                                        "does not read \\(it merges the adapters' factors\\)"):
+        streammerge.schedule({**p, "adapter_output": {"combination": "svd", "rank": 4}})
+
+
 def test_plan_prints_the_statistics(world) -> None:
     family, dirs, _ = world
     sched = streammerge.schedule(plan(family, dirs, "regmean", {"weight": [1.0] * 3}, base=False))

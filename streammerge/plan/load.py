@@ -82,6 +82,12 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
             raise PlanError(f"{where}: chat_template: {problem}")
     if plan.adapter_output is not None:
         check_combination(method, plan.adapter_output)
+        ranked = [leaf for _, params, _ in _sections(plan)
+                  for leaf in _leaves(params.get("importance", "magnitude")) if leaf != "magnitude"]
+        if ranked:
+            raise PlanError(f"{where}: importance: {ranked[0]!r} ranks with calibration statistics, which "
+                            "adapter_output does not read (it merges the adapters' factors): use importance: "
+                            "magnitude, or drop adapter_output")
     return _resolve_paths(plan, root, where, cache_dir or plan.cache_dir)
 
 
