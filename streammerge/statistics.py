@@ -36,11 +36,14 @@ class ModelStatistics:
     model: str
     directory: StatsDir
     _norms: dict[str, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # the reader thread reads weight-shaped rows while the merging thread prepares: StatsDir opens
+    # its files lazily, one reader each
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def read(self, weight: str, kind: str, rows: slice | None = None) -> torch.Tensor:
-        out = self.directory.read(weight, kind, rows).to(torch.float32)
-        self.directory.release(weight, kind)
+        with self._lock:
+            out = self.directory.read(weight, kind, rows).to(torch.float32)
+            self.directory.release(weight, kind)
         return out
 
     def norm(self, kind: str) -> float:
