@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # the schedule imports this module
 
 # Kinds with the weight's own shape, read per row chunk like the weight (the rest are per input column).
 WEIGHT_SHAPED = frozenset({"fisher"})
+DERIVED_KEPT = 8  # results of ``derived`` kept per model: weights sharing an input are scheduled close together
 _ADD = "add calibration: {data: FILE} (or {stats: DIR} from streammerge calibrate) to its entry or to the plan"
 
 
@@ -36,6 +38,7 @@ class ModelStatistics:
     model: str
     directory: StatsDir
     _norms: dict[str, float] = field(default_factory=dict)
+    _derived: OrderedDict = field(default_factory=OrderedDict)
     # the reader thread reads weight-shaped rows while the merging thread prepares: StatsDir opens
     # its files lazily, one reader each
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -58,6 +61,16 @@ class ModelStatistics:
                     total += float(self.read(weight, kind).double().square().sum())
                 self._norms[kind] = total ** 0.5
             return self._norms[kind]
+
+    def derived(self, weight: str, kind: str, how: Any, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute(statistic)``, computed once for weights that share the stored statistic (q, k and
+        v share their input's Gram) and the same ``how`` (the parameters ``compute`` depends on)."""
+        key = (*self.directory.entries[weight][kind], how)
+        if key not in self._derived:
+            self._derived[key] = compute(self.read(weight, kind))
+            if len(self._derived) > DERIVED_KEPT:
+                self._derived.popitem(last=False)
+        return self._derived[key]
 
     def fingerprint(self) -> str:
         """A digest of the manifest (provenance, and each statistic's file and name)."""
@@ -183,3 +196,7 @@ class JobStatistics:
 
     def norm(self, i: int, kind: str) -> float:
         return self.sources[i][0].norm(kind)
+
+    def derived(self, i: int, kind: str, how: Any, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        st, weight = self.sources[i]
+        return st.derived(weight, kind, how, compute)

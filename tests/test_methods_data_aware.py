@@ -14,10 +14,12 @@ import references as ref
 import streammerge
 from checkpoint_builder import Arch, Family, write_family
 from conftest import load_output, merge_with_chunk_sizes
-from streammerge.calibration.statsdir import Provenance, StatsWriter
+from streammerge.calibration.statsdir import Provenance, StatsDir, StatsWriter
 from streammerge.errors import PlanError
+from streammerge.methods import TensorParams, importance
 from streammerge.methods.random import Stream
 from streammerge.schedule import describe
+from streammerge.statistics import JobStatistics, ModelStatistics
 
 ARCH = Arch(hidden=32, intermediate=48, layers=2, vocab=64)
 TOKENS = 96
@@ -45,20 +47,26 @@ def write_stats(path: Path, family: Family, model: Path, seed: int, kinds: tuple
     for layer in range(ARCH.layers):
         layer_stats: dict[str, dict[str, torch.Tensor]] = {}
         xs: dict[str, torch.Tensor] = {}
+        first: dict[str, str] = {}  # group -> the weight that stores its input statistics
         for module, group in INPUTS.items():
             name = f"model.layers.{layer}.{module}.weight"
             cols = tensors[name].shape[1]
             if group not in xs:
                 scale = torch.randn(cols, generator=g).exp()
                 xs[group] = torch.randn(tokens, cols, generator=g, dtype=torch.float64) * scale
+                first[group] = name
             x = xs[group]
             layer_stats[name] = {k: v for k, v in (("gram", x.T @ x / tokens), ("sqnorm", x.square().sum(0)))
                                  if k in kinds}
+        names = {f"model.layers.{layer}.{m}.weight": grp for m, grp in INPUTS.items()}
+        shared = {n: first[grp] for n, grp in names.items() if n != first[grp]}
         for name, t in tensors.items():
             if f"layers.{layer}." in name and "fisher" in kinds:
                 layer_stats.setdefault(name, {})["fisher"] = torch.randn(t.shape, generator=g).square() * 1e-3
         layer_stats.pop(skip, None)
-        writer.write_layer(layer, layer_stats)
+        stored = {n: {k: v for k, v in d.items() if n not in shared or k == "fisher"}
+                  for n, d in layer_stats.items()}
+        writer.write_layer(layer, stored, shared={n: o for n, o in shared.items() if n != skip and o != skip})
         out |= {k: {kind: v.float() for kind, v in d.items()} for k, d in layer_stats.items()}
     if "fisher" in kinds:
         rest = {n: {"fisher": torch.rand(t.shape, generator=g) * 1e-3} for n, t in tensors.items() if ".layers." not in n}
@@ -353,3 +361,23 @@ def test_changed_statistics_are_not_an_up_to_date_output(world, tmp_path: Path) 
     write_stats(dirs[1], family, family.models[1], 99, kinds=("fisher",), provenance_data="e" * 64)  # recalibrated
     assert not streammerge.merge(p, tmp_path / "out", quiet=True, overwrite=True).up_to_date
     assert (tmp_path / "out/model.safetensors").read_bytes() != first
+
+
+def test_a_shared_gram_is_factored_once(world) -> None:
+    """q, k and v share their input's stored Gram: sparsegpt's inverse diagonal is computed for the
+    first and handed to the others (the same tensor), and equals the float64 reference."""
+    family, dirs, stats = world
+    st = ModelStatistics(str(family.models[0]), StatsDir(dirs[0]))
+    params = TensorParams({"importance": "sparsegpt", "damp": 0.01}, ({},))
+    try:
+        got = []
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            name = f"model.layers.1.self_attn.{m}.weight"
+            job = JobStatistics(name, (32, 32), ((st, name),), lambda text: None)
+            got.append(importance.STATISTICS.prepare(params, job)[0]["inverse_diagonal"])
+    finally:
+        st.close()
+    assert got[0] is got[1] is got[2] and got[3] is not got[0]
+    gram = stats[0]["model.layers.1.self_attn.q_proj.weight"]["gram"].double()
+    expected = torch.linalg.inv(gram + 0.01 * gram.diagonal().mean() * torch.eye(32, dtype=torch.float64)).diagonal()
+    assert ((got[0].double() - expected).abs() / expected).max() <= 1e-5

@@ -197,6 +197,10 @@ class TensorStatistics(Protocol):
     def norm(self, i: int, kind: str) -> float:
         """The L2 norm of model i's statistic ``kind`` over every tensor of the model (computed once a model)."""
 
+    def derived(self, i: int, kind: str, how: Any, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute`` of model i's statistic, computed once for the weights that share it (q, k and v
+        share a Gram) and the same ``how``; ``compute`` may overwrite its argument."""
+
     def note(self, text: str) -> None:
         """Report something about this tensor's merge (the run's notes)."""
 

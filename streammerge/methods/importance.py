@@ -63,7 +63,8 @@ def _prepare(params: TensorParams, stats: TensorStatistics) -> tuple[dict[str, t
     if params.globals["importance"] == "wanda":
         return tuple({"sqrt_sqnorm": stats.read(i, "sqnorm").sqrt_()} for i in range(len(params.models)))
     damp = params.globals["damp"]
-    return tuple({"inverse_diagonal": inverse_diagonal(stats.read(i, "gram"), damp, stats.name)}
+    return tuple({"inverse_diagonal": stats.derived(i, "gram", ("inverse_diagonal", damp),
+                                                    lambda gram: inverse_diagonal(gram, damp, stats.name))}
                  for i in range(len(params.models)))
 
 
