@@ -644,7 +644,8 @@ def describe(schedule: Schedule) -> str:
         f"read          {_gib(schedule.read_bytes)}",
         f"write         {_gib(schedule.write_bytes)}",
         f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} "
-        f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set)",
+        f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set"
+        + (" with its prepared statistics)" if any(j.statistics for j in schedule.jobs) else ")"),
         f"workers       {schedule.workers} chunk{'s' if schedule.workers > 1 else ''} merged at once",
     ]
     with_stats = [j for j in schedule.jobs if j.statistics]
