@@ -37,6 +37,7 @@ from streammerge.io.write_behind import WriteBehind
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
+from streammerge.statistics import WEIGHT_SHAPED, JobStatistics
 from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, chunk_layout
 from streammerge.workers import ChunkWorkers, chunk_workers, in_flight
 
@@ -99,9 +100,19 @@ def _chunk_bytes(schedule: Schedule, job: TensorJob, rows: int) -> list[int]:
     return [rows * row * schedule.checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs]
 
 
+def _row_statistics(job: TensorJob) -> list[str]:
+    """The weight-shaped statistics kinds ``job`` reads per chunk, after its inputs."""
+    return [k for k in job.statistics if k in WEIGHT_SHAPED]
+
+
+def _statistics_bytes(job: TensorJob, rows: int) -> list[int]:
+    row = math.prod(job.shape[1:]) if job.shape else 1
+    return [rows * row * 4] * (len(_row_statistics(job)) * len(job.merged_inputs))
+
+
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool, buffer: torch.Tensor) -> list[torch.Tensor]:
-    """The chunk's raw inputs, read into ``buffer`` where it has room; with ``check``, refused if one
-    holds NaN or Inf."""
+    """The chunk's raw inputs, read into ``buffer`` where it has room, then its rows of each merged
+    model's weight-shaped statistics (float32); with ``check``, refused if an input holds NaN or Inf."""
     offsets, total = chunk_layout(_chunk_bytes(schedule, job, stop - start))
     out = []
     for src, at in zip(job.inputs, offsets):
@@ -111,6 +122,9 @@ def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool
             raise CheckpointError(f"{ckpt.file_of(src.tensor)}: tensor {src.tensor!r} holds NaN or Inf; "
                                   "fix the input, or pass --allow-nonfinite (allow_nonfinite: true) to merge it as it is")
         out.append(raw)
+    rows = slice(start, stop) if job.shape else None
+    for kind in _row_statistics(job):
+        out += [schedule.statistics[src.checkpoint].read(src.tensor, kind, rows) for src in job.merged_inputs]
     return out
 
 
@@ -197,18 +211,39 @@ class _ChunkReader:
             self._chunks.get_nowait()
 
 
-def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: int, stop: int) -> Chunk:
+def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: int, stop: int,
+           prepared: tuple[dict[str, Any], ...] = ()) -> Chunk:
     """The chunk a method sees: inputs in the compute dtype (converted here, not in the reader
-    thread, so read-ahead holds the smaller raw bytes)."""
-    tensors = [_to_compute(schedule, job, t) for t in raw]
+    thread, so read-ahead holds the smaller raw bytes), and per model its statistics: what the
+    method prepared for the tensor and this chunk's rows of the weight-shaped ones."""
+    n = len(job.inputs)
+    tensors = [_to_compute(schedule, job, t) for t in raw[:n]]
     base = tensors[0] if job.has_base else None
     models = tensors[1:] if job.has_base else tensors
+    calibration: tuple[dict[str, Any], ...] = ()
+    if job.statistics:
+        calibration = tuple(dict(p) for p in prepared) or tuple({} for _ in models)
+        for k, kind in enumerate(_row_statistics(job)):
+            for i, c in enumerate(calibration):
+                c[kind] = raw[n + k * len(models) + i]
     return Chunk(job.name, job.shape, base, models, job.params, start, stop, schedule.plan.seed,
-                 job.model_ids, wide=schedule.plan.compute_dtype != "auto")
+                 job.model_ids, wide=schedule.plan.compute_dtype != "auto", calibration=calibration)
+
+
+def _prepared(schedule: Schedule, job: TensorJob, note: Callable[[str], None]) -> tuple[dict[str, Any], ...]:
+    """What ``job``'s method makes of its whole-tensor statistics, once per tensor, on the merge's device."""
+    prepare = job.method.statistics.prepare if job.statistics and job.method.statistics is not None else None
+    if prepare is None:
+        return ()
+    sources = tuple((schedule.statistics[s.checkpoint], s.tensor) for s in job.merged_inputs)
+    prepared = prepare(job.params, JobStatistics(job.name, job.shape, sources, note))
+    device = schedule.device.torch
+    return tuple({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()} for p in prepared)
 
 
 def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch.Tensor], None],
-                 reader: _ChunkReader, request_next: Callable[[], None], workers: ChunkWorkers) -> None:
+                 reader: _ChunkReader, request_next: Callable[[], None], workers: ChunkWorkers,
+                 note: Callable[[str], None] = lambda text: None) -> None:
     """Merge one output tensor, calling ``write(row_start, tensor)`` for each finished chunk, in
     row order; ``workers`` run the passes and the merge on several chunks at once.
 
@@ -222,10 +257,11 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch
         for start, stop in ranges:
             write(start, reader.next()[0].to(job.load_dtype).to(job.out_dtype))
         return
+    prepared = _prepared(schedule, job, note)
     if len(ranges) == 1:
         tensors = reader.next()
         request_next()
-        whole = _chunk(schedule, job, tensors, *ranges[0])
+        whole = _chunk(schedule, job, tensors, *ranges[0], prepared)
         write(0, job.method.merge(whole, run_passes(job.method.passes_for(job.params), lambda: [whole])).to(job.out_dtype))
         return
 
@@ -236,7 +272,7 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch
 
     def on_workers(f: Callable[[Chunk], Any], items: Iterable[tuple[list[torch.Tensor], int, int]]) -> Iterator[Any]:
         """``f`` over the chunks made from ``items``, made in the workers too (the conversion to the compute dtype is work)."""
-        return workers.map(lambda item: f(_chunk(schedule, job, *item)), items)
+        return workers.map(lambda item: f(_chunk(schedule, job, *item, prepared)), items)
 
     stats = run_passes(job.method.passes_for(job.params), raw_chunks, on_workers)
     request_next()
@@ -351,7 +387,7 @@ def _largest_chunk(schedule: Schedule) -> tuple[int, int]:
     inputs = out = 0
     for j in schedule.jobs:
         rows = min(j.rows_per_chunk, j.rows)
-        inputs = max(inputs, chunk_layout(_chunk_bytes(schedule, j, rows))[1])
+        inputs = max(inputs, chunk_layout(_chunk_bytes(schedule, j, rows) + _statistics_bytes(j, rows))[1])
         out = max(out, rows * (math.prod(j.shape[1:]) if j.shape else 1) * j.out_dtype.itemsize)
     return inputs, out
 
@@ -400,7 +436,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                     first_rows = min(job.rows_per_chunk, job.rows)
                     while True:
                         try:
-                            merge_tensor(schedule, job, write, reader, request_next, workers)
+                            merge_tensor(schedule, job, write, reader, request_next, workers, notes.append)
                             break
                         except torch.OutOfMemoryError:
                             job = _halved(schedule, job)

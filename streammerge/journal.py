@@ -47,12 +47,14 @@ def identity(schedule: Schedule) -> dict[str, Any]:
     layout = hashlib.sha256()
     for s in schedule.shards:
         layout.update(s.filename.encode() + b"\0" + s.header)
-    return {
+    out = {
         "streammerge": __version__,
         "plan": hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
         "inputs": _inputs(schedule),
         "layout": layout.hexdigest(),
     }
+    statistics = {str(st.directory.path): st.fingerprint() for st in schedule.statistics if st is not None}
+    return out | {"statistics": statistics} if statistics else out  # calibration statistics the merge read
 
 
 def _inputs(schedule: Schedule) -> dict[str, dict[str, list]]:
@@ -82,6 +84,8 @@ def _change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
                 return f"input {path}/{name} changed (its header differs)"
     if set(inputs) != set(new["inputs"]):
         return "its inputs differ from the plan's"
+    if old.get("statistics") != new.get("statistics"):
+        return "the calibration statistics it read changed"
     if old.get("layout") != new["layout"]:
         return "the output layout changed"
     return None

@@ -28,6 +28,7 @@ from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, fil
 from streammerge.plan.crimes import check_architectures
 from streammerge.plan.parameters import evaluate, gradient_position, typed
 from streammerge.plan.schema import MergePlan, Module
+from streammerge.statistics import WEIGHT_SHAPED, ModelStatistics, attach
 from streammerge.tokenizer.chat_template import resolve_chat_template
 from streammerge.tokenizer.embeddings import row_maps
 from streammerge.tokenizer.vocab import Vocabulary, build_vocabulary
@@ -73,10 +74,16 @@ class TensorJob:
     rows_per_chunk: int = 0
     shard: int = 0
     offset: int = 0
+    statistics: tuple[str, ...] = ()  # kinds of calibration statistics its method reads (``streammerge.statistics``)
 
     @property
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
+
+    @property
+    def merged_inputs(self) -> tuple[Source, ...]:
+        """The inputs of the merged models (the base excluded), in ``Chunk.models``'s order."""
+        return self.inputs[1:] if self.has_base else self.inputs
 
     @property
     def out_bytes(self) -> int:
@@ -109,6 +116,7 @@ class Schedule:
     device: Device = CPU
     device_budget: int | None = None  # GPU bytes for working chunks (None on the CPU)
     workers: int = 1  # chunks merged at once, a thread each (``streammerge.workers``)
+    statistics: tuple[ModelStatistics | None, ...] = ()  # per checkpoint: its calibration statistics, if read
 
     @property
     def write_bytes(self) -> int:
@@ -121,6 +129,9 @@ class Schedule:
     def close(self) -> None:
         for c in self.checkpoints:
             c.close()
+        for st in self.statistics:
+            if st is not None:
+                st.close()
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,7 @@ def build_schedule(plan: MergePlan) -> Schedule:
     try:
         check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
-        return _build(plan, method, groups, tuple(checkpoints), {p: i for i, p in enumerate(paths)}, device)
+        return _build(plan, method, groups, tuple(checkpoints), paths, device)
     except BaseException:
         for c in checkpoints:
             c.close()
@@ -249,7 +260,8 @@ def _slice_inputs(method: MergeMethod, s: _Slice, where: str, index: dict[str, i
 
 
 def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoints: tuple[Checkpoint, ...],
-           index: dict[str, int], device: Device) -> Schedule:
+           paths: list[str], device: Device) -> Schedule:
+    index = {p: i for i, p in enumerate(paths)}
     resolved = [_slice_inputs(method, s, groups[0].where.format(k), index, checkpoints, groups[0].prefix) for k, s in enumerate(groups[0].slices)]
     total_layers = sum(len(sl.layers[0]) for sl in resolved)
     if plan.select and plan.select.layers:
@@ -346,8 +358,44 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     copied = sum(j.method is None for j in jobs) - len(base_only)
     if copied:
         notes.append(f"{copied} tensors copied unchanged (not selected, or not floating point)")
+    statistics: tuple[ModelStatistics | None, ...] = ()
+    if method.statistics is not None:
+        statistics, jobs = attach(plan, method, jobs, paths, notes)
+        jobs = [_rechunked(plan, checkpoints, j, budget, gpu_budget, workers) if j.statistics else j for j in jobs]
+    try:
+        return _finish(plan, method, checkpoints, jobs, notes, statistics, reference, layer_counts, vocab, device,
+                       gpu_budget, workers)
+    except BaseException:
+        for st in statistics:
+            if st is not None:
+                st.close()
+        raise
+
+
+def _rechunked(plan: MergePlan, checkpoints: tuple[Checkpoint, ...], job: TensorJob, budget: int,
+               gpu_budget: int | None, workers: int) -> TensorJob:
+    """``job``'s chunk rows once its weight-shaped statistics count among its inputs and what its
+    method prepares from the others is held beside its chunks."""
+    per_elem = _bytes_per_element(checkpoints, job, workers)
+    rows = min(_rows_per_chunk(plan, job, per_elem, max(MIN_WORKING_BYTES, b - _statistics_bytes(job)), workers)
+               for b in (budget, gpu_budget) if b is not None)
+    return replace(job, rows_per_chunk=rows)
+
+
+def _statistics_bytes(job: TensorJob) -> int:
+    """What the method's ``Statistics.prepare`` holds for ``job`` at its peak (0 without statistics)."""
+    if not job.statistics:
+        return 0
+    return job.method.statistics.memory(job.params, job.shape, len(job.merged_inputs))
+
+
+def _finish(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], jobs: list[TensorJob],
+            notes: list[str], statistics: tuple[ModelStatistics | None, ...], reference: int,
+            layer_counts: list[tuple[str | None, int]], vocab: Vocabulary | None, device: Device,
+            gpu_budget: int | None, workers: int) -> Schedule:
     shards, jobs = _place(jobs, plan.shard_size)
-    peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j, workers) for j in jobs)
+    peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j, workers)
+               + _statistics_bytes(j) for j in jobs)
     read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
     template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
     baseline = psutil.Process().memory_info().rss
@@ -355,7 +403,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         raise PlanError(_budget_too_small(plan, plan.max_memory, baseline, peak))
     return Schedule(plan, checkpoints, tuple(jobs), shards, reference, layer_counts[0][1], read_bytes, tuple(notes),
                     baseline, peak, vocab, template,
-                    tuple((key, n) for key, n in layer_counts if key is not None), device, gpu_budget, workers)
+                    tuple((key, n) for key, n in layer_counts if key is not None), device, gpu_budget, workers,
+                    statistics)
 
 
 def _add_group(prefix: str, resolved: list[_SliceInputs], add: Any, module_tensors: Any) -> int:
@@ -510,8 +559,9 @@ def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob, work
     (deltas, stacked copies, masks, keys, the output), and the merged chunks waiting for the writer
     thread or being written. Measured on 7B-shaped merges at about 3n + 8 values of 4 bytes for n
     inputs, bfloat16 included (its masks, int32 keys and float32 sums)."""
-    raw = sum(checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs)
-    working = (3 * len(job.inputs) + 8) * max(4, job.compute_dtype.itemsize)
+    rows_stats = sum(k in WEIGHT_SHAPED for k in job.statistics) * len(job.merged_inputs)  # float32, like inputs
+    raw = sum(checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs) + 4 * rows_stats
+    working = (3 * (len(job.inputs) + rows_stats) + 8) * max(4, job.compute_dtype.itemsize)
     written = (in_flight(workers) + 1) * job.out_dtype.itemsize
     return raw * (READ_AHEAD_CHUNKS + 1 + in_flight(workers)) + workers * working + written
 
@@ -594,9 +644,16 @@ def describe(schedule: Schedule) -> str:
         f"read          {_gib(schedule.read_bytes)}",
         f"write         {_gib(schedule.write_bytes)}",
         f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} "
-        f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set)",
+        f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set"
+        + (" with its prepared statistics)" if any(j.statistics for j in schedule.jobs) else ")"),
         f"workers       {schedule.workers} chunk{'s' if schedule.workers > 1 else ''} merged at once",
     ]
+    with_stats = [j for j in schedule.jobs if j.statistics]
+    if with_stats:
+        largest = max(with_stats, key=_statistics_bytes)
+        kinds = sorted({k for j in with_stats for k in j.statistics})
+        lines.append(f"statistics    {len(with_stats)} tensors read {', '.join(kinds)}; the most prepared at once: "
+                     f"{_gib(_statistics_bytes(largest))} ({largest.name}), counted in the peak")
     if schedule.device_budget is not None:
         lines.append(f"device        {schedule.device.description}, "
                      f"{_gib(schedule.device_budget)} of GPU memory for chunks")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 
@@ -53,6 +53,7 @@ class Chunk:
     seed: int
     model_ids: tuple[int, ...]
     wide: bool = False
+    calibration: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def total_rows(self) -> int:
@@ -155,12 +156,15 @@ class Param:
     high: float | None = None
     low_open: bool = False
     doc: str = ""
+    choices: tuple[str, ...] = ()  # the values a ``str`` parameter takes
 
     def check(self, value: Any) -> str | None:
         """None if ``value`` (already of ``kind``: ``plan.parameters.typed``) is in range, else what
         would be valid. NaN is in no range."""
         if self.kind is bool:
             return None
+        if self.kind is str:
+            return None if value in self.choices else self.expected()
         above = self.low is None or value > self.low or (value == self.low and not self.low_open)
         below = self.high is None or value <= self.high
         return None if above and below else self.expected()
@@ -169,6 +173,8 @@ class Param:
         """What a valid value is, for messages."""
         if self.kind is bool:
             return "true or false (or yes/no, on/off, 1/0)"
+        if self.kind is str:
+            return "one of " + ", ".join(self.choices)
         return f"{'an integer' if self.kind is int else 'a number'}{self._range()}"
 
     def _range(self) -> str:
@@ -177,6 +183,45 @@ class Param:
         lo = "" if self.low is None else f"{self.low} {'<' if self.low_open else '<='} "
         hi = "" if self.high is None else f" <= {self.high}"
         return f" with {lo}{self.name}{hi}"
+
+
+class TensorStatistics(Protocol):
+    """One tensor's statistics of calibration data, as ``Statistics.prepare`` reads them."""
+
+    name: str  # the output tensor
+    shape: tuple[int, ...]
+
+    def read(self, i: int, kind: str) -> torch.Tensor:
+        """Model i's whole statistic ``kind`` for this tensor, float32 (``gram`` [in, in], ``sqnorm`` [in])."""
+
+    def norm(self, i: int, kind: str) -> float:
+        """The L2 norm of model i's statistic ``kind`` over every tensor of the model (computed once a model)."""
+
+    def derived(self, i: int, kind: str, how: Any, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute`` of model i's statistic, computed once for the weights that share it (q, k and v
+        share a Gram) and the same ``how``; ``compute`` may overwrite its argument."""
+
+    def note(self, text: str) -> None:
+        """Report something about this tensor's merge (the run's notes)."""
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What a method reads of each model's statistics of calibration data (``streammerge.calibration``).
+
+    ``kinds(params)``: the kinds it uses (gram, sqnorm, fisher) for a tensor that has them. A tensor
+    has them when a model's statistics directory describes it; then every merged model must have
+    each kind for it (the schedule checks, before any weight is read). Weight-shaped kinds (fisher)
+    reach the method per row chunk in ``Chunk.calibration``; the others only through ``prepare``,
+    which runs once per tensor before its chunks and returns, per model, what the chunks get
+    (e.g. an inverse-Hessian diagonal of [in] instead of a Gram of [in, in]). ``memory(params, shape, n)``:
+    the bytes ``prepare`` holds at its peak for a tensor of ``shape`` and ``n`` models, at least what
+    it hands to the chunks; the schedule adds them to the tensor's chunk working set.
+    """
+
+    kinds: Callable[[TensorParams], frozenset[str]]
+    prepare: Callable[[TensorParams, TensorStatistics], tuple[dict[str, Any], ...]] | None = None
+    memory: Callable[[TensorParams, tuple[int, ...], int], int] = lambda params, shape, n: 0
 
 
 @dataclass(frozen=True)
@@ -202,6 +247,7 @@ class MergeMethod:
 
     max_models: int | None = None  # not counting the base
     check: Callable[[TensorParams], str | None] | None = None  # rules across parameters: what is wrong, or None
+    statistics: Statistics | None = None  # what it reads of calibration statistics, if anything
     doc: str = field(default="", compare=False)
 
     def passes_for(self, params: TensorParams) -> tuple[StatPass, ...]:

@@ -14,7 +14,9 @@ All share one recipe (mergekit's "generalized task arithmetic"), with B the base
                                             elementwise first, bounding how far any weight moves)
 
 computed in the working dtype, with the same operation order as mergekit so bf16 merges round the
-same way. A model with density ≥ 1 keeps its whole task vector, as in mergekit.
+same way. A model with density ≥ 1 keeps its whole task vector, as in mergekit. ties, breadcrumbs*
+and della* rank entries by |δ|, or by an importance from calibration statistics
+(``importance``: wanda, sparsegpt; ``streammerge.methods.importance``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from streammerge.methods import bitpack, float_bits
+from streammerge.methods import bitpack, float_bits, importance
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.random import Stream
 from streammerge.methods.registry import register
@@ -134,10 +136,21 @@ def _l1_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> S
     return {**stats, "l1_scale": scale}
 
 
-def _with_rescale(passes: tuple[StatPass, ...], keep: Keep) -> Passes:
+def _with_rescale(passes: tuple[StatPass, ...] | Passes, keep: Keep) -> Passes:
     """``passes``, then the L1 pass when ``rescale`` is on (no extra read when it is off)."""
     l1 = (_l1_pass(keep),)
-    return lambda params: passes + l1 if params.globals["rescale"] else passes
+    chosen = passes if callable(passes) else (lambda params: passes)
+    return lambda params: chosen(params) + l1 if params.globals["rescale"] else chosen(params)
+
+
+def _by_importance(magnitude: tuple[StatPass, ...], ranked: tuple[StatPass, ...]) -> Passes:
+    """The selection passes over |δ|, or over importance scores when the plan ranks by them."""
+    return lambda params: ranked if importance.ranked(params) else magnitude
+
+
+def _scores(chunk: Chunk, stats: Stats) -> list[torch.Tensor]:
+    """What each model's task vector is ranked by (``importance.score``)."""
+    return [importance.score(chunk, i, d) for i, d in enumerate(task_vectors(chunk, stats))]
 
 
 def _bernoulli(chunk: Chunk, i: int, d: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
@@ -156,7 +169,7 @@ def _keep_count(chunk: Chunk, stats: Stats) -> list[int | None]:
 
 
 def _top_k_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
-    return top_k_mask(d, i, chunk, stats, "topk")
+    return top_k_mask(importance.score(chunk, i, d), i, chunk, stats, "topk")
 
 
 # --- DARE: keep each entry with probability density (Yu et al., arXiv:2311.03099) ---------------
@@ -186,9 +199,13 @@ def _band_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Ten
     """In the top n_top + target and not in the top n_top (equal |δ|: lower flat index ranks higher)."""
     p = chunk.params.models[i]
     n_top, target = _band(chunk.numel, p["density"], p["gamma"])
-    keep = top_k_mask(d, len(chunk.models) + i, chunk, stats, "band") if n_top + target else torch.zeros_like(d, dtype=torch.bool)
+    s = importance.score(chunk, i, d)
+    if n_top + target:
+        keep = top_k_mask(s, len(chunk.models) + i, chunk, stats, "band")
+    else:
+        keep = torch.zeros_like(d, dtype=torch.bool)
     if n_top:
-        keep &= ~top_k_mask(d, i, chunk, stats, "band")
+        keep &= ~top_k_mask(s, i, chunk, stats, "band")
     return keep
 
 
@@ -204,11 +221,11 @@ def _rank_norm(a: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
-    """Keep with p = density − ε + 2ε·rank_norm, ranking |δ| along dim 1 (mergekit's ``della_magprune``;
-    a tensor below 2-D is one row, ranked whole by ``_della_finish``)."""
+    """Keep with p = density − ε + 2ε·rank_norm, ranking |δ| (or the importance) along dim 1
+    (mergekit's ``della_magprune``; a tensor below 2-D is one row, ranked whole by ``_della_finish``)."""
     p = chunk.params.models[i]
     if d.dim() >= 2:
-        rank = _rank_norm(d, 1)
+        rank = _rank_norm(importance.score(chunk, i, d), 1)
     else:
         rank = stats["della_rank"][i][chunk.row_start : chunk.row_stop].reshape(d.shape)
     return _bernoulli(chunk, i, d, (p["density"] - p["epsilon"]) + rank * 2 * p["epsilon"])
@@ -278,16 +295,23 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
 
 def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: bool,
               passes: tuple[StatPass, ...] | Passes, params: tuple[Param, ...],
-              check: Callable[[TensorParams], str | None] | None = None) -> None:
-    register(MergeMethod(name=name, merge=_gta(None if keep is None else _sparsifier(keep), consensus), params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK),
+              check: Callable[[TensorParams], str | None] | None = None, ranks: bool = False) -> None:
+    """``ranks``: the method keeps entries by a ranking ``importance`` may take from calibration statistics."""
+    ranking = (importance.IMPORTANCE, importance.DAMP) if ranks else ()
+    register(MergeMethod(name=name, merge=_gta(None if keep is None else _sparsifier(keep), consensus),
+                         params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK, *ranking),
                          base="required", precision="load", paper=paper, passes=passes, doc=doc, check=check,
-                         min_models=0))
+                         min_models=0, statistics=importance.STATISTICS if ranks else None))
 
 
-_TOPK = _with_rescale(top_k_passes(task_vectors, _keep_count, "topk", elementwise=True), _top_k_keep)
+_TOPK = _with_rescale(_by_importance(top_k_passes(task_vectors, _keep_count, "topk", elementwise=True),
+                                     top_k_passes(_scores, _keep_count, "topk")), _top_k_keep)
 _DARE = _with_rescale((), _dare_keep)
 # one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
-_BAND = _with_rescale(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band", elementwise=True), _band_keep)
+_BAND = _with_rescale(
+    _by_importance(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band", elementwise=True),
+                   top_k_passes(lambda chunk, stats: _scores(chunk, stats) * 2, _band_counts, "band")),
+    _band_keep)
 
 def _clamp_check(params: TensorParams) -> str | None:
     low, high = params.globals["clamp_min"], params.globals["clamp_max"]
@@ -299,16 +323,18 @@ def _clamp_check(params: TensorParams) -> str | None:
 _register("task_arithmetic", "arXiv:2212.04089", "base + λ Σ w_i δ_i, optionally clamped elementwise (Ilharco et al., ICLR 2023)",
           None, False, (), (_normalize(False), _rescale(False), *_CLAMP), _clamp_check)  # nothing is dropped: rescale is the identity
 _register("ties", "arXiv:2306.01708", "top-k magnitude trim, sign election by mass, disjoint mean (Yadav et al., NeurIPS 2023)",
-          _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True), _rescale(False)))
+          _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True), _rescale(False)), ranks=True)
 _register("dare_ties", "arXiv:2311.03099", "random drop + L1 rescale, then TIES sign election (Yu et al., ICML 2024)",
           _dare_keep, True, _DARE, (_DENSITY, _normalize(False), _rescale(True)))
 _register("dare_linear", "arXiv:2311.03099", "random drop + L1 rescale, then a weighted sum (Yu et al., ICML 2024)",
           _dare_keep, False, _DARE, (_DENSITY, _normalize(False), _rescale(True)))
 _register("breadcrumbs", "arXiv:2312.06795", "drop the largest γ and the smallest |δ| so density stays, then a weighted sum (Davari & Belilovsky, 2023)",
-          _band_keep, False, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)))
+          _band_keep, False, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)), ranks=True)
 _register("breadcrumbs_ties", "arXiv:2312.06795", "breadcrumbs trim, then TIES sign election (Davari & Belilovsky, 2023)",
-          _band_keep, True, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)))
+          _band_keep, True, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)), ranks=True)
 _register("della", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then TIES sign election (Deep et al., 2024)",
-          _della_keep, True, _DELLA, (_DENSITY, _EPSILON, _normalize(True), _rescale(True)), _della_check)
+          _della_keep, True, _DELLA, (_DENSITY, _EPSILON, _normalize(True), _rescale(True)), _della_check,
+          ranks=True)
 _register("della_linear", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then a weighted sum (Deep et al., 2024)",
-          _della_keep, False, _DELLA, (_DENSITY, _EPSILON, _normalize(False), _rescale(True)), _della_check)
+          _della_keep, False, _DELLA, (_DENSITY, _EPSILON, _normalize(False), _rescale(True)), _della_check,
+          ranks=True)

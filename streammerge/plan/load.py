@@ -23,8 +23,8 @@ from streammerge.lora.reference import resolve_adapter, split_reference
 from streammerge.methods.base import MergeMethod, Param
 from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.parameters import typed
-from streammerge.plan.schema import (NATIVE_KEYS, Conditional, MergePlan, ModelEntry, ModelToken, Module, OutputSlice, SliceSource,
-                                     TokenSpec)
+from streammerge.plan.schema import (NATIVE_KEYS, Calibration, Conditional, MergePlan, ModelEntry, ModelToken, Module,
+                                     OutputSlice, SliceSource, TokenSpec)
 from streammerge.tokenizer.chat_template import check_chat_template
 
 
@@ -82,6 +82,12 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
             raise PlanError(f"{where}: chat_template: {problem}")
     if plan.adapter_output is not None:
         check_combination(method, plan.adapter_output)
+        ranked = [leaf for _, params, _ in _sections(plan)
+                  for leaf in _leaves(params.get("importance", "magnitude")) if leaf != "magnitude"]
+        if ranked:
+            raise PlanError(f"{where}: importance: {ranked[0]!r} ranks with calibration statistics, which "
+                            "adapter_output does not read (it merges the adapters' factors): use importance: "
+                            "magnitude, or drop adapter_output")
     return _resolve_paths(plan, root, where, cache_dir or plan.cache_dir)
 
 
@@ -238,8 +244,27 @@ def _resolve(ref: str, root: Path, key: str, where: str, cache_dir: str | None) 
                     "then the plan's; 'org/name[@revision]' is fetched from the Hugging Face Hub)")
 
 
+def _calibration(spec: Calibration | None, root: Path, where: str, at: str) -> Calibration | None:
+    """``spec`` with its statistics directory, or its data when that is a local file, made absolute
+    (relative paths are tried from the current directory, then from the plan's)."""
+    if spec is None:
+        return None
+    ref = spec.stats if spec.stats is not None else spec.data
+    path = Path(ref).expanduser()
+    found = next((c for c in ((path,) if path.is_absolute() else (path, root / path)) if c.exists()), None)
+    if spec.stats is not None:
+        if found is None or not found.is_dir():
+            raise PlanError(f"{where}: {at}.stats: statistics directory {ref!r} not found (write one with "
+                            "streammerge calibrate MODEL --data FILE -o DIR, or give data: to measure)")
+        return spec.model_copy(update={"stats": str(found.resolve())})
+    return spec if found is None else spec.model_copy(update={"data": str(found.resolve())})  # else a dataset name
+
+
 def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | None) -> MergePlan:
     fetched: dict[str, str] = {}
+
+    def calibration(spec: Calibration | None, at: str) -> Calibration | None:
+        return _calibration(spec, root, where, at)
 
     def res(ref: str, key: str) -> str:
         if ref not in fetched:  # the same model named twice is fetched once
@@ -249,11 +274,16 @@ def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | Non
     def merged(m: MergePlan | Module, at: str) -> dict[str, Any]:
         update: dict[str, Any] = {}
         if m.models is not None:
-            update["models"] = [e.model_copy(update={"model": res(e.model, f"{at}models[{i}].model")}) for i, e in enumerate(m.models)]
+            update["models"] = [e.model_copy(update={
+                "model": res(e.model, f"{at}models[{i}].model"),
+                "calibration": calibration(e.calibration, f"{at}models[{i}].calibration")}) for i, e in enumerate(m.models)]
         if m.slices is not None:
             update["slices"] = [
                 s.model_copy(update={
-                    "sources": [src.model_copy(update={"model": res(src.model, f"{at}slices[{k}].sources[{i}].model")}) for i, src in enumerate(s.sources)],
+                    "sources": [src.model_copy(update={
+                        "model": res(src.model, f"{at}slices[{k}].sources[{i}].model"),
+                        "calibration": calibration(src.calibration, f"{at}slices[{k}].sources[{i}].calibration")})
+                        for i, src in enumerate(s.sources)],
                     "base_model": res(s.base_model, f"{at}slices[{k}].base_model") if s.base_model else None,
                 })
                 for k, s in enumerate(m.slices)
@@ -283,4 +313,5 @@ def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | Non
         })
     if plan.output is not None:
         update["output"] = str(Path(plan.output).expanduser().absolute())
+    update["calibration"] = calibration(plan.calibration, "calibration")
     return plan.model_copy(update=update)

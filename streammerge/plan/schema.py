@@ -26,7 +26,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
-               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card")
+               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -42,10 +42,39 @@ def parse_size(value: Any) -> int:
     return int(float(m.group(1)) * base ** " kmgt".index((m.group(2) or " ").lower()))
 
 
+class Calibration(BaseModel):
+    """Where a model's statistics of calibration data come from (the data-aware methods read them):
+    ``data`` (a text/jsonl file or a dataset) cut into windows as ``streammerge eval`` cuts them and
+    measured into a cache, or ``stats``, a directory ``streammerge calibrate`` wrote."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: Optional[str] = None
+    stats: Optional[str] = None
+    samples: int = Field(default=128, gt=0)
+    seqlen: int = Field(default=2048, gt=1)
+    shuffle: bool = False  # random windows drawn with `seed` instead of the first `samples`
+    seed: int = 0
+    text_field: str = "text"  # the field of a jsonl file or dataset that holds the text
+
+    @model_validator(mode="after")
+    def _data_or_stats(self) -> "Calibration":
+        if (self.data is None) == (self.stats is None):
+            raise ValueError("a calibration gives exactly one of 'data' (a file or dataset to measure) "
+                             "and 'stats' (a statistics directory from streammerge calibrate)")
+        fields = type(self).model_fields
+        windows = [k for k in ("samples", "seqlen", "shuffle", "seed", "text_field")
+                   if getattr(self, k) != fields[k].default]
+        if self.stats is not None and windows:
+            raise ValueError(f"'{windows[0]}' describes the windows cut from 'data'; with 'stats' the "
+                             "statistics directory was measured already: drop it")
+        return self
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    calibration: Optional[Calibration] = None  # this model's own; wins over the plan's
 
 
 class SliceSource(BaseModel):
@@ -53,6 +82,7 @@ class SliceSource(BaseModel):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    calibration: Optional[Calibration] = None
 
     @field_validator("layer_range")
     @classmethod
@@ -184,6 +214,7 @@ class MergePlan(BaseModel):
     allow_crimes: bool = False  # merge inputs of different architectures (mergekit's --allow-crimes)
     copy_tokenizer: bool = True  # copy the donor's tokenizer files when the plan builds no tokenizer
     write_model_card: bool = True  # README.md describing the merge
+    calibration: Optional[Calibration] = None  # every model's, unless its entry gives its own
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
