@@ -224,8 +224,8 @@ def test_gather_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     (["--methods", "ties", "--param", "linear.weight=1"],
      "--param linear.weight: 'linear' is not in --methods (ties); add it there or drop the parameter"),
     (["--methods", "ties", "--param", "ties.t=0.5"],
-     "--param ties.t: ties has no parameter 't' (valid: density, int8_mask, lambda, normalize, rescale, "
-     "weight)"),
+     "--param ties.t: ties has no parameter 't' (valid: damp, density, importance, int8_mask, lambda, "
+     "normalize, rescale, weight)"),
     (["--methods", "ties", "--param", "ties.density"],
      "--param 'ties.density': expected METHOD.KEY=VALUE, e.g. --param ties.density=0.5"),
     (["--methods", "ties", "--param", "density=0.3"],

@@ -81,7 +81,8 @@ def test_script_merges_equal_native_plans_and_results_equal_evaluate(
     assert all(torch.equal(sparsegpt[k], t) for k, t in load_output(out / "ties_sparsegpt").items())
 
 
-def test_one_dataset_is_shared_and_methods_add_merges(family: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_one_dataset_is_shared_and_methods_add_merges(family: dict[str, Path],  # noqa: F811
+                                                       tmp_path: Path) -> None:
     text = str(family["base"].parent / "ft1.txt")
     out = tmp_path / "runs"
     result = _compare("--base-model", family["base"], "--finetuned-models", family["ft1"], family["ft2"],
@@ -95,7 +96,8 @@ def test_one_dataset_is_shared_and_methods_add_merges(family: dict[str, Path], t
     # each fine-tune measured on the one dataset: its own statistics, computed here without a cache
     stats = [{"stats": str(calibrate(family[n], text, samples=CALIBRATION, seqlen=SEQLEN, kinds=["gram"],
                                      out=tmp_path / f"stats-{n}"))} for n in ("ft1", "ft2")]
-    natives = {"ties_sparsegpt": _native(family, "ties", {"density": DENSITY, "importance": "sparsegpt"}, stats),
+    sparsegpt = {"density": DENSITY, "importance": "sparsegpt"}
+    natives = {"ties_sparsegpt": _native(family, "ties", sparsegpt, stats),
                "task_arithmetic": _native(family, "task_arithmetic", {}, None)}
     for name, plan in natives.items():
         expected = load_output(streammerge.merge(plan, tmp_path / f"native-{name}", quiet=True).output)
@@ -118,7 +120,8 @@ def test_one_dataset_is_shared_and_methods_add_merges(family: dict[str, Path], t
      "error: --data: not taken with the merge script's flags (--base-model): each merge is evaluated on "
      "--datasets with the script's parameters; drop it, or write a PLAN"),
     (["--base-model", "B", "--finetuned-models", "M1", "--datasets", "D1", "--methods", "ties_sparsegpt"],
-     "error: --methods: ties_magnitude, dare_random and ties_sparsegpt are merged anyway; name other methods"),
+     "error: --methods: ties_magnitude, dare_random and ties_sparsegpt are merged anyway; name other "
+     "methods"),
 ])
 def test_refusals(tmp_path: Path, args: list[str], message: str) -> None:
     result = _compare(*args, "-o", tmp_path / "runs")

@@ -185,7 +185,8 @@ def compare_command(plans: tuple[Path, ...], methods: tuple[str, ...], params: t
             raise PlanError("no plan given: give PLAN files, or the merge script's --base-model B "
                             "--finetuned-models M1 M2 --datasets D1 D2")
         if data is None:
-            raise PlanError("--data: missing; give the text every merge is evaluated on, e.g. --data wiki.txt")
+            raise PlanError("--data: missing; give the text every merge is evaluated on, "
+                            "e.g. --data wiki.txt")
         result = compare(list(plans), data, out_dir, methods=names, method_params=_method_params(params),
                          with_inputs=with_inputs, seqlen=seqlen, samples=samples, stride=stride,
                          text_field=text_field, max_memory=max_memory, dtype=dtype, cache_dir=cache_dir,

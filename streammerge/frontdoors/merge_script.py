@@ -36,7 +36,7 @@ SCRIPT_MERGES = (("ties_magnitude", "ties", {}),
 
 @dataclass
 class ScriptRow:
-    method: str  # the output directory's name: ties_magnitude, dare_random, ties_sparsegpt or a --methods name
+    method: str  # the output directory's name: one of SCRIPT_MERGES' or of --methods
     merge_method: str
     dataset: str
     perplexity: float
@@ -84,7 +84,8 @@ def script_plans(base: str, models: list[str], datasets: list[str], density: flo
     return plans
 
 
-def run_script(base: str, models: list[str], datasets: list[str], out_dir: str | Path, *, density: float = 0.2,
+def run_script(base: str, models: list[str], datasets: list[str], out_dir: str | Path, *,
+               density: float = 0.2,
                calibration_samples: int = 128, methods: list[str] | None = None,
                cache_dir: str | None = None, seqlen: int = 2048, samples: int | None = None,
                stride: int | None = None, text_field: str = "text", max_memory: int | None = None,
@@ -129,5 +130,7 @@ def script_table(rows: list[ScriptRow]) -> str:
     cells = [(r.method, r.dataset, f"{r.perplexity:.2f}", f"{r.avg_loss:.4f}",
               "-" if r.merge_time is None else f"{r.merge_time:.1f}") for r in rows]
     widths = [max(len(c) for c in column) for column in zip(head, *cells)]
-    return "\n".join("  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths)))
-                     .rstrip() for line in (head, *cells))
+    def aligned(line: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(line, widths)))
+
+    return "\n".join(aligned(line).rstrip() for line in (head, *cells))
