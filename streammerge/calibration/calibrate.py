@@ -150,6 +150,14 @@ def _prepare(model: str | Path, data: str | Path | list[str], model_dir: Path, c
     return windows, provenance, run_dtype
 
 
+def _weights_place(model_dir: Path, checkpoint: Source) -> list[Any]:
+    """Where the weights files are and when they were written (as make judges a file): fine-tunes
+    of one base have the same file sizes and headers, which alone would give them one cache entry."""
+    files = sorted(checkpoint.fingerprint())
+    return [str(model_dir.resolve()),
+            [(model_dir / f).stat().st_mtime_ns for f in files if (model_dir / f).is_file()]]
+
+
 def _run(model: str | Path, data: str | Path | list[str], kinds: list[str], window_options: dict[str, Any],
          *, out: Path | None = None, cache_root: Path | None = None, dtype: str, max_memory: int | None,
          cache_dir: str | None, batch_tokens: int = BATCH_TOKENS, progress: bool = False) -> Path:
@@ -158,8 +166,9 @@ def _run(model: str | Path, data: str | Path | list[str], kinds: list[str], wind
     model_dir, checkpoint = open_model(model, cache_dir)
     try:
         if cache_root is not None:  # the key needs no data read: a hit reads none
-            identity = model_fingerprint({**checkpoint.fingerprint(),
-                                          "tokenizer": files_fingerprint([model_dir / f for f in TOKENIZER_FILES])})
+            tokenizer = files_fingerprint([model_dir / f for f in TOKENIZER_FILES])
+            identity = model_fingerprint({**checkpoint.fingerprint(), "tokenizer": tokenizer,
+                                          "where": _weights_place(model_dir, checkpoint)})
             options = {**window_options, "dtype": str(_run_dtype(checkpoint, dtype))}
             out = cache_root / cache_key(identity, source_identity(data, window_options["text_field"]),
                                          options, kinds)

@@ -73,7 +73,8 @@ class _Job:
     model: str  # where the merge is written, or the input to evaluate
 
 
-def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str | Path, *,
+def compare(plans: list[str | Path] | dict[str, dict[str, Any]], data: str | Path | list[str],
+            out_dir: str | Path, *,
             methods: list[str] | None = None, method_params: dict[str, dict[str, Any]] | None = None,
             with_inputs: bool = False, seqlen: int = 2048, samples: int | None = None,
             stride: int | None = None, text_field: str = "text", max_memory: int | None = None,
@@ -81,18 +82,25 @@ def compare(plans: list[str | Path], data: str | Path | list[str], out_dir: str 
             progress: bool = False) -> Comparison:
     """Merge the one plan in ``plans`` once per method of ``methods`` (its ``merge_method``
     replaced; ``method_params[method]`` set in its top-level ``parameters``) into
-    ``out_dir/<method>``, or each of several ``plans`` into ``out_dir/<file stem>``; evaluate every
+    ``out_dir/<method>``, or each of several ``plans`` into ``out_dir/<file stem>`` (a mapping
+    {name: plan document} is merged into ``out_dir/<name>``, its paths relative to the current
+    directory: plans built in memory, as a front door builds them); evaluate every
     output on ``data`` under the protocol (``seqlen``, ``stride``, ``samples``); with
     ``with_inputs``, evaluate the base model and every input model too, unmerged. Writes
     ``out_dir/comparison.json`` and, with matplotlib, ``out_dir/comparison.png``.
     ``max_memory`` bounds each merge and each evaluation. Everything is checked before the first merge."""
+    built = plans if isinstance(plans, dict) else {}
+    for name in built:
+        if not name or Path(name).name != name or Path(name).stem != name:
+            raise PlanError(f"plan name {name!r}: it names the output directory and the row; use a name "
+                            "without '/' or '.'")
     paths = [Path(p) for p in plans]
     method_params = method_params or {}
     _check_request(paths, methods, method_params)
     protocol = Protocol(seqlen=seqlen, stride=stride, samples=samples)
     documents = list(data) if isinstance(data, list) else read_data(str(data), text_field)
     out_dir = Path(out_dir).expanduser().absolute()
-    raw = {p: _plan_document(p) for p in paths}
+    raw = {p: copy.deepcopy(built[str(p)]) if built else _plan_document(p) for p in paths}
     with _each_warning_once():
         if methods is not None:
             path = paths[0]
