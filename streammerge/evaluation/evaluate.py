@@ -72,8 +72,9 @@ def load_tokenizer(model_dir: Path) -> Any:
         return transformers.AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{model_dir}: no tokenizer transformers can load ({first}); evaluation needs the "
-                              "model's tokenizer files (tokenizer.json or tokenizer.model with tokenizer_config.json)") from None
+        raise CheckpointError(f"{model_dir}: no tokenizer transformers can load ({first}); evaluation "
+                              "needs the model's tokenizer files (tokenizer.json or tokenizer.model with "
+                              "tokenizer_config.json)") from None
 
 
 def _run_dtype(checkpoint: Source, dtype: str) -> torch.dtype:
@@ -137,7 +138,8 @@ def _generate(stream: LayerStream, tokenizer: Any, prompts: list[str], max_new_t
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     pad = next(t for t in (tokenizer.pad_token_id, config.pad_token_id, *sorted(eos_ids), 0) if t is not None)
-    with tqdm(total=max_new_tokens, desc="generating", unit="token", disable=not progress, leave=False) as bar:
+    with tqdm(total=max_new_tokens, desc="generating", unit="token", disable=not progress,
+              leave=False) as bar:
         tokens = greedy(stream, encoded, max_new_tokens, eos_ids, pad, on_token=bar.update)
     return [Generation(p, tokenizer.decode(t, skip_special_tokens=True), t) for p, t in zip(prompts, tokens)]
 
@@ -159,8 +161,8 @@ def evaluate(model: str | Path, data: str | Path | list[str] | None = None, *, s
     with PeakRss() as peak:
         model_dir, checkpoint = open_model(model, cache_dir)
         try:  # the architecture, tokenizer and data are checked before any layer is read
-            stream = LayerStream(model_dir, checkpoint, dtype=_run_dtype(checkpoint, dtype), activation_budget=0,
-                                 spill_dir=spill_dir, trust_remote_code=trust_remote_code)
+            stream = LayerStream(model_dir, checkpoint, dtype=_run_dtype(checkpoint, dtype),
+                                 activation_budget=0, spill_dir=spill_dir, trust_remote_code=trust_remote_code)
             tokenizer = load_tokenizer(model_dir)
             windows: list[Window] = []
             if data is not None:
@@ -171,7 +173,8 @@ def evaluate(model: str | Path, data: str | Path | list[str] | None = None, *, s
             stream.progress = progress
             total, count = score(stream, windows, batch_tokens) if windows else (0.0, 0)
             stream.progress = False  # generation shows one bar over its tokens instead
-            generations = _generate(stream, tokenizer, list(prompts), max_new_tokens, progress) if prompts else []
+            generations = (_generate(stream, tokenizer, list(prompts), max_new_tokens, progress)
+                           if prompts else [])
         finally:
             checkpoint.close()
     nll = total / count if count else None

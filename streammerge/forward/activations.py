@@ -23,7 +23,8 @@ class ActivationStore:
     def __init__(self, budget: int, directory: str | None = None):
         self.budget, self._directory = budget, directory
         self._held: dict[int, torch.Tensor] = {}
-        self._slots: dict[int, tuple[int, int, torch.dtype, torch.Size]] = {}  # offset, capacity, dtype, shape
+        # key -> offset, capacity, dtype, shape in the file
+        self._slots: dict[int, tuple[int, int, torch.dtype, torch.Size]] = {}
         self._fd: int | None = None
         self._end = 0
         self.held_bytes = 0

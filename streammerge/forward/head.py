@@ -63,7 +63,8 @@ class VocabHead:
                 for b in range(len(positions)):
                     x = store.get(b)
                     for t in range(0, count[b], rows):
-                        logits = self._logits(x[t:t + rows], weight, None if bias is None else bias[start:stop])
+                        block_bias = None if bias is None else bias[start:stop]
+                        logits = self._logits(x[t:t + rows], weight, block_bias)
                         span = slice(t, t + len(logits))
                         values, where = logits.max(dim=1)
                         peak = torch.maximum(top[b][span], values)
@@ -81,7 +82,7 @@ class VocabHead:
                             chosen[b][span] = torch.where(inside, picked, chosen[b][span])
                 del weight
         checkpoint.release(self.key)
-        nll = None if targets is None else [top[b] + torch.log(total[b]) - chosen[b] for b in range(len(positions))]
+        nll = None if targets is None else [t + torch.log(s) - c for t, s, c in zip(top, total, chosen)]
         return HeadOutput(nll, arg)
 
     def _logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -26,7 +26,8 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise MissingExtraError("running a model needs transformers: pip install 'streammerge[eval]'") from None
+        raise MissingExtraError(
+            "running a model needs transformers: pip install 'streammerge[eval]'") from None
     return transformers
 
 
@@ -78,22 +79,23 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool 
     transformers = import_transformers()
     raw = _config_dict(model_dir)
     if "auto_map" in raw and not trust_remote_code:
-        raise CheckpointError(f"{model_dir}/config.json: this architecture needs the checkpoint's own modeling code "
-                              "(auto_map); streammerge runs no code from a checkpoint unless --trust-remote-code is given")
+        raise CheckpointError(f"{model_dir}/config.json: this architecture needs the checkpoint's own "
+                              "modeling code (auto_map); streammerge runs no code from a checkpoint unless "
+                              "--trust-remote-code is given")
     where = f"{model_dir}/config.json"
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{where}: model_type {raw.get('model_type')!r} is not an architecture transformers "
-                              f"{transformers.__version__} knows; a newer transformers may (pip install -U "
-                              f"transformers)") from None
+        raise CheckpointError(f"{where}: model_type {raw.get('model_type')!r} is not an architecture "
+                              f"transformers {transformers.__version__} knows; a newer transformers may "
+                              "(pip install -U transformers)") from None
     config.use_cache = False
     try:
         model = _meta_model(transformers, config, dtype, trust_remote_code)
     except (ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{where}: transformers has no causal LM for {type(config).__name__} ({first}); "
-                              "only text generation models can be run") from None
+        raise CheckpointError(f"{where}: transformers has no causal LM for {type(config).__name__} "
+                              f"({first}); only text generation models can be run") from None
     model.eval()
     return _parts(model, model_dir, dtype)
 
@@ -119,7 +121,8 @@ def _parts(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> Skeleton:
     lists = [(n, m) for n, m in base.named_children()
              if isinstance(m, nn.ModuleList) and len(m) == text.num_hidden_layers]
     if len(lists) != 1:
-        raise CheckpointError(f"{where}: cannot tell the decoder layers among {[n for n, _ in base.named_children()]}")
+        children = [n for n, _ in base.named_children()]
+        raise CheckpointError(f"{where}: cannot tell the decoder layers among {children}")
     layers_name, layers = lists[0]
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
@@ -131,4 +134,5 @@ def _parts(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> Skeleton:
     if len(norms) != 1:
         raise CheckpointError(f"{where}: cannot tell the final norm among {norms}")
     softcap = getattr(text, "final_logit_softcapping", None)
-    return Skeleton(model, base, layers, layers_name, embedding, getattr(base, norms[0]), head, dtype, softcap)
+    norm = getattr(base, norms[0])
+    return Skeleton(model, base, layers, layers_name, embedding, norm, head, dtype, softcap)

@@ -126,7 +126,9 @@ class LayerStream:
             rows, compact = self._embedding_rows(batch.ids)
         else:
             compact = torch.searchsorted(torch.unique(batch.ids), batch.ids)
-        extra = {} if cache is None else {"use_cache": True, **({} if cache is True else {self._cache_kwarg: cache})}
+        extra = {}
+        if cache is not None:
+            extra = {"use_cache": True, **({} if cache is True else {self._cache_kwarg: cache})}
         for i in range(last + 1):
             layers[i].forward = recorder(i)
         try:
@@ -139,7 +141,8 @@ class LayerStream:
             for i in range(last + 1):
                 del layers[i].forward
         if len(calls) != last + 1:
-            raise RuntimeError(f"{type(self.skeleton.base).__name__} called {len(calls)} of its layers, not {last + 1}")
+            raise RuntimeError(f"{type(self.skeleton.base).__name__} called {len(calls)} of its layers, "
+                               f"not {last + 1}")
         return first[0], calls
 
     # -- the layer loop -------------------------------------------------------------------------
@@ -172,7 +175,8 @@ class LayerStream:
             store.put(b, hidden)
         return calls
 
-    def _layers(self, n: int, calls: list[list[_Call]], store: ActivationStore, hook: LayerHook | None) -> None:
+    def _layers(self, n: int, calls: list[list[_Call]], store: ActivationStore,
+                hook: LayerHook | None) -> None:
         keys = self.weights.layer_keys
         with ThreadPoolExecutor(1, thread_name_prefix="streammerge-layer-read") as reader:
             ahead = reader.submit(self.weights.read, keys[0])

@@ -40,8 +40,8 @@ class LayerWeights:
         # everything besides the layers, the token embedding and the head: final norm, learned
         # position embeddings; small, so held for the whole run
         self.resident_keys = [k for k in rest if k not in (self.embedding_key, self.head_key)]
-        self._meta = {i: [(m, n, p) for m in layer.modules() for n, p in m._parameters.items() if p is not None]
-                      for i, layer in enumerate(skeleton.layers)}
+        self._meta = {i: [(m, n, p) for m in layer.modules() for n, p in m._parameters.items()
+                          if p is not None] for i, layer in enumerate(skeleton.layers)}
 
     def _model_names(self, keys: list[str]) -> dict[str, str]:
         """Checkpoint name -> the model's parameter name, as transformers' loader renames them
@@ -73,7 +73,8 @@ class LayerWeights:
         wanted = [n for n, p in self.skeleton.model.named_parameters(remove_duplicate=False) if p is param]
         found = [key for key, name in names.items() if name in wanted]
         if not found:
-            raise CheckpointError(f"{self.checkpoint.path}: no {what} tensor (the model calls it {wanted[0]})")
+            raise CheckpointError(f"{self.checkpoint.path}: no {what} tensor "
+                                  f"(the model calls it {wanted[0]})")
         return found[0]
 
     def _head_key(self, names: dict[str, str]) -> str:
@@ -110,8 +111,8 @@ class LayerWeights:
                 logging.enable_progress_bar()
         missing = [n for m in modules for n, p in m.named_parameters() if p.device.type == "meta"]
         if missing:
-            raise CheckpointError(f"{self.checkpoint.path}: {what} lacks {len(missing)} weight(s) the architecture "
-                                  f"needs, e.g. {missing[:3]} (read {sorted(tensors)[:4]}…)")
+            raise CheckpointError(f"{self.checkpoint.path}: {what} lacks {len(missing)} weight(s) the "
+                                  f"architecture needs, e.g. {missing[:3]} (read {sorted(tensors)[:4]}…)")
 
     def load_resident(self) -> None:
         """The final norm and any other small non-layer weights, for the whole run."""
