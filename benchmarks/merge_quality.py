@@ -183,9 +183,10 @@ def build_inputs(work: Path, s: Settings) -> dict[str, Any]:
         (data / f"{task}_heldout.txt").write_text("\n".join(heldout) + "\n")
         pools[task] = [encode(line) for line in train_lines]
     config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.heads, max_position_embeddings=2 * s.seqlen,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False)
+        vocab_size=len(VOCAB), hidden_size=s.hidden, intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
+        max_position_embeddings=2 * s.seqlen, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        tie_word_embeddings=False)
     started, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(s.seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -218,7 +219,8 @@ def plans(work: Path, s: Settings) -> dict[str, dict]:
     as the SparseGPT comparison script uses) so the importance rankings are compared at one density."""
     base = str(work / "base")
     fts = [str(work / f"ft_{t}") for t in TASKS]
-    calib = [{"data": str(work / "data" / f"{t}_train.txt"), "samples": 32, "seqlen": s.seqlen} for t in TASKS]
+    calib = [{"data": str(work / "data" / f"{t}_train.txt"), "samples": 32, "seqlen": s.seqlen}
+             for t in TASKS]
 
     def plan(method: str, params: dict, top: dict | None = None, with_base: bool = True,
              calibrated: bool = False) -> dict:
@@ -305,8 +307,8 @@ def plot(rows: dict[str, dict[str, tuple[float, float]]], path: Path) -> None:
     acc = [sum(rows[n][t][1] for t in TASKS) / len(TASKS) * 100 for n in names]
     loss = [sum(rows[n][t][0] for t in TASKS) / len(TASKS) for n in names]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = ["0.5" if n == "base" else "tab:blue" if n.startswith("ft ") or n == "individual" else "tab:orange"
-              for n in names]
+    colors = ["0.5" if n == "base" else "tab:blue" if n.startswith("ft ") or n == "individual"
+              else "tab:orange" for n in names]
     a.bar(names, acc, color=colors)
     a.set_ylabel("average held-out answer-token accuracy (%)")
     b.bar(names, loss, color=colors)
