@@ -18,6 +18,16 @@ def cases() -> list[tuple[str, dict]]:
     return [(name, extra) for name in method_names() for extra in _VARIANTS.get(name, [{}])]
 
 
+def plan_cases() -> list[tuple[str, dict]]:
+    """``cases()`` a plan can run without calibration data: not regmean or fisher, whose statistics
+    every model must bring (tests/test_methods_data_aware.py merges those)."""
+    return [(name, extra) for name, extra in cases() if not _needs_statistics(get_method(name), extra)]
+
+
+def _needs_statistics(method: MergeMethod, extra: dict) -> bool:
+    return method.statistics is not None and bool(method.statistics.kinds(tensor_params(method, extra)))
+
+
 def model_count(method: MergeMethod) -> int:
     """Models merged besides the base: what the method allows, three where it may."""
     n = (method.models_exactly - (method.base == "required")) if method.models_exactly else max(method.min_models, 3)

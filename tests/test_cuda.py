@@ -41,7 +41,7 @@ def _merge_on(device: str, plan: dict, out: Path, **kw) -> dict[str, torch.Tenso
 
 
 @pytest.mark.parametrize("family", ["fp32_family", "bf16_family"])
-@pytest.mark.parametrize(("name", "extra"), method_cases.cases())
+@pytest.mark.parametrize(("name", "extra"), method_cases.plan_cases())
 def test_every_method_matches_the_cpu(name: str, extra: dict, family: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     f: Family = request.getfixturevalue(family)
     dtype = "float32" if family == "fp32_family" else "bfloat16"

@@ -47,7 +47,7 @@ def _case_id(value: str | dict) -> str:
     return value if isinstance(value, str) else "-".join(value) or "defaults"
 
 
-@pytest.mark.parametrize(("name", "extra"), method_cases.cases(), ids=_case_id)
+@pytest.mark.parametrize(("name", "extra"), method_cases.plan_cases(), ids=_case_id)
 def test_every_method_merges_and_keeps_the_tensor_names(moe: Family, name: str, extra: dict,
                                                         tmp_path: Path) -> None:
     out = _merge(moe, name, extra, tmp_path / "out")
