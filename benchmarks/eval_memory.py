@@ -34,6 +34,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -209,6 +210,7 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     out = args.cache_dir / "out" / "compare-4L"
     cmd = [sys.executable, "-m", "streammerge", "compare", str(plan), "--methods", *COMPARE_METHODS, "--data",
            str(args.cache_dir / TEXT), "-o", str(out), "--seqlen", str(args.seqlen), "--samples", str(args.compare_samples)]
+    shutil.rmtree(out, ignore_errors=True)
     evict([root / m for m in MODELS])
     log = work / "compare.log"
     row = measure(cmd, log)
