@@ -204,12 +204,14 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     """``streammerge compare`` on the 4-layer base and fine-tunes with three methods."""
     root = prepare(args.cache_dir, 4, args.seqlen * args.samples + 1000)
     plan = work / "compare-4L.yaml"  # JSON is YAML
+    # the base is listed too, so linear (which has no base model) averages all three; the methods
+    # with a base model take it out of the tasks
     plan.write_text(json.dumps({"merge_method": "ties", "base_model": str(root / "base"), "dtype": "bfloat16",
-                                "models": [{"model": str(root / m), "parameters": {"weight": 0.5}}
-                                           for m in ("ft1", "ft2")]}, indent=2))
+                                "parameters": {"weight": 0.5}, "models": [{"model": str(root / m)} for m in MODELS]},
+                               indent=2))
     out = args.cache_dir / "out" / "compare-4L"
     cmd = [sys.executable, "-m", "streammerge", "compare", str(plan), "--methods", *COMPARE_METHODS, "--data",
-           str(args.cache_dir / TEXT), "-o", str(out), "--seqlen", str(args.seqlen), "--samples", str(args.compare_samples)]
+           str(args.cache_dir / TEXT), "-o", str(out), "--seqlen", str(args.seqlen), "--samples", str(args.compare_samples), "--quiet"]
     shutil.rmtree(out, ignore_errors=True)
     evict([root / m for m in MODELS])
     log = work / "compare.log"
