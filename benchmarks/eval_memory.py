@@ -43,7 +43,7 @@ from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import MODELS, VOCAB, ensure_inputs, evict, measure  # noqa: E402
+from workload import MODELS, VOCAB, ensure_inputs, evict, llama_shapes, measure  # noqa: E402
 
 SPECIAL = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: workload's config has bos_token_id 1, eos_token_id 2
 TEXT = "text.txt"
@@ -131,44 +131,49 @@ def transformers_child(model: str, data: str, seqlen: int, samples: int, out: st
             total += float(nll.double().sum())
             count += nll.numel()
             del logits, nll
-    Path(out).write_text(json.dumps({"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
-                                     "windows": len(windows), "seconds": time.perf_counter() - t0}))
+    Path(out).write_text(json.dumps({"perplexity": math.exp(total / count), "nll": total / count,
+                                     "tokens": count, "windows": len(windows),
+                                     "seconds": time.perf_counter() - t0}))
 
 
 # ----------------------------------------------------------------------------- the runs
 
 
 def run(tool: str, cmd: list[str], model: Path, work: Path, result: Path) -> dict:
+    """``cmd`` measured in a child after ``model`` is evicted; with the JSON it wrote to ``result``."""
     evict([model])
     result.unlink(missing_ok=True)
     log = work / f"{tool}.log"
     row = measure(cmd, log)
     del row["timeline"]
     row["ok"] = row["exit_code"] == 0 and result.is_file()
-    if not row["ok"]:
-        print(f"{tool} failed (exit {row['exit_code']}): {' '.join(cmd)}\n{log.read_text(errors='replace')[-3000:]}",
-              file=sys.stderr)
-        return row
-    row.update(json.loads(result.read_text()))
+    if row["ok"]:
+        row.update(json.loads(result.read_text()))
+    else:
+        print(f"{tool} failed (exit {row['exit_code']}): {' '.join(cmd)}\n"
+              f"{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
     return row
 
 
 def median_row(runs: list[dict]) -> dict:
-    numbers = [k for k, v in runs[0].items() if type(v) in (int, float) and k != "exit_code"]
-    return {**runs[0], **{k: statistics.median(r[k] for r in runs if r["ok"]) for k in numbers if all(r["ok"] for r in runs)},
-            "ok": all(r["ok"] for r in runs), "repeats": len(runs),
-            "runs": [{k: r.get(k) for k in ("peak_rss_gib", "wall_s", "perplexity")} for r in runs]}
+    """One row for repeated runs: each number's median over the runs, and every run's in ``runs``."""
+    ok = all(r["ok"] for r in runs)
+    numbers = [k for k, v in runs[0].items() if type(v) in (int, float) and k != "exit_code"] if ok else []
+    return {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in numbers}, "ok": ok,
+            "repeats": len(runs), "runs": [{k: r.get(k) for k in ("peak_rss_gib", "wall_s", "perplexity")}
+                                           for r in runs]}
 
 
 def bench(layers: int, args: argparse.Namespace, work: Path) -> list[dict]:
     model = prepare(args.cache_dir, layers, args.seqlen * args.samples + 1000) / "base"
-    text = args.cache_dir / TEXT
-    result = work / "result.json"
+    text, result = args.cache_dir / TEXT, work / "result.json"
+    protocol = [str(text), str(args.seqlen), str(args.samples)]
     cmds = {
-        "streammerge": [sys.executable, "-m", "streammerge", "eval", str(model), "--data", str(text), "--seqlen",
-                        str(args.seqlen), "--samples", str(args.samples), "--json", str(result), "--quiet"],
-        "transformers": [sys.executable, __file__, "--transformers-child", str(model), str(text), str(args.seqlen),
-                         str(args.samples), str(result)],
+        "streammerge": [sys.executable, "-m", "streammerge", "eval", str(model), "--data", str(text),
+                        "--seqlen", str(args.seqlen), "--samples", str(args.samples), "--json", str(result),
+                        "--quiet"],
+        "transformers": [sys.executable, __file__, "--transformers-child", str(model), *protocol,
+                         str(result)],
     }
     rows = []
     for tool in args.tools:
@@ -176,25 +181,28 @@ def bench(layers: int, args: argparse.Namespace, work: Path) -> list[dict]:
         for _ in range(args.repeat):
             row = {"layers": layers, "tool": tool, **run(tool, cmds[tool], model, work, result)}
             print(f"  {layers}L {tool:<12} {row['wall_s']:7.1f} s  ru_maxrss {row['peak_rss_gib']:.2f} GiB  "
-                  f"anon+file {row['peak_anon_file_gib']:.2f} GiB  perplexity {row.get('perplexity')}", file=sys.stderr)
+                  f"anon+file {row['peak_anon_file_gib']:.2f} GiB  perplexity {row.get('perplexity')}",
+                  file=sys.stderr)
             runs.append(row)
         rows.append(median_row(runs) if len(runs) > 1 else runs[0])
     return rows
 
 
 def generation(args: argparse.Namespace, work: Path) -> dict:
-    """Greedy generation on the largest model with 1 and ``args.generate_tokens`` new tokens."""
+    """Greedy generation on the largest model, of 1 and of ``args.generate_tokens`` new tokens: the
+    difference of the two runs' seconds is what the tokens after the first took."""
     layers = max(args.layers)
     model = prepare(args.cache_dir, layers, args.seqlen * args.samples + 1000) / "base"
     result = work / "generate.json"
-    out = {"layers": layers}
-    for n in (1, args.generate_tokens):
-        cmd = [sys.executable, "-m", "streammerge", "eval", str(model), "--prompt", PROMPT, "--max-new-tokens", str(n),
-               "--json", str(result), "--quiet"]
+    out: dict = {"layers": layers}
+    for key, n in (("one", 1), ("many", args.generate_tokens)):
+        cmd = [sys.executable, "-m", "streammerge", "eval", str(model), "--prompt", PROMPT,
+               "--max-new-tokens", str(n), "--json", str(result), "--quiet"]
         row = run(f"generate-{n}", cmd, model, work, result)
-        out[n] = {"ok": row["ok"], "seconds": row.get("seconds"), "wall_s": row["wall_s"],
-                  "peak_rss_gib": row["peak_rss_gib"], "tokens": len(row["generations"][0]["tokens"]) if row["ok"] else 0}
-    one, many = out[1], out[args.generate_tokens]
+        out[key] = {"ok": row["ok"], "seconds": row.get("seconds"), "wall_s": row["wall_s"],
+                    "peak_rss_gib": row["peak_rss_gib"],
+                    "tokens": len(row["generations"][0]["tokens"]) if row["ok"] else 0}
+    one, many = out["one"], out["many"]
     if one["ok"] and many["ok"] and many["tokens"] > 1:
         out["s_per_token"] = (many["seconds"] - one["seconds"]) / (many["tokens"] - 1)
     return out
@@ -207,19 +215,18 @@ def compare(args: argparse.Namespace, work: Path) -> dict:
     # the base is listed too, so linear (which has no base model) averages all three; the methods
     # with a base model take it out of the tasks
     plan.write_text(json.dumps({"merge_method": "ties", "base_model": str(root / "base"), "dtype": "bfloat16",
-                                "parameters": {"weight": 0.5}, "models": [{"model": str(root / m)} for m in MODELS]},
-                               indent=2))
+                                "parameters": {"weight": 0.5},
+                                "models": [{"model": str(root / m)} for m in MODELS]}, indent=2))
     out = args.cache_dir / "out" / "compare-4L"
-    cmd = [sys.executable, "-m", "streammerge", "compare", str(plan), "--methods", *COMPARE_METHODS, "--data",
-           str(args.cache_dir / TEXT), "-o", str(out), "--seqlen", str(args.seqlen), "--samples", str(args.compare_samples), "--quiet"]
+    cmd = [sys.executable, "-m", "streammerge", "compare", str(plan), "--methods", *COMPARE_METHODS,
+           "--data", str(args.cache_dir / TEXT), "-o", str(out), "--seqlen", str(args.seqlen),
+           "--samples", str(args.compare_samples), "--quiet"]
     shutil.rmtree(out, ignore_errors=True)
     evict([root / m for m in MODELS])
     log = work / "compare.log"
     row = measure(cmd, log)
     del row["timeline"]
-    row["output"] = log.read_text(errors="replace")
-    row["command"] = " ".join(cmd)
-    return row
+    return {**row, "output": log.read_text(errors="replace"), "command": " ".join(cmd)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -247,37 +254,62 @@ def checks(rows: list[dict]) -> list[tuple[bool, str]]:
     hf = [by[(n, "transformers")] for n in layers if (n, "transformers") in by]
     if sm:
         peaks = [r["peak_rss_gib"] if r["ok"] else math.inf for r in sm]
-        out.append((max(peaks) <= PEAK_LIMIT_GIB, f"streammerge peak RSS <= {PEAK_LIMIT_GIB} GiB: "
-                    + ", ".join(f"{p:.2f}" for p in peaks) + f" GiB at {', '.join(str(r['layers']) for r in sm)} layers"))
+        listed = ", ".join(f"{p:.2f}" for p in peaks)
+        at = ", ".join(str(r["layers"]) for r in sm)
+        out.append((max(peaks) <= PEAK_LIMIT_GIB,
+                    f"streammerge peak RSS <= {PEAK_LIMIT_GIB} GiB: {listed} GiB at {at} layers"))
         if len(sm) > 1:
             flat = max(peaks) / min(peaks)
-            out.append((flat <= FLAT, f"streammerge peak flat within {FLAT - 1:.0%} over the layer counts: max/min {flat:.3f}"))
+            out.append((flat <= FLAT, f"streammerge peak flat within {FLAT - 1:.0%} over the layer counts: "
+                        f"max/min {flat:.3f}"))
     if len(hf) > 1:
         peaks = [r["peak_rss_gib"] if r["ok"] else math.nan for r in hf]
         grows = all(a < b for a, b in zip(peaks, peaks[1:]))
-        out.append((grows, "transformers peak RSS grows with the layers: " + " < ".join(f"{p:.2f}" for p in peaks) + " GiB"))
+        listed = " < ".join(f"{p:.2f}" for p in peaks)
+        out.append((grows, f"transformers peak RSS grows with the layers: {listed} GiB"))
     for n in layers:
         pair = by.get((n, "streammerge")), by.get((n, "transformers"))
         if all(pair) and all(r["ok"] for r in pair):
             a, b = pair[0]["perplexity"], pair[1]["perplexity"]
             rel = abs(a - b) / abs(b)
-            out.append((rel <= PPL_RTOL, f"{n}L perplexities agree within {PPL_RTOL:g} relative: streammerge {a:.6f}, "
-                        f"transformers {b:.6f}, relative difference {rel:.2e}"))
+            out.append((rel <= PPL_RTOL, f"{n}L perplexities agree within {PPL_RTOL:g} relative: streammerge "
+                        f"{a:.6f}, transformers {b:.6f}, relative difference {rel:.2e}"))
         elif all(pair):
             out.append((False, f"{n}L: a run failed, no perplexities to compare"))
     return out
 
 
+def read_per_token(layers: int) -> int:
+    """The bytes a generated token reads: every tensor but the token embedding, bf16."""
+    return sum(2 * math.prod(shape) for name, shape in llama_shapes(layers) if "embed_tokens" not in name)
+
+
+def print_generation(gen: dict) -> tuple[bool, str]:
+    one, many = gen["one"], gen["many"]
+    if not (one["ok"] and many["ok"]):
+        return False, "generation ran"
+    print(f"\ngeneration, {gen['layers']} layers, greedy, one prompt: {one['seconds']:.1f} s for 1 token, "
+          f"{many['seconds']:.1f} s for {many['tokens']} (peak RSS {many['peak_rss_gib']:.2f} GiB)")
+    if "s_per_token" in gen:
+        # each token reads every layer and the head: scale by those bytes (the embedding gives a row)
+        scale = read_per_token(32) / read_per_token(gen["layers"])
+        print(f"  {gen['s_per_token']:.2f} s per token after the first; at 32 layers, scaled by the bytes "
+              f"read per token (x{scale:.2f}), about {gen['s_per_token'] * scale:.0f} s (an extrapolation)")
+    return True, "generation ran"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layer counts")
-    ap.add_argument("--tools", nargs="+", default=["streammerge", "transformers"], choices=["streammerge", "transformers"])
+    ap.add_argument("--tools", nargs="+", default=["streammerge", "transformers"],
+                    choices=["streammerge", "transformers"])
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--samples", type=int, default=32, help="windows scored")
     ap.add_argument("--repeat", type=int, default=1, help="run each tool this many times; report medians")
     ap.add_argument("--generate-tokens", type=int, default=0,
                     help="also time greedy generation of this many tokens on the largest model (0: skip)")
-    ap.add_argument("--compare", action="store_true", help="also run 'streammerge compare' on the 4-layer models")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run 'streammerge compare' on the 4-layer models")
     ap.add_argument("--compare-samples", type=int, default=8, help="windows each compare evaluation scores")
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"),
                     help="generated checkpoints, tokenizer and text (reused; shared with compare.py)")
@@ -301,31 +333,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="streammerge-eval-bench-") as tmp:
         for layers in sorted(args.layers):
             rows += bench(layers, args, Path(tmp))
-        print(table(rows), flush=True)
-        print()
+        print(table(rows) + "\n", flush=True)
         verdicts = checks(rows)
-        for ok, line in verdicts:
-            print(f"{'ok  ' if ok else 'FAIL'} {line}")
         if args.generate_tokens:
-            gen = report["generation"] = generation(args, Path(tmp))
-            n = args.generate_tokens
-            print(f"\ngeneration, {gen['layers']} layers, greedy, one prompt: {gen[1]['seconds']:.1f} s for 1 token, "
-                  f"{gen[n]['seconds']:.1f} s for {gen[n]['tokens']} (peak RSS {gen[n]['peak_rss_gib']:.2f} GiB)"
-                  if gen[1]["ok"] and gen[n]["ok"] else "\ngeneration FAILED")
-            if "s_per_token" in gen:
-                per = gen["s_per_token"]
-                print(f"  {per:.2f} s per token after the first; {per / gen['layers']:.3f} s per layer per token, so "
-                      f"about {per / gen['layers'] * 32:.0f} s per token at 32 layers (an extrapolation)")
+            report["generation"] = generation(args, Path(tmp))
+            verdicts.append(print_generation(report["generation"]))
         if args.compare:
             cmp = report["compare"] = compare(args, Path(tmp))
-            print(f"\n$ {cmp['command']}\n{cmp['output']}compare: exit {cmp['exit_code']}, {cmp['wall_s']:.1f} s, "
-                  f"peak RSS {cmp['peak_rss_gib']:.2f} GiB")
-            verdicts.append((cmp["exit_code"] == 0, f"compare ran end to end with {', '.join(COMPARE_METHODS)}"))
+            print(f"\n$ {cmp['command']}\n{cmp['output']}(exit {cmp['exit_code']}, {cmp['wall_s']:.1f} s, "
+                  f"peak RSS {cmp['peak_rss_gib']:.2f} GiB)")
+            methods = ", ".join(COMPARE_METHODS)
+            verdicts.append((cmp["exit_code"] == 0, f"compare ran end to end with {methods}"))
+    print()
+    for ok, line in verdicts:
+        print(f"{'ok  ' if ok else 'FAIL'} {line}")
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"(parent peak RSS {parent:.0f} MiB: a floor under every ru_maxrss above)")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, **report, "checks": verdicts, "parent_peak_rss_mib": parent},
-                                        indent=2))
+        args.json.write_text(json.dumps({"rows": rows, **report, "checks": verdicts,
+                                         "parent_peak_rss_mib": parent}, indent=2))
     sys.exit(0 if all(ok for ok, _ in verdicts) else 1)
 
 
