@@ -123,12 +123,13 @@ def checks(rows: list[dict]) -> list[tuple[bool, str]]:
                     f"{r['layers']}L {r['step']}: peak RSS {r['peak_rss_gib']:.2f} GiB "
                     f"<= {PEAK_LIMIT_GIB} GiB"
                     + ("" if r["ok"] else f" (exit {r['exit_code']})")))
-    for step in dict.fromkeys(r["step"] for r in rows):
-        peaks = {r["layers"]: r["peak_rss_gib"] for r in rows if r["step"] == step and r["ok"]}
+    for step, windows in dict.fromkeys((r["step"], r["windows"]) for r in rows):  # like with like
+        peaks = {r["layers"]: r["peak_rss_gib"] for r in rows
+                 if (r["step"], r["windows"]) == (step, windows) and r["ok"]}
         if len(peaks) > 1:
             ratio = max(peaks.values()) / min(peaks.values())
             listed = ", ".join(f"{v:.2f} at {n}L" for n, v in sorted(peaks.items()))
-            out.append((ratio <= FLAT, f"{step}: peak flat within {FLAT - 1:.0%} over the layer counts: "
+            out.append((ratio <= FLAT, f"{step} ({windows} windows): peak flat within {FLAT - 1:.0%} over the layer counts: "
                         f"{listed} GiB, max/min {ratio:.3f}"))
     return out
 
