@@ -129,8 +129,8 @@ def checks(rows: list[dict]) -> list[tuple[bool, str]]:
         if len(peaks) > 1:
             ratio = max(peaks.values()) / min(peaks.values())
             listed = ", ".join(f"{v:.2f} at {n}L" for n, v in sorted(peaks.items()))
-            out.append((ratio <= FLAT, f"{step} ({windows} windows): peak flat within {FLAT - 1:.0%} over the layer counts: "
-                        f"{listed} GiB, max/min {ratio:.3f}"))
+            out.append((ratio <= FLAT, f"{step} ({windows} windows): peak flat within {FLAT - 1:.0%} "
+                        f"over the layer counts: {listed} GiB, max/min {ratio:.3f}"))
     return out
 
 
