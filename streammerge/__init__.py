@@ -8,5 +8,5 @@ from streammerge.evaluation.compare import Comparison, compare  # noqa: E402
 from streammerge.evaluation.evaluate import EvalResult, evaluate  # noqa: E402
 from streammerge.plan import MergePlan, load_plan  # noqa: E402
 
-__all__ = ["Comparison", "EvalResult", "MergePlan", "StreamMergeError", "__version__", "compare", "evaluate", "load_plan",
-           "merge", "schedule"]
+__all__ = ["Comparison", "EvalResult", "MergePlan", "StreamMergeError", "__version__", "compare", "evaluate",
+           "load_plan", "merge", "schedule"]

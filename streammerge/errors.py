@@ -22,4 +22,5 @@ class MissingExtraError(StreamMergeError):
 
 
 class DataError(StreamMergeError):
-    """Evaluation or calibration data is missing, empty or unreadable: the message names the source and the fix."""
+    """Evaluation or calibration data is missing, empty or unreadable: the message names the source
+    and the fix."""

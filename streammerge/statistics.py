@@ -27,8 +27,10 @@ if TYPE_CHECKING:  # the schedule imports this module
 
 # Kinds with the weight's own shape, read per row chunk like the weight (the rest are per input column).
 WEIGHT_SHAPED = frozenset({"fisher"})
-DERIVED_KEPT = 8  # results of ``derived`` kept per model: weights sharing an input are scheduled close together
-_ADD = "add calibration: {data: FILE} (or {stats: DIR} from streammerge calibrate) to its entry or to the plan"
+# results of ``derived`` kept per model: weights sharing an input are scheduled close together
+DERIVED_KEPT = 8
+_ADD = ("add calibration: {data: FILE} (or {stats: DIR} from streammerge calibrate) to its entry or "
+        "to the plan")
 
 
 @dataclass
@@ -62,7 +64,8 @@ class ModelStatistics:
                 self._norms[kind] = total ** 0.5
             return self._norms[kind]
 
-    def derived(self, weight: str, kind: str, how: Any, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def derived(self, weight: str, kind: str, how: Any,
+                compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``compute(statistic)``, computed once for weights that share the stored statistic (q, k and
         v share their input's Gram) and the same ``how`` (the parameters ``compute`` depends on)."""
         key = (*self.directory.entries[weight][kind], how)
@@ -140,7 +143,8 @@ def _open(plan: MergePlan, method: MergeMethod, path: str, spec: Calibration | N
     if spec is None:
         raise PlanError(f"model {path}: {what}, and it has no calibration: {_ADD}")
     if spec.data is not None:
-        from streammerge.calibration.calibrate import cached_stats  # the layer stream loads only when measuring
+        # the layer stream loads only when measuring
+        from streammerge.calibration.calibrate import cached_stats
 
         # the default statistics cache ($STREAMMERGE_CACHE); plan.cache_dir is the Hub's model cache
         directory = cached_stats(path, spec.model_dump(exclude={"stats"}), kinds, None)
@@ -162,7 +166,8 @@ def _job_kinds(job: TensorJob, kinds: Iterable[str],
                models: list[tuple[Source, ModelStatistics]]) -> tuple[str, ...]:
     """The kinds ``job`` reads: those of ``kinds`` a tensor of its shape can have, when any model's
     directory describes the tensor with one (each model must then have each, of the right shape)."""
-    remapped = any(src.row_map is not None or src.rows is not None for src, _ in models)  # not the model's own rows
+    # rows that are not the model's own
+    remapped = any(src.row_map is not None or src.rows is not None for src, _ in models)
     kinds = sorted(k for k in kinds
                    if _expected_shape(k, job.shape) is not None and not (remapped and k in WEIGHT_SHAPED))
     if not any(st.directory.has(src.tensor, k) for src, st in models for k in kinds):
@@ -197,6 +202,7 @@ class JobStatistics:
     def norm(self, i: int, kind: str) -> float:
         return self.sources[i][0].norm(kind)
 
-    def derived(self, i: int, kind: str, how: Any, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def derived(self, i: int, kind: str, how: Any,
+                compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         st, weight = self.sources[i]
         return st.derived(weight, kind, how, compute)

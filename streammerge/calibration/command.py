@@ -29,7 +29,8 @@ def written_table(path: Path, seconds: float, peak_rss_bytes: int) -> str:
     return "\n".join([
         f"model        {p.model}",
         f"statistics   {path}: {', '.join(stats.kinds)} of {len(stats.entries)} weights",
-        f"wrote        {len(layers)} layers in {len(files)} files, {len(stored)} tensors, {size / 2**20:.2f} MiB",
+        f"wrote        {len(layers)} layers in {len(files)} files, {len(stored)} tensors, "
+        f"{size / 2**20:.2f} MiB",
         f"windows      {p.windows} of {p.protocol['seqlen']} tokens ({p.tokens} tokens), dtype "
         f"{p.protocol['dtype']}",
         f"seconds      {seconds:.1f}",

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from streammerge.methods.base import Chunk, MergeMethod, Param, Statistics, Stats, TensorParams, TensorStatistics
+from streammerge.methods.base import (Chunk, MergeMethod, Param, Statistics, Stats, TensorParams,
+                                      TensorStatistics)
 from streammerge.methods.regmean import weighted_average
 from streammerge.methods.registry import register
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from streammerge.methods.base import Chunk, MergeMethod, Param, Statistics, Stats, TensorParams, TensorStatistics
+from streammerge.methods.base import (Chunk, MergeMethod, Param, Statistics, Stats, TensorParams,
+                                      TensorStatistics)
 from streammerge.methods.registry import register
 
 ILL_CONDITIONED = 1e7  # about 1 / float32's epsilon: past it a float32 solve keeps no digit
