@@ -74,7 +74,8 @@ class TensorJob:
     rows_per_chunk: int = 0
     shard: int = 0
     offset: int = 0
-    statistics: tuple[str, ...] = ()  # kinds of calibration statistics its method reads (``streammerge.statistics``)
+    # kinds of calibration statistics its method reads (``streammerge.statistics``)
+    statistics: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -361,7 +362,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     statistics: tuple[ModelStatistics | None, ...] = ()
     if method.statistics is not None:
         statistics, jobs = attach(plan, method, jobs, paths, notes)
-        jobs = [_rechunked(plan, checkpoints, j, budget, gpu_budget, workers) if j.statistics else j for j in jobs]
+        jobs = [_rechunked(plan, checkpoints, j, budget, gpu_budget, workers) if j.statistics else j
+                for j in jobs]
     try:
         return _finish(plan, method, checkpoints, jobs, notes, statistics, reference, layer_counts, vocab, device,
                        gpu_budget, workers)
@@ -559,7 +561,8 @@ def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob, work
     (deltas, stacked copies, masks, keys, the output), and the merged chunks waiting for the writer
     thread or being written. Measured on 7B-shaped merges at about 3n + 8 values of 4 bytes for n
     inputs, bfloat16 included (its masks, int32 keys and float32 sums)."""
-    rows_stats = sum(k in WEIGHT_SHAPED for k in job.statistics) * len(job.merged_inputs)  # float32, like inputs
+    # weight-shaped statistics read with the inputs, float32
+    rows_stats = sum(k in WEIGHT_SHAPED for k in job.statistics) * len(job.merged_inputs)
     raw = sum(checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for s in job.inputs) + 4 * rows_stats
     working = (3 * (len(job.inputs) + rows_stats) + 8) * max(4, job.compute_dtype.itemsize)
     written = (in_flight(workers) + 1) * job.out_dtype.itemsize

@@ -192,12 +192,15 @@ class TensorStatistics(Protocol):
     shape: tuple[int, ...]
 
     def read(self, i: int, kind: str) -> torch.Tensor:
-        """Model i's whole statistic ``kind`` for this tensor, float32 (``gram`` [in, in], ``sqnorm`` [in])."""
+        """Model i's whole statistic ``kind`` for this tensor, float32 (``gram`` [in, in],
+        ``sqnorm`` [in])."""
 
     def norm(self, i: int, kind: str) -> float:
-        """The L2 norm of model i's statistic ``kind`` over every tensor of the model (computed once a model)."""
+        """The L2 norm of model i's statistic ``kind`` over every tensor of the model (computed once
+        a model)."""
 
-    def derived(self, i: int, kind: str, how: Any, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def derived(self, i: int, kind: str, how: Any,
+                compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``compute`` of model i's statistic, computed once for the weights that share it (q, k and v
         share a Gram) and the same ``how``; ``compute`` may overwrite its argument."""
 

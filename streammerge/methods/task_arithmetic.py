@@ -309,7 +309,8 @@ _TOPK = _with_rescale(_by_importance(top_k_passes(task_vectors, _keep_count, "to
 _DARE = _with_rescale((), _dare_keep)
 # one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
 _BAND = _with_rescale(
-    _by_importance(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band", elementwise=True),
+    _by_importance(top_k_passes(lambda chunk, stats: task_vectors(chunk, stats) * 2, _band_counts, "band",
+                                elementwise=True),
                    top_k_passes(lambda chunk, stats: _scores(chunk, stats) * 2, _band_counts, "band")),
     _band_keep)
 

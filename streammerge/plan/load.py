@@ -23,8 +23,8 @@ from streammerge.lora.reference import resolve_adapter, split_reference
 from streammerge.methods.base import MergeMethod, Param
 from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.parameters import typed
-from streammerge.plan.schema import (NATIVE_KEYS, Calibration, Conditional, MergePlan, ModelEntry, ModelToken, Module,
-                                     OutputSlice, SliceSource, TokenSpec)
+from streammerge.plan.schema import (NATIVE_KEYS, Calibration, Conditional, MergePlan, ModelEntry, ModelToken,
+                                     Module, OutputSlice, SliceSource, TokenSpec)
 from streammerge.tokenizer.chat_template import check_chat_template
 
 
@@ -257,7 +257,9 @@ def _calibration(spec: Calibration | None, root: Path, where: str, at: str) -> C
             raise PlanError(f"{where}: {at}.stats: statistics directory {ref!r} not found (write one with "
                             "streammerge calibrate MODEL --data FILE -o DIR, or give data: to measure)")
         return spec.model_copy(update={"stats": str(found.resolve())})
-    return spec if found is None else spec.model_copy(update={"data": str(found.resolve())})  # else a dataset name
+    if found is None:  # a dataset's name
+        return spec
+    return spec.model_copy(update={"data": str(found.resolve())})
 
 
 def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | None) -> MergePlan:
@@ -276,13 +278,15 @@ def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | Non
         if m.models is not None:
             update["models"] = [e.model_copy(update={
                 "model": res(e.model, f"{at}models[{i}].model"),
-                "calibration": calibration(e.calibration, f"{at}models[{i}].calibration")}) for i, e in enumerate(m.models)]
+                "calibration": calibration(e.calibration, f"{at}models[{i}].calibration")})
+                for i, e in enumerate(m.models)]
         if m.slices is not None:
             update["slices"] = [
                 s.model_copy(update={
                     "sources": [src.model_copy(update={
                         "model": res(src.model, f"{at}slices[{k}].sources[{i}].model"),
-                        "calibration": calibration(src.calibration, f"{at}slices[{k}].sources[{i}].calibration")})
+                        "calibration": calibration(src.calibration,
+                                                   f"{at}slices[{k}].sources[{i}].calibration")})
                         for i, src in enumerate(s.sources)],
                     "base_model": res(s.base_model, f"{at}slices[{k}].base_model") if s.base_model else None,
                 })

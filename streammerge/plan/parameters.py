@@ -5,10 +5,11 @@ mode, so a boolean takes 1/0, 1.0/0.0 and "true"/"yes"/"on"/"t"/"y"/"1" (and the
 any case), a number takes a numeric string ("5e-1", as YAML reads it) or a boolean, and an integer
 a float or string without a fraction; a named choice (``importance``) takes one of its names. A
 gradient (list of values) is interpolated piecewise-linearly at position t = i / (n − 1) for layer
-i of n — a list of booleans or names picks the value at int(t·(n − 1)) instead, and an interpolated integer must come out whole; tensors outside the layers
-(embeddings, final norm, lm_head) sit at t = 0. A list of ``{filter, value}`` conditionals takes the
-first entry whose filter is a substring of the tensor name (no filter, or "*", matches everything);
-one ``{filter, value}`` is a list of one.
+i of n — a list of booleans or names picks the value at int(t·(n − 1)) instead, and an
+interpolated integer must come out whole; tensors outside the layers (embeddings, final norm,
+lm_head) sit at t = 0. A list of ``{filter, value}`` conditionals takes the first entry whose
+filter is a substring of the tensor name (no filter, or "*", matches everything); one
+``{filter, value}`` is a list of one.
 """
 
 from __future__ import annotations
