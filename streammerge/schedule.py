@@ -377,10 +377,13 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
 def _rechunked(plan: MergePlan, checkpoints: tuple[Checkpoint, ...], job: TensorJob, budget: int,
                gpu_budget: int | None, workers: int) -> TensorJob:
     """``job``'s chunk rows once its weight-shaped statistics count among its inputs and what its
-    method prepares from the others is held beside its chunks."""
+    method prepares from the others is held beside its chunks. That preparation comes out of a
+    budget the user set; without one, it adds to the peak instead of shrinking the default working
+    set (a 7B down_proj's 462 MiB Gram left sparsegpt importance 7-row chunks: 32 s, not 19 s)."""
     per_elem = _bytes_per_element(checkpoints, job, workers)
-    rows = min(_rows_per_chunk(plan, job, per_elem, max(MIN_WORKING_BYTES, b - _statistics_bytes(job)), workers)
-               for b in (budget, gpu_budget) if b is not None)
+    host = budget if plan.max_memory is None else max(MIN_WORKING_BYTES, budget - _statistics_bytes(job))
+    device = None if gpu_budget is None else max(MIN_WORKING_BYTES, gpu_budget - _statistics_bytes(job))
+    rows = min(_rows_per_chunk(plan, job, per_elem, b, workers) for b in (host, device) if b is not None)
     return replace(job, rows_per_chunk=rows)
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from arch_builder import build_model, load_reference, sample_text
 from streammerge.calibration import calibrate as calibrate_module
+from streammerge.calibration import fisher as fisher_module
 from streammerge.calibration.calibrate import cached_stats, calibrate, calibration_windows
 from streammerge.calibration.statsdir import StatsDir, StatsWriter, model_fingerprint
 from streammerge.cli import main
@@ -254,8 +255,6 @@ def test_a_second_pass_over_a_layer_keeps_the_first(tmp_path: Path, models: Path
 
 
 def test_fisher_goes_into_the_same_directory(models: Path, text: str, tmp_path: Path) -> None:
-    pytest.importorskip("streammerge.calibration.fisher",
-                        reason="streammerge/calibration/fisher.py (fisher_stats) is not merged yet")
     model = _model(models, "llama")
     out = calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=["gram", "fisher"], out=tmp_path / "stats")
     stats = StatsDir(out)
@@ -275,6 +274,30 @@ def test_fisher_goes_into_the_same_directory(models: Path, text: str, tmp_path: 
     for n in ("model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
         got = stats.read(n, "fisher").double()
         assert (got - squares[n]).abs().max() <= 1e-5 * squares[n].abs().max(), n
+
+
+def test_fisher_spills_past_two_boundaries_without_max_memory(models: Path, text: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer's inputs are kept for the reverse sweep: without --max-memory only the windows'
+    gradients and about one layer's inputs stay in memory, so the peak does not grow with depth."""
+    stores = []
+
+    class Recorded(fisher_module.ActivationStore):
+        def __init__(self, budget: int, directory: str | None = None):
+            super().__init__(budget, directory)
+            stores.append(self)
+
+    monkeypatch.setattr(fisher_module, "ActivationStore", Recorded)
+    model = _model(models, "llama")
+    calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=["fisher"], out=tmp_path / "default")
+    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+    boundary = 2 * SEQLEN * hidden * 4  # two windows' hidden states, float32
+    assert stores[-1].budget == 2 * boundary
+    # three layers' inputs and the gradients: a layer's worth or more spilled
+    assert stores[-1].spilled_bytes >= boundary
+    calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=["fisher"], out=tmp_path / "given",
+              max_memory=8 << 30)
+    assert stores[-1].budget > 2 * boundary and stores[-1].spilled_bytes == 0  # a given budget is used
 
 
 def test_cli_writes_and_reports(models: Path, data_file: Path, tmp_path: Path) -> None:

@@ -125,7 +125,13 @@ def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], prove
         if "fisher" in kinds:
             from streammerge.calibration.fisher import fisher_stats
 
-            for index, stats in fisher_stats(stream, windows):
+            # Without --max-memory the activation budget is half the free memory, and the inputs
+            # of every layer would stay in it: a peak growing with depth. Two boundaries' worth
+            # stay (the windows' gradients and about a layer's inputs); the rest is spilled.
+            text = stream.skeleton.model.config.get_text_config()
+            boundary = sum(len(w.ids) for w in windows) * text.hidden_size * stream.skeleton.dtype.itemsize
+            kept = None if max_memory is not None else 2 * boundary
+            for index, stats in fisher_stats(stream, windows, kept):
                 writer.write_layer(index, stats)
         return writer.finish()
     except BaseException:

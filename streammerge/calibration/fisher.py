@@ -43,14 +43,17 @@ from streammerge.forward.head import _LOGITS
 Stats = dict[str, dict[str, torch.Tensor]]
 
 
-def fisher_stats(stream: LayerStream, windows: list[Window]) -> Iterator[tuple[int, Stats]]:
+def fisher_stats(stream: LayerStream, windows: list[Window],
+                 kept: int | None = None) -> Iterator[tuple[int, Stats]]:
     """``(i, {checkpoint weight name: {"fisher": F}})`` for each decoder layer ``i`` from the last
     to the first, then ``(-1, ...)`` for every weight outside the layers (embedding, head unless
     tied, final norm, learned positions). Each F is float32, the shape of the checkpoint tensor.
-    Nothing yielded is referenced here afterwards: write each as it comes and drop it."""
+    Nothing yielded is referenced here afterwards: write each as it comes and drop it. ``kept``:
+    bytes of layer inputs and gradients held in memory, the rest spilled (default: half the
+    stream's activation budget)."""
     if not windows:
         raise DataError("no calibration windows: the Fisher needs at least one window of text")
-    sweep = _Sweep(stream, windows)
+    sweep = _Sweep(stream, windows, stream.activation_budget // 2 if kept is None else kept)
     try:
         sweep.forward()
         yield from sweep.layers()
@@ -78,19 +81,19 @@ def _inputs_kept(layer: nn.Module, put: Callable[[int, torch.Tensor], None]) -> 
 class _Sweep:
     """One Fisher computation: the kept activations and gradients, and the passes over them."""
 
-    def __init__(self, stream: LayerStream, windows: list[Window]):
+    def __init__(self, stream: LayerStream, windows: list[Window], kept: int):
         self.stream, self.windows, self.skel = stream, windows, stream.skeleton
         self.n = len(windows)
         # sums of squares: float32, float64 for a float64 run
         self.acc = torch.promote_types(self.skel.dtype, torch.float32)
         weights = stream.weights
         self.tied = weights.head_key == weights.embedding_key
-        # One store, so that the activation budget bounds all of it (the layer stream's own store
-        # gets the other half while the forward runs). Keys: layer i's input of window s at
+        # One store, so that one budget bounds all of it (the layer stream's own store gets the
+        # rest of the activation budget while the forward runs). Keys: layer i's input of window s at
         # i * n + s; window s's gradient by the current boundary at _grad + s; the head pass's
         # gradients of the resident weights and of the tied rows used at _carry + s; the head's
         # sum of squares at _held.
-        self.store = ActivationStore(stream.activation_budget // 2, stream.spill_dir)
+        self.store = ActivationStore(kept, stream.spill_dir)
         layers = stream.layer_count * self.n
         self._grad, self._carry, self._held = layers, layers + self.n, layers + 2 * self.n
         embedding, head = self.skel.embedding.weight, self.skel.head.weight

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from streammerge.errors import CheckpointError
 from streammerge.io.reader import ShardReader
-from streammerge.io.writer import fsync_dir
+from streammerge.io.safetensors_format import build_header
+from streammerge.io.writer import ShardWriter, fsync_dir
 
 FORMAT = "streammerge-stats/1"
 MANIFEST = "manifest.json"
@@ -112,14 +112,24 @@ class StatsWriter:
         tensors = {}
         for weight, kinds in stats.items():
             for kind, value in kinds.items():
-                tensors[f"{weight}:{kind}"] = value.detach().to(torch.float32).contiguous()
+                tensors[f"{weight}:{kind}"] = value.detach().to(torch.float32)
                 self.entries.setdefault(weight, {})[kind] = [file, f"{weight}:{kind}"]
         for weight, other in (shared or {}).items():
             for kind in ("gram", "sqnorm"):
                 if kind in self.entries.get(other, {}):
                     self.entries.setdefault(weight, {})[kind] = self.entries[other][kind]
         if tensors:
-            save_file(tensors, str(self.staging / file))
+            # written from the tensors themselves: safetensors' save_file first copies every one
+            # into bytes, a second layer of statistics in memory (808 MiB of a 7B layer's Fisher)
+            header, offsets = build_header([(k, torch.float32, tuple(v.shape)) for k, v in tensors.items()],
+                                           {"format": "pt"})
+            writer = ShardWriter(self.staging / file, header,
+                                 len(header) + sum(v.nbytes for v in tensors.values()))
+            try:
+                for name, value in tensors.items():
+                    writer.write(offsets[name], value)
+            finally:
+                writer.close()
 
     def finish(self) -> Path:
         manifest = {"format": FORMAT, "provenance": asdict(self.provenance), "kinds": self.kinds,

@@ -23,34 +23,41 @@ import torch
 
 from streammerge.errors import CheckpointError
 from streammerge.methods.base import Chunk, Param, Statistics, TensorParams, TensorStatistics
+from streammerge.methods.cholesky import cholesky_in_place
 
 IMPORTANCE = Param("importance", str, default="magnitude", choices=("magnitude", "wanda", "sparsegpt"),
                    doc="rank entries by |δ|, or with calibration statistics by |δ|·‖x_j‖ or δ²/[H⁻¹]_jj")
 DAMP = Param("damp", float, default=0.01, low=0.0, low_open=True,
              doc="sparsegpt: λ = damp · mean(diag G) added to G")
 _KINDS = {"magnitude": frozenset(), "wanda": frozenset({"sqnorm"}), "sparsegpt": frozenset({"gram"})}
-_BLOCK = 1024  # columns of the inverse's Cholesky factor solved at once
+_BLOCK = 1024  # columns (and rows) of the inverse's Cholesky factor solved at once
 
 
 def inverse_diagonal(gram: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """diag((G + λI)⁻¹), λ = damp · mean(diag G), overwriting ``gram`` (float32 [in, in]).
 
-    With G + λI = L Lᵀ, (G + λI)⁻¹ = L⁻ᵀ L⁻¹, so its j-th diagonal entry is ‖L⁻¹ e_j‖². L⁻¹ is
-    lower triangular and its trailing block is the inverse of L's, so columns [j0, j1) come from
-    one triangular solve with L[j0:, j0:]: memory stays one [in, in] matrix and an [in, block] one."""
+    With G + λI = L Lᵀ, (G + λI)⁻¹ = L⁻ᵀ L⁻¹, so its j-th diagonal entry is ‖L⁻¹ e_j‖². Columns
+    [j0, j1) of L⁻¹ are zero above row j0; below, block forward substitution finds them a row block
+    at a time (a triangular solve of the diagonal block, products with L's slices as they lie:
+    torch's solve with L[j0:, j0:] copies that slice). Memory: L and [in, block] (float32)."""
     n = gram.shape[0]
     gram.diagonal().add_(damp * gram.diagonal().mean())
-    info = torch.empty((), dtype=torch.int32)
-    torch.linalg.cholesky_ex(gram, out=(gram, info))  # in place: a second [in, in] matrix is not needed
-    if int(info):
+    factor, info = cholesky_in_place(gram)
+    if info:
         raise CheckpointError(f"tensor {name!r}: its Gram matrix plus damping is not positive definite "
-                              f"(pivot {int(info)}); raise the damp parameter, or recompute the statistics")
+                              f"(pivot {info}); raise the damp parameter, or recompute the statistics")
     out = torch.empty(n, dtype=torch.float32)
     for j0 in range(0, n, _BLOCK):
         j1 = min(n, j0 + _BLOCK)
-        eye = torch.zeros(n - j0, j1 - j0, dtype=torch.float32)
-        eye.diagonal().fill_(1)
-        out[j0:j1] = torch.linalg.solve_triangular(gram[j0:, j0:], eye, upper=False).square_().sum(0)
+        inverse = torch.empty(n - j0, j1 - j0, dtype=torch.float32)  # rows j0.. of L⁻¹[:, j0:j1]
+        for r0 in range(j0, n, _BLOCK):
+            r1 = min(n, r0 + _BLOCK)
+            if r0 == j0:
+                rhs = torch.eye(j1 - j0, dtype=torch.float32)
+            else:
+                rhs = torch.mm(factor[r0:r1, j0:r0], inverse[: r0 - j0]).neg_()
+            inverse[r0 - j0 : r1 - j0] = torch.linalg.solve_triangular(factor[r0:r1, r0:r1], rhs, upper=False)
+        out[j0:j1] = inverse.square_().sum(0)
     return out
 
 
