@@ -10,6 +10,7 @@ this is checked from manifests and headers, before any weight is read.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from dataclasses import dataclass, field, replace
 from collections import OrderedDict
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # the schedule imports this module
 WEIGHT_SHAPED = frozenset({"fisher"})
 # results of ``derived`` kept per model: weights sharing an input are scheduled close together
 DERIVED_KEPT = 8
+NORM_ELEMENTS = 1 << 22  # read at a time to sum a statistic's squares (32 MiB in float64)
 _ADD = ("add calibration: {data: FILE} (or {stats: DIR} from streammerge calibrate) to its entry or "
         "to the plan")
 
@@ -53,14 +55,19 @@ class ModelStatistics:
 
     def norm(self, kind: str) -> float:
         """‖S‖₂ of statistic ``kind`` over every tensor the directory holds it for (a stored tensor
-        that several weights share counts once), read a tensor at a time, once per run."""
+        that several weights share counts once), read ``NORM_ELEMENTS`` at a time, once per run (a
+        7B embedding's Fisher whole, squared in float64, would be 2 GiB)."""
         with self._lock:
             if kind not in self._norms:
                 stored = {tuple(kinds[kind]): weight for weight, kinds in self.directory.entries.items()
                           if kind in kinds}
                 total = 0.0
                 for weight in sorted(stored.values()):
-                    total += float(self.read(weight, kind).double().square().sum())
+                    shape = tuple(self.directory.shape(weight, kind))
+                    rows = max(1, NORM_ELEMENTS // max(1, math.prod(shape[1:])))
+                    pieces = [slice(r, r + rows) for r in range(0, shape[0], rows)] if shape else [None]
+                    for piece in pieces:
+                        total += float(self.read(weight, kind, piece).double().square().sum())
                 self._norms[kind] = total ** 0.5
             return self._norms[kind]
 
@@ -127,8 +134,9 @@ def attach(plan: MergePlan, method: MergeMethod, jobs: list[TensorJob], paths: l
                if j.method is not None and stats_of.kinds(j.params) else j for j in jobs]
         for c, st in opened.items():
             if not any(j.statistics and any(s.checkpoint == c for s in j.merged_inputs) for j in out):
-                raise PlanError(f"model {paths[c]}: its statistics directory {st.directory.path} describes none "
-                                "of the tensors merged (statistics of another model?): calibrate this model")
+                raise PlanError(f"model {paths[c]}: its statistics directory {st.directory.path} "
+                                "describes none of the tensors merged (statistics of another model?): "
+                                "calibrate this model")
     except BaseException:
         for st in opened.values():
             st.close()
@@ -155,9 +163,10 @@ def _open(plan: MergePlan, method: MergeMethod, path: str, spec: Calibration | N
     if missing:
         st.close()
         every = ",".join(sorted(set(kinds) | set(st.directory.kinds)))
-        raise PlanError(f"model {path}: {what}; its statistics directory {st.directory.path} has no {missing[0]} "
-                        f"(it has {', '.join(st.directory.kinds) or 'none'}): recompute it with streammerge "
-                        f"calibrate --stats {every}, or give calibration: {{data: FILE}}")
+        raise PlanError(f"model {path}: {what}; its statistics directory {st.directory.path} has "
+                        f"no {missing[0]} (it has {', '.join(st.directory.kinds) or 'none'}): recompute "
+                        f"it with streammerge calibrate --stats {every}, or give calibration: "
+                        "{data: FILE}")
     notes.append(f"statistics of {path}: {st.directory.path} ({', '.join(kinds)})")
     return st
 
@@ -176,13 +185,13 @@ def _job_kinds(job: TensorJob, kinds: Iterable[str],
         for k in kinds:
             if not st.directory.has(src.tensor, k):
                 raise PlanError(f"model {st.model}: no {k} statistics for tensor {src.tensor!r} in "
-                                f"{st.directory.path} (other models have them): recompute it with streammerge "
-                                f"calibrate --stats {','.join(kinds)}")
+                                f"{st.directory.path} (other models have them): recompute it with "
+                                f"streammerge calibrate --stats {','.join(kinds)}")
             got, expected = tuple(st.directory.shape(src.tensor, k)), _expected_shape(k, job.shape)
             if got != expected:
-                raise PlanError(f"model {st.model}: {k} statistics of {src.tensor!r} in {st.directory.path} have "
-                                f"shape {list(got)}, expected {list(expected)} (statistics of another model?): "
-                                "calibrate this model")
+                raise PlanError(f"model {st.model}: {k} statistics of {src.tensor!r} in "
+                                f"{st.directory.path} have shape {list(got)}, expected "
+                                f"{list(expected)} (statistics of another model?): calibrate this model")
     return tuple(kinds)
 
 

@@ -25,6 +25,7 @@ from streammerge.calibration import calibrate as calibrate_module
 from streammerge.calibration import fisher as fisher_module
 from streammerge.calibration.calibrate import cached_stats, calibrate, calibration_windows
 from streammerge.calibration.statsdir import StatsDir, StatsWriter, model_fingerprint
+from streammerge import statistics as statistics_module
 from streammerge.cli import main
 from streammerge.errors import PlanError
 from streammerge.evaluation.evaluate import load_tokenizer
@@ -252,6 +253,27 @@ def test_a_second_pass_over_a_layer_keeps_the_first(tmp_path: Path, models: Path
     assert torch.equal(both.read("model.layers.0.mlp.down_proj.weight", "fisher"), torch.ones(64, 96))
     assert sorted(p.name for p in both.path.iterdir()) == [
         "layer-00000-fisher.safetensors", "layer-00000-sqnorm.safetensors", "manifest.json"]
+
+
+def test_a_statistics_norm_is_read_in_pieces(tmp_path: Path, models: Path, text: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """normalize_fisher's ‖F‖₂ over a whole model, read a few elements at a time: equal to the
+    norm of the whole tensors in float64, a stored tensor two weights share counted once."""
+    stats = StatsDir(calibrate(_model(models, "llama"), [text], samples=2, seqlen=SEQLEN, kinds=["sqnorm"],
+                               out=tmp_path / "first"))
+    writer = StatsWriter(tmp_path / "fisher", stats.provenance, ["gram", "fisher"])
+    generator = torch.Generator().manual_seed(0)
+    fisher = {"a.weight": torch.rand(13, 7, generator=generator), "b.bias": torch.rand(29, generator=generator)}
+    gram = torch.rand(7, 7, generator=generator)
+    writer.write_layer(0, {"a.weight": {"fisher": fisher["a.weight"], "gram": gram},
+                           "b.bias": {"fisher": fisher["b.bias"]}})
+    writer.write_layer(1, {"c.weight": {"gram": gram}}, shared={"d.weight": "c.weight"})
+    directory = StatsDir(writer.finish())
+    monkeypatch.setattr(statistics_module, "NORM_ELEMENTS", 10)  # 1 row of a, 10 elements of b a piece
+    got = statistics_module.ModelStatistics("m", directory)
+    expected = sum(float(f.double().square().sum()) for f in fisher.values()) ** 0.5
+    assert got.norm("fisher") == pytest.approx(expected, rel=1e-12)
+    assert got.norm("gram") == pytest.approx(2 ** 0.5 * float(gram.double().norm()), rel=1e-12)
 
 
 def test_fisher_goes_into_the_same_directory(models: Path, text: str, tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ def linear_name(name: str) -> bool:
     return any(f".{m}.weight" in name for m in INPUTS) and ".layers." in name
 
 
-def write_stats(path: Path, family: Family, model: Path, seed: int, kinds: tuple[str, ...] = ("gram", "sqnorm", "fisher"),
+def write_stats(path: Path, family: Family, model: Path, seed: int,
+                kinds: tuple[str, ...] = ("gram", "sqnorm", "fisher"),
                 skip: str | None = None, provenance_data: str = "d" * 64,
                 tokens: int = TOKENS) -> dict[str, dict[str, torch.Tensor]]:
     """A statistics directory for ``model``: per layer, one random input X per input group (q/k/v
@@ -69,7 +70,8 @@ def write_stats(path: Path, family: Family, model: Path, seed: int, kinds: tuple
         writer.write_layer(layer, stored, shared={n: o for n, o in shared.items() if n != skip and o != skip})
         out |= {k: {kind: v.float() for kind, v in d.items()} for k, d in layer_stats.items()}
     if "fisher" in kinds:
-        rest = {n: {"fisher": torch.rand(t.shape, generator=g) * 1e-3} for n, t in tensors.items() if ".layers." not in n}
+        rest = {n: {"fisher": torch.rand(t.shape, generator=g) * 1e-3}
+                for n, t in tensors.items() if ".layers." not in n}
         writer.write_layer(ARCH.layers, rest)
         out |= rest
     writer.finish()
@@ -88,7 +90,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, list[Path],
 def plan(family: Family, dirs: list[Path], method: str, per_model: dict[str, list[float]], base: bool = True,
          **parameters: object) -> dict:
     models = [{"model": str(m), "calibration": {"stats": str(d)},
-               "parameters": {k: v[i] for k, v in per_model.items()}} for i, (m, d) in enumerate(zip(family.models, dirs))]
+               "parameters": {k: v[i] for k, v in per_model.items()}}
+              for i, (m, d) in enumerate(zip(family.models, dirs))]
     out: dict = {"merge_method": method, "models": models, "parameters": dict(parameters), "dtype": "float32"}
     if base:
         out["base_model"] = str(family.base)
@@ -97,8 +100,10 @@ def plan(family: Family, dirs: list[Path], method: str, per_model: dict[str, lis
 
 # --- references ----------------------------------------------------------------------------------
 
-def scores(delta32: torch.Tensor, st: dict[str, torch.Tensor] | None, importance: str, damp: float = 0.01) -> torch.Tensor:
-    """Float32 importance of a float32 task vector: |δ|·sqrt(Σx²), or δ²/[(G + λI)⁻¹]_jj with the inverse in float64."""
+def scores(delta32: torch.Tensor, st: dict[str, torch.Tensor] | None, importance: str,
+           damp: float = 0.01) -> torch.Tensor:
+    """Float32 importance of a float32 task vector: |δ|·sqrt(Σx²), or δ²/[(G + λI)⁻¹]_jj with the
+    inverse in float64."""
     if st is None or importance == "magnitude":
         return delta32.abs()
     if importance == "wanda":
@@ -115,12 +120,14 @@ def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(score.shape)
 
 
-def ties_reference(family: Family, stats: list[dict], name: str, ws: list[float], ds: list[float], importance: str) -> torch.Tensor:
+def ties_reference(family: Family, stats: list[dict], name: str, ws: list[float], ds: list[float],
+                   importance: str) -> torch.Tensor:
     base = family.tensors[family.base][name]
     sparsified = []
     for m, st, d in zip(family.models, stats, ds):
         delta32 = family.tensors[m][name].float() - base.float()
-        keep = top_k(scores(delta32, st.get(name) if linear_name(name) else None, importance), max(1, int(d * base.numel())))
+        keep = top_k(scores(delta32, st.get(name) if linear_name(name) else None, importance),
+                     max(1, int(d * base.numel())))
         sparsified.append(base.double() + (family.tensors[m][name].double() - base.double()) * keep)
     return ref.task_family(base, sparsified, ws, consensus=True, normalize=True)
 
@@ -150,12 +157,13 @@ def della(score: torch.Tensor, density: float, eps: float, name: str) -> torch.T
     return (u < (density - eps) + rank * 2 * eps).reshape(score.shape)
 
 
-@pytest.mark.parametrize("method,importance", [("ties", "wanda"), ("ties", "sparsegpt"), ("breadcrumbs", "sparsegpt"),
-                                               ("della", "wanda")])
+@pytest.mark.parametrize("method,importance", [("ties", "wanda"), ("ties", "sparsegpt"),
+                                               ("breadcrumbs", "sparsegpt"), ("della", "wanda")])
 def test_keep_masks_match_the_reference(world, tmp_path: Path, method: str, importance: str) -> None:
     """One fine-tune merged into the base: the entries that moved are exactly the kept ones."""
     family, dirs, stats = world
-    per_model = {"weight": [1.0] * 3, "density": [0.3] * 3} | ({"gamma": [0.05] * 3} if method == "breadcrumbs" else {})
+    per_model = ({"weight": [1.0] * 3, "density": [0.3] * 3}
+                 | ({"gamma": [0.05] * 3} if method == "breadcrumbs" else {}))
     p = plan(family, dirs, method, per_model, importance=importance)
     p["models"] = p["models"][:1]
     streammerge.merge(p, tmp_path / "out", quiet=True)
@@ -178,22 +186,24 @@ def test_keep_masks_match_the_reference(world, tmp_path: Path, method: str, impo
     if method == "ties":  # the importance changes what is kept: not the magnitude mask on the linear weights
         name = "model.layers.0.mlp.down_proj.weight"
         delta32 = ft[name].float() - base[name].float()
-        assert not torch.equal(out[name] != base[name].float(), top_k(delta32.abs(), int(0.3 * delta32.numel())) & (delta32 != 0))
+        assert not torch.equal(out[name] != base[name].float(),
+                               top_k(delta32.abs(), int(0.3 * delta32.numel())) & (delta32 != 0))
 
 
 @pytest.mark.parametrize("importance", ["wanda", "sparsegpt"])
 def test_ties_with_importance_matches_the_reference(world, tmp_path: Path, importance: str) -> None:
     family, dirs, stats = world
     ws, ds = [0.8, 0.5, 0.6], [0.3, 0.5, 0.2]
-    streammerge.merge(plan(family, dirs, "ties", {"weight": ws, "density": ds}, importance=importance), tmp_path / "out", quiet=True)
+    streammerge.merge(plan(family, dirs, "ties", {"weight": ws, "density": ds}, importance=importance),
+                      tmp_path / "out", quiet=True)
     out = load_output(tmp_path / "out")
     for name in ARCH.shapes():
         expected = ties_reference(family, stats, name, ws, ds, importance)
         assert (out[name].double() - expected).abs().max() <= 1e-6, name
 
 
-@pytest.mark.parametrize("method,importance", [("ties", "wanda"), ("breadcrumbs_ties", "sparsegpt"), ("della", "wanda"),
-                                               ("regmean", None), ("fisher", None)])
+@pytest.mark.parametrize("method,importance", [("ties", "wanda"), ("breadcrumbs_ties", "sparsegpt"),
+                                               ("della", "wanda"), ("regmean", None), ("fisher", None)])
 def test_chunk_sizes_give_the_same_bytes(world, tmp_path: Path, method: str, importance: str | None) -> None:
     family, dirs, _ = world
     per_model = {"weight": [0.8, 0.5, 0.6]}
@@ -212,9 +222,11 @@ def test_magnitude_importance_is_todays_ties(world, tmp_path: Path) -> None:
     for m in today["models"]:
         del m["calibration"]
     streammerge.merge(today, tmp_path / "today", quiet=True)
-    streammerge.merge(plan(family, dirs, "ties", {"weight": [0.8, 0.5, 0.6], "density": [0.3, 0.5, 0.2]}, importance="magnitude"),
+    streammerge.merge(plan(family, dirs, "ties", {"weight": [0.8, 0.5, 0.6], "density": [0.3, 0.5, 0.2]},
+                           importance="magnitude"),
                       tmp_path / "magnitude", quiet=True)
-    assert (tmp_path / "today/model.safetensors").read_bytes() == (tmp_path / "magnitude/model.safetensors").read_bytes()
+    assert ((tmp_path / "today/model.safetensors").read_bytes()
+            == (tmp_path / "magnitude/model.safetensors").read_bytes())
 
 
 # --- regmean and fisher --------------------------------------------------------------------------
@@ -223,7 +235,8 @@ def test_magnitude_importance_is_todays_ties(world, tmp_path: Path) -> None:
 def test_regmean_matches_the_reference(world, tmp_path: Path, alpha: float) -> None:
     family, dirs, stats = world
     ws = [1.0, 0.5, 2.0]
-    streammerge.merge(plan(family, dirs, "regmean", {"weight": ws}, base=False, alpha=alpha), tmp_path / "out", quiet=True)
+    streammerge.merge(plan(family, dirs, "regmean", {"weight": ws}, base=False, alpha=alpha),
+                      tmp_path / "out", quiet=True)
     out = load_output(tmp_path / "out")
     for name in ARCH.shapes():
         xs = [family.tensors[m][name].double() for m in family.models]
@@ -240,7 +253,8 @@ def test_regmean_falls_back_to_the_pseudo_inverse(world, tmp_path: Path) -> None
     still solves the normal equations W* A = Σ w_i W_i G_i, and each such tensor is named."""
     family, _, _ = world
     dirs = [tmp_path / f"s{i}" for i in range(3)]
-    stats = [write_stats(d, family, m, 30 + i, kinds=("gram",), tokens=8) for i, (d, m) in enumerate(zip(dirs, family.models))]
+    stats = [write_stats(d, family, m, 30 + i, kinds=("gram",), tokens=8)
+             for i, (d, m) in enumerate(zip(dirs, family.models))]
     result = streammerge.merge(plan(family, dirs, "regmean", {"weight": [1.0] * 3}, base=False, alpha=1.0),
                                tmp_path / "out", quiet=True)
     out = load_output(tmp_path / "out")
@@ -250,17 +264,20 @@ def test_regmean_falls_back_to_the_pseudo_inverse(world, tmp_path: Path) -> None
     grams = [st[name]["gram"].double() for st in stats]
     target = sum(family.tensors[m][name].double() @ g for m, g in zip(family.models, grams))
     assert torch.linalg.matrix_rank(sum(grams), rtol=1e-5) == 24  # float32-stored: rank up to rounding
-    assert (out[name].double() @ sum(grams) - target).abs().max() <= 1e-5 * target.abs().max()  # the average: 0.13
+    assert ((out[name].double() @ sum(grams) - target).abs().max()
+            <= 1e-5 * target.abs().max())  # the average: 0.13
 
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_fisher_matches_the_reference(world, tmp_path: Path, normalize: bool) -> None:
     family, dirs, stats = world
     ws, floor = [1.0, 0.5, 2.0], 1e-5
-    p = plan(family, dirs, "fisher", {"weight": ws}, base=False, fisher_floor=floor, normalize_fisher=normalize)
+    p = plan(family, dirs, "fisher", {"weight": ws}, base=False, fisher_floor=floor,
+             normalize_fisher=normalize)
     streammerge.merge(p, tmp_path / "out", quiet=True)
     out = load_output(tmp_path / "out")
-    norms = [sum(s["fisher"].double().square().sum() for s in st.values()).sqrt() if normalize else 1.0 for st in stats]
+    norms = [sum(s["fisher"].double().square().sum() for s in st.values()).sqrt() if normalize else 1.0
+             for st in stats]
     for name in ARCH.shapes():
         coef = [w * (st[name]["fisher"].double() / n + floor) for w, st, n in zip(ws, stats, norms)]
         expected = sum(c * family.tensors[m][name].double() for c, m in zip(coef, family.models)) / sum(coef)
@@ -276,12 +293,15 @@ def test_a_models_own_calibration_wins(world, tmp_path: Path) -> None:
     p = plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}, importance="wanda")
     streammerge.merge(p, tmp_path / "own", quiet=True)
     streammerge.merge({**p, "calibration": {"stats": str(tmp_path / "grams")}}, tmp_path / "both", quiet=True)
-    assert (tmp_path / "own/model.safetensors").read_bytes() == (tmp_path / "both/model.safetensors").read_bytes()
+    assert ((tmp_path / "own/model.safetensors").read_bytes()
+            == (tmp_path / "both/model.safetensors").read_bytes())
     for m in p["models"][1:]:  # models without their own take the plan's: it lacks sqnorm
         del m["calibration"]
-    with pytest.raises(PlanError, match=f"model {family.models[1]}: ties reads sqnorm statistics of each model; "
-                                        f"its statistics directory {tmp_path / 'grams'} has no sqnorm \\(it has gram\\)"):
-        streammerge.merge({**p, "calibration": {"stats": str(tmp_path / "grams")}}, tmp_path / "plan", quiet=True)
+    with pytest.raises(PlanError, match=f"model {family.models[1]}: ties reads sqnorm statistics of "
+                                        "each model; its statistics directory "
+                                        f"{tmp_path / 'grams'} has no sqnorm \\(it has gram\\)"):
+        streammerge.merge({**p, "calibration": {"stats": str(tmp_path / "grams")}}, tmp_path / "plan",
+                          quiet=True)
 
 
 def test_missing_statistics_are_refused_before_any_weight_is_read(world, tmp_path: Path) -> None:
@@ -290,30 +310,38 @@ def test_missing_statistics_are_refused_before_any_weight_is_read(world, tmp_pat
     del p["models"][2]["calibration"]
     with pytest.raises(PlanError) as e:
         streammerge.merge(p, tmp_path / "out", quiet=True)
-    assert str(e.value) == (f"model {family.models[2]}: ties reads gram statistics of each model, and it has no calibration: "
-                            "add calibration: {data: FILE} (or {stats: DIR} from streammerge calibrate) to its entry or to the plan")
+    assert str(e.value) == (f"model {family.models[2]}: ties reads gram statistics of each model, and "
+                            "it has no calibration: add calibration: {data: FILE} (or {stats: DIR} from "
+                            "streammerge calibrate) to its entry or to the plan")
     assert not (tmp_path / "out").exists()
     name = "model.layers.1.mlp.up_proj.weight"
     write_stats(tmp_path / "partial", family, family.models[2], 3, skip=name)
     p["models"][2]["calibration"] = {"stats": str(tmp_path / "partial")}
-    with pytest.raises(PlanError, match=f"model {family.models[2]}: no gram statistics for tensor '{name}' in {tmp_path / 'partial'} "
-                                        "\\(other models have them\\): recompute it with streammerge calibrate --stats gram"):
+    with pytest.raises(PlanError, match=f"model {family.models[2]}: no gram statistics for tensor "
+                                        f"'{name}' in {tmp_path / 'partial'} \\(other models have "
+                                        "them\\): recompute it with streammerge calibrate --stats gram"):
         streammerge.merge(p, tmp_path / "out", quiet=True)
     p = plan(family, dirs, "fisher", {"weight": [1.0] * 3}, base=False)
     p["models"][1]["calibration"] = {"stats": str(tmp_path / "grams-only")}
     write_stats(tmp_path / "grams-only", family, family.models[1], 4, kinds=("gram", "sqnorm"))
-    with pytest.raises(PlanError, match="has no fisher \\(it has gram, sqnorm\\): recompute it with streammerge calibrate "
-                                        "--stats fisher,gram,sqnorm, or give calibration: {data: FILE}"):
+    with pytest.raises(PlanError, match="has no fisher \\(it has gram, sqnorm\\): recompute it with "
+                                        "streammerge calibrate --stats fisher,gram,sqnorm, or give "
+                                        "calibration: {data: FILE}"):
         streammerge.merge(p, tmp_path / "out", quiet=True)
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"calibration": {"data": "x.txt", "stats": "d"}}, "plan: key 'calibration': a calibration gives exactly one of 'data'"),
-    ({"calibration": {"stats": "d", "samples": 4}}, "plan: key 'calibration': 'samples' describes the windows cut from 'data'"),
-    ({"calibration": {"data": "x.txt", "samples": 0}}, "plan: key 'calibration.samples': Input should be greater than 0"),
-    ({"calibration": {"stats": "no/such/dir"}}, "plan: calibration.stats: statistics directory 'no/such/dir' not found"),
+    ({"calibration": {"data": "x.txt", "stats": "d"}},
+     "plan: key 'calibration': a calibration gives exactly one of 'data'"),
+    ({"calibration": {"stats": "d", "samples": 4}},
+     "plan: key 'calibration': 'samples' describes the windows cut from 'data'"),
+    ({"calibration": {"data": "x.txt", "samples": 0}},
+     "plan: key 'calibration.samples': Input should be greater than 0"),
+    ({"calibration": {"stats": "no/such/dir"}},
+     "plan: calibration.stats: statistics directory 'no/such/dir' not found"),
     ({"calibration": {"data": "x.txt", "windows": 3}}, "plan: unknown key 'calibration.windows'"),
-    ({"parameters": {"importance": "fisher"}}, "plan: parameters.importance: got 'fisher', expected one of magnitude, wanda, sparsegpt"),
+    ({"parameters": {"importance": "fisher"}},
+     "plan: parameters.importance: got 'fisher', expected one of magnitude, wanda, sparsegpt"),
     ({"parameters": {"damp": 0}}, "plan: parameters.damp: got 0.0, expected a number with 0.0 < damp"),
 ])
 def test_plan_keys_are_validated_at_load(world, change: dict, message: str) -> None:
@@ -327,8 +355,9 @@ def test_plan_keys_are_validated_at_load(world, change: dict, message: str) -> N
 def test_an_adapter_output_refuses_importance(world) -> None:
     family, dirs, _ = world
     p = plan(family, dirs, "ties", {"weight": [1.0] * 3, "density": [0.3] * 3}, importance="wanda")
-    with pytest.raises(PlanError, match="plan: importance: 'wanda' ranks with calibration statistics, which adapter_output "
-                                        "does not read \\(it merges the adapters' factors\\)"):
+    with pytest.raises(PlanError, match="plan: importance: 'wanda' ranks with calibration statistics, "
+                                        "which adapter_output does not read \\(it merges the adapters' "
+                                        "factors\\)"):
         streammerge.schedule({**p, "adapter_output": {"combination": "svd", "rank": 4}})
 
 
@@ -343,7 +372,8 @@ def test_plan_prints_the_statistics(world) -> None:
         assert next(j for j in sched.jobs if j.name == "model.norm.weight").statistics == ()
         grams = 4 * ARCH.intermediate**2 * 4  # regmean's N + 1 Grams of down_proj's input, float32
         assert sched.peak_working_bytes >= grams
-        assert (f"statistics    {7 * ARCH.layers} tensors read gram; the most prepared at once: {grams / 2**20:.1f} MiB "
+        assert (f"statistics    {7 * ARCH.layers} tensors read gram; the most prepared at once: "
+                f"{grams / 2**20:.1f} MiB "
                 "(model.layers.0.mlp.down_proj.weight), counted in the peak") in describe(sched)
     finally:
         sched.close()
@@ -358,7 +388,8 @@ def test_changed_statistics_are_not_an_up_to_date_output(world, tmp_path: Path) 
     assert not streammerge.merge(p, tmp_path / "out", quiet=True).up_to_date
     assert streammerge.merge(p, tmp_path / "out", quiet=True).up_to_date
     first = (tmp_path / "out/model.safetensors").read_bytes()
-    write_stats(dirs[1], family, family.models[1], 99, kinds=("fisher",), provenance_data="e" * 64)  # recalibrated
+    write_stats(dirs[1], family, family.models[1], 99, kinds=("fisher",),
+                provenance_data="e" * 64)  # recalibrated
     assert not streammerge.merge(p, tmp_path / "out", quiet=True, overwrite=True).up_to_date
     assert (tmp_path / "out/model.safetensors").read_bytes() != first
 
@@ -379,5 +410,6 @@ def test_a_shared_gram_is_factored_once(world) -> None:
         st.close()
     assert got[0] is got[1] is got[2] and got[3] is not got[0]
     gram = stats[0]["model.layers.1.self_attn.q_proj.weight"]["gram"].double()
-    expected = torch.linalg.inv(gram + 0.01 * gram.diagonal().mean() * torch.eye(32, dtype=torch.float64)).diagonal()
+    expected = torch.linalg.inv(gram + 0.01 * gram.diagonal().mean()
+                                * torch.eye(32, dtype=torch.float64)).diagonal()
     assert ((got[0].double() - expected).abs() / expected).max() <= 1e-5
