@@ -17,7 +17,7 @@ from streammerge.calibration.command import calibrate_command
 from streammerge.cli_common import Size, add_options, fail
 from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
-from streammerge.frontdoors import mergekit_cli
+from streammerge.frontdoors import linear, mergekit_cli
 from streammerge.methods import get_method, method_names
 from streammerge.plan.load import read_documents
 
@@ -214,6 +214,42 @@ def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path,
     for result in results:
         if result is not None:
             _report(result, quiet)
+
+
+@main.command("linear", cls=linear.LayersCommand)
+@click.option("--model-a", "--model_a", "model_a", required=True, help="Model A: a directory or org/name[@revision].")
+@click.option("--model-b", "--model_b", "model_b", required=True, help="Model B, of A's architecture and shapes.")
+@click.option("--alpha", type=float, required=True, help="merged = alpha·A + (1 − alpha)·B, alpha in [0, 1].")
+@click.option("--layers", type=int, multiple=True, metavar="N...",
+              help="Merge only these decoder layers (--layers 1 2 20); everything else is A's.")
+@click.option("--qkv-only", "--qkv_only", "qkv_only", is_flag=True,
+              help="With --layers: merge only the query/key/value projections (a fused qkv projection whole).")
+@click.option("--output-dir", "--output_dir", "output_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [merged_models/<A>_<B>_alpha0.70[_layers1-2-20][_qkv]].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the merge kernels run.")
+@click.option("--no-special-fixes", "--no_special_fixes", "no_special_fixes", is_flag=True,
+              help="Merge the embedding and lm_head rows of special tokens too (default: they are A's).")
+@add_options(_output_options)
+def linear_command(model_a: str, model_b: str, alpha: float, layers: tuple[int, ...], qkv_only: bool,
+                   output_dir: Path | None, device: str, no_special_fixes: bool, overwrite: bool, restart: bool,
+                   quiet: bool) -> None:
+    """Merge two models: alpha·A + (1 − alpha)·B, optionally only some layers or their q/k/v.
+
+    The rows of A's special tokens (added tokens marked special, bos/eos/pad/unk) in merged
+    embeddings and lm_head stay A's unless --no-special-fixes. Runs the native plan it stands for,
+    which the output keeps as streammerge_plan.yaml.
+    """
+    try:
+        request = linear.translate(model_a, model_b, alpha, list(layers) or None, qkv_only, not no_special_fixes,
+                                   output_dir, device)
+        click.echo(request.architecture.describe())
+        for note in request.notes:
+            click.echo(f"note: {note}", err=True)
+        result = merge(request.plan, request.output, overwrite=overwrite, restart=restart, quiet=quiet)
+    except StreamMergeError as e:
+        fail(e)
+    _report(result, quiet)
 
 
 @main.command("verify")

@@ -230,6 +230,16 @@ def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: i
                  job.model_ids, wide=schedule.plan.compute_dtype != "auto", calibration=calibration)
 
 
+def _with_kept_rows(job: TensorJob, raw: list[torch.Tensor], start: int, stop: int, merged: torch.Tensor) -> torch.Tensor:
+    """``merged`` (rows [start, stop), in the output dtype) with the job's kept rows replaced by
+    ``inputs[kept_from]``'s, rounded as a copied tensor is."""
+    rows = [r - start for r in job.kept_rows if start <= r < stop]
+    if rows:
+        at = torch.tensor(rows, device=merged.device)
+        merged[at] = raw[job.kept_from][at].to(job.load_dtype).to(job.out_dtype).to(merged.device)
+    return merged
+
+
 def _prepared(schedule: Schedule, job: TensorJob, note: Callable[[str], None]) -> tuple[dict[str, Any], ...]:
     """What ``job``'s method makes of its whole-tensor statistics, once per tensor, on the merge's device."""
     prepare = job.method.statistics.prepare if job.statistics and job.method.statistics is not None else None
@@ -263,7 +273,8 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch
         tensors = reader.next()
         request_next()
         whole = _chunk(schedule, job, tensors, *ranges[0], prepared)
-        write(0, job.method.merge(whole, run_passes(job.method.passes_for(job.params), lambda: [whole])).to(job.out_dtype))
+        merged = job.method.merge(whole, run_passes(job.method.passes_for(job.params), lambda: [whole]))
+        write(0, _with_kept_rows(job, tensors, *ranges[0], merged.to(job.out_dtype)))
         return
 
     def raw_chunks() -> Iterator[tuple[list[torch.Tensor], int, int]]:
@@ -277,7 +288,12 @@ def merge_tensor(schedule: Schedule, job: TensorJob, write: Callable[[int, torch
 
     stats = run_passes(job.method.passes_for(job.params), raw_chunks, on_workers)
     request_next()
-    merged = on_workers(lambda c: job.method.merge(c, stats).to(job.out_dtype), ((reader.next(), *r) for r in ranges))
+
+    def merge_chunk(item: tuple[list[torch.Tensor], int, int]) -> torch.Tensor:
+        merged = job.method.merge(_chunk(schedule, job, *item, prepared), stats).to(job.out_dtype)
+        return _with_kept_rows(job, *item, merged)
+
+    merged = workers.map(merge_chunk, ((reader.next(), *r) for r in ranges))
     for (start, _), out in zip(ranges, merged):
         write(start, out)
 

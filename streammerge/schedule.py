@@ -31,7 +31,8 @@ from streammerge.plan.schema import MergePlan, Module
 from streammerge.statistics import WEIGHT_SHAPED, ModelStatistics, attach
 from streammerge.tokenizer.chat_template import resolve_chat_template
 from streammerge.tokenizer.embeddings import row_maps
-from streammerge.tokenizer.vocab import Vocabulary, build_vocabulary
+from streammerge.tokenizer.special import special_tokens
+from streammerge.tokenizer.vocab import Vocabulary, _load, build_vocabulary
 from streammerge.workers import in_flight
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -76,6 +77,9 @@ class TensorJob:
     offset: int = 0
     # kinds of calibration statistics its method reads (``streammerge.statistics``)
     statistics: tuple[str, ...] = ()
+    # rows written as ``inputs[kept_from]`` holds them (copied, not merged): select.keep_tokens_from_base
+    kept_rows: tuple[int, ...] = ()
+    kept_from: int = 0
 
     @property
     def rows(self) -> int:
@@ -118,6 +122,7 @@ class Schedule:
     device_budget: int | None = None  # GPU bytes for working chunks (None on the CPU)
     workers: int = 1  # chunks merged at once, a thread each (``streammerge.workers``)
     statistics: tuple[ModelStatistics | None, ...] = ()  # per checkpoint: its calibration statistics, if read
+    references: tuple[str, ...] = ()  # the plan's (resolved) model reference of each checkpoint
 
     @property
     def write_bytes(self) -> int:
@@ -188,7 +193,8 @@ def build_schedule(plan: MergePlan) -> Schedule:
     try:
         check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
-        return _build(plan, method, groups, tuple(checkpoints), paths, device)
+        _check_recorded(plan, paths, checkpoints)
+        return replace(_build(plan, method, groups, tuple(checkpoints), paths, device), references=tuple(paths))
     except BaseException:
         for c in checkpoints:
             c.close()
@@ -282,6 +288,7 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
     differing: list[tuple[str, VocabRows]] = []  # vocabulary matrices of differing row counts, to refuse
     spec = plan.tokenizer_spec
     vocab = None if spec is None else build_vocabulary(spec, checkpoints, index.get(plan.base_model, 0), plan.tokenizer is not None, notes)
+    kept_rows = _kept_token_rows(plan, vocab, checkpoints[reference].path, notes)
 
     def add(prefix: str, name: str, sl: _SliceInputs, names: list[str], t: float) -> None:
         """Schedule output tensor ``prefix + name`` from ``prefix + names[i]`` of each input."""
@@ -310,8 +317,9 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         out = DTYPES[plan.out_dtype] if plan.out_dtype and info.dtype.is_floating_point else load
         if info.dtype.is_floating_point and _selected(plan, fragments, out_name) and not sl.base_only:
             params = _resolve_params(method, plan, sl, out_name, filter_name(model_type, out_name), t)
+            kept = tuple(r for r in kept_rows if r < shape[0]) if is_vocab_tensor(out_name) else ()
             job = TensorJob(out_name, shape, method, tuple(sources), sl.has_base, sl.model_ids, params, load,
-                            _compute_dtype(plan, method, load), out)
+                            _compute_dtype(plan, method, load), out, kept_rows=kept, kept_from=sl.donor)
         elif info.dtype.is_floating_point and sl.base_only:  # the base, rounded as a merge would round it
             rounded = load if plan.compute_dtype == "auto" else info.dtype
             job = TensorJob(out_name, shape, None, (sources[sl.donor],), False, (), TensorParams({}, ()),
@@ -434,6 +442,49 @@ def _add_group(prefix: str, resolved: list[_SliceInputs], add: Any, module_tenso
                 add(prefix, with_layer(name, out_layer + j), sl, [with_layer(name, r[j]) for r in sl.layers], gradient_position(j, n))
         out_layer += n
     return out_layer
+
+
+def _check_recorded(plan: MergePlan, paths: list[str], checkpoints: list[Any]) -> None:
+    """The inputs a record names (``inputs:``) are the plan's models, unchanged since it was written."""
+    for ref, record in (plan.inputs or {}).items():
+        if ref not in paths:
+            raise PlanError(f"inputs: {ref} is not a model of this plan; drop its entry")
+        now = {f: (size, sha) for f, (size, sha) in checkpoints[paths.index(ref)].fingerprint().items()}
+        for name in sorted(set(now) | set(record.files)):
+            if now.get(name) != record.files.get(name):
+                was, found = record.files.get(name), now.get(name)
+                raise PlanError(f"inputs: {ref}: {name} is {_file_state(found)}, the record says "
+                                f"{_file_state(was)}: the input changed, so the merge would not reproduce; "
+                                "restore it, or drop its entry from 'inputs' to merge it as it is")
+
+
+def _file_state(entry: tuple[int, str] | None) -> str:
+    return "absent" if entry is None else f"{entry[0]} bytes with header sha256 {entry[1][:16]}..."
+
+
+def _kept_token_rows(plan: MergePlan, vocab: Vocabulary | None, donor: Path, notes: list[str]) -> tuple[int, ...]:
+    """The output rows of ``select.keep_tokens_from_base``'s tokens in the tokenizer the output gets
+    (a built one, else the one copied from ``tokenizer_source`` or ``donor``)."""
+    wanted = plan.select.keep_tokens_from_base if plan.select is not None else None
+    if wanted is None:
+        return ()
+    if vocab is not None:
+        source, text, ids = vocab.donor, vocab.tokenizer_json, vocab.ids
+    else:
+        source = Path(plan.tokenizer_source) if plan.tokenizer_source not in (None, "base") else donor
+        tokenizer = _load(source)
+        if tokenizer is None:
+            raise PlanError(f"select.keep_tokens_from_base: {source} has no tokenizer.json to find the tokens' "
+                            "rows in; drop keep_tokens_from_base or give that model a fast tokenizer")
+        text, ids = tokenizer.to_str(), tokenizer.get_vocab(with_added_tokens=True)
+    tokens = special_tokens(text, source) if wanted == "special" else wanted
+    unknown = [t for t in tokens if t not in ids]
+    if wanted != "special" and unknown:
+        raise PlanError(f"select.keep_tokens_from_base: {unknown[0]!r} is not a token of {source}'s tokenizer")
+    rows = tuple(sorted({ids[t] for t in tokens if t in ids}))
+    notes.append(f"select.keep_tokens_from_base: rows {', '.join(map(str, rows))} of merged embeddings and "
+                 "heads are the base's (else the first model's)")
+    return rows
 
 
 def _module_fragments(plan: MergePlan, model_type: str | None) -> tuple[str, ...] | None:

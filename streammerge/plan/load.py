@@ -317,5 +317,7 @@ def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | Non
         })
     if plan.output is not None:
         update["output"] = str(Path(plan.output).expanduser().absolute())
+    if plan.inputs is not None:
+        update["inputs"] = {res(ref, f"inputs.{ref}"): record for ref, record in plan.inputs.items()}
     update["calibration"] = calibration(plan.calibration, "calibration")
     return plan.model_copy(update=update)

@@ -26,7 +26,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
-               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration")
+               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration", "inputs")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -157,6 +157,18 @@ class Selection(BaseModel):
     layers: Optional[list[int]] = Field(default=None, min_length=1)  # only these (output) layers
     modules: Optional[list[str]] = Field(default=None, min_length=1)  # only tensors whose name contains one of these
     keep_from_base: list[Literal["embeddings", "lm_head"]] = Field(default_factory=list)
+    # rows of merged embeddings and heads kept from the base (or the first model): "special" (the
+    # output tokenizer's special tokens) or tokens by their strings
+    keep_tokens_from_base: Union[Literal["special"], list[str], None] = None
+
+
+class InputRecord(BaseModel):
+    """What an input was when a merge ran (its output's ``streammerge_plan.yaml``): the Hub revision
+    it resolved to, and each weights file's size and header sha256, checked before merging again."""
+
+    model_config = ConfigDict(extra="forbid")
+    revision: Optional[str] = None
+    files: dict[str, tuple[int, str]]
 
 
 class AdapterEntry(BaseModel):
@@ -215,6 +227,7 @@ class MergePlan(BaseModel):
     copy_tokenizer: bool = True  # copy the donor's tokenizer files when the plan builds no tokenizer
     write_model_card: bool = True  # README.md describing the merge
     calibration: Optional[Calibration] = None  # every model's, unless its entry gives its own
+    inputs: Optional[dict[str, InputRecord]] = None  # recorded inputs, by model reference: must not have changed
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
