@@ -18,6 +18,7 @@ from streammerge.journal import JOURNAL, Journal
 from streammerge.lora.output import write_adapter
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, read_documents
+from streammerge.record import write_record
 from streammerge.schedule import Schedule, build_schedule
 
 
@@ -92,6 +93,7 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
                 report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
                 write_model_files(sched, staged, __version__)
                 staged.write_json(MANIFEST, manifest(sched, journal.entries, journal.identity))
+            write_record(sched, staged, __version__)
         except StreamMergeError as e:
             raise type(e)(f"{e}{_kept(staged)}") from None
         except OSError as e:

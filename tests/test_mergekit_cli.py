@@ -218,8 +218,9 @@ def test_no_copy_tokenizer_and_no_model_card_leave_their_files_out(fp32_family: 
     config = _write(tmp_path, _linear(fp32_family))
     assert _yaml(config, tmp_path / "full", "-q").exit_code == 0
     full = sorted(p.name for p in (tmp_path / "full").iterdir())
-    assert full == ["README.md", "config.json", "generation_config.json", "model.safetensors",
-                    "streammerge-manifest.json", "tokenizer_config.json"]
+    assert full == ["README.md", "config.json", "generation_config.json", "merge_config.json",
+                    "model.safetensors", "streammerge-manifest.json", "streammerge_plan.yaml",
+                    "tokenizer_config.json"]
     donor = fp32_family.models[0] / "tokenizer_config.json"
     assert (tmp_path / "full" / "tokenizer_config.json").read_bytes() == donor.read_bytes()
     run = main.commands["run"]

@@ -97,7 +97,9 @@ def test_output_directory_layout(fp32_family: Family, tmp_path: Path) -> None:
     plan = PLANS["ties"](fp32_family) | {"out_dtype": "bfloat16"}
     out = tmp_path / "merged"
     streammerge.merge(plan, out, quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "model.safetensors", "streammerge-manifest.json",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                 "merge_config.json", "model.safetensors",
+                                                 "streammerge-manifest.json", "streammerge_plan.yaml",
                                                  "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["num_hidden_layers"] == 3

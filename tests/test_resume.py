@@ -30,7 +30,8 @@ def _plan(family: Family, **extra) -> dict:
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    """Every output file but merge_config.json, which holds the time of the run."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "merge_config.json"}
 
 
 def _staging(out: Path) -> Path:
@@ -62,7 +63,7 @@ def _kill_points(plan: dict) -> dict[str, tuple[str, int]]:
             "mid-shard": ("write", mid),  # a shard with a tensor finished and the next one half written
             "between shards": ("record", len(first)),  # the first shard complete, the second untouched
             "finalize, config written": ("finalize", 2),  # index and config.json written
-            "finalize, before the rename": ("finalize", 4),  # every file written, not yet renamed
+            "finalize, before the rename": ("finalize", 6),  # every file written, not yet renamed
         }
     finally:
         sched.close()

@@ -16,10 +16,18 @@ from streammerge.errors import CheckpointError
 from streammerge.io.layout import INDEX, TOKENIZER_FILES
 
 _REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_SNAPSHOT = re.compile(r"(?:^|/)models--([\w.-]+?)--([\w.-]+)/snapshots/([0-9a-f]{40})/?$")
 
 
 def is_hub_reference(ref: str) -> bool:
     return bool(_REF.match(ref)) and not ref.startswith((".", "/", "~"))
+
+
+def snapshot_reference(path: str | Path) -> str | None:
+    """``org/name@commit`` for a snapshot directory of huggingface_hub's cache
+    (``.../models--org--name/snapshots/<commit>``), else None."""
+    m = _SNAPSHOT.search(str(path))
+    return f"{m.group(1)}/{m.group(2)}@{m.group(3)}" if m else None
 
 
 def fetch(ref: str, cache_dir: str | None = None) -> Path:
