@@ -217,13 +217,17 @@ def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path,
 
 
 @main.command("linear", cls=linear.LayersCommand)
-@click.option("--model-a", "--model_a", "model_a", required=True, help="Model A: a directory or org/name[@revision].")
-@click.option("--model-b", "--model_b", "model_b", required=True, help="Model B, of A's architecture and shapes.")
-@click.option("--alpha", type=float, required=True, help="merged = alpha·A + (1 − alpha)·B, alpha in [0, 1].")
+@click.option("--model-a", "--model_a", "model_a", required=True,
+              help="Model A: a directory or org/name[@revision].")
+@click.option("--model-b", "--model_b", "model_b", required=True,
+              help="Model B, of A's architecture and shapes.")
+@click.option("--alpha", type=float, required=True,
+              help="merged = alpha·A + (1 − alpha)·B, alpha in [0, 1].")
 @click.option("--layers", type=int, multiple=True, metavar="N...",
               help="Merge only these decoder layers (--layers 1 2 20); everything else is A's.")
 @click.option("--qkv-only", "--qkv_only", "qkv_only", is_flag=True,
-              help="With --layers: merge only the query/key/value projections (a fused qkv projection whole).")
+              help="With --layers: merge only the query/key/value projections (a fused qkv "
+                   "projection whole).")
 @click.option("--output-dir", "--output_dir", "output_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [merged_models/<A>_<B>_alpha0.70[_layers1-2-20][_qkv]].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -232,8 +236,8 @@ def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path,
               help="Merge the embedding and lm_head rows of special tokens too (default: they are A's).")
 @add_options(_output_options)
 def linear_command(model_a: str, model_b: str, alpha: float, layers: tuple[int, ...], qkv_only: bool,
-                   output_dir: Path | None, device: str, no_special_fixes: bool, overwrite: bool, restart: bool,
-                   quiet: bool) -> None:
+                   output_dir: Path | None, device: str, no_special_fixes: bool, overwrite: bool,
+                   restart: bool, quiet: bool) -> None:
     """Merge two models: alpha·A + (1 − alpha)·B, optionally only some layers or their q/k/v.
 
     The rows of A's special tokens (added tokens marked special, bos/eos/pad/unk) in merged
@@ -241,8 +245,8 @@ def linear_command(model_a: str, model_b: str, alpha: float, layers: tuple[int, 
     which the output keeps as streammerge_plan.yaml.
     """
     try:
-        request = linear.translate(model_a, model_b, alpha, list(layers) or None, qkv_only, not no_special_fixes,
-                                   output_dir, device)
+        request = linear.translate(model_a, model_b, alpha, list(layers) or None, qkv_only,
+                                   not no_special_fixes, output_dir, device)
         click.echo(request.architecture.describe())
         for note in request.notes:
             click.echo(f"note: {note}", err=True)

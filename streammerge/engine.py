@@ -230,7 +230,8 @@ def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: i
                  job.model_ids, wide=schedule.plan.compute_dtype != "auto", calibration=calibration)
 
 
-def _with_kept_rows(job: TensorJob, raw: list[torch.Tensor], start: int, stop: int, merged: torch.Tensor) -> torch.Tensor:
+def _with_kept_rows(job: TensorJob, raw: list[torch.Tensor], start: int, stop: int,
+                    merged: torch.Tensor) -> torch.Tensor:
     """``merged`` (rows [start, stop), in the output dtype) with the job's kept rows replaced by
     ``inputs[kept_from]``'s, rounded as a copied tensor is."""
     rows = [r - start for r in job.kept_rows if start <= r < stop]

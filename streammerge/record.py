@@ -33,7 +33,8 @@ def _hub_references(references: tuple[str, ...]) -> dict[str, str]:
 
 
 def _published(value: Any, hub: dict[str, str]) -> Any:
-    """``value`` (a dumped plan) with snapshot directories, alone or in ``model+adapter``, as Hub references."""
+    """``value`` (a dumped plan) with snapshot directories, alone or in ``model+adapter``, as Hub
+    references."""
     if isinstance(value, dict):
         return {_published(k, hub): _published(v, hub) for k, v in value.items()}
     if isinstance(value, list):

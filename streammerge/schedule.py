@@ -194,7 +194,8 @@ def build_schedule(plan: MergePlan) -> Schedule:
         check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
         _check_recorded(plan, paths, checkpoints)
-        return replace(_build(plan, method, groups, tuple(checkpoints), paths, device), references=tuple(paths))
+        built = _build(plan, method, groups, tuple(checkpoints), paths, device)
+        return replace(built, references=tuple(paths))
     except BaseException:
         for c in checkpoints:
             c.close()
@@ -462,7 +463,8 @@ def _file_state(entry: tuple[int, str] | None) -> str:
     return "absent" if entry is None else f"{entry[0]} bytes with header sha256 {entry[1][:16]}..."
 
 
-def _kept_token_rows(plan: MergePlan, vocab: Vocabulary | None, donor: Path, notes: list[str]) -> tuple[int, ...]:
+def _kept_token_rows(plan: MergePlan, vocab: Vocabulary | None, donor: Path,
+                     notes: list[str]) -> tuple[int, ...]:
     """The output rows of ``select.keep_tokens_from_base``'s tokens in the tokenizer the output gets
     (a built one, else the one copied from ``tokenizer_source`` or ``donor``)."""
     wanted = plan.select.keep_tokens_from_base if plan.select is not None else None
@@ -474,13 +476,14 @@ def _kept_token_rows(plan: MergePlan, vocab: Vocabulary | None, donor: Path, not
         source = Path(plan.tokenizer_source) if plan.tokenizer_source not in (None, "base") else donor
         tokenizer = _load(source)
         if tokenizer is None:
-            raise PlanError(f"select.keep_tokens_from_base: {source} has no tokenizer.json to find the tokens' "
-                            "rows in; drop keep_tokens_from_base or give that model a fast tokenizer")
+            raise PlanError(f"select.keep_tokens_from_base: {source} has no tokenizer.json to find the "
+                            "tokens' rows in; drop keep_tokens_from_base or give that model a fast tokenizer")
         text, ids = tokenizer.to_str(), tokenizer.get_vocab(with_added_tokens=True)
     tokens = special_tokens(text, source) if wanted == "special" else wanted
     unknown = [t for t in tokens if t not in ids]
     if wanted != "special" and unknown:
-        raise PlanError(f"select.keep_tokens_from_base: {unknown[0]!r} is not a token of {source}'s tokenizer")
+        raise PlanError(f"select.keep_tokens_from_base: {unknown[0]!r} is not a token of {source}'s "
+                        "tokenizer")
     rows = tuple(sorted({ids[t] for t in tokens if t in ids}))
     notes.append(f"select.keep_tokens_from_base: rows {', '.join(map(str, rows))} of merged embeddings and "
                  "heads are the base's (else the first model's)")

@@ -19,6 +19,7 @@ from streammerge.cli import main
 from streammerge.frontdoors.linear import model_name
 
 ALPHA = 0.7
+FORMULA = "(merged = alpha·A + (1 − alpha)·B)"
 # files that must be byte-identical between equivalent merges
 SAME_BYTES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
               "tokenizer_config.json")
@@ -96,9 +97,10 @@ def test_selected_layers_merge_alone(models: Path, tmp_path: Path) -> None:
     _check(tmp_path / "o", a, b, merged, [])  # embeddings, norm, lm_head and layer 1 are A's
 
 
-@pytest.mark.parametrize("family, projections", [("llama", ("q_proj", "k_proj", "v_proj")), ("phi3", ("qkv_proj",))])
-def test_qkv_only_merges_the_projections_of_the_layers(family: str, projections: tuple[str, ...], models: Path,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize("family, projections",
+                         [("llama", ("q_proj", "k_proj", "v_proj")), ("phi3", ("qkv_proj",))])
+def test_qkv_only_merges_the_projections_of_the_layers(family: str, projections: tuple[str, ...],
+                                                       models: Path, tmp_path: Path) -> None:
     a, b = models / family / "a", models / family / "b"
     code, output = _linear("--model-a", a, "--model-b", b, "--alpha", ALPHA, "--layers", 1, "--qkv-only",
                            "--output-dir", tmp_path / "o")
@@ -130,13 +132,14 @@ def test_outputs_equal_the_native_plan_s(models: Path, tmp_path: Path) -> None:
         result = CliRunner().invoke(main, ["run", str(plan), str(tmp_path / f"plan_{name}"), "-q"])
         assert result.exit_code == 0, result.output
         for file in SAME_BYTES:
-            assert (tmp_path / f"cli_{name}" / file).read_bytes() == (tmp_path / f"plan_{name}" / file).read_bytes()
+            cli, native = tmp_path / f"cli_{name}" / file, tmp_path / f"plan_{name}" / file
+            assert cli.read_bytes() == native.read_bytes(), (name, file)
 
 
 def test_default_output_directory(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     a, b = models / "llama" / "a", models / "llama" / "b"
-    assert _linear("--model-a", a, "--model-b", b, "--alpha", 0.7, "--layers", 20 - 18, 1, "--qkv-only")[0] == 0
+    assert _linear("--model-a", a, "--model-b", b, "--alpha", 0.7, "--layers", 2, 1, "--qkv-only")[0] == 0
     assert _linear("--model-a", a, "--model-b", b, "--alpha", 0.25)[0] == 0
     assert sorted(p.name for p in (tmp_path / "merged_models").iterdir()) == ["a_b_alpha0.25",
                                                                              "a_b_alpha0.70_layers1-2_qkv"]
@@ -153,14 +156,14 @@ def test_one_line_errors(models: Path, tmp_path: Path) -> None:
     cases = [  # (options replaced, options added, the one line)
         ({}, ["--layers", 1, 30], "error: model has 3 layers (0-2), got 30"),
         ({}, ["--layers", -1], "error: model has 3 layers (0-2), got -1"),
-        ({"--alpha": 1.5}, [], "error: --alpha 1.5: must be between 0 and 1 (merged = alpha·A + (1 − alpha)·B)"),
-        ({"--alpha": -0.1}, [], "error: --alpha -0.1: must be between 0 and 1 (merged = alpha·A + (1 − alpha)·B)"),
-        ({}, ["--qkv-only"], "error: --qkv-only needs --layers: name the decoder layers whose q/k/v projections "
-                             "to merge, e.g. --layers 1 2 20"),
+        ({"--alpha": 1.5}, [], f"error: --alpha 1.5: must be between 0 and 1 {FORMULA}"),
+        ({"--alpha": -0.1}, [], f"error: --alpha -0.1: must be between 0 and 1 {FORMULA}"),
+        ({}, ["--qkv-only"], "error: --qkv-only needs --layers: name the decoder layers whose q/k/v "
+                             "projections to merge, e.g. --layers 1 2 20"),
         ({"--model-b": phi}, [], f"error: --model-a {a} is LlamaForCausalLM (llama), --model-b {phi} is "
                                  "Phi3ForCausalLM (phi3): linear merges two models of one architecture"),
-        ({"--model-b": wider}, [], f"error: tensor 'model.layers.0.mlp.down_proj.weight' has shape [16, 56] in "
-                                   f"{a} and [16, 64] in {wider}: the models' shapes differ"),
+        ({"--model-b": wider}, [], f"error: tensor 'model.layers.0.mlp.down_proj.weight' has shape "
+                                   f"[16, 56] in {a} and [16, 64] in {wider}: the models' shapes differ"),
     ]
     for replaced, added, message in cases:
         given = {"--model-a": a, "--model-b": b, "--alpha": ALPHA} | replaced
@@ -184,7 +187,8 @@ def test_keep_tokens_from_base_in_chunks_and_by_token(models: Path, tmp_path: Pa
 
     streammerge.merge(plan("special"), tmp_path / "whole", quiet=True)
     streammerge.merge(plan("special", chunk_size=16 * 10), tmp_path / "chunks", quiet=True)
-    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "chunks" / "model.safetensors").read_bytes()
+    weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("whole", "chunks")]
+    assert weights[0] == weights[1]
     streammerge.merge(plan(["<s>", "<|im_end|>"], chunk_size=16 * 10), tmp_path / "two", quiet=True)
     none = {k: v for k, v in plan("special").items() if k != "select"}
     streammerge.merge(none, tmp_path / "none", quiet=True)
@@ -192,7 +196,9 @@ def test_keep_tokens_from_base_in_chunks_and_by_token(models: Path, tmp_path: Pa
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         kept = torch.zeros(64, dtype=torch.bool)
         kept[[1, 63]] = True
-        assert torch.equal(got[name][kept], ta[name][kept]) and torch.equal(got[name][~kept], merged[name][~kept])
+        assert torch.equal(got[name][kept], ta[name][kept])
+        assert torch.equal(got[name][~kept], merged[name][~kept])
         assert not torch.equal(merged[name][kept], ta[name][kept])
-    with pytest.raises(PlanError, match=r"select.keep_tokens_from_base: '<nope>' is not a token of .*/llama/a's tokenizer"):
+    unknown = r"select.keep_tokens_from_base: '<nope>' is not a token of .*/llama/a's tokenizer"
+    with pytest.raises(PlanError, match=unknown):
         streammerge.merge(plan(["<nope>"]), tmp_path / "bad", quiet=True)

@@ -87,7 +87,8 @@ def test_a_sharded_chunked_plan_s_record_holds_every_parameter_and_reproduces(sh
     streammerge.merge(plan, out, quiet=True)
     streammerge.merge(out / "streammerge_plan.yaml", again, quiet=True)
     names = _same_bytes(out, again)
-    assert len([n for n in names if n.endswith(".safetensors")]) > 2 and "model.safetensors.index.json" in names
+    assert len([n for n in names if n.endswith(".safetensors")]) > 2
+    assert "model.safetensors.index.json" in names
     record = yaml.safe_load((out / "streammerge_plan.yaml").read_text())
     defaults = {p.name: p.default for p in get_method("ties").params if p.default is not None}
     assert record["parameters"] == defaults | {"lambda": 0.9} and len(defaults) > 1
@@ -99,8 +100,8 @@ def test_a_sharded_chunked_plan_s_record_holds_every_parameter_and_reproduces(sh
 
 def test_a_changed_input_is_refused(fp32_family: Family, tmp_path: Path) -> None:
     model = shutil.copytree(fp32_family.models[0], tmp_path / "ft")
-    plan = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}},
-                                                  {"model": str(fp32_family.models[1]), "parameters": {"weight": 1.0}}]}
+    plan = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}}
+                                                 for m in (model, fp32_family.models[1])]}
     streammerge.merge(plan, tmp_path / "out", quiet=True)
     record = yaml.safe_load((tmp_path / "out" / "streammerge_plan.yaml").read_text())
     size, sha = record["inputs"][str(model)]["files"]["model.safetensors"]
@@ -111,9 +112,9 @@ def test_a_changed_input_is_refused(fp32_family: Family, tmp_path: Path) -> None
     ckpt.close()
     code, output = _run("run", tmp_path / "out" / "streammerge_plan.yaml", tmp_path / "again")
     assert code == 1 and not (tmp_path / "again").exists()
-    assert output == (f"error: inputs: {model}: model.safetensors is {now_size} bytes with header sha256 "
-                      f"{now_sha[:16]}..., the record says {size} bytes with header sha256 {sha[:16]}...: the "
-                      "input changed, so the merge would not reproduce; restore it, or drop its entry from "
+    assert output == (f"error: inputs: {model}: model.safetensors is {now_size} bytes with header "
+                      f"sha256 {now_sha[:16]}..., the record says {size} bytes with header sha256 "
+                      f"{sha[:16]}...: the input changed, so the merge would not reproduce; restore it, or drop its entry from "
                       "'inputs' to merge it as it is\n")
 
 

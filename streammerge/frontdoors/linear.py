@@ -53,7 +53,8 @@ def model_name(ref: str) -> str:
     return Path(ref).expanduser().resolve().name
 
 
-def default_output(model_a: str, model_b: str, alpha: float, layers: list[int] | None, qkv_only: bool) -> Path:
+def default_output(model_a: str, model_b: str, alpha: float, layers: list[int] | None,
+                   qkv_only: bool) -> Path:
     """``merged_models/<A>_<B>_alpha0.70[_layers1-2-20][_qkv]``."""
     name = f"{model_name(model_a)}_{model_name(model_b)}_alpha{alpha:.2f}"
     if layers:
@@ -77,12 +78,14 @@ def detect(a: Checkpoint, b: Checkpoint) -> Architecture:
     name_a = (config_a.get("architectures") or ["?"])[0]
     name_b = (config_b.get("architectures") or ["?"])[0]
     if (name_a, config_a.get("model_type")) != (name_b, config_b.get("model_type")):
-        raise PlanError(f"--model-a {a.path} is {name_a} ({config_a.get('model_type')}), --model-b {b.path} is "
-                        f"{name_b} ({config_b.get('model_type')}): linear merges two models of one architecture")
+        raise PlanError(f"--model-a {a.path} is {name_a} ({config_a.get('model_type')}), --model-b {b.path} "
+                        f"is {name_b} ({config_b.get('model_type')}): linear merges two models of one "
+                        "architecture")
     for name in sorted(set(a.tensors) | set(b.tensors)):
         if name not in b.tensors or name not in a.tensors:
             has, lacks = (a, b) if name in a.tensors else (b, a)
-            raise PlanError(f"tensor {name!r} is in {has.path} but not in {lacks.path}: the models' layouts differ")
+            raise PlanError(f"tensor {name!r} is in {has.path} but not in {lacks.path}: the models' "
+                            "layouts differ")
         if a.tensors[name].shape != b.tensors[name].shape:
             raise PlanError(f"tensor {name!r} has shape {list(a.tensors[name].shape)} in {a.path} and "
                             f"{list(b.tensors[name].shape)} in {b.path}: the models' shapes differ")
@@ -97,8 +100,9 @@ def check_layers(arch: Architecture, layers: list[int] | None, qkv_only: bool) -
     if bad:
         raise PlanError(f"model has {arch.layers} layers (0-{arch.layers - 1}), got {bad[0]}")
     if qkv_only and not arch.qkv:
-        raise PlanError(f"--qkv-only: the q/k/v projections of {arch.family!r} are not known (known families: "
-                        f"{', '.join(sorted(MODULE_KINDS))}); merge whole layers without --qkv-only")
+        raise PlanError(f"--qkv-only: the q/k/v projections of {arch.family!r} are not known (known "
+                        f"families: {', '.join(sorted(MODULE_KINDS))}); merge whole layers without "
+                        "--qkv-only")
 
 
 def linear_plan(model_a: str, model_b: str, alpha: float, layers: list[int] | None, qkv_only: bool,
@@ -174,5 +178,5 @@ def translate(model_a: str, model_b: str, alpha: float, layers: list[int] | None
                      "embedding and lm_head rows are merged like the others")
         keep_special = False
     plan = linear_plan(path_a, path_b, alpha, layers, qkv_only, keep_special, device)
-    output = output_dir if output_dir is not None else default_output(model_a, model_b, alpha, layers, qkv_only)
+    output = output_dir or default_output(model_a, model_b, alpha, layers, qkv_only)
     return Request(arch, plan, output, tuple(notes))

@@ -26,7 +26,8 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
-               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration", "inputs")
+               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration",
+               "inputs")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -227,7 +228,7 @@ class MergePlan(BaseModel):
     copy_tokenizer: bool = True  # copy the donor's tokenizer files when the plan builds no tokenizer
     write_model_card: bool = True  # README.md describing the merge
     calibration: Optional[Calibration] = None  # every model's, unless its entry gives its own
-    inputs: Optional[dict[str, InputRecord]] = None  # recorded inputs, by model reference: must not have changed
+    inputs: Optional[dict[str, InputRecord]] = None  # a record's inputs by reference: must not have changed
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
