@@ -202,3 +202,18 @@ def test_keep_tokens_from_base_in_chunks_and_by_token(models: Path, tmp_path: Pa
     unknown = r"select.keep_tokens_from_base: '<nope>' is not a token of .*/llama/a's tokenizer"
     with pytest.raises(PlanError, match=unknown):
         streammerge.merge(plan(["<nope>"]), tmp_path / "bad", quiet=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_special_rows_are_a_s_and_the_rest_as_on_the_cpu(models: Path, tmp_path: Path) -> None:
+    a, b = models / "llama" / "a", models / "llama" / "b"
+    for device in ("cpu", "cuda"):
+        code, output = _linear("--model-a", a, "--model-b", b, "--alpha", ALPHA, "--device", device,
+                               "--output-dir", tmp_path / device)
+        assert code == 0, output
+    cpu, cuda, ta = _tensors(tmp_path / "cpu"), _tensors(tmp_path / "cuda"), _tensors(a)
+    special = _special_ids(a)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(cuda[name][special], ta[name][special])
+    assert all(bool(((cuda[n] - cpu[n]).abs() <= 1e-6).all()) for n in cpu)
