@@ -12,11 +12,13 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import method_cases
 import streammerge
 from checkpoint_builder import Family
 from conftest import hub_cache
@@ -136,3 +138,19 @@ def test_a_hub_model_is_recorded_at_its_commit(sharded_family: Family, tmp_path:
     assert record["inputs"][f"acme/tiny-ft@{commit}"]["revision"] == commit
     assert record["inputs"][str(sharded_family.models[2])]["revision"] is None
     _same_bytes(out, again)
+
+
+@pytest.mark.parametrize(("name", "extra"), method_cases.plan_cases())
+def test_every_method_s_record_reproduces_it_with_its_defaults_written(name: str, extra: dict,
+                                                                       fp32_family: Family,
+                                                                       tmp_path: Path) -> None:
+    """Plans that leave method-wide parameters at their defaults: the record writes them, and the
+    rerun gives the same shards."""
+    plan = method_cases.plan(name, extra, fp32_family.base, fp32_family.models, "float32")
+    defaults = {p.name: p.default for p in get_method(name).params if p.default is not None}
+    plan["parameters"] = {k: v for k, v in plan["parameters"].items() if k in extra or v != defaults.get(k)}
+    streammerge.merge(plan, tmp_path / "out", quiet=True, chunk_size=7 * 32)
+    streammerge.merge(tmp_path / "out" / "streammerge_plan.yaml", tmp_path / "again", quiet=True)
+    _same_bytes(tmp_path / "out", tmp_path / "again")
+    record = yaml.safe_load((tmp_path / "out" / "streammerge_plan.yaml").read_text())
+    assert record["parameters"] == defaults | plan["parameters"] and record["chunk_size"] == 7 * 32
