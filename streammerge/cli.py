@@ -248,7 +248,7 @@ def linear_command(model_a: str, model_b: str, alpha: float, layers: tuple[int, 
         request = linear.translate(model_a, model_b, alpha, list(layers) or None, qkv_only,
                                    not no_special_fixes, output_dir, device)
         click.echo(request.architecture.describe())
-        for note in request.notes:
+        for note in () if quiet else request.notes:
             click.echo(f"note: {note}", err=True)
         result = merge(request.plan, request.output, overwrite=overwrite, restart=restart, quiet=quiet)
     except StreamMergeError as e:

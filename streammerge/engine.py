@@ -233,11 +233,11 @@ def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: i
 def _with_kept_rows(job: TensorJob, raw: list[torch.Tensor], start: int, stop: int,
                     merged: torch.Tensor) -> torch.Tensor:
     """``merged`` (rows [start, stop), in the output dtype) with the job's kept rows replaced by
-    ``inputs[kept_from]``'s, rounded as a copied tensor is."""
+    ``inputs[kept_from]``'s, rounded to the output dtype as a copied tensor is."""
     rows = [r - start for r in job.kept_rows if start <= r < stop]
     if rows:
         at = torch.tensor(rows, device=merged.device)
-        merged[at] = raw[job.kept_from][at].to(job.load_dtype).to(job.out_dtype).to(merged.device)
+        merged[at] = raw[job.kept_from][at.to(raw[job.kept_from].device)].to(merged.device, job.out_dtype)
     return merged
 
 

@@ -37,8 +37,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _linear(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["linear", *map(str, args), "-q"])
+def _linear(*args: object, quiet: bool = True) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["linear", *map(str, args), *(["-q"] if quiet else [])])
     return result.exit_code, result.output
 
 
@@ -103,7 +103,7 @@ def test_qkv_only_merges_the_projections_of_the_layers(family: str, projections:
                                                        models: Path, tmp_path: Path) -> None:
     a, b = models / family / "a", models / family / "b"
     code, output = _linear("--model-a", a, "--model-b", b, "--alpha", ALPHA, "--layers", 1, "--qkv-only",
-                           "--output-dir", tmp_path / "o")
+                           "--output-dir", tmp_path / "o", quiet=False)
     assert code == 0, output
     merged = {f"model.layers.1.self_attn.{p}.weight" for p in projections}
     assert merged <= set(_tensors(a))
