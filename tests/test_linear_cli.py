@@ -217,3 +217,25 @@ def test_on_cuda_special_rows_are_a_s_and_the_rest_as_on_the_cpu(models: Path, t
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(cuda[name][special], ta[name][special])
     assert all(bool(((cuda[n] - cpu[n]).abs() <= 1e-6).all()) for n in cpu)
+
+
+def test_keep_tokens_from_base_with_a_built_vocabulary_and_another_output_dtype(models: Path,
+                                                                                tmp_path: Path) -> None:
+    """With a tokenizer block the rows are the built vocabulary's ids (read through its row maps),
+    and kept rows are A's rounded to out_dtype as a copied tensor is."""
+    import streammerge
+
+    a, b = models / "llama" / "a", models / "llama" / "b"
+    plan = {"merge_method": "linear", "tokenizer": {"source": "union"}, "out_dtype": "bfloat16",
+            "models": [{"model": str(a), "parameters": {"weight": ALPHA}},
+                       {"model": str(b), "parameters": {"weight": 1 - ALPHA}}]}
+    streammerge.merge(plan | {"select": {"keep_tokens_from_base": "special"}}, tmp_path / "kept", quiet=True)
+    streammerge.merge(plan, tmp_path / "merged", quiet=True)
+    kept, merged, ta = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "kept", tmp_path / "merged", a))
+    special = torch.zeros(64, dtype=torch.bool)
+    special[_special_ids(a)] = True
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert kept[name].dtype == torch.bfloat16
+        assert torch.equal(kept[name][special], ta[name][special].to(torch.bfloat16))
+        assert torch.equal(kept[name][~special], merged[name][~special])
+        assert not torch.equal(merged[name][special], kept[name][special])
