@@ -18,6 +18,7 @@ from streammerge.cli_common import Size, add_options, fail
 from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
 from streammerge.frontdoors import mergekit_cli
+from streammerge.inspect.commands import check_command, stats_command
 from streammerge.methods import get_method, method_names
 from streammerge.plan.load import read_documents
 
@@ -80,10 +81,13 @@ def main() -> None:
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides the plan's 'output').")
 @add_options(_output_options)
 @click.option("--threads", type=click.IntRange(min=1), help="Merge this many chunks at once on the CPU, a thread each (default: torch's thread count, one per core). Reading and writing run in threads of their own.")
+@click.option("--stats", "with_stats", is_flag=True,
+              help="After the merge, write OUT/merge_stats.json: the output against each input, as "
+                   "`streammerge stats INPUT OUT` computes it.")
 @add_options(_plan_options)
 @add_options(_mergekit_options)
 def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, restart: bool, quiet: bool,
-        **options: Any) -> None:
+        with_stats: bool, **options: Any) -> None:
     """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output').
 
     The output appears only complete. A run that is killed or fails keeps its partial output in
@@ -98,6 +102,15 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
     except StreamMergeError as e:
         fail(e)
     _report(result, quiet)
+    if with_stats:
+        from streammerge.inspect.stats import merge_statistics
+
+        try:
+            written = merge_statistics(result.output, list(result.inputs), progress=not quiet)
+        except StreamMergeError as e:
+            fail(e)
+        if not quiet:
+            click.echo(f"wrote {written}", err=True)
 
 
 def _translated(options: dict[str, Any], quiet: bool) -> dict[str, Any]:
@@ -245,6 +258,8 @@ def methods() -> None:
 main.add_command(eval_command)
 main.add_command(calibrate_command)
 main.add_command(compare_command)
+main.add_command(check_command)
+main.add_command(stats_command)
 
 if __name__ == "__main__":
     main()

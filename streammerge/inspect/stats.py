@@ -24,6 +24,7 @@ from streammerge.lora.overlay import AdaptedCheckpoint, open_checkpoints
 from streammerge.plan.architecture import is_pre_layer, layer_index
 from streammerge.plan.load import resolve_model
 from streammerge.cli_common import aligned_table
+from streammerge.errors import OutputError
 from streammerge.plotting import agg_figure, require_matplotlib
 
 CHUNK_ELEMENTS = 1 << 21  # elements per model read at a time (16 MiB in float64)
@@ -237,7 +238,10 @@ def _cell(value: float | int | None) -> str:
 
 
 def write_json(stats: ModelStatistics, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    try:
+        Path(path).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
 
 
 def draw_layers(stats: ModelStatistics, path: str | Path) -> None:
@@ -267,4 +271,25 @@ def draw_layers(stats: ModelStatistics, path: str | Path) -> None:
         axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
     change.set_title(f"{Path(stats.b).name} against {Path(stats.a).name}", fontsize=10)
-    figure.savefig(path, dpi=120)
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+
+
+def merge_statistics(output: str | Path, inputs: list[str], *, chunk_elements: int = CHUNK_ELEMENTS,
+                     progress: bool = False) -> Path:
+    """Write ``output/merge_stats.json``: the merged model against each of ``inputs`` (as
+    ``--json`` holds them, each input as A and the output as B), keyed by input. Returns its path."""
+    output = Path(output)
+    if (output / "adapter_config.json").is_file():
+        raise OutputError(f"{output}: holds an adapter (adapter_output), not a model: --stats compares "
+                          "merged models with their inputs; drop --stats")
+    against = {ref: compare_models(ref, output, chunk_elements=chunk_elements, progress=progress).as_dict()
+               for ref in inputs}
+    path = output / STATS_NAME
+    try:
+        path.write_text(json.dumps({"output": str(output), "inputs": against}, indent=2) + "\n")
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    return path
