@@ -12,7 +12,7 @@ import click
 from streammerge import __version__
 from streammerge.api import merge, merge_stages, schedule
 from streammerge.engine import MergeResult
-from streammerge.errors import StreamMergeError
+from streammerge.errors import PlanError, StreamMergeError
 from streammerge.calibration.command import calibrate_command
 from streammerge.cli_common import Size, add_options, fail
 from streammerge.evaluation.commands import eval_command
@@ -98,6 +98,9 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
         fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
     overrides = _translated(options, quiet)
     try:
+        if with_stats and any(isinstance(d, dict) and d.get("adapter_output") for d in read_documents(plan)):
+            raise PlanError(f"{plan}: --stats compares a merged model with its inputs, but adapter_output "
+                            "writes an adapter; drop --stats or adapter_output")
         result = merge(plan, output or out, overwrite=overwrite, restart=restart, quiet=quiet, **overrides)
     except StreamMergeError as e:
         fail(e)

@@ -266,3 +266,15 @@ def test_check_errors(fp32_family: Family, tmp_path: Path) -> None:
     assert missing.exit_code == 1
     assert missing.stderr.startswith(f"error: {nope}: model: model directory '{nope}' not found")
     assert missing.stderr.count("\n") == 1
+
+
+def test_run_stats_refuses_an_adapter_output(fp32_family: Family, tmp_path: Path) -> None:
+    plan = {"merge_method": "task_arithmetic", "base_model": str(fp32_family.base),
+            "adapter_output": {"combination": "cat"},
+            "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in fp32_family.models[:2]]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    out = _invoke("run", tmp_path / "plan.yaml", tmp_path / "out", "--stats", "-q")
+    assert out.exit_code == 1
+    assert out.stderr == (f"error: {tmp_path / 'plan.yaml'}: --stats compares a merged model with its inputs, "
+                          "but adapter_output writes an adapter; drop --stats or adapter_output\n")
+    assert not (tmp_path / "out").exists()
