@@ -42,7 +42,8 @@ def _reference(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None) -> d
     out["rel_change"] = out["l2_diff"] / na
     if base is not None:
         ta, tb = a - base.double().flatten(), b - base.double().flatten()
-        out["task_cosine"] = (torch.dot(ta, tb) / (torch.linalg.vector_norm(ta) * torch.linalg.vector_norm(tb))).item()
+        norms = torch.linalg.vector_norm(ta) * torch.linalg.vector_norm(tb)
+        out["task_cosine"] = (torch.dot(ta, tb) / norms).item()
         # zero in either task vector is no disagreement
         out["sign_disagreement"] = (((ta > 0) & (tb < 0)) | ((ta < 0) & (tb > 0))).double().mean().item()
     return out
@@ -85,7 +86,8 @@ def test_module_kinds_and_layers_from_names() -> None:
     assert module_kind("model.layers.3.self_attn.q_proj.weight") == "self_attn.q_proj"
     assert module_kind("model.layers.3.self_attn.q_proj.bias") == "self_attn.q_proj.bias"
     assert module_kind("model.layers.12.mlp.down_proj.weight") == "mlp.down_proj"
-    assert module_kind("model.layers.0.block_sparse_moe.experts.7.w1.weight") == "block_sparse_moe.experts.*.w1"
+    expert = "model.layers.0.block_sparse_moe.experts.7.w1.weight"
+    assert module_kind(expert) == "block_sparse_moe.experts.*.w1"
     assert module_kind("transformer.h.4.attn.c_attn.weight") == "attn.c_attn"
     assert module_kind("model.embed_tokens.weight") == "model.embed_tokens"
     assert module_kind("lm_head.weight") == "lm_head"
@@ -101,13 +103,15 @@ def test_stats_without_base_skips_and_zero_norms(fp32_family: Family, tmp_path: 
     b["model.layers.1.mlp.up_proj.weight"] = torch.zeros(65, 32)
     a["model.layers.2.input_layernorm.weight"] = torch.zeros(32)
     config = fp32_family.arch.config(torch.float32)
-    result = compare_models(write_checkpoint(tmp_path / "a", a, config), write_checkpoint(tmp_path / "b", b, config),
-                            chunk_elements=100).as_dict()
+    result = compare_models(write_checkpoint(tmp_path / "a", a, config),
+                            write_checkpoint(tmp_path / "b", b, config), chunk_elements=100).as_dict()
     assert result["skipped"] == {"model.norm.weight": "not in b",
-                                 "model.layers.1.mlp.up_proj.weight": "shapes differ: [64, 32] in a, [65, 32] in b"}
+                                 "model.layers.1.mlp.up_proj.weight":
+                                     "shapes differ: [64, 32] in a, [65, 32] in b"}
     zero = result["tensors"]["model.layers.2.input_layernorm.weight"]
     assert zero["cosine"] is None and zero["rel_change"] is None and zero["norm_a"] == 0.0
-    assert _close(zero["l2_diff"], torch.linalg.vector_norm(b["model.layers.2.input_layernorm.weight"].double()).item())
+    norm_b = torch.linalg.vector_norm(b["model.layers.2.input_layernorm.weight"].double()).item()
+    assert _close(zero["l2_diff"], norm_b)
     assert "task_cosine" not in zero and "sign_disagreement" not in result["model"]
     assert result["base"] is None and len(result["tensors"]) == 28
 
@@ -119,7 +123,8 @@ def test_stats_command_json_table_and_png(fp32_family: Family, tmp_path: Path) -
                   "--png", tmp_path / "s.png", "--chunk-size", 64, "-q")
     assert out.exit_code == 0, out.output
     written = json.loads((tmp_path / "s.json").read_text())
-    assert written == json.loads(json.dumps(compare_models(a, b, fp32_family.base, chunk_elements=64).as_dict()))
+    direct = compare_models(a, b, fp32_family.base, chunk_elements=64).as_dict()
+    assert written == json.loads(json.dumps(direct))
     assert set(written) == {"a", "b", "base", "tensors", "layers", "modules", "model", "skipped"}
     assert set(written["tensors"]["lm_head.weight"]) == {"l2_diff", "rel_change", "cosine", "task_cosine",
                                                          "sign_disagreement", "norm_a", "norm_b", "elements",
@@ -138,7 +143,8 @@ def test_stats_command_json_table_and_png(fp32_family: Family, tmp_path: Path) -
 def test_stats_png_without_matplotlib_stops_first(fp32_family: Family, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
-    out = _invoke("stats", *fp32_family.models[:2], "--json", tmp_path / "s.json", "--png", tmp_path / "s.png")
+    out = _invoke("stats", *fp32_family.models[:2], "--json", tmp_path / "s.json",
+                  "--png", tmp_path / "s.png")
     assert out.exit_code == 1
     assert out.stderr == (f"error: --png {tmp_path / 's.png'} needs matplotlib: "
                           "pip install 'streammerge[plot]'\n")
@@ -202,6 +208,8 @@ def _variant(family: Family, tmp_path: Path, kind: str) -> Path:
         tensors["model.layers.0.mlp.up_proj.qweight"] = torch.zeros(4, 4)
     elif kind == "architecture":
         config |= {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    elif kind == "alias":  # mergekit's one definition for both spellings
+        config["architectures"] = ["LLaMaForCausalLM"]
     return write_checkpoint(tmp_path / kind, tensors, config, dtype=dtype)
 
 
@@ -214,6 +222,7 @@ CASES = {  # kind: (exit status, the row that differs: name, the base's value, t
     "quantized": (1, "quantization", "none", "gptq", "error"),
     "quantized_tensor": (1, "quantization", "none", "quantized tensors", "error"),
     "architecture": (1, "architecture", "LlamaForCausalLM", "MistralForCausalLM", "error"),
+    "alias": (0, "architecture", "LlamaForCausalLM", "LLaMaForCausalLM", "note"),
 }
 
 
@@ -275,6 +284,7 @@ def test_run_stats_refuses_an_adapter_output(fp32_family: Family, tmp_path: Path
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     out = _invoke("run", tmp_path / "plan.yaml", tmp_path / "out", "--stats", "-q")
     assert out.exit_code == 1
-    assert out.stderr == (f"error: {tmp_path / 'plan.yaml'}: --stats compares a merged model with its inputs, "
+    assert out.stderr == (f"error: {tmp_path / 'plan.yaml'}: --stats compares a merged model with its "
+                          "inputs, "
                           "but adapter_output writes an adapter; drop --stats or adapter_output\n")
     assert not (tmp_path / "out").exists()

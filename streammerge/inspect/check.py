@@ -99,6 +99,9 @@ def _architecture(configs: list[dict]) -> Finding:
         return Finding("architecture", tuple(values), "error",
                        "mergekit refuses to mix architectures; allow_crimes: true in the plan "
                        "(--allow-crimes) merges them anyway where names and shapes match")
+    if None in known:
+        return Finding("architecture", tuple(values), "note", "mergekit has no definition for some of "
+                       "them and does not compare them; the tensor names and shapes decide")
     return Finding("architecture", tuple(values), "note",
                    "named differently, but mergekit reads them with one definition")
 
@@ -129,7 +132,8 @@ def _shapes(models: list[Checkpoint]) -> list[Finding]:
     common = [n for n in models[0].tensors if all(n in m.tensors for m in models)]
     differ = [n for n in common if not _same([str(m.tensors[n].shape) for m in models])]
     # a vocabulary matrix whose row counts alone differ is the vocabulary row's business
-    rows_only = {n for n in differ if is_vocab_tensor(n) and _same([str(m.tensors[n].shape[1:]) for m in models])}
+    rows_only = {n for n in differ
+                 if is_vocab_tensor(n) and _same([str(m.tensors[n].shape[1:]) for m in models])}
     bad = [n for n in differ if n not in rows_only]
     parameters = tuple(f"{sum(math.prod(i.shape) for i in m.tensors.values()):,} parameters" for m in models)
     if not bad:
@@ -161,7 +165,8 @@ def _vocabulary(models: list[Checkpoint], configs: list[dict]) -> Finding:
     if not _same([str(r) for r in rows]):
         return Finding("vocab_size", values, "needs", f"embedding rows differ: {_VOCAB_FIX}")
     if not _same([str(c.get("vocab_size")) for c in configs]):
-        return Finding("vocab_size", values, "note", "config.json vocab_size differs, the embedding rows agree")
+        return Finding("vocab_size", values, "note",
+                       "config.json vocab_size differs, the embedding rows agree")
     return Finding("vocab_size", values, "ok")
 
 

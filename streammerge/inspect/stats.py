@@ -13,23 +13,23 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from collections.abc import Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
-from streammerge.io.reader import Checkpoint
-from streammerge.lora.overlay import AdaptedCheckpoint, open_checkpoints
-from streammerge.plan.architecture import is_pre_layer, layer_index
-from streammerge.plan.load import resolve_model
 from streammerge.cli_common import aligned_table
 from streammerge.errors import OutputError
+from streammerge.io.reader import Checkpoint
+from streammerge.lora.overlay import AdaptedCheckpoint, open_checkpoints
+from streammerge.plan.architecture import after_layer, is_pre_layer, layer_index
+from streammerge.plan.load import resolve_model
 from streammerge.plotting import agg_figure, require_matplotlib
 
 CHUNK_ELEMENTS = 1 << 21  # elements per model read at a time (16 MiB in float64)
 STATS_NAME = "merge_stats.json"  # what ``streammerge run --stats`` writes into the output
-_LAYER_NUMBER = re.compile(r"(?:^|\.)(\d+)\.")
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
 Opened = Checkpoint | AdaptedCheckpoint
@@ -83,9 +83,8 @@ def module_kind(tensor: str) -> str:
     """A tensor's module kind, from its name: the part after the layer number (the whole name for
     a tensor outside the layers), further numbers (experts) as ``*``, and a final ``.weight``
     dropped: ``model.layers.3.self_attn.q_proj.weight`` -> ``self_attn.q_proj``."""
-    m = _LAYER_NUMBER.search(tensor)
-    kind = _NUMBER.sub("*", tensor[m.end():] if m else tensor)
-    return kind.removesuffix(".weight")
+    inside = after_layer(tensor)
+    return _NUMBER.sub("*", tensor if inside is None else inside).removesuffix(".weight")
 
 
 @dataclass
@@ -107,8 +106,8 @@ class ModelStatistics:
     def layers(self) -> dict[str, Sums]:
         """Per layer, in model order: "pre", the layers by number, "post"."""
         groups = self._grouped(layer_group)
-        order = sorted(groups, key=lambda k: (-1, 0) if k == "pre" else (1, 0) if k == "post" else (0, int(k)))
-        return {k: groups[k] for k in order}
+        place = {"pre": (-1, 0), "post": (1, 0)}
+        return {k: groups[k] for k in sorted(groups, key=lambda k: place.get(k) or (0, int(k)))}
 
     def modules(self) -> dict[str, Sums]:
         return dict(sorted(self._grouped(module_kind).items()))
@@ -153,12 +152,11 @@ def compare_models(a: str | Path, b: str | Path, base: str | Path | None = None,
 def compare_checkpoints(a: Opened, b: Opened, base: Opened | None = None, *,
                         chunk_elements: int = CHUNK_ELEMENTS, progress: bool = False) -> ModelStatistics:
     """As ``compare_models``, over checkpoints already open."""
-    from tqdm import tqdm
-
     models = [a, b, *([base] if base is not None else [])]
     skipped = _skipped(models)
     names = [n for n in a.tensors if n not in skipped]
-    total = sum(math.prod(m.tensors[n].shape) * m.tensors[n].dtype.itemsize for n in names for m in models)
+    total = sum(math.prod(m.tensors[n].shape) * m.tensors[n].dtype.itemsize
+                for n in names for m in models)
     tensors: dict[str, Sums] = {}
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statistics",
               disable=not progress, leave=False) as bar:
@@ -170,7 +168,8 @@ def compare_checkpoints(a: Opened, b: Opened, base: Opened | None = None, *,
             for m in models:
                 m.release(name)
             tensors[name] = sums
-    return ModelStatistics(str(a.path), str(b.path), None if base is None else str(base.path), tensors, skipped)
+    return ModelStatistics(str(a.path), str(b.path), None if base is None else str(base.path), tensors,
+                           skipped)
 
 
 def _skipped(models: list[Opened]) -> dict[str, str]:
@@ -204,12 +203,11 @@ def _chunk_sums(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = No
     d = a - b
     sums = Sums(0, a.numel(), float(a.dot(a)), float(b.dot(b)), float(a.dot(b)), float(d.dot(d)))
     del d
-    if base is not None:
+    if base is not None:  # not in place: a float64 read may be a shared base's kept chunk
         base = base.to(torch.float64).flatten()
-        a.sub_(base)
-        b.sub_(base)
-        sums.task_aa, sums.task_bb, sums.task_ab = float(a.dot(a)), float(b.dot(b)), float(a.dot(b))
-        sums.conflicts = int(torch.count_nonzero(torch.sign(a) * torch.sign(b) < 0))
+        ta, tb = a - base, b - base
+        sums.task_aa, sums.task_bb, sums.task_ab = float(ta.dot(ta)), float(tb.dot(tb)), float(ta.dot(tb))
+        sums.conflicts = int(torch.count_nonzero(torch.sign(ta) * torch.sign(tb) < 0))
     return sums
 
 
