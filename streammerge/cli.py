@@ -106,10 +106,11 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
         fail(e)
     _report(result, quiet)
     if with_stats:
-        from streammerge.inspect.stats import merge_statistics
+        from streammerge.inspect.stats import output_statistics, write_merge_stats
 
         try:
-            written = merge_statistics(result.output, list(result.inputs), progress=not quiet)
+            against = output_statistics(result.output, list(result.inputs), progress=not quiet)
+            written = write_merge_stats(result.output, against)
         except StreamMergeError as e:
             fail(e)
         if not quiet:

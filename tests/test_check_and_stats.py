@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from checkpoint_builder import Family, write_checkpoint
 from conftest import load_output
 from streammerge.cli import main
-from streammerge.inspect.stats import compare_models, layer_group, module_kind
+from streammerge.errors import OutputError
+from streammerge.inspect.stats import compare_models, layer_group, module_kind, output_statistics
 from streammerge.io.reader import BinReader, ShardReader
 
 TOL = 1e-12
@@ -288,3 +289,10 @@ def test_run_stats_refuses_an_adapter_output(fp32_family: Family, tmp_path: Path
                           "inputs, "
                           "but adapter_output writes an adapter; drop --stats or adapter_output\n")
     assert not (tmp_path / "out").exists()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(OutputError) as e:
+        output_statistics(adapter, [str(fp32_family.base)])
+    assert str(e.value) == (f"{adapter}: holds an adapter (adapter_output), not a model: statistics compare "
+                            "merged models with their inputs")

@@ -207,7 +207,9 @@ def _chunk_sums(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = No
         base = base.to(torch.float64).flatten()
         ta, tb = a - base, b - base
         sums.task_aa, sums.task_bb, sums.task_ab = float(ta.dot(ta)), float(tb.dot(tb)), float(ta.dot(tb))
-        sums.conflicts = int(torch.count_nonzero(torch.sign(ta) * torch.sign(tb) < 0))
+        # opposite signs, both non-zero: exact unless |a·b| underflows float64 (below 4.9e-324, which
+        # takes entries near 1e-162: only float64 inputs hold them); cheaper than sign products
+        sums.conflicts = int(torch.count_nonzero(ta.mul_(tb) < 0))
     return sums
 
 
@@ -275,19 +277,24 @@ def draw_layers(stats: ModelStatistics, path: str | Path) -> None:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
 
 
-def merge_statistics(output: str | Path, inputs: list[str], *, chunk_elements: int = CHUNK_ELEMENTS,
-                     progress: bool = False) -> Path:
-    """Write ``output/merge_stats.json``: the merged model against each of ``inputs`` (as
-    ``--json`` holds them, each input as A and the output as B), keyed by input. Returns its path."""
+def output_statistics(output: str | Path, inputs: list[str], *, chunk_elements: int = CHUNK_ELEMENTS,
+                      progress: bool = False) -> dict[str, ModelStatistics]:
+    """A merged model against each of its ``inputs``: each input as A, the output as B (so
+    ``rel_change`` is the output's change relative to that input), keyed by input."""
     output = Path(output)
     if (output / "adapter_config.json").is_file():
-        raise OutputError(f"{output}: holds an adapter (adapter_output), not a model: --stats compares "
-                          "merged models with their inputs; drop --stats")
-    against = {ref: compare_models(ref, output, chunk_elements=chunk_elements, progress=progress).as_dict()
-               for ref in inputs}
-    path = output / STATS_NAME
+        raise OutputError(f"{output}: holds an adapter (adapter_output), not a model: statistics compare "
+                          "merged models with their inputs")
+    return {ref: compare_models(ref, output, chunk_elements=chunk_elements, progress=progress)
+            for ref in inputs}
+
+
+def write_merge_stats(output: str | Path, against: dict[str, ModelStatistics]) -> Path:
+    """``output/merge_stats.json``: ``{"output", "inputs": {input: as --json writes it}}``."""
+    path = Path(output) / STATS_NAME
+    document = {"output": str(output), "inputs": {ref: st.as_dict() for ref, st in against.items()}}
     try:
-        path.write_text(json.dumps({"output": str(output), "inputs": against}, indent=2) + "\n")
+        path.write_text(json.dumps(document, indent=2) + "\n")
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
     return path
