@@ -19,6 +19,7 @@ from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
 from streammerge.frontdoors import mergekit_cli
 from streammerge.inspect.commands import check_command, stats_command
+from streammerge.inspect.stats import output_statistics, write_merge_stats
 from streammerge.methods import get_method, method_names
 from streammerge.plan.load import read_documents
 
@@ -70,7 +71,8 @@ def main() -> None:
 
     eval, compare and calibrate run a model one decoder layer at a time (pip install
     'streammerge[eval]'): perplexity and continuations, merges side by side, and the statistics
-    the data-aware methods read.
+    the data-aware methods read. check and stats look at models without merging them: whether
+    they can be merged (from headers alone) and how far apart they are, per tensor and layer.
     """
     warnings.showwarning = _warn
 
@@ -106,8 +108,6 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
         fail(e)
     _report(result, quiet)
     if with_stats:
-        from streammerge.inspect.stats import output_statistics, write_merge_stats
-
         try:
             against = output_statistics(result.output, list(result.inputs), progress=not quiet)
             written = write_merge_stats(result.output, against)

@@ -62,7 +62,8 @@ def stats_command(a: str, b: str, base: str | None, json_path: Path | None, png:
     try:
         if png is not None:
             require_matplotlib(f"--png {png}")
-        stats = compare_models(a, b, base, chunk_elements=chunk_size, cache_dir=cache_dir, progress=not quiet)
+        stats = compare_models(a, b, base, chunk_elements=chunk_size, cache_dir=cache_dir,
+                               progress=not quiet)
         click.echo(summary_table(stats))
         for name, why in stats.skipped.items():
             click.echo(f"note: {name} not compared: {why}", err=True)
