@@ -117,6 +117,21 @@ def test_stats_without_base_skips_and_zero_norms(fp32_family: Family, tmp_path: 
     assert result["base"] is None and len(result["tensors"]) == 28
 
 
+def test_stats_reads_a_tied_head_as_the_embeddings(fp32_family: Family, tmp_path: Path) -> None:
+    """As a merge reads it: B ties its head, so A's head is compared with B's embeddings."""
+    a = fp32_family.tensors[fp32_family.models[0]]
+    b = {k: v for k, v in fp32_family.tensors[fp32_family.models[1]].items() if k != "lm_head.weight"}
+    config = fp32_family.arch.config(torch.float32) | {"tie_word_embeddings": True}
+    tied = write_checkpoint(tmp_path / "tied", b, config)
+    result = compare_models(fp32_family.models[0], tied, chunk_elements=100).as_dict()
+    assert result["skipped"] == {}
+    assert result["tied"] == {"lm_head.weight": "b's model.embed_tokens.weight (tied)"}
+    _assert_figures(result["tensors"]["lm_head.weight"],
+                    _reference(a["lm_head.weight"], b["model.embed_tokens.weight"], None))
+    out = _invoke("stats", fp32_family.models[0], tied, "-q")
+    assert out.exit_code == 0 and out.stderr == "note: lm_head.weight: read as b's model.embed_tokens.weight (tied)\n"
+
+
 def test_stats_command_json_table_and_png(fp32_family: Family, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     a, b = fp32_family.models[:2]
@@ -126,7 +141,7 @@ def test_stats_command_json_table_and_png(fp32_family: Family, tmp_path: Path) -
     written = json.loads((tmp_path / "s.json").read_text())
     direct = compare_models(a, b, fp32_family.base, chunk_elements=64).as_dict()
     assert written == json.loads(json.dumps(direct))
-    assert set(written) == {"a", "b", "base", "tensors", "layers", "modules", "model", "skipped"}
+    assert set(written) == {"a", "b", "base", "tensors", "layers", "modules", "model", "skipped", "tied"}
     assert set(written["tensors"]["lm_head.weight"]) == {"l2_diff", "rel_change", "cosine", "task_cosine",
                                                          "sign_disagreement", "norm_a", "norm_b", "elements",
                                                          "layer", "module"}

@@ -67,6 +67,8 @@ def stats_command(a: str, b: str, base: str | None, json_path: Path | None, png:
         click.echo(summary_table(stats))
         for name, why in stats.skipped.items():
             click.echo(f"note: {name} not compared: {why}", err=True)
+        for name, whose in stats.tied.items():
+            click.echo(f"note: {name}: read as {whose}", err=True)
         if json_path is not None:
             write_json(stats, json_path)
             click.echo(f"wrote {json_path}", err=True)

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from streammerge.cli_common import aligned_table
 from streammerge.errors import OutputError
 from streammerge.io.reader import Checkpoint
 from streammerge.lora.overlay import AdaptedCheckpoint, open_checkpoints
-from streammerge.plan.architecture import after_layer, is_pre_layer, layer_index
+from streammerge.plan.architecture import after_layer, is_pre_layer, layer_index, tied_partner
 from streammerge.plan.load import resolve_model
 from streammerge.plotting import agg_figure, require_matplotlib
 
@@ -96,6 +96,7 @@ class ModelStatistics:
     base: str | None
     tensors: dict[str, Sums]
     skipped: dict[str, str]  # tensor -> why it was not compared
+    tied: dict[str, str] = field(default_factory=dict)  # a head read as some model's embeddings -> whose
 
     def _grouped(self, key: Callable[[str], str]) -> dict[str, Sums]:
         groups: dict[str, Sums] = {}
@@ -129,7 +130,8 @@ class ModelStatistics:
                    for n, s in self.tensors.items()}
         return {"a": self.a, "b": self.b, "base": self.base, "tensors": tensors,
                 "layers": groups(self.layers()), "modules": groups(self.modules()),
-                "model": groups({"model": self.total()})["model"], "skipped": self.skipped}
+                "model": groups({"model": self.total()})["model"], "skipped": self.skipped,
+                "tied": self.tied}
 
 
 def compare_models(a: str | Path, b: str | Path, base: str | Path | None = None, *,
@@ -153,49 +155,59 @@ def compare_checkpoints(a: Opened, b: Opened, base: Opened | None = None, *,
                         chunk_elements: int = CHUNK_ELEMENTS, progress: bool = False) -> ModelStatistics:
     """As ``compare_models``, over checkpoints already open."""
     models = [a, b, *([base] if base is not None else [])]
-    skipped = _skipped(models)
-    names = [n for n in a.tensors if n not in skipped]
+    read, skipped = _plan(models)
     total = sum(math.prod(m.tensors[n].shape) * m.tensors[n].dtype.itemsize
-                for n in names for m in models)
+                for own in read.values() for m, n in zip(models, own))
     tensors: dict[str, Sums] = {}
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statistics",
               disable=not progress, leave=False) as bar:
-        for name in names:
+        for name, own in read.items():
             sums = Sums(tensors=1)
-            for chunks in _chunks(models, name, chunk_elements):
+            for chunks in _chunks(models, own, chunk_elements):
                 sums.add(_chunk_sums(*chunks))
                 bar.update(sum(c.numel() * c.element_size() for c in chunks))
-            for m in models:
-                m.release(name)
+            for m, n in zip(models, own):
+                m.release(n)
             tensors[name] = sums
+    tied = {name: ", ".join(f"{label}'s {n}" for label, n in zip(_LABELS, own) if n != name) + " (tied)"
+            for name, own in read.items() if any(n != name for n in own)}
     return ModelStatistics(str(a.path), str(b.path), None if base is None else str(base.path), tensors,
-                           skipped)
+                           skipped, tied)
 
 
-def _skipped(models: list[Opened]) -> dict[str, str]:
-    """The tensors not compared, and why: missing from a model, or of another shape there."""
-    labels = ["a", "b", "base"]
-    out: dict[str, str] = {}
+_LABELS = ("a", "b", "base")
+
+
+def _plan(models: list[Opened]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Each tensor compared, with the tensor read from each model (a head a model ties to its
+    embeddings is read as the embeddings, as a merge reads it); and the tensors not compared, with
+    why: missing from a model, or of another shape there."""
+    read: dict[str, list[str]] = {}
+    skipped: dict[str, str] = {}
     for name in dict.fromkeys(n for m in models for n in m.tensors):
-        missing = [labels[k] for k, m in enumerate(models) if name not in m.tensors]
+        own = [name if name in m.tensors else tied_partner(name, m.tensors) for m in models]
+        missing = [label for label, n in zip(_LABELS, own) if n is None]
         if missing:
-            out[name] = f"not in {' and '.join(missing)}"
+            skipped[name] = f"not in {' and '.join(missing)}"
             continue
-        shapes = [tuple(m.tensors[name].shape) for m in models]
+        shapes = [tuple(m.tensors[n].shape) for m, n in zip(models, own)]
         if len(set(shapes)) > 1:
-            out[name] = "shapes differ: " + ", ".join(f"{list(s)} in {l}" for s, l in zip(shapes, labels))
-    return out
+            skipped[name] = "shapes differ: " + ", ".join(f"{list(sh)} in {label}"
+                                                          for sh, label in zip(shapes, _LABELS))
+        else:
+            read[name] = own
+    return read, skipped
 
 
-def _chunks(models: list[Opened], name: str, chunk_elements: int) -> Iterator[list[torch.Tensor]]:
-    """The tensor ``name`` of every model, a row range at a time."""
-    shape = models[0].tensors[name].shape
+def _chunks(models: list[Opened], names: list[str], chunk_elements: int) -> Iterator[list[torch.Tensor]]:
+    """Tensor ``names[k]`` of model k, for every model, a row range at a time."""
+    shape = models[0].tensors[names[0]].shape
     if not shape:
-        yield [m.read(name) for m in models]
+        yield [m.read(n) for m, n in zip(models, names)]
         return
     rows = max(1, chunk_elements // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], rows):
-        yield [m.read(name, slice(start, min(start + rows, shape[0]))) for m in models]
+        yield [m.read(n, slice(start, min(start + rows, shape[0]))) for m, n in zip(models, names)]
 
 
 def _chunk_sums(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None) -> Sums:
