@@ -19,7 +19,7 @@ from streammerge.lora.output import write_adapter
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, read_documents
 from streammerge.record import write_record
-from streammerge.schedule import Schedule, build_schedule
+from streammerge.schedule import Schedule, build_schedule, input_models
 
 
 def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
@@ -81,7 +81,8 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         _check_output_place(destination.resolve(), sched)
         if not overwrite and destination.is_dir() and holds_merge(destination, sched):
             return MergeResult(destination, len(sched.jobs), len(sched.shards), 0, 0, time.perf_counter() - started, 0.0,
-                               sched.notes, sched.device.description, up_to_date=True)
+                               sched.notes, sched.device.description, up_to_date=True,
+                               inputs=tuple(input_models(resolved)))
         staged = StagedOutput(destination, overwrite, restart)
         journal = _open_journal(staged, sched)
         resumed = len(journal.entries)
@@ -106,7 +107,8 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         sync = report.sync_seconds + time.perf_counter() - committed
         notes = sched.notes + report.notes + ((f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",) if resumed else ())
         return MergeResult(destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
-                           time.perf_counter() - started, sync, notes, sched.device.description, report.peak_gpu_bytes)
+                           time.perf_counter() - started, sync, notes, sched.device.description, report.peak_gpu_bytes,
+                           inputs=tuple(input_models(resolved)))
     finally:
         sched.close()
 

@@ -12,12 +12,14 @@ import click
 from streammerge import __version__
 from streammerge.api import merge, merge_stages, schedule
 from streammerge.engine import MergeResult
-from streammerge.errors import StreamMergeError
+from streammerge.errors import PlanError, StreamMergeError
 from streammerge.calibration.command import calibrate_command
 from streammerge.cli_common import Size, add_options, fail
 from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
 from streammerge.frontdoors import linear, mergekit_cli
+from streammerge.inspect.commands import check_command, stats_command
+from streammerge.inspect.stats import output_statistics, write_merge_stats
 from streammerge.methods import get_method, method_names
 from streammerge.plan.load import read_documents
 
@@ -69,7 +71,8 @@ def main() -> None:
 
     eval, compare and calibrate run a model one decoder layer at a time (pip install
     'streammerge[eval]'): perplexity and continuations, merges side by side, and the statistics
-    the data-aware methods read.
+    the data-aware methods read. check and stats look at models without merging them: whether
+    they can be merged (from headers alone) and how far apart they are, per tensor and layer.
     """
     warnings.showwarning = _warn
 
@@ -80,10 +83,13 @@ def main() -> None:
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides the plan's 'output').")
 @add_options(_output_options)
 @click.option("--threads", type=click.IntRange(min=1), help="Merge this many chunks at once on the CPU, a thread each (default: torch's thread count, one per core). Reading and writing run in threads of their own.")
+@click.option("--stats", "with_stats", is_flag=True,
+              help="After the merge, write OUT/merge_stats.json: the output against each input, as "
+                   "`streammerge stats INPUT OUT` computes it.")
 @add_options(_plan_options)
 @add_options(_mergekit_options)
 def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, restart: bool, quiet: bool,
-        **options: Any) -> None:
+        with_stats: bool, **options: Any) -> None:
     """Merge as PLAN says, into OUT (or -o OUT, or the plan's 'output').
 
     The output appears only complete. A run that is killed or fails keeps its partial output in
@@ -94,10 +100,21 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
         fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))
     overrides = _translated(options, quiet)
     try:
+        if with_stats and any(isinstance(d, dict) and d.get("adapter_output") for d in read_documents(plan)):
+            raise PlanError(f"{plan}: --stats compares a merged model with its inputs, but adapter_output "
+                            "writes an adapter; drop --stats or adapter_output")
         result = merge(plan, output or out, overwrite=overwrite, restart=restart, quiet=quiet, **overrides)
     except StreamMergeError as e:
         fail(e)
     _report(result, quiet)
+    if with_stats:
+        try:
+            against = output_statistics(result.output, list(result.inputs), progress=not quiet)
+            written = write_merge_stats(result.output, against)
+        except StreamMergeError as e:
+            fail(e)
+        if not quiet:
+            click.echo(f"wrote {written}", err=True)
 
 
 def _translated(options: dict[str, Any], quiet: bool) -> dict[str, Any]:
@@ -285,6 +302,8 @@ def methods() -> None:
 main.add_command(eval_command)
 main.add_command(calibrate_command)
 main.add_command(compare_command)
+main.add_command(check_command)
+main.add_command(stats_command)
 
 if __name__ == "__main__":
     main()

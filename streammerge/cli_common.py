@@ -33,3 +33,13 @@ def add_options(options: list) -> Any:
 def fail(e: StreamMergeError) -> NoReturn:
     click.echo(f"error: {e}", err=True)
     sys.exit(1)
+
+
+def aligned_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Columns aligned: the first to the left, the rest (numbers) to the right."""
+    widths = [max(len(c) for c in column) for column in zip(head, *rows)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join(line(r).rstrip() for r in (head, *rows))

@@ -59,6 +59,7 @@ class MergeResult:
     device: str = "cpu"  # where the kernels ran, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu (no CUDA)"
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during the merge
     up_to_date: bool = False  # the output already held this merge: nothing was read or written
+    inputs: tuple[str, ...] = ()  # the models read (resolved references: ``dir`` or ``dir+adapter``)
 
 
 @dataclass(frozen=True)

@@ -183,12 +183,17 @@ def _groups(plan: MergePlan, model_type: str | None) -> list[_Group]:
                    _slices(m, plan.base_model)) for n, m in plan.modules.items()]
 
 
+def input_models(plan: MergePlan) -> list[str]:
+    """Every model a plan reads (resolved references, each once): a slice's base, then its sources."""
+    merges = [plan] if plan.modules is None else list(plan.modules.values())
+    slices = [s for m in merges for s in _slices(m, plan.base_model)]
+    return list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
+
+
 def build_schedule(plan: MergePlan) -> Schedule:
     method = get_method(plan.merge_method)
     device = resolve_device(plan.device)
-    merges = [plan] if plan.modules is None else list(plan.modules.values())
-    slices = [s for m in merges for s in _slices(m, plan.base_model)]
-    paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
+    paths = input_models(plan)
     checkpoints = open_checkpoints(paths)  # `model+adapter` references fold the adapter in as they are read
     try:
         check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)

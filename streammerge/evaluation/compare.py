@@ -29,6 +29,7 @@ from streammerge.methods import get_method, method_names
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.adapters import expand_adapters
 from streammerge.plan.load import PlanWarning, read_documents, resolve_model
+from streammerge.plotting import agg_figure
 from streammerge.verify import holds_merge
 
 JSON_NAME, CHART_NAME = "comparison.json", "comparison.png"
@@ -331,19 +332,13 @@ def _short(ref: str) -> str:
 
 def _draw(rows: list[Row], path: Path, title: str) -> bool:
     """A bar chart of the rows' perplexities; False where matplotlib is not installed."""
-    try:
-        import matplotlib  # noqa: F401 - the optional package, imported only here
-    except ImportError:
+    figure = agg_figure(figsize=(max(4.0, 1.0 + 0.8 * len(rows)), 4.5), layout="constrained")
+    if figure is None:
         return False
-    # No pyplot: a caller's own matplotlib backend is left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     merged, baseline = "tab:blue", "tab:gray"
     values = [r.perplexity for r in rows]
-    figure = Figure(figsize=(max(4.0, 1.0 + 0.8 * len(rows)), 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     colors = [baseline if r.merge_seconds is None else merged for r in rows]
     bars = axes.bar(range(len(rows)), values, color=colors)

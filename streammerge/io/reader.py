@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,18 @@ class BinReader:
         pass
 
 
+def quantization(config: dict, tensors: Iterable[str]) -> str | None:
+    """Why a checkpoint (its config.json and tensor names) is quantized, or None when it is not."""
+    quant = config.get("quantization_config")
+    if quant is not None:
+        kind = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        return f"quantized checkpoint ({kind}, see config.json quantization_config)"
+    name = next((n for n in tensors if n.endswith(_QUANTIZED_SUFFIXES)), None)
+    if name is not None:
+        return f"tensor {name!r} is quantization state (bitsandbytes/GPTQ/AWQ)"
+    return None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: torch.dtype
@@ -150,7 +163,8 @@ class TensorInfo:
 class Checkpoint:
     """A local Hugging Face model directory, read lazily tensor by tensor."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, allow_quantized: bool = False):
+        """``allow_quantized``: open a quantized checkpoint too (to describe it; it cannot be merged)."""
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: model directory not found")
@@ -158,6 +172,8 @@ class Checkpoint:
         self._where: dict[str, ShardReader | BinReader] = {}
         try:
             self._index_shards()
+            if not allow_quantized:
+                self._refuse_quantized()
         except BaseException:
             self.close()
             raise
@@ -172,18 +188,11 @@ class Checkpoint:
                     )
                 self._where[name] = reader
         self.tensors = {name: TensorInfo(r.entries[name].dtype, r.entries[name].shape) for name, r in self._where.items()}
-        self._refuse_quantized()
 
     def _refuse_quantized(self) -> None:
-        quant = self.config().get("quantization_config")
-        if quant is not None:
-            kind = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-            raise CheckpointError(f"{self.path}: quantized checkpoint ({kind}, see config.json quantization_config); "
-                                  "merge the full-precision weights instead")
-        name = next((n for n in self.tensors if n.endswith(_QUANTIZED_SUFFIXES)), None)
-        if name is not None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is quantization state (bitsandbytes/GPTQ/AWQ); "
-                                  "merge the full-precision weights instead")
+        found = quantization(self.config(), self.tensors)
+        if found is not None:
+            raise CheckpointError(f"{self.path}: {found}; merge the full-precision weights instead")
 
     def _open(self, shard: Path) -> ShardReader | BinReader:
         if shard.name not in self._shards:

@@ -22,6 +22,13 @@ def layer_index(tensor: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def after_layer(tensor: str) -> str | None:
+    """The part of a layer tensor's name after its layer number (``mlp.up_proj.weight``); None
+    for a tensor outside the layers."""
+    m = _LAYER.search(tensor)
+    return tensor[m.end():] if m else None
+
+
 def with_layer(tensor: str, layer: int) -> str:
     """``tensor`` with its layer number replaced by ``layer``."""
     m = _LAYER.search(tensor)

@@ -1,0 +1,1 @@
+"""Looking at models without merging them: whether they can be merged, and how far apart they are."""
