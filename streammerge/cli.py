@@ -247,8 +247,8 @@ def multi_main(config_file: Path, out_path: Path | None, intermediate_dir: Path,
                    "projection whole).")
 @click.option("--output-dir", "--output_dir", "output_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory [merged_models/<A>_<B>_alpha0.70[_layers1-2-20][_qkv]].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the merge kernels run.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the merge kernels run (auto: CUDA when present).")
 @click.option("--no-special-fixes", "--no_special_fixes", "no_special_fixes", is_flag=True,
               help="Merge the embedding and lm_head rows of special tokens too (default: they are A's).")
 @add_options(_output_options)
