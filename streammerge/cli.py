@@ -19,7 +19,7 @@ from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
 from streammerge.frontdoors import linear, mergekit_cli
 from streammerge.inspect.commands import check_command, stats_command
-from streammerge.inspect.stats import output_statistics, write_merge_stats
+from streammerge.inspect.stats import output_statistics, summary_table, write_merge_stats
 from streammerge.methods import get_method, method_names
 from streammerge.plan.load import read_documents
 
@@ -108,13 +108,20 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
         fail(e)
     _report(result, quiet)
     if with_stats:
-        try:
-            against = output_statistics(result.output, list(result.inputs), progress=not quiet)
-            written = write_merge_stats(result.output, against)
-        except StreamMergeError as e:
-            fail(e)
-        if not quiet:
-            click.echo(f"wrote {written}", err=True)
+        _merge_stats(result, quiet, show=False)
+
+
+def _merge_stats(result: MergeResult, quiet: bool, show: bool) -> None:
+    """OUT/merge_stats.json: the output against each input; with ``show``, their tables printed."""
+    try:
+        against = output_statistics(result.output, list(result.inputs), progress=not quiet)
+        written = write_merge_stats(result.output, against)
+    except StreamMergeError as e:
+        fail(e)
+    for ref, comparison in against.items() if show else ():
+        click.echo(f"\n{result.output} against {ref}:\n{summary_table(comparison)}")
+    if not quiet:
+        click.echo(f"wrote {written}", err=True)
 
 
 def _translated(options: dict[str, Any], quiet: bool) -> dict[str, Any]:
@@ -259,7 +266,8 @@ def linear_command(model_a: str, model_b: str, alpha: float, layers: tuple[int, 
 
     The rows of A's special tokens (added tokens marked special, bos/eos/pad/unk) in merged
     embeddings and lm_head stay A's unless --no-special-fixes. Runs the native plan it stands for,
-    which the output keeps as streammerge_plan.yaml.
+    which the output keeps as streammerge_plan.yaml. Ends with the output's statistics against A
+    and B (as `streammerge stats` prints them), also written to OUT/merge_stats.json.
     """
     try:
         request = linear.translate(model_a, model_b, alpha, list(layers) or None, qkv_only,
@@ -271,6 +279,7 @@ def linear_command(model_a: str, model_b: str, alpha: float, layers: tuple[int, 
     except StreamMergeError as e:
         fail(e)
     _report(result, quiet)
+    _merge_stats(result, quiet, show=True)
 
 
 @main.command("verify")

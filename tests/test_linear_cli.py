@@ -95,6 +95,13 @@ def test_selected_layers_merge_alone(models: Path, tmp_path: Path) -> None:
     assert code == 0, output
     merged = {n for n in _tensors(a) if n.startswith(("model.layers.0.", "model.layers.2."))}
     _check(tmp_path / "o", a, b, merged, [])  # embeddings, norm, lm_head and layer 1 are A's
+    # the statistics at the end: the output against A and B, printed and in merge_stats.json
+    assert f"{tmp_path / 'o'} against {a}:" in output and f"{tmp_path / 'o'} against {b}:" in output
+    against_a = json.loads((tmp_path / "o" / "merge_stats.json").read_text())["inputs"][str(a)]
+    assert against_a["layers"]["1"]["l2_diff"] == 0 and against_a["layers"]["0"]["l2_diff"] > 0
+    got, ta = _tensors(tmp_path / "o"), _tensors(a)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert against_a["tensors"][name]["l2_diff"] == pytest.approx(float((got[name] - ta[name]).norm()), rel=1e-9)
 
 
 @pytest.mark.parametrize("family, projections",

@@ -88,7 +88,7 @@ def module_kind(tensor: str) -> str:
 
 
 @dataclass
-class ModelStatistics:
+class ModelComparison:
     """The sums of every compared tensor of two models (and a base), and the tensors left out."""
 
     a: str
@@ -136,7 +136,7 @@ class ModelStatistics:
 
 def compare_models(a: str | Path, b: str | Path, base: str | Path | None = None, *,
                    chunk_elements: int = CHUNK_ELEMENTS, cache_dir: str | None = None,
-                   progress: bool = False) -> ModelStatistics:
+                   progress: bool = False) -> ModelComparison:
     """Statistics of model ``b`` against model ``a`` (and the task vectors from ``base``).
     Models are references as a plan takes them: directories, ``org/name[@revision]``, ``X+adapter``."""
     refs = [resolve_model(str(r), cache_dir) for r in (a, b, *([base] if base is not None else []))]
@@ -152,7 +152,7 @@ def compare_models(a: str | Path, b: str | Path, base: str | Path | None = None,
 
 
 def compare_checkpoints(a: Opened, b: Opened, base: Opened | None = None, *,
-                        chunk_elements: int = CHUNK_ELEMENTS, progress: bool = False) -> ModelStatistics:
+                        chunk_elements: int = CHUNK_ELEMENTS, progress: bool = False) -> ModelComparison:
     """As ``compare_models``, over checkpoints already open."""
     models = [a, b, *([base] if base is not None else [])]
     read, skipped = _plan(models)
@@ -171,7 +171,7 @@ def compare_checkpoints(a: Opened, b: Opened, base: Opened | None = None, *,
             tensors[name] = sums
     tied = {name: ", ".join(f"{label}'s {n}" for label, n in zip(_LABELS, own) if n != name) + " (tied)"
             for name, own in read.items() if any(n != name for n in own)}
-    return ModelStatistics(str(a.path), str(b.path), None if base is None else str(base.path), tensors,
+    return ModelComparison(str(a.path), str(b.path), None if base is None else str(base.path), tensors,
                            skipped, tied)
 
 
@@ -229,7 +229,7 @@ _COLUMNS = ("tensors", "l2_diff", "rel_change", "cosine")
 _BASE_COLUMNS = ("task_cosine", "sign_disagreement")
 
 
-def summary_table(stats: ModelStatistics) -> str:
+def summary_table(stats: ModelComparison) -> str:
     """Per layer, per module kind and overall: one aligned table each, figures to 6 digits."""
     with_base = stats.base is not None
     head = _COLUMNS + (_BASE_COLUMNS if with_base else ())
@@ -249,14 +249,14 @@ def _cell(value: float | int | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
-def write_json(stats: ModelStatistics, path: str | Path) -> None:
+def write_json(stats: ModelComparison, path: str | Path) -> None:
     try:
         Path(path).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
 
 
-def draw_layers(stats: ModelStatistics, path: str | Path) -> None:
+def draw_layers(stats: ModelComparison, path: str | Path) -> None:
     """Per decoder layer: the relative change, and the cosines (and the sign disagreement)."""
     require_matplotlib(f"the chart {path}")
     figure = agg_figure(figsize=(7.0, 6.0), layout="constrained")
@@ -290,7 +290,7 @@ def draw_layers(stats: ModelStatistics, path: str | Path) -> None:
 
 
 def output_statistics(output: str | Path, inputs: list[str], *, chunk_elements: int = CHUNK_ELEMENTS,
-                      progress: bool = False) -> dict[str, ModelStatistics]:
+                      progress: bool = False) -> dict[str, ModelComparison]:
     """A merged model against each of its ``inputs``: each input as A, the output as B (so
     ``rel_change`` is the output's change relative to that input), keyed by input."""
     output = Path(output)
@@ -301,7 +301,7 @@ def output_statistics(output: str | Path, inputs: list[str], *, chunk_elements: 
             for ref in inputs}
 
 
-def write_merge_stats(output: str | Path, against: dict[str, ModelStatistics]) -> Path:
+def write_merge_stats(output: str | Path, against: dict[str, ModelComparison]) -> Path:
     """``output/merge_stats.json``: ``{"output", "inputs": {input: as --json writes it}}``."""
     path = Path(output) / STATS_NAME
     document = {"output": str(output), "inputs": {ref: st.as_dict() for ref, st in against.items()}}
