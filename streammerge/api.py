@@ -38,6 +38,8 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
           restart: bool = False, quiet: bool = False, strict: bool | None = None, cache_dir: str | None = None,
           **overrides: Any) -> MergeResult:
     """Merge as ``plan`` says into ``output`` (or the plan's ``output``) and return a summary.
+    A ``merge_config:`` file or dict (``streammerge.frontdoors.model_merger``) runs as its tool
+    runs it, into ``output`` or its ``output_path``.
 
     A merge that was killed or failed left its partial output in a staging directory beside
     ``output``; running it again resumes from there (``restart`` discards it and starts over).
@@ -48,8 +50,16 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
+    from streammerge.frontdoors.model_merger import MergeConfig, ModelMerger, is_model_merger
+
+    options = dict(overwrite=overwrite, restart=restart, quiet=quiet, strict=strict, cache_dir=cache_dir)
+    if isinstance(plan, dict) and is_model_merger(plan):
+        return ModelMerger(MergeConfig.from_dict(plan)).merge(output, **options, **overrides)
     if isinstance(plan, (str, Path)):
         documents = read_documents(Path(plan))
+        if len(documents) == 1 and is_model_merger(documents[0]):
+            config = MergeConfig.from_dict(documents[0], str(plan), Path(plan).parent)
+            return ModelMerger(config).merge(output, where=str(plan), **options, **overrides)
         if len(documents) > 1:
             return _merge_stages(Path(plan), documents, output, overwrite=overwrite, restart=restart, quiet=quiet,
                                  strict=strict, cache_dir=cache_dir, **overrides)
