@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +291,69 @@ def test_notes_for_keys_of_other_strategies_and_unused_weights(fp32_family: Fami
         "use_safetensors: streammerge reads safetensors (and .bin files without running pickle code) and "
         "always writes safetensors",
         f"models[0].weight: the first model starts the sequence (r = {m1}); its weight is not used")
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A tiny Llama with a tokenizer and two PEFT LoRA adapters of it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from arch_builder import build_model, write_adapter
+
+    root = tmp_path_factory.mktemp("adapted")
+    base = build_model(root, "llama")
+    return base, write_adapter(root, base, 1), write_adapter(root, base, 2)
+
+
+def test_adapters_fold_into_base_model_path_and_validation_generates(adapted: tuple[Path, Path, Path],
+                                                                     tmp_path: Path) -> None:
+    from arch_builder import folded_model, reference_generate
+
+    base, a1, a2 = adapted
+    prompts = ["the river of stone", "a man"]
+    cfg = {"strategy": "weighted", "models": [{"path": str(a1), "weight": 0.7}, {"path": str(a2), "weight": 0.3}],
+           "peft_config": {"merge_adapters": True, "adapter_names": ["default"], "base_model_path": str(base)},
+           "validation": {"run_tests": True, "test_prompts": prompts, "max_new_tokens": 5},
+           "output_path": str(tmp_path / "o")}
+    ModelMerger(cfg).merge(quiet=True)
+    native = {"merge_method": "linear", "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}}
+                                                   for a, w in ((a1, 0.7), (a2, 0.3))]}
+    streammerge.merge(native, tmp_path / "native", quiet=True)
+    assert _shards(tmp_path / "o") == _shards(tmp_path / "native")
+    # the weighted average of the models PEFT's merge_and_unload makes of each adapter
+    f1, f2 = (load_output(folded_model(tmp_path, base, a)) for a in (a1, a2))
+    _close(load_output(tmp_path / "o"), {k: (0.7 * f1[k].double() + 0.3 * f2[k].double()) for k in f1})
+    saved = json.loads((tmp_path / "o" / "validation.json").read_text())
+    assert [g["prompt"] for g in saved["generations"]] == prompts
+    assert [g["tokens"] for g in saved["generations"]] == reference_generate(tmp_path / "o", prompts, 5)
+
+
+def test_adapters_without_a_base_path_combine_into_an_adapter(adapted: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, a1, a2 = adapted
+    cfg = {"strategy": "task_arithmetic", "base_model": str(base),
+           "models": [{"path": str(a1), "weight": 0.7}, {"path": str(a2), "weight": 0.2, "operation": "subtract"}],
+           "peft_config": {"merge_adapters": True}, "output_path": str(tmp_path / "o")}
+    ModelMerger(cfg).merge(quiet=True)
+    native = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"lambda": 1.0, "normalize": False},
+              "adapters": [{"path": str(a1), "weight": 0.7}, {"path": str(a2), "weight": -0.2}],
+              "adapter_output": {"combination": "cat"}}
+    streammerge.merge(native, tmp_path / "native", quiet=True)
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "native" / "adapter_model.safetensors").read_bytes()
+    assert _err({**cfg, "peft_config": {}}, tmp_path / "e").endswith(
+        f"merge_config.models[0].path: {a1} is a PEFT adapter (adapter_config.json): set "
+        "peft_config.merge_adapters: true to merge adapters")
+
+
+def test_validation_without_transformers_names_the_extra_before_merging(fp32_family: Family, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump({"merge_config": {
+        "strategy": "weighted", "output_path": str(tmp_path / "o"), "models": [{"path": str(fp32_family.models[0])}],
+        "validation": {"run_tests": True, "test_prompts": ["a man"]}}}))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    run = CliRunner().invoke(main, ["run", str(path)])
+    assert run.exit_code == 1
+    assert run.output == (f"error: {path}: merge_config.validation.run_tests: generating from the merged model "
+                          "needs transformers: pip install 'streammerge[eval]'\n")
+    assert not (tmp_path / "o").exists()

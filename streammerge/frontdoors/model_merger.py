@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from streammerge.engine import MergeResult
-from streammerge.errors import PlanError
+from streammerge.errors import MissingExtraError, PlanError
 from streammerge.frontdoors.mergekit_cli import _device
 from streammerge.lora.adapter import CONFIG as ADAPTER_CONFIG
 from streammerge.plan.load import read_documents, resolve_model
@@ -442,6 +442,8 @@ class ModelMerger:
         if destination is None:
             raise PlanError(f"{where}: {ROOT}.output_path: missing; set it or give an output "
                             "(streammerge run FILE OUT)")
+        if t.prompts is not None:
+            _check_transformers(where)  # before the merge, not after it
         plan = _rooted(t.plan, self.config.root)
         result = merge(plan, destination, **options)
         if t.prompts is not None:
@@ -466,6 +468,14 @@ def _rooted(plan: dict[str, Any], root: Path | None) -> dict[str, Any]:
     if out.get("base_model") is not None:
         out["base_model"] = local(out["base_model"])
     return out
+
+
+def _check_transformers(where: str) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise MissingExtraError(f"{where}: {ROOT}.validation.run_tests: generating from the merged model needs "
+                                "transformers: pip install 'streammerge[eval]'") from None
 
 
 def write_validation(output: Path, prompts: list[str], max_new_tokens: int, cache_dir: str | None) -> None:
