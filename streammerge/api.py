@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,16 @@ def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
 
 def schedule(plan: str | Path | dict | MergePlan, *, strict: bool | None = None, cache_dir: str | None = None,
              **overrides: Any) -> Schedule:
-    """Build the schedule for a plan (headers only). Close it with ``Schedule.close()``."""
-    return build_schedule(_with_overrides(load_plan(plan, strict, cache_dir), overrides))
+    """Build the schedule for a plan (headers only). Close it with ``Schedule.close()``. A
+    ``merge_config:`` file or dict gets its translation's notes first."""
+    from streammerge.frontdoors.model_merger import ModelMerger, config_of
+
+    config = config_of(plan)
+    if config is None:
+        return build_schedule(_with_overrides(load_plan(plan, strict, cache_dir), overrides))
+    resolved, translation = ModelMerger(config).plan(strict, cache_dir)
+    sched = build_schedule(_with_overrides(resolved, overrides))
+    return replace(sched, notes=(*translation.notes, *sched.notes))
 
 
 def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None, *, overwrite: bool = False,
@@ -50,16 +58,14 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
-    from streammerge.frontdoors.model_merger import MergeConfig, ModelMerger, is_model_merger
+    from streammerge.frontdoors.model_merger import ModelMerger, config_of
 
-    options = dict(overwrite=overwrite, restart=restart, quiet=quiet, strict=strict, cache_dir=cache_dir)
-    if isinstance(plan, dict) and is_model_merger(plan):
-        return ModelMerger(MergeConfig.from_dict(plan)).merge(output, **options, **overrides)
+    config = config_of(plan)
+    if config is not None:
+        return ModelMerger(config).merge(output, overwrite=overwrite, restart=restart, quiet=quiet, strict=strict,
+                                         cache_dir=cache_dir, **overrides)
     if isinstance(plan, (str, Path)):
         documents = read_documents(Path(plan))
-        if len(documents) == 1 and is_model_merger(documents[0]):
-            config = MergeConfig.from_dict(documents[0], str(plan), Path(plan).parent)
-            return ModelMerger(config).merge(output, where=str(plan), **options, **overrides)
         if len(documents) > 1:
             return _merge_stages(Path(plan), documents, output, overwrite=overwrite, restart=restart, quiet=quiet,
                                  strict=strict, cache_dir=cache_dir, **overrides)

@@ -357,3 +357,15 @@ def test_validation_without_transformers_names_the_extra_before_merging(fp32_fam
     assert run.output == (f"error: {path}: merge_config.validation.run_tests: generating from the merged model "
                           "needs transformers: pip install 'streammerge[eval]'\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_command_shows_the_translated_schedule_and_notes(fp32_family: Family, tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"merge_config": {
+        "strategy": "slerp", "slerp_factor": 0.25, "output_path": str(tmp_path / "o"), "gradient_checkpointing": True,
+        "models": [{"path": str(m)} for m in fp32_family.models[:2]]}}))
+    run = CliRunner().invoke(main, ["plan", str(path)])
+    assert run.exit_code == 0, run.output
+    assert "note          gradient_checkpointing: a merge computes no gradients; no effect" in run.output.splitlines()
+    assert "slerp_eps" in run.output
+    assert not (tmp_path / "o").exists()

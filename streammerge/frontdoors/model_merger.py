@@ -19,9 +19,9 @@ from typing import Any
 
 from streammerge.engine import MergeResult
 from streammerge.errors import MissingExtraError, PlanError
-from streammerge.frontdoors.mergekit_cli import _device
 from streammerge.lora.adapter import CONFIG as ADAPTER_CONFIG
-from streammerge.plan.load import read_documents, resolve_model
+from streammerge.plan import MergePlan
+from streammerge.plan.load import load_plan, read_documents
 
 ROOT = "merge_config"
 STRATEGIES = {"weighted": "linear", "sequential": "sequential", "task_arithmetic": "task_arithmetic",
@@ -70,21 +70,26 @@ class MergeConfig:
     validation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None  # the file's directory: relative model paths are tried from it too
+    where: str = ROOT  # the file, for messages
 
     @classmethod
     def from_dict(cls, data: Any, where: str = ROOT, root: Path | None = None) -> "MergeConfig":
         """From the mapping under ``merge_config:`` (or a whole document holding that key)."""
-        if isinstance(data, dict) and set(data) == {ROOT}:
+        if isinstance(data, dict) and ROOT in data:
+            beside = [k for k in data if k != ROOT]
+            if beside:
+                raise PlanError(f"{where}: {beside[0]}: unknown top-level key beside '{ROOT}:'; move it under "
+                                f"'{ROOT}:' or drop it")
             data = data[ROOT]
         if not isinstance(data, dict):
             raise PlanError(f"{where}: {ROOT}: expected a mapping with 'strategy' and 'models', got {data!r}")
-        known = {f.name for f in fields(cls)} - {"extra", "root"}
+        known = {f.name for f in fields(cls)} - set(_INTERNAL)
         for key in ("strategy", "models"):
             if key not in data:
                 raise PlanError(f"{where}: {ROOT}.{key}: missing; give 'strategy' "
                                 f"({' | '.join(STRATEGIES)}) and 'models' (a list of {{path, weight}})")
         given = {k: ({} if v is None and k in _MAPPINGS else v) for k, v in data.items() if k in known}
-        return cls(**given, extra={k: v for k, v in data.items() if k not in known}, root=root)
+        return cls(**given, extra={k: v for k, v in data.items() if k not in known}, root=root, where=where)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MergeConfig":
@@ -97,12 +102,24 @@ class MergeConfig:
         return cls.from_dict(documents[0], str(path), path.parent)
 
 
+_INTERNAL = ("extra", "root", "where")  # MergeConfig's fields that are no config keys
 _MAPPINGS = ("options", "weighted_options", "task_arithmetic_options", "slerp_options", "peft_config", "validation")
 
 
 def is_model_merger(document: Any) -> bool:
     """Whether a YAML document is a ModelMerger config (its root key is ``merge_config``)."""
     return isinstance(document, dict) and ROOT in document
+
+
+def config_of(source: Any) -> MergeConfig | None:
+    """The ``MergeConfig`` of a ``merge_config:`` file or dict; None for any other plan."""
+    if isinstance(source, dict):
+        return MergeConfig.from_dict(source) if is_model_merger(source) else None
+    if isinstance(source, (str, Path)):
+        documents = read_documents(Path(source))
+        if len(documents) == 1 and is_model_merger(documents[0]):
+            return MergeConfig.from_dict(documents[0], str(source), Path(source).parent)
+    return None
 
 
 @dataclass
@@ -147,11 +164,11 @@ class _Reader:
         return value
 
 
-def translate(config: MergeConfig, where: str = ROOT) -> Translation:
+def translate(config: MergeConfig) -> Translation:
     """The native plan for ``config``; raises ``PlanError`` naming the key for what cannot be mapped."""
-    r = _Reader(where)
+    r = _Reader(config.where)
     strategy = config.strategy
-    if strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise r.fail("strategy", f"unknown strategy {strategy!r} (valid: {', '.join(STRATEGIES)})")
     notes: list[str] = []
     plan: dict[str, Any] = {}
@@ -212,6 +229,12 @@ def translate(config: MergeConfig, where: str = ROOT) -> Translation:
             plan["base_model"] = models[0]["path"]  # slerp_eps's t = 0 end
     _keep(r, options, config, plan, strategy, notes)
     prompts, max_new = _validation(r, config.validation)
+    if prompts is not None and adapter_output:
+        raise r.fail("validation.run_tests", "the output is a combined adapter, not a model to generate with; "
+                     "give peft_config.base_model_path to fold it into the base")
+    names = [f"{m['name']} ({m['path']})" for m in config.models if isinstance(m, dict) and "name" in m]
+    if names:
+        notes.append(f"models' names label them only: {', '.join(names)}")
     return Translation(plan, config.output_path, notes, prompts, max_new)
 
 
@@ -237,14 +260,17 @@ def _memory(r: _Reader, given: dict[str, Any], plan: dict[str, Any], notes: list
                 raise r.fail(key, f"got {value!r}, expected one of {', '.join(sorted(set(_DTYPES.values())))} "
                              "or auto")
         elif key == "device":
-            plan["device"] = _device(str(value))
+            if value not in ("cpu", "cuda", "auto", "cuda:0"):
+                raise r.fail(key, f"got {value!r}: the merge kernels run on cpu, cuda (the current CUDA device: "
+                             "choose it with CUDA_VISIBLE_DEVICES) or auto")
+            plan["device"] = "cuda" if value == "cuda:0" else value
         elif key == "weight_decay":
             if r.number(value, key) != 0:
                 raise r.fail(key, f"{value!r}: a merge trains nothing, so weight decay has no meaning here; "
                              "set it to 0 or drop it")
             notes.append("weight_decay: 0: a merge trains nothing; no effect")
         else:
-            valid = (*sorted(f.name for f in fields(MergeConfig) if f.name not in ("extra", "root")),
+            valid = (*sorted(f.name for f in fields(MergeConfig) if f.name not in _INTERNAL),
                      *_MEMORY_KEYS, "*batch_size")
             raise r.fail(key, f"unknown key (valid: {', '.join(valid)})")
 
@@ -431,43 +457,30 @@ class ModelMerger:
     def __init__(self, config: MergeConfig | dict[str, Any]):
         self.config = config if isinstance(config, MergeConfig) else MergeConfig.from_dict(config)
 
-    def merge(self, output: str | Path | None = None, *, where: str = ROOT, **options: Any) -> MergeResult:
-        """Merge into ``output`` (or the config's ``output_path``) and return the result; with
-        ``validation.run_tests``, the continuations of ``test_prompts`` are written to
-        ``OUTPUT/validation.json``. ``options`` are ``streammerge.merge``'s."""
+    def plan(self, strict: bool | None = None, cache_dir: str | None = None) -> tuple[MergePlan, Translation]:
+        """The validated native plan (model paths resolved from the current directory, then the
+        file's) and the translation it came from."""
+        t = translate(self.config)
+        return load_plan(t.plan, strict, cache_dir, root=self.config.root, where=self.config.where), t
+
+    def merge(self, output: str | Path | None = None, **options: Any) -> MergeResult:
+        """Merge into ``output`` (or the config's ``output_path``) and return the result, the
+        translation's notes first; with ``validation.run_tests``, the continuations of
+        ``test_prompts`` are written to ``OUTPUT/validation.json``. ``options`` are
+        ``streammerge.merge``'s."""
         from streammerge.api import merge
 
-        t = translate(self.config, where)
+        plan, t = self.plan(options.get("strict"), options.get("cache_dir"))
         destination = output if output is not None else t.output
         if destination is None:
-            raise PlanError(f"{where}: {ROOT}.output_path: missing; set it or give an output "
+            raise PlanError(f"{self.config.where}: {ROOT}.output_path: missing; set it or give an output "
                             "(streammerge run FILE OUT)")
         if t.prompts is not None:
-            _check_transformers(where)  # before the merge, not after it
-        plan = _rooted(t.plan, self.config.root)
+            _check_transformers(self.config.where)  # before the merge, not after it
         result = merge(plan, destination, **options)
         if t.prompts is not None:
             write_validation(result.output, t.prompts, t.max_new_tokens, options.get("cache_dir"))
         return replace(result, notes=(*t.notes, *result.notes))
-
-
-def _rooted(plan: dict[str, Any], root: Path | None) -> dict[str, Any]:
-    """``plan`` with each model reference resolved as from the config file (cwd first, then its
-    directory), so the plan no longer depends on where the file was."""
-    if root is None:
-        return plan
-
-    def local(ref: str) -> str:
-        return resolve_model(ref, None, root) if not Path(ref.split("+")[0]).is_absolute() else ref
-
-    out = {**plan}
-    if "models" in out:
-        out["models"] = [{**e, "model": local(e["model"])} for e in out["models"]]
-    if "adapters" in out:
-        out["adapters"] = [{**e, "path": local(e["path"])} for e in out["adapters"]]
-    if out.get("base_model") is not None:
-        out["base_model"] = local(out["base_model"])
-    return out
 
 
 def _check_transformers(where: str) -> None:
