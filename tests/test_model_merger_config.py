@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import streammerge
 from checkpoint_builder import Family
-from conftest import load_output
+from conftest import load_output, merge_with_chunk_sizes
 from streammerge import MergeConfig, ModelMerger
 from streammerge.cli import main
 from streammerge.errors import PlanError
@@ -128,6 +128,21 @@ def test_slerp_normalize_interpolates_the_norm_linearly(fp32_family: Family, tmp
     v0, v1 = (_exact(fp32_family, p)[name] for p in (fp32_family.models[0], fp32_family.models[2]))
     got = load_output(tmp_path / "o")[name].double()
     assert got.norm().item() == pytest.approx(0.7 * v0.norm().item() + 0.3 * v1.norm().item(), rel=1e-6)
+
+
+def test_slerp_eps_does_not_depend_on_the_chunk_size(fp32_family: Family, tmp_path: Path) -> None:
+    _, native, _ = _case("slerp", fp32_family, "normalize")
+    first, *others = merge_with_chunk_sizes(native, tmp_path)
+    assert all(o == first for o in others)
+
+
+def test_slerp_eps_lerps_below_epsilon(fp32_family: Family, tmp_path: Path) -> None:
+    """An epsilon above sin θ of every tensor makes every tensor the lerp (1 − t)·v0 + t·v1."""
+    cfg, _, _ = _case("slerp", fp32_family, "")
+    cfg["slerp_options"] = {"epsilon": 0.9}
+    ModelMerger({**cfg, "output_path": str(tmp_path / "o")}).merge(quiet=True)
+    v0, v1 = (_exact(fp32_family, p) for p in (fp32_family.models[0], fp32_family.models[2]))
+    _close(load_output(tmp_path / "o"), {k: 0.7 * v0[k] + 0.3 * v1[k] for k in v0})
 
 
 @pytest.mark.parametrize("strategy", ["task_arithmetic", "weighted"])
