@@ -384,3 +384,20 @@ def test_plan_command_shows_the_translated_schedule_and_notes(fp32_family: Famil
     assert "note          gradient_checkpointing: a merge computes no gradients; no effect" in run.output.splitlines()
     assert "slerp_eps" in run.output
     assert not (tmp_path / "o").exists()
+
+
+def test_weighted_adapters_combine_as_their_weighted_average(adapted: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, a1, a2 = adapted
+    cfg = {"strategy": "weighted", "base_model": str(base), "peft_config": {"merge_adapters": True},
+           "models": [{"path": str(a1), "weight": 3.0}, {"path": str(a2), "weight": 1.0}]}
+    result = ModelMerger({**cfg, "output_path": str(tmp_path / "o")}).merge(quiet=True)
+    assert not any(n.startswith("base_model") for n in result.notes)
+    native = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"normalize": True},
+              "adapters": [{"path": str(a1), "weight": 3.0}, {"path": str(a2), "weight": 1.0}],
+              "adapter_output": {"combination": "cat"}}
+    streammerge.merge(native, tmp_path / "native", quiet=True)
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "native" / "adapter_model.safetensors").read_bytes()
+    assert _err({**cfg, "strategy": "slerp"}, tmp_path / "e").endswith(
+        "merge_config.peft_config.base_model_path: missing: strategy slerp of adapters is merged on their base "
+        "model; give it here (without it only weighted and task_arithmetic combine the adapters into one adapter)")

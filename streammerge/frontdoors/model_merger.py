@@ -405,9 +405,11 @@ def _keep(r: _Reader, options: dict, config: MergeConfig, plan: dict, strategy: 
             if not r.flag(options.get(key, True), f"options.{key}")]
     preserve = r.flag(options.get("preserve_tokenizer", True), "options.preserve_tokenizer")
     plan["copy_tokenizer"] = preserve
-    if kept and "adapters" in plan:
-        raise r.fail(f"options.merge_{kept[0]}", "false: the output is an adapter, which holds no "
-                     "embeddings or lm_head of its own to keep; drop it")
+    if "adapters" in plan:  # the output is the combined adapter of base_model
+        if kept:
+            raise r.fail(f"options.merge_{kept[0]}", "false: the output is an adapter, which holds no "
+                         "embeddings or lm_head of its own to keep; drop it")
+        return
     if kept:
         plan["select"] = {"keep_from_base": kept}
     base = config.base_model
@@ -422,7 +424,7 @@ def _keep(r: _Reader, options: dict, config: MergeConfig, plan: dict, strategy: 
     what = (f"strategy {strategy} merges from the first model" if strategy != "weighted"
             else "strategy weighted does not merge it")
     if kept:
-        raise r.fail(f"options.merge_{kept[0] if kept[0] == 'embeddings' else 'lm_head'}",
+        raise r.fail(f"options.merge_{kept[0]}",
                      f"false takes those tensors from base_model {base}, but {what}: "
                      + ("list it among the models" if strategy == "weighted" else "make it the first model")
                      + ", or drop base_model to take them from the first model")
