@@ -78,8 +78,8 @@ class MergeConfig:
         if isinstance(data, dict) and ROOT in data:
             beside = [k for k in data if k != ROOT]
             if beside:
-                raise PlanError(f"{where}: {beside[0]}: unknown top-level key beside '{ROOT}:'; move it under "
-                                f"'{ROOT}:' or drop it")
+                raise PlanError(f"{where}: {beside[0]}: unknown top-level key beside '{ROOT}:'; "
+                                f"move it under '{ROOT}:' or drop it")
             data = data[ROOT]
         if not isinstance(data, dict):
             raise PlanError(f"{where}: {ROOT}: expected a mapping with 'strategy' and 'models', got {data!r}")
@@ -103,7 +103,8 @@ class MergeConfig:
 
 
 _INTERNAL = ("extra", "root", "where")  # MergeConfig's fields that are no config keys
-_MAPPINGS = ("options", "weighted_options", "task_arithmetic_options", "slerp_options", "peft_config", "validation")
+_MAPPINGS = ("options", "weighted_options", "task_arithmetic_options", "slerp_options", "peft_config",
+             "validation")
 
 
 def is_model_merger(document: Any) -> bool:
@@ -187,7 +188,8 @@ def translate(config: MergeConfig) -> Translation:
     models, base, adapter_output = _adapters(r, config, peft, models, base)
     normalize = _normalize(r, options, sections["weighted_options"])
     if normalize is not None and strategy != "weighted":
-        notes.append(f"normalize_weights: used by strategy weighted only; {strategy} does not divide by the weights")
+        notes.append(f"normalize_weights: used by strategy weighted only; {strategy} does not divide "
+                     "by the weights")
     normalize = True if normalize is None else normalize
 
     method = STRATEGIES[strategy]
@@ -218,8 +220,7 @@ def translate(config: MergeConfig) -> Translation:
             raise r.fail("task_arithmetic_options.clamp_weights", "a clamped sum of adapters is no adapter; "
                          "give peft_config.base_model_path to fold them into the base, or drop the clamp")
         plan |= {"merge_method": method, "parameters": params, "base_model": base,
-                 "adapters": [{"path": e["model"], **({"weight": e["parameters"]["weight"]}
-                                                       if "weight" in e["parameters"] else {})} for e in entries],
+                 "adapters": [{"path": e["model"], **e["parameters"]} for e in entries],
                  "adapter_output": {"combination": "cat"}}
     else:
         plan["models"] = entries
@@ -230,8 +231,8 @@ def translate(config: MergeConfig) -> Translation:
     _keep(r, options, config, plan, strategy, notes)
     prompts, max_new = _validation(r, config.validation)
     if prompts is not None and adapter_output:
-        raise r.fail("validation.run_tests", "the output is a combined adapter, not a model to generate with; "
-                     "give peft_config.base_model_path to fold it into the base")
+        raise r.fail("validation.run_tests", "the output is a combined adapter, not a model to generate "
+                     "with; give peft_config.base_model_path to fold it into the base")
     names = [f"{m['name']} ({m['path']})" for m in config.models if isinstance(m, dict) and "name" in m]
     if names:
         notes.append(f"models' names label them only: {', '.join(names)}")
@@ -257,12 +258,12 @@ def _memory(r: _Reader, given: dict[str, Any], plan: dict[str, Any], notes: list
                 notes.append(f"torch_dtype: {value}: the output is written in {_DTYPES[name]} "
                              f"({_STREAMS}; nothing is loaded in it)")
             else:
-                raise r.fail(key, f"got {value!r}, expected one of {', '.join(sorted(set(_DTYPES.values())))} "
-                             "or auto")
+                valid = ", ".join(sorted(set(_DTYPES.values())))
+                raise r.fail(key, f"got {value!r}, expected one of {valid} or auto")
         elif key == "device":
             if value not in ("cpu", "cuda", "auto", "cuda:0"):
-                raise r.fail(key, f"got {value!r}: the merge kernels run on cpu, cuda (the current CUDA device: "
-                             "choose it with CUDA_VISIBLE_DEVICES) or auto")
+                raise r.fail(key, f"got {value!r}: the merge kernels run on cpu, cuda (the current CUDA "
+                             "device: choose it with CUDA_VISIBLE_DEVICES) or auto")
             plan["device"] = "cuda" if value == "cuda:0" else value
         elif key == "weight_decay":
             if r.number(value, key) != 0:
@@ -312,7 +313,8 @@ def _entry(model: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
 def _normalize(r: _Reader, options: dict, weighted: dict) -> bool | None:
     values = {f"{section}.normalize_weights": r.flag(s["normalize_weights"], f"{section}.normalize_weights")
-              for section, s in (("options", options), ("weighted_options", weighted)) if "normalize_weights" in s}
+              for section, s in (("options", options), ("weighted_options", weighted))
+              if "normalize_weights" in s}
     if len(set(values.values())) > 1:
         raise r.fail("weighted_options.normalize_weights", f"{values} disagree; give one of them")
     return next(iter(values.values()), None)
@@ -320,12 +322,12 @@ def _normalize(r: _Reader, options: dict, weighted: dict) -> bool | None:
 
 def _task_arithmetic(r: _Reader, models: list[dict], opts: dict, base: str | None) -> tuple[list, dict]:
     if base is None:
-        raise r.fail("base_model", "missing: task_arithmetic adds the models' differences from base_model to it; "
-                     "give base_model")
+        raise r.fail("base_model", "missing: task_arithmetic adds the models' differences from base_model "
+                     "to it; give base_model")
     entries = [_entry(m, {"weight": -abs(m["weight"]) if m["operation"] == "subtract" else m["weight"]})
                for m in models]
-    params: dict[str, Any] = {"lambda": r.number(opts.get("scaling_factor", 1.0),
-                                                  "task_arithmetic_options.scaling_factor"), "normalize": False}
+    scale = r.number(opts.get("scaling_factor", 1.0), "task_arithmetic_options.scaling_factor")
+    params: dict[str, Any] = {"lambda": scale, "normalize": False}
     clamp = r.flag(opts.get("clamp_weights", False), "task_arithmetic_options.clamp_weights")
     at = "task_arithmetic_options.clamp_range"
     if clamp:
@@ -352,7 +354,8 @@ def _slerp(r: _Reader, config: MergeConfig, models: list[dict], opts: dict) -> t
         raise r.fail("slerp_factor", f"{factors} disagree; give one of them")
     t = next(iter(factors.values()), 0.5)
     if not 0 <= t <= 1:
-        raise r.fail(next(iter(factors)), f"got {t}, expected 0 <= t <= 1 (0: the first model, 1: the second)")
+        raise r.fail(next(iter(factors)), f"got {t}, expected 0 <= t <= 1 (0: the first model, "
+                     "1: the second)")
     epsilon = r.number(opts.get("epsilon", 1e-8), "slerp_options.epsilon")
     if epsilon < 0:
         raise r.fail("slerp_options.epsilon", f"got {epsilon}, expected a number >= 0")
@@ -368,8 +371,8 @@ def _adapters(r: _Reader, config: MergeConfig, peft: dict, models: list[dict], b
     adapters = [i for i, m in enumerate(models) if _is_adapter(m["path"], root)]
     if not adapters:
         if peft.get("merge_adapters"):
-            raise r.fail("peft_config.merge_adapters", f"no model is a PEFT adapter directory ({ADAPTER_CONFIG}); "
-                         "drop peft_config")
+            raise r.fail("peft_config.merge_adapters", "no model is a PEFT adapter directory "
+                         f"({ADAPTER_CONFIG}); drop peft_config")
         return models, base, False
     if not peft.get("merge_adapters"):
         raise r.fail(f"models[{adapters[0]}].path", f"{models[adapters[0]]['path']} is a PEFT adapter "
@@ -397,7 +400,8 @@ def _is_adapter(path: str, root: Path | None) -> bool:
     return any((c / ADAPTER_CONFIG).is_file() for c in candidates)
 
 
-def _keep(r: _Reader, options: dict, config: MergeConfig, plan: dict, strategy: str, notes: list[str]) -> None:
+def _keep(r: _Reader, options: dict, config: MergeConfig, plan: dict, strategy: str,
+          notes: list[str]) -> None:
     """merge_embeddings / merge_lm_head: false keep those tensors from the base (else the first
     model), and preserve_tokenizer copies that model's tokenizer files: the plan's donor, which is
     its base_model (task_arithmetic), the base_model among weighted's models, else the first model."""
@@ -489,8 +493,8 @@ def _check_transformers(where: str) -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise MissingExtraError(f"{where}: {ROOT}.validation.run_tests: generating from the merged model needs "
-                                "transformers: pip install 'streammerge[eval]'") from None
+        raise MissingExtraError(f"{where}: {ROOT}.validation.run_tests: generating from the merged model "
+                                "needs transformers: pip install 'streammerge[eval]'") from None
 
 
 def write_validation(output: Path, prompts: list[str], max_new_tokens: int, cache_dir: str | None) -> None:

@@ -47,7 +47,8 @@ register(
         name="slerp_eps",
         merge=slerp_merge,
         params=(
-            Param("t", float, required=True, low=0.0, high=1.0, doc="interpolation factor: 0 = base_model, 1 = the other"),
+            Param("t", float, required=True, low=0.0, high=1.0,
+                  doc="interpolation factor: 0 = base_model, 1 = the other"),
             Param("epsilon", float, default=1e-8, low=0.0, doc="lerp when sin θ or a norm is below it"),
             Param("normalize", bool, default=False, doc="interpolate directions and norms separately"),
         ),
