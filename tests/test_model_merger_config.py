@@ -52,6 +52,11 @@ def _slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, normalize: bool) -> tor
 
 
 # strategy -> (merge_config keys, the native plan it must equal, the float64 reference)
+def _weighted(pairs: tuple[tuple[Path, float], ...]) -> list[dict]:
+    """Native model entries with weights."""
+    return [{"model": str(m), "parameters": {"weight": w}} for m, w in pairs]
+
+
 def _case(strategy: str, f: Family, variant: str) -> tuple[dict, dict, Any]:
     b, (m1, m2, m3) = f.base, f.models
     B, X1, X2, X3 = (_exact(f, p) for p in (b, m1, m2, m3))
@@ -60,24 +65,25 @@ def _case(strategy: str, f: Family, variant: str) -> tuple[dict, dict, Any]:
         cfg = {"models": [{"path": str(m1), "weight": 0.6, "name": "chat"}, {"path": str(m2), "weight": 0.3},
                           {"path": str(m3), "weight": 0.3}], "weighted_options": {"normalize_weights": norm}}
         native = {"merge_method": "linear", "parameters": {"normalize": norm},
-                  "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in ((m1, 0.6), (m2, 0.3), (m3, 0.3))]}
+                  "models": _weighted(((m1, 0.6), (m2, 0.3), (m3, 0.3)))}
         ref = {k: (0.6 * X1[k] + 0.3 * X2[k] + 0.3 * X3[k]) / (1.2 if norm else 1) for k in B}
     elif strategy == "sequential":
-        cfg = {"models": [{"path": str(m1)}, {"path": str(m2), "weight": 0.25}, {"path": str(m3), "weight": 0.6}]}
-        native = {"merge_method": "sequential", "models": [{"model": str(m), "parameters": {"weight": w}}
-                                                           for m, w in ((m1, 1.0), (m2, 0.25), (m3, 0.6))]}
+        cfg = {"models": [{"path": str(m1)}, {"path": str(m2), "weight": 0.25},
+                          {"path": str(m3), "weight": 0.6}]}
+        native = {"merge_method": "sequential", "models": _weighted(((m1, 1.0), (m2, 0.25), (m3, 0.6)))}
         ref = {k: 0.4 * (0.75 * X1[k] + 0.25 * X2[k]) + 0.6 * X3[k] for k in B}
     elif strategy == "task_arithmetic":
         # subtract with a negative weight still subtracts: c = -|w|
         cfg = {"base_model": str(b), "models": [{"path": str(m1), "weight": 0.7},
                                                 {"path": str(m2), "weight": -0.5, "operation": "subtract"},
                                                 {"path": str(m3), "weight": 0.5, "operation": "subtract"}],
-               "task_arithmetic_options": {"scaling_factor": 1.5, "clamp_weights": variant == "clamp",
-                                           **({"clamp_range": [-0.004, 0.003]} if variant == "clamp" else {})}}
+               "task_arithmetic_options": {"scaling_factor": 1.5, "clamp_weights": variant == "clamp"}}
         clamp = {"clamp_min": -0.004, "clamp_max": 0.003} if variant == "clamp" else {}
+        if clamp:
+            cfg["task_arithmetic_options"]["clamp_range"] = [-0.004, 0.003]
         native = {"merge_method": "task_arithmetic", "base_model": str(b),
                   "parameters": {"lambda": 1.5, "normalize": False, **clamp},
-                  "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in ((m1, 0.7), (m2, -0.5), (m3, -0.5))]}
+                  "models": _weighted(((m1, 0.7), (m2, -0.5), (m3, -0.5)))}
 
         def ta(k: str) -> torch.Tensor:
             mixed = 1.5 * (0.7 * (X1[k] - B[k]) - 0.5 * (X2[k] - B[k]) - 0.5 * (X3[k] - B[k]))
@@ -86,7 +92,8 @@ def _case(strategy: str, f: Family, variant: str) -> tuple[dict, dict, Any]:
     else:
         normalize = variant == "normalize"
         cfg = {"models": [{"path": str(m1)}, {"path": str(m3)}], "slerp_factor": 0.3,
-               "slerp_options": {"interpolation_factor": 0.3, "normalize_before_slerp": normalize, "epsilon": "1e-8"}}
+               "slerp_options": {"interpolation_factor": 0.3, "normalize_before_slerp": normalize,
+                                 "epsilon": "1e-8"}}  # as YAML reads 1e-8: a string
         native = {"merge_method": "slerp_eps", "base_model": str(m1),
                   "parameters": {"t": 0.3, "epsilon": 1e-8, "normalize": normalize},
                   "models": [{"model": str(m1)}, {"model": str(m3)}]}
@@ -112,7 +119,8 @@ def test_strategy_equals_its_native_plan_and_the_reference(strategy: str, varian
 def test_clamp_bounds_the_moved_distance(fp32_family: Family, tmp_path: Path) -> None:
     cfg, _, _ = _case("task_arithmetic", fp32_family, "clamp")
     ModelMerger({**cfg, "output_path": str(tmp_path / "c")}).merge(quiet=True)
-    ModelMerger({**cfg, "task_arithmetic_options": {"scaling_factor": 1.5}, "output_path": str(tmp_path / "u")}).merge(quiet=True)
+    free = {**cfg, "task_arithmetic_options": {"scaling_factor": 1.5}, "output_path": str(tmp_path / "u")}
+    ModelMerger(free).merge(quiet=True)
     base = _exact(fp32_family, fp32_family.base)
     clamped, free = load_output(tmp_path / "c"), load_output(tmp_path / "u")
     name = "model.layers.0.mlp.up_proj.weight"
@@ -146,8 +154,8 @@ def test_slerp_eps_lerps_below_epsilon(fp32_family: Family, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("strategy", ["task_arithmetic", "weighted"])
-def test_unmerged_embeddings_and_head_come_from_the_base_else_the_first_model(strategy: str, fp32_family: Family,
-                                                                            tmp_path: Path) -> None:
+def test_unmerged_embeddings_and_head_come_from_the_base_else_the_first_model(
+        strategy: str, fp32_family: Family, tmp_path: Path) -> None:
     cfg, _, ref = _case(strategy, fp32_family, "")
     options = {"merge_embeddings": False, "merge_lm_head": False}
     ModelMerger({**cfg, "options": options, "output_path": str(tmp_path / "o")}).merge(quiet=True)
@@ -159,10 +167,10 @@ def test_unmerged_embeddings_and_head_come_from_the_base_else_the_first_model(st
            {k: v for k, v in ref.items() if k not in (EMBED, HEAD)})
     # weighted with base_model among its models: that model is the donor
     if strategy == "weighted":
-        third = str(fp32_family.models[2])
-        ModelMerger({**cfg, "base_model": third, "options": options,
+        third = fp32_family.models[2]
+        ModelMerger({**cfg, "base_model": str(third), "options": options,
                      "output_path": str(tmp_path / "b")}).merge(quiet=True)
-        assert torch.equal(load_output(tmp_path / "b")[EMBED], fp32_family.tensors[fp32_family.models[2]][EMBED])
+        assert torch.equal(load_output(tmp_path / "b")[EMBED], fp32_family.tensors[third][EMBED])
 
 
 def test_yaml_file_runs_with_streammerge_run_and_the_python_api(fp32_family: Family, tmp_path: Path,
@@ -182,12 +190,14 @@ def test_yaml_file_runs_with_streammerge_run_and_the_python_api(fp32_family: Fam
     run = CliRunner().invoke(main, ["run", str(config)])
     assert run.exit_code == 0, run.output
     out = tmp_path / "merged_model"
-    for line in ("note: normalize_weights: used by strategy weighted only; task_arithmetic does not divide by the weights",
-                 "note: low_memory_mode: streammerge always streams one tensor chunk at a time, in bounded memory "
-                 "(--max-memory sets the budget)",
-                 "note: batch_size: streammerge always streams one tensor chunk at a time; there are no batches to size",
-                 "note: torch_dtype: bfloat16: the output is written in bfloat16 (streammerge always streams one "
-                 "tensor chunk at a time; nothing is loaded in it)"):
+    streams = "streammerge always streams one tensor chunk at a time"
+    for line in ("note: normalize_weights: used by strategy weighted only; task_arithmetic does not divide "
+                 "by the weights",
+                 f"note: low_memory_mode: {streams}, in bounded memory (--max-memory sets the budget)",
+                 f"note: batch_size: {streams}; there are no batches to size",
+                 f"note: torch_dtype: bfloat16: the output is written in bfloat16 ({streams}; nothing is "
+                 "loaded in it)",
+                 f"note: models' names label them only: chat_specialist (./ft1)"):
         assert line in run.output.splitlines()
     assert "note: device_map: " in run.output
     native = {"merge_method": "task_arithmetic", "base_model": str(fp32_family.base), "out_dtype": "bfloat16",
@@ -210,7 +220,8 @@ def test_yaml_file_runs_with_streammerge_run_and_the_python_api(fp32_family: Fam
 
 def test_preserve_tokenizer_false_writes_no_tokenizer(fp32_family: Family, tmp_path: Path) -> None:
     cfg, _, _ = _case("weighted", fp32_family, "")
-    ModelMerger({**cfg, "options": {"preserve_tokenizer": False}, "output_path": str(tmp_path / "o")}).merge(quiet=True)
+    ModelMerger({**cfg, "options": {"preserve_tokenizer": False},
+                 "output_path": str(tmp_path / "o")}).merge(quiet=True)
     assert not (tmp_path / "o" / "tokenizer_config.json").exists()
     ModelMerger({**cfg, "output_path": str(tmp_path / "t")}).merge(quiet=True)
     assert json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())["marker"] == "ft1"
@@ -225,7 +236,7 @@ def _err(cfg: dict, tmp_path: Path) -> str:
 
 
 BAD = [
-    ({"weight_decay": 0.01}, "merge_config: merge_config.weight_decay: 0.01: a merge trains nothing, so weight "
+    ({"weight_decay": 0.01}, "merge_config.weight_decay: 0.01: a merge trains nothing, so weight "
                              "decay has no meaning here; set it to 0 or drop it"),
     ({"options": {"weight_decay": 0.1}}, "merge_config.weight_decay: 0.1: a merge trains nothing"),
     ({"learning_rate": 1e-5}, "merge_config.learning_rate: unknown key (valid: base_model, models, options,"),
@@ -241,14 +252,15 @@ BAD = [
      "(this merge is weighted)"),
     ({"models": [{"path": "M1", "weight": 0.5, "operation": "negate"}]},
      "merge_config.models[0].operation: got 'negate', expected add or subtract"),
-    ({"models": [{"path": "M1", "weight": "heavy"}]}, "merge_config.models[0].weight: expected a number, got 'heavy'"),
-    ({"models": [{"path": "M1", "scale": 2}]}, "merge_config.models[0].scale: unknown key (valid: path, weight, "
-                                              "name, operation)"),
+    ({"models": [{"path": "M1", "weight": "heavy"}]},
+     "merge_config.models[0].weight: expected a number, got 'heavy'"),
+    ({"models": [{"path": "M1", "scale": 2}]},
+     "merge_config.models[0].scale: unknown key (valid: path, weight, name, operation)"),
     ({"options": {"normalize_weights": True}, "weighted_options": {"normalize_weights": False}},
      "merge_config.weighted_options.normalize_weights: {'options.normalize_weights': True, "
      "'weighted_options.normalize_weights': False} disagree; give one of them"),
-    ({"torch_dtype": "int8"}, "merge_config.torch_dtype: got 'int8', expected one of bfloat16, float16, float32, "
-                              "float64 or auto"),
+    ({"torch_dtype": "int8"},
+     "merge_config.torch_dtype: got 'int8', expected one of bfloat16, float16, float32, float64 or auto"),
     ({"validation": {"run_tests": True}}, "merge_config.validation.test_prompts: run_tests: true needs "
                                           "test_prompts to continue"),
     ({"peft_config": {"merge_adapters": True}}, "merge_config.peft_config.merge_adapters: no model is a PEFT "
@@ -257,7 +269,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("change", "message"), BAD)
-def test_bad_inputs_are_one_line_errors(change: dict, message: str, fp32_family: Family, tmp_path: Path) -> None:
+def test_bad_inputs_are_one_line_errors(change: dict, message: str, fp32_family: Family,
+                                        tmp_path: Path) -> None:
     cfg, _, _ = _case("weighted", fp32_family, "")
     if "models" in change:
         change = {**change, "models": [{**m, "path": str(fp32_family.models[0])} for m in change["models"]]}
@@ -272,33 +285,34 @@ def test_task_arithmetic_and_slerp_errors(fp32_family: Family, tmp_path: Path) -
         "clamp_range: given without clamp_weights: true; set clamp_weights: true to clamp, or drop it")
     cfg, _, _ = _case("slerp", fp32_family, "")
     assert _err({**cfg, "slerp_factor": 0.6}, tmp_path).endswith(
-        "merge_config.slerp_factor: {'slerp_factor': 0.6, 'slerp_options.interpolation_factor': 0.3} disagree; "
-        "give one of them")
+        "merge_config.slerp_factor: {'slerp_factor': 0.6, 'slerp_options.interpolation_factor': 0.3} "
+        "disagree; give one of them")
     assert _err({**cfg, "slerp_factor": 1.5, "slerp_options": {}}, tmp_path).endswith(
         "merge_config.slerp_factor: got 1.5, expected 0 <= t <= 1 (0: the first model, 1: the second)")
     cfg, _, _ = _case("weighted", fp32_family, "")
-    assert _err({**cfg, "base_model": str(fp32_family.base), "options": {"merge_embeddings": False}},
-                tmp_path).endswith(f"merge_config.options.merge_embeddings: false takes those tensors from base_model "
-                                   f"{fp32_family.base}, but strategy weighted does not merge it: list it among the "
-                                   "models, or drop base_model to take them from the first model")
+    outside = {**cfg, "base_model": str(fp32_family.base), "options": {"merge_embeddings": False}}
+    assert _err(outside, tmp_path).endswith(
+        "merge_config.options.merge_embeddings: false takes those tensors from base_model "
+        f"{fp32_family.base}, but strategy weighted does not merge it: list it among the models, or drop base_model to take them "
+        "from the first model")
 
 
 def test_cli_error_is_one_line(fp32_family: Family, tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"merge_config": {"strategy": "weighted", "output_path": str(tmp_path / "o"),
-                                                     "models": [{"path": str(fp32_family.models[0])}],
-                                                     "weight_decay": 0.5}}))
+    path.write_text(yaml.safe_dump({"merge_config": {
+        "strategy": "weighted", "output_path": str(tmp_path / "o"),
+        "models": [{"path": str(fp32_family.models[0])}], "weight_decay": 0.5}}))
     run = CliRunner().invoke(main, ["run", str(path)])
     assert run.exit_code == 1
-    assert run.output == (f"error: {path}: merge_config.weight_decay: 0.5: a merge trains nothing, so weight decay "
-                          "has no meaning here; set it to 0 or drop it\n")
+    assert run.output == (f"error: {path}: merge_config.weight_decay: 0.5: a merge trains nothing, so weight "
+                          "decay has no meaning here; set it to 0 or drop it\n")
 
 
 def test_notes_for_keys_of_other_strategies_and_unused_weights(fp32_family: Family, tmp_path: Path) -> None:
     cfg, _, _ = _case("sequential", fp32_family, "")
     cfg["models"][0]["weight"] = 0.9
-    result = ModelMerger({**cfg, "slerp_options": {"epsilon": 1e-6}, "weight_decay": 0, "use_safetensors": True,
-                          "output_path": str(tmp_path / "o")}).merge(quiet=True)
+    result = ModelMerger({**cfg, "slerp_options": {"epsilon": 1e-6}, "weight_decay": 0,
+                          "use_safetensors": True, "output_path": str(tmp_path / "o")}).merge(quiet=True)
     m1 = fp32_family.models[0]
     assert result.notes[:4] == (
         "slerp_options: used by strategy slerp only; this merge is sequential",
@@ -326,8 +340,10 @@ def test_adapters_fold_into_base_model_path_and_validation_generates(adapted: tu
 
     base, a1, a2 = adapted
     prompts = ["the river of stone", "a man"]
-    cfg = {"strategy": "weighted", "models": [{"path": str(a1), "weight": 0.7}, {"path": str(a2), "weight": 0.3}],
-           "peft_config": {"merge_adapters": True, "adapter_names": ["default"], "base_model_path": str(base)},
+    cfg = {"strategy": "weighted",
+           "models": [{"path": str(a1), "weight": 0.7}, {"path": str(a2), "weight": 0.3}],
+           "peft_config": {"merge_adapters": True, "adapter_names": ["default"],
+                           "base_model_path": str(base)},
            "validation": {"run_tests": True, "test_prompts": prompts, "max_new_tokens": 5},
            "output_path": str(tmp_path / "o")}
     ModelMerger(cfg).merge(quiet=True)
@@ -343,13 +359,16 @@ def test_adapters_fold_into_base_model_path_and_validation_generates(adapted: tu
     assert [g["tokens"] for g in saved["generations"]] == reference_generate(tmp_path / "o", prompts, 5)
 
 
-def test_adapters_without_a_base_path_combine_into_an_adapter(adapted: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_adapters_without_a_base_path_combine_into_an_adapter(adapted: tuple[Path, Path, Path],
+                                                              tmp_path: Path) -> None:
     base, a1, a2 = adapted
     cfg = {"strategy": "task_arithmetic", "base_model": str(base),
-           "models": [{"path": str(a1), "weight": 0.7}, {"path": str(a2), "weight": 0.2, "operation": "subtract"}],
+           "models": [{"path": str(a1), "weight": 0.7},
+                      {"path": str(a2), "weight": 0.2, "operation": "subtract"}],
            "peft_config": {"merge_adapters": True}, "output_path": str(tmp_path / "o")}
     ModelMerger(cfg).merge(quiet=True)
-    native = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"lambda": 1.0, "normalize": False},
+    native = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "parameters": {"lambda": 1.0, "normalize": False},
               "adapters": [{"path": str(a1), "weight": 0.7}, {"path": str(a2), "weight": -0.2}],
               "adapter_output": {"combination": "cat"}}
     streammerge.merge(native, tmp_path / "native", quiet=True)
@@ -360,33 +379,36 @@ def test_adapters_without_a_base_path_combine_into_an_adapter(adapted: tuple[Pat
         "peft_config.merge_adapters: true to merge adapters")
 
 
-def test_validation_without_transformers_names_the_extra_before_merging(fp32_family: Family, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validation_without_transformers_names_the_extra_before_merging(
+        fp32_family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "v.yaml"
     path.write_text(yaml.safe_dump({"merge_config": {
-        "strategy": "weighted", "output_path": str(tmp_path / "o"), "models": [{"path": str(fp32_family.models[0])}],
+        "strategy": "weighted", "output_path": str(tmp_path / "o"),
+        "models": [{"path": str(fp32_family.models[0])}],
         "validation": {"run_tests": True, "test_prompts": ["a man"]}}}))
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     run = CliRunner().invoke(main, ["run", str(path)])
     assert run.exit_code == 1
-    assert run.output == (f"error: {path}: merge_config.validation.run_tests: generating from the merged model "
-                          "needs transformers: pip install 'streammerge[eval]'\n")
+    assert run.output == (f"error: {path}: merge_config.validation.run_tests: generating from the merged "
+                          "model needs transformers: pip install 'streammerge[eval]'\n")
     assert not (tmp_path / "o").exists()
 
 
 def test_plan_command_shows_the_translated_schedule_and_notes(fp32_family: Family, tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"merge_config": {
-        "strategy": "slerp", "slerp_factor": 0.25, "output_path": str(tmp_path / "o"), "gradient_checkpointing": True,
-        "models": [{"path": str(m)} for m in fp32_family.models[:2]]}}))
+        "strategy": "slerp", "slerp_factor": 0.25, "output_path": str(tmp_path / "o"),
+        "gradient_checkpointing": True, "models": [{"path": str(m)} for m in fp32_family.models[:2]]}}))
     run = CliRunner().invoke(main, ["plan", str(path)])
     assert run.exit_code == 0, run.output
-    assert "note          gradient_checkpointing: a merge computes no gradients; no effect" in run.output.splitlines()
+    note = "note          gradient_checkpointing: a merge computes no gradients; no effect"
+    assert note in run.output.splitlines()
     assert "slerp_eps" in run.output
     assert not (tmp_path / "o").exists()
 
 
-def test_weighted_adapters_combine_as_their_weighted_average(adapted: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_weighted_adapters_combine_as_their_weighted_average(adapted: tuple[Path, Path, Path],
+                                                             tmp_path: Path) -> None:
     base, a1, a2 = adapted
     cfg = {"strategy": "weighted", "base_model": str(base), "peft_config": {"merge_adapters": True},
            "models": [{"path": str(a1), "weight": 3.0}, {"path": str(a2), "weight": 1.0}]}
@@ -399,5 +421,6 @@ def test_weighted_adapters_combine_as_their_weighted_average(adapted: tuple[Path
     assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "native" / "adapter_model.safetensors").read_bytes()
     assert _err({**cfg, "strategy": "slerp"}, tmp_path / "e").endswith(
-        "merge_config.peft_config.base_model_path: missing: strategy slerp of adapters is merged on their base "
-        "model; give it here (without it only weighted and task_arithmetic combine the adapters into one adapter)")
+        "merge_config.peft_config.base_model_path: missing: strategy slerp of adapters is merged on their "
+        "base model; give it here (without it only weighted and task_arithmetic combine the adapters into "
+        "one adapter)")

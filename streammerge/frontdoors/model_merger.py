@@ -70,23 +70,23 @@ class MergeConfig:
     validation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None  # the file's directory: relative model paths are tried from it too
-    where: str = ROOT  # the file, for messages
+    where: str = ""  # the file, for messages
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = ROOT, root: Path | None = None) -> "MergeConfig":
+    def from_dict(cls, data: Any, where: str = "", root: Path | None = None) -> "MergeConfig":
         """From the mapping under ``merge_config:`` (or a whole document holding that key)."""
         if isinstance(data, dict) and ROOT in data:
             beside = [k for k in data if k != ROOT]
             if beside:
-                raise PlanError(f"{where}: {beside[0]}: unknown top-level key beside '{ROOT}:'; "
+                raise PlanError(f"{_in(where)}{beside[0]}: unknown top-level key beside '{ROOT}:'; "
                                 f"move it under '{ROOT}:' or drop it")
             data = data[ROOT]
         if not isinstance(data, dict):
-            raise PlanError(f"{where}: {ROOT}: expected a mapping with 'strategy' and 'models', got {data!r}")
+            raise PlanError(f"{_in(where)}{ROOT}: expected a mapping with 'strategy' and 'models', got {data!r}")
         known = {f.name for f in fields(cls)} - set(_INTERNAL)
         for key in ("strategy", "models"):
             if key not in data:
-                raise PlanError(f"{where}: {ROOT}.{key}: missing; give 'strategy' "
+                raise PlanError(f"{_in(where)}{ROOT}.{key}: missing; give 'strategy' "
                                 f"({' | '.join(STRATEGIES)}) and 'models' (a list of {{path, weight}})")
         given = {k: ({} if v is None and k in _MAPPINGS else v) for k, v in data.items() if k in known}
         return cls(**given, extra={k: v for k, v in data.items() if k not in known}, root=root, where=where)
@@ -100,6 +100,11 @@ class MergeConfig:
             raise PlanError(f"{path}: not a ModelMerger config: expected one document whose root key is "
                             f"'{ROOT}:'")
         return cls.from_dict(documents[0], str(path), path.parent)
+
+
+def _in(where: str) -> str:
+    """The message prefix naming the file, if the config came from one."""
+    return f"{where}: " if where else ""
 
 
 _INTERNAL = ("extra", "root", "where")  # MergeConfig's fields that are no config keys
@@ -139,7 +144,7 @@ class _Reader:
         self.where = where
 
     def fail(self, key: str, problem: str) -> PlanError:
-        return PlanError(f"{self.where}: {ROOT}.{key}: {problem}")
+        return PlanError(f"{_in(self.where)}{ROOT}.{key}: {problem}")
 
     def mapping(self, value: Any, key: str, valid: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -467,7 +472,8 @@ class ModelMerger:
         """The validated native plan (model paths resolved from the current directory, then the
         file's) and the translation it came from."""
         t = translate(self.config)
-        return load_plan(t.plan, strict, cache_dir, root=self.config.root, where=self.config.where), t
+        return load_plan(t.plan, strict, cache_dir, root=self.config.root,
+                         where=self.config.where or "plan"), t
 
     def merge(self, output: str | Path | None = None, **options: Any) -> MergeResult:
         """Merge into ``output`` (or the config's ``output_path``) and return the result, the
@@ -479,7 +485,7 @@ class ModelMerger:
         plan, t = self.plan(options.get("strict"), options.get("cache_dir"))
         destination = output if output is not None else t.output
         if destination is None:
-            raise PlanError(f"{self.config.where}: {ROOT}.output_path: missing; set it or give an output "
+            raise PlanError(f"{_in(self.config.where)}{ROOT}.output_path: missing; set it or give an output "
                             "(streammerge run FILE OUT)")
         if t.prompts is not None:
             _check_transformers(self.config.where)  # before the merge, not after it
@@ -493,7 +499,7 @@ def _check_transformers(where: str) -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise MissingExtraError(f"{where}: {ROOT}.validation.run_tests: generating from the merged model "
+        raise MissingExtraError(f"{_in(where)}{ROOT}.validation.run_tests: generating from the merged model "
                                 "needs transformers: pip install 'streammerge[eval]'") from None
 
 
