@@ -190,7 +190,7 @@ def translate(config: MergeConfig) -> Translation:
     models = _models(r, config, strategy, notes)
     base = config.base_model
     peft = r.mapping(config.peft_config, "peft_config", _PEFT_KEYS)
-    models, base, adapter_output = _adapters(r, config, peft, models, base)
+    models, base, adapter_output = _adapters(r, config, peft, models, base, notes)
     normalize = _normalize(r, options, sections["weighted_options"])
     if normalize is not None and strategy != "weighted":
         notes.append(f"normalize_weights: used by strategy weighted only; {strategy} does not divide "
@@ -368,16 +368,16 @@ def _slerp(r: _Reader, config: MergeConfig, models: list[dict], opts: dict) -> t
     return [_entry(m, {}) for m in models], {"t": t, "epsilon": epsilon, "normalize": normalize}
 
 
-def _adapters(r: _Reader, config: MergeConfig, peft: dict, models: list[dict], base: str | None
-              ) -> tuple[list[dict], str | None, bool]:
+def _adapters(r: _Reader, config: MergeConfig, peft: dict, models: list[dict], base: str | None,
+              notes: list[str]) -> tuple[list[dict], str | None, bool]:
     """Models that are PEFT adapter directories: with ``base_model_path`` each becomes the base
     with it folded in (``base+adapter``); without, the adapters are combined into one adapter."""
     root = config.root
     adapters = [i for i, m in enumerate(models) if _is_adapter(m["path"], root)]
     if not adapters:
-        if peft.get("merge_adapters"):
-            raise r.fail("peft_config.merge_adapters", "no model is a PEFT adapter directory "
-                         f"({ADAPTER_CONFIG}); drop peft_config")
+        if peft:
+            notes.append(f"peft_config: no model is a PEFT adapter directory ({ADAPTER_CONFIG}); "
+                         "every model is merged as it is")
         return models, base, False
     if not peft.get("merge_adapters"):
         raise r.fail(f"models[{adapters[0]}].path", f"{models[adapters[0]]['path']} is a PEFT adapter "
