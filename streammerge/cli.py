@@ -88,7 +88,8 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
 
     The output appears only complete. A run that is killed or fails keeps its partial output in
     .OUT.streammerge-partial beside OUT; the same command resumes it. mergekit-yaml's options
-    are accepted too (listed last).
+    are accepted too (listed last). A file whose root key is merge_config: (a ModelMerger
+    config) is merged into its output_path unless OUT is given.
     """
     if out is not None and output is not None and out != output:
         fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))

@@ -50,6 +50,10 @@ _MEMORY_NOTES = {
     "use_safetensors": "use_safetensors: streammerge reads safetensors (and .bin files without running "
                        "pickle code) and always writes safetensors",
 }
+_MEMORY_KEYS = (*_MEMORY_NOTES, "torch_dtype", "device", "weight_decay")
+_INTERNAL = ("extra", "root", "where")  # MergeConfig's fields that are no config keys
+_MAPPINGS = ("options", "weighted_options", "task_arithmetic_options", "slerp_options", "peft_config",
+             "validation")
 
 
 @dataclass
@@ -105,11 +109,6 @@ class MergeConfig:
 def _in(where: str) -> str:
     """The message prefix naming the file, if the config came from one."""
     return f"{where}: " if where else ""
-
-
-_INTERNAL = ("extra", "root", "where")  # MergeConfig's fields that are no config keys
-_MAPPINGS = ("options", "weighted_options", "task_arithmetic_options", "slerp_options", "peft_config",
-             "validation")
 
 
 def is_model_merger(document: Any) -> bool:
@@ -242,9 +241,6 @@ def translate(config: MergeConfig) -> Translation:
     if names:
         notes.append(f"models' names label them only: {', '.join(names)}")
     return Translation(plan, config.output_path, notes, prompts, max_new)
-
-
-_MEMORY_KEYS = (*_MEMORY_NOTES, "torch_dtype", "device", "weight_decay")
 
 
 def _memory(r: _Reader, given: dict[str, Any], plan: dict[str, Any], notes: list[str]) -> None:
