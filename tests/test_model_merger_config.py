@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 import streammerge
-from checkpoint_builder import Family
+from checkpoint_builder import Arch, Family, random_tensors, write_checkpoint
 from conftest import load_output, merge_with_chunk_sizes
 from streammerge import MergeConfig, ModelMerger
 from streammerge.cli import main
@@ -153,24 +153,52 @@ def test_slerp_eps_lerps_below_epsilon(fp32_family: Family, tmp_path: Path) -> N
     _close(load_output(tmp_path / "o"), {k: 0.7 * v0[k] + 0.3 * v1[k] for k in v0})
 
 
-@pytest.mark.parametrize("strategy", ["task_arithmetic", "weighted"])
+@pytest.mark.parametrize(("strategy", "base"), [("task_arithmetic", True), *((s, b) for s in (
+    "weighted", "sequential", "slerp") for b in (True, False))])
 def test_unmerged_embeddings_and_head_come_from_the_base_else_the_first_model(
-        strategy: str, fp32_family: Family, tmp_path: Path) -> None:
+        strategy: str, base: bool, fp32_family: Family, tmp_path: Path) -> None:
+    """base_model is task_arithmetic's base, and the others' donor: config.json, tokenizer and the
+    tensors not merged are its, though it is not merged."""
     cfg, _, ref = _case(strategy, fp32_family, "")
+    if base:
+        cfg["base_model"] = str(fp32_family.base)
+    elif "base_model" in cfg:
+        del cfg["base_model"]
     options = {"merge_embeddings": False, "merge_lm_head": False}
     ModelMerger({**cfg, "options": options, "output_path": str(tmp_path / "o")}).merge(quiet=True)
     got = load_output(tmp_path / "o")
-    donor = fp32_family.base if strategy == "task_arithmetic" else fp32_family.models[0]
+    donor = fp32_family.base if base else fp32_family.models[0]
     for name in (EMBED, HEAD):
         assert torch.equal(got[name], fp32_family.tensors[donor][name])
     _close({k: v for k, v in got.items() if k not in (EMBED, HEAD)},
            {k: v for k, v in ref.items() if k not in (EMBED, HEAD)})
-    # weighted with base_model among its models: that model is the donor
-    if strategy == "weighted":
-        third = fp32_family.models[2]
-        ModelMerger({**cfg, "base_model": str(third), "options": options,
-                     "output_path": str(tmp_path / "b")}).merge(quiet=True)
-        assert torch.equal(load_output(tmp_path / "b")[EMBED], fp32_family.tensors[third][EMBED])
+    assert json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["marker"] == donor.name
+
+
+def test_donor_plan_equals_the_translation_and_is_checked(fp32_family: Family, tmp_path: Path) -> None:
+    cfg, native, _ = _case("weighted", fp32_family, "")
+    ModelMerger({**cfg, "base_model": str(fp32_family.base), "options": {"merge_lm_head": False},
+                 "output_path": str(tmp_path / "mm")}).merge(quiet=True)
+    donated = {**native, "donor": str(fp32_family.base), "select": {"keep_from_base": ["lm_head"]}}
+    streammerge.merge(donated, tmp_path / "native", quiet=True)
+    assert _shards(tmp_path / "mm") == _shards(tmp_path / "native")
+    wide = Arch(vocab=100)  # the same architecture, another vocabulary
+    other = write_checkpoint(tmp_path / "wide", random_tensors(wide.shapes()), wide.config(torch.float32))
+    for plan, message in (
+            ({**donated, "donor": str(other)}, f"donor: 'lm_head.weight' of {other} is [100, 32], the output's "
+                                               "'lm_head.weight' is [96, 32]; choose a donor of the merged "
+                                               "models' shapes"),
+            ({"merge_method": "linear", "donor": str(fp32_family.base), "slices": [{"sources": [
+                {"model": str(m), "layer_range": [0, 3], "parameters": {"weight": 1.0}}
+                for m in fp32_family.models]}]},
+             "plan: 'donor' needs a 'models:' plan (slices and modules renumber or split the layers it would "
+             "lend)"),
+            ({**donated, "tokenizer_source": "base"}, "'donor' lends its tokenizer files and rows as they are; "
+                                                      "a built tokenizer ('tokenizer_source' or 'tokenizer:') "
+                                                      "re-indexes them: give one of the two")):
+        with pytest.raises(PlanError) as e:
+            streammerge.merge(plan, tmp_path / "bad", quiet=True)
+        assert str(e.value).endswith(message)
 
 
 def test_yaml_file_runs_with_streammerge_run_and_the_python_api(fp32_family: Family, tmp_path: Path,
@@ -287,12 +315,6 @@ def test_task_arithmetic_and_slerp_errors(fp32_family: Family, tmp_path: Path) -
         "disagree; give one of them")
     assert _err({**cfg, "slerp_factor": 1.5, "slerp_options": {}}, tmp_path).endswith(
         "merge_config.slerp_factor: got 1.5, expected 0 <= t <= 1 (0: the first model, 1: the second)")
-    cfg, _, _ = _case("weighted", fp32_family, "")
-    outside = {**cfg, "base_model": str(fp32_family.base), "options": {"merge_embeddings": False}}
-    assert _err(outside, tmp_path).endswith(
-        "merge_config.options.merge_embeddings: false takes those tensors from base_model "
-        f"{fp32_family.base}, but strategy weighted does not merge it: list it among the models, or drop base_model to take them "
-        "from the first model")
 
 
 def test_cli_error_is_one_line(fp32_family: Family, tmp_path: Path) -> None:

@@ -232,7 +232,7 @@ def translate(config: MergeConfig) -> Translation:
             plan["base_model"] = base
         elif strategy == "slerp":
             plan["base_model"] = models[0]["path"]  # slerp_eps's t = 0 end
-    _keep(r, options, config, plan, strategy, notes)
+    _keep(r, options, plan, base)
     prompts, max_new = _validation(r, config.validation)
     if prompts is not None and adapter_output:
         raise r.fail("validation.run_tests", "the output is a combined adapter, not a model to generate "
@@ -401,15 +401,13 @@ def _is_adapter(path: str, root: Path | None) -> bool:
     return any((c / ADAPTER_CONFIG).is_file() for c in candidates)
 
 
-def _keep(r: _Reader, options: dict, config: MergeConfig, plan: dict, strategy: str,
-          notes: list[str]) -> None:
+def _keep(r: _Reader, options: dict, plan: dict, base: str | None) -> None:
     """merge_embeddings / merge_lm_head: false keep those tensors from the base (else the first
-    model), and preserve_tokenizer copies that model's tokenizer files: the plan's donor, which is
-    its base_model (task_arithmetic), the base_model among weighted's models, else the first model."""
+    model), and preserve_tokenizer copies that model's tokenizer files: the plan's base for
+    task_arithmetic, its ``donor`` for the strategies that merge no base."""
     kept = [kind for key, kind in (("merge_embeddings", "embeddings"), ("merge_lm_head", "lm_head"))
             if not r.flag(options.get(key, True), f"options.{key}")]
-    preserve = r.flag(options.get("preserve_tokenizer", True), "options.preserve_tokenizer")
-    plan["copy_tokenizer"] = preserve
+    plan["copy_tokenizer"] = r.flag(options.get("preserve_tokenizer", True), "options.preserve_tokenizer")
     if "adapters" in plan:  # the output is the combined adapter of base_model
         if kept:
             raise r.fail(f"options.merge_{kept[0]}", "false: the output is an adapter, which holds no "
@@ -417,28 +415,8 @@ def _keep(r: _Reader, options: dict, config: MergeConfig, plan: dict, strategy: 
         return
     if kept:
         plan["select"] = {"keep_from_base": kept}
-    base = config.base_model
-    if base is None or strategy == "task_arithmetic":
-        return
-    paths = [m["path"] for m in config.models]
-    donor = next((i for i, p in enumerate(paths) if _same(base, p)), None)
-    if donor == 0 or (donor is not None and strategy == "weighted"):
-        if strategy == "weighted":
-            plan["base_model"] = plan["models"][donor]["model"]  # linear merges it as one of the models
-        return
-    what = (f"strategy {strategy} merges from the first model" if strategy != "weighted"
-            else "strategy weighted does not merge it")
-    if kept:
-        raise r.fail(f"options.merge_{kept[0]}",
-                     f"false takes those tensors from base_model {base}, but {what}: "
-                     + ("list it among the models" if strategy == "weighted" else "make it the first model")
-                     + ", or drop base_model to take them from the first model")
-    notes.append(f"base_model: {base}: {what}; the config"
-                 + (" and tokenizer come" if preserve else " comes") + f" from the first model ({paths[0]})")
-
-
-def _same(a: str, b: str) -> bool:
-    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    if base is not None and plan["merge_method"] != "task_arithmetic":
+        plan["donor"] = base
 
 
 def _validation(r: _Reader, validation: dict) -> tuple[list[str] | None, int]:

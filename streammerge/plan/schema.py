@@ -26,7 +26,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
-               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration")
+               "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration", "donor")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -215,6 +215,9 @@ class MergePlan(BaseModel):
     copy_tokenizer: bool = True  # copy the donor's tokenizer files when the plan builds no tokenizer
     write_model_card: bool = True  # README.md describing the merge
     calibration: Optional[Calibration] = None  # every model's, unless its entry gives its own
+    # the model config.json, the tokenizer files and every tensor not merged come from (default: the
+    # base, else the first model); it need not be merged
+    donor: Optional[str] = None
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
@@ -222,6 +225,12 @@ class MergePlan(BaseModel):
             raise ValueError("give exactly one of 'models', 'slices' and 'modules'")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give 'tokenizer_source' or a 'tokenizer:' block, not both")
+        if self.donor is not None and self.models is None:
+            raise ValueError("'donor' needs a 'models:' plan (slices and modules renumber or split the "
+                             "layers it would lend)")
+        if self.donor is not None and self.tokenizer_spec is not None:
+            raise ValueError("'donor' lends its tokenizer files and rows as they are; a built tokenizer "
+                             "('tokenizer_source' or 'tokenizer:') re-indexes them: give one of the two")
         return self
 
     @property
