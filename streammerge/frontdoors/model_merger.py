@@ -5,8 +5,9 @@ Strategies map onto registered methods: ``weighted`` is ``linear`` (``normalize`
 ``normalize_weights``), ``sequential`` is ``sequential`` without a base (r starts as the first
 model), ``task_arithmetic`` is ``task_arithmetic`` with λ = ``scaling_factor``, weight c_i = w_i
 (``add``) or −|w_i| (``subtract``) and ``clamp_min``/``clamp_max`` = ``clamp_range``, and ``slerp``
-is ``slerp_eps``. ``merge_embeddings``/``merge_lm_head: false`` become ``select.keep_from_base``,
-``preserve_tokenizer`` ``copy_tokenizer``, ``torch_dtype`` ``out_dtype``. Keys that only tune the
+is ``slerp_eps``. ``base_model`` is task_arithmetic's base and the others' ``donor`` (config,
+tokenizer and unmerged tensors); ``merge_embeddings``/``merge_lm_head: false`` become
+``select.keep_from_base``, ``preserve_tokenizer`` ``copy_tokenizer``, ``torch_dtype`` ``out_dtype``. Keys that only tune the
 tool's memory or devices get one note each; keys with no meaning here are one-line errors.
 """
 
