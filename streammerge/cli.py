@@ -64,7 +64,7 @@ def main() -> None:
     run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
     device, max_gpu_memory, vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output,
-    allow_crimes, copy_tokenizer, write_model_card, calibration). Models are local directories or
+    allow_crimes, copy_tokenizer, write_model_card, calibration, donor). Models are local directories or
     org/name[@revision] on the Hugging Face Hub; model+adapter folds a PEFT LoRA adapter in.
 
     eval, compare and calibrate run a model one decoder layer at a time (pip install
