@@ -337,8 +337,9 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
             raise PlanError(f"donor: tensor {name!r} missing from {checkpoints[c].path}, which lends the "
                             "tensors that are not merged")
         if tuple(have[found].shape) != tuple(shape):
-            raise PlanError(f"donor: {found!r} of {checkpoints[c].path} is {list(have[found].shape)}, the "
-                            f"output's {name!r} is {list(shape)}; choose a donor of the merged models' shapes")
+            raise PlanError(f"donor: {found!r} of {checkpoints[c].path} is {list(have[found].shape)}, "
+                            f"the output's {name!r} is {list(shape)}; choose a donor of the merged models' "
+                            "shapes")
         return Source(c, found)
 
     def module_tensors(c: int, prefix: str) -> dict:

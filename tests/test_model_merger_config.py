@@ -52,7 +52,7 @@ def _slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, normalize: bool) -> tor
 
 
 # strategy -> (merge_config keys, the native plan it must equal, the float64 reference)
-def _weighted(pairs: tuple[tuple[Path, float], ...]) -> list[dict]:
+def _weighted(pairs: tuple[tuple[Path | str, float], ...]) -> list[dict]:
     """Native model entries with weights."""
     return [{"model": str(m), "parameters": {"weight": w}} for m, w in pairs]
 
@@ -185,17 +185,17 @@ def test_donor_plan_equals_the_translation_and_is_checked(fp32_family: Family, t
     wide = Arch(vocab=100)  # the same architecture, another vocabulary
     other = write_checkpoint(tmp_path / "wide", random_tensors(wide.shapes()), wide.config(torch.float32))
     for plan, message in (
-            ({**donated, "donor": str(other)}, f"donor: 'lm_head.weight' of {other} is [100, 32], the output's "
-                                               "'lm_head.weight' is [96, 32]; choose a donor of the merged "
-                                               "models' shapes"),
+            ({**donated, "donor": str(other)},
+             f"donor: 'lm_head.weight' of {other} is [100, 32], the output's 'lm_head.weight' is [96, 32]; "
+             "choose a donor of the merged models' shapes"),
             ({"merge_method": "linear", "donor": str(fp32_family.base), "slices": [{"sources": [
                 {"model": str(m), "layer_range": [0, 3], "parameters": {"weight": 1.0}}
                 for m in fp32_family.models]}]},
              "plan: 'donor' needs a 'models:' plan (slices and modules renumber or split the layers it would "
              "lend)"),
-            ({**donated, "tokenizer_source": "base"}, "'donor' lends its tokenizer files and rows as they are; "
-                                                      "a built tokenizer ('tokenizer_source' or 'tokenizer:') "
-                                                      "re-indexes them: give one of the two")):
+            ({**donated, "tokenizer_source": "base"},
+             "'donor' lends its tokenizer files and rows as they are; a built tokenizer ('tokenizer_source' "
+             "or 'tokenizer:') re-indexes them: give one of the two")):
         with pytest.raises(PlanError) as e:
             streammerge.merge(plan, tmp_path / "bad", quiet=True)
         assert str(e.value).endswith(message)
@@ -331,8 +331,8 @@ def test_cli_error_is_one_line(fp32_family: Family, tmp_path: Path) -> None:
 def test_notes_for_keys_of_other_strategies_and_unused_weights(fp32_family: Family, tmp_path: Path) -> None:
     cfg, _, _ = _case("sequential", fp32_family, "")
     cfg["models"][0]["weight"] = 0.9
-    result = ModelMerger({**cfg, "slerp_options": {"epsilon": 1e-6}, "weight_decay": 0, "use_safetensors": True,
-                          "peft_config": {"merge_adapters": True}, "options": {"normalize_weights": False},
+    result = ModelMerger({**cfg, "slerp_options": {"epsilon": 1e-6}, "weight_decay": 0,
+                          "use_safetensors": True, "peft_config": {"merge_adapters": True}, "options": {"normalize_weights": False},
                           "output_path": str(tmp_path / "o")}).merge(quiet=True)
     m1 = fp32_family.models[0]
     assert result.notes[:6] == (
@@ -340,7 +340,8 @@ def test_notes_for_keys_of_other_strategies_and_unused_weights(fp32_family: Fami
         "weight_decay: 0: a merge trains nothing; no effect",
         "use_safetensors: streammerge reads safetensors (and .bin files without running pickle code) and "
         "always writes safetensors",
-        "peft_config: no model is a PEFT adapter directory (adapter_config.json); every model is merged as it is",
+        "peft_config: no model is a PEFT adapter directory (adapter_config.json); every model is merged "
+        "as it is",
         "normalize_weights: used by strategy weighted only; sequential does not divide by the weights",
         f"models[0].weight: the first model starts the sequence (r = {m1}); its weight is not used")
 
@@ -482,7 +483,7 @@ def test_the_issue_example_runs_as_written(adapted: tuple[Path, Path, Path], tmp
         assert note in run.output.splitlines()
     native = {"merge_method": "task_arithmetic", "base_model": str(base),
               "parameters": {"lambda": 1.0, "normalize": False, "clamp_min": -2.0, "clamp_max": 2.0},
-              "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}} for a, w in ((a1, 0.6), (a2, -0.4))]}
+              "models": _weighted(((f"{base}+{a1}", 0.6), (f"{base}+{a2}", -0.4)))}
     streammerge.merge(native, tmp_path / "native", quiet=True)
     out = tmp_path / "merged_model"
     assert _shards(out) == _shards(tmp_path / "native")

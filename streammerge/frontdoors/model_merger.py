@@ -7,7 +7,8 @@ model), ``task_arithmetic`` is ``task_arithmetic`` with λ = ``scaling_factor``,
 (``add``) or −|w_i| (``subtract``) and ``clamp_min``/``clamp_max`` = ``clamp_range``, and ``slerp``
 is ``slerp_eps``. ``base_model`` is task_arithmetic's base and the others' ``donor`` (config,
 tokenizer and unmerged tensors); ``merge_embeddings``/``merge_lm_head: false`` become
-``select.keep_from_base``, ``preserve_tokenizer`` ``copy_tokenizer``, ``torch_dtype`` ``out_dtype``. Keys that only tune the
+``select.keep_from_base``, ``preserve_tokenizer`` ``copy_tokenizer``, ``torch_dtype``
+``out_dtype``. Keys that only tune the
 tool's memory or devices get one note each; keys with no meaning here are one-line errors.
 """
 
@@ -87,7 +88,8 @@ class MergeConfig:
                                 f"move it under '{ROOT}:' or drop it")
             data = data[ROOT]
         if not isinstance(data, dict):
-            raise PlanError(f"{_in(where)}{ROOT}: expected a mapping with 'strategy' and 'models', got {data!r}")
+            raise PlanError(f"{_in(where)}{ROOT}: expected a mapping with 'strategy' and 'models', "
+                            f"got {data!r}")
         known = {f.name for f in fields(cls)} - set(_INTERNAL)
         for key in ("strategy", "models"):
             if key not in data:
@@ -99,12 +101,11 @@ class MergeConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MergeConfig":
         """From a YAML (or JSON) file whose root key is ``merge_config:``."""
-        path = Path(path)
-        documents = read_documents(path)
-        if len(documents) != 1 or not is_model_merger(documents[0]):
+        config = config_of(Path(path))
+        if config is None:
             raise PlanError(f"{path}: not a ModelMerger config: expected one document whose root key is "
                             f"'{ROOT}:'")
-        return cls.from_dict(documents[0], str(path), path.parent)
+        return config
 
 
 def _in(where: str) -> str:
