@@ -333,7 +333,8 @@ def test_notes_for_keys_of_other_strategies_and_unused_weights(fp32_family: Fami
     cfg["models"][0]["weight"] = 0.9
     result = ModelMerger({**cfg, "slerp_options": {"epsilon": 1e-6}, "weight_decay": 0,
                           "use_safetensors": True, "peft_config": {"merge_adapters": True},
-                          "options": {"normalize_weights": False}, "output_path": str(tmp_path / "o")}).merge(quiet=True)
+                          "options": {"normalize_weights": False},
+                          "output_path": str(tmp_path / "o")}).merge(quiet=True)
     m1 = fp32_family.models[0]
     assert result.notes[:6] == (
         "slerp_options: used by strategy slerp only; this merge is sequential",
