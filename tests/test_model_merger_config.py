@@ -309,6 +309,10 @@ def test_task_arithmetic_and_slerp_errors(fp32_family: Family, tmp_path: Path) -
         "task_arithmetic_options.clamp_range: clamp_weights needs clamp_range: [low, high], got None")
     assert _err({**cfg, "task_arithmetic_options": {"clamp_range": [-1, 1]}}, tmp_path).endswith(
         "clamp_range: given without clamp_weights: true; set clamp_weights: true to clamp, or drop it")
+    cfg, _, _ = _case("sequential", fp32_family, "")
+    cfg["models"][2]["weight"] = 1.5
+    assert _err(cfg, tmp_path).endswith("merge_config.models[2].weight: got 1.5, expected 0 <= weight <= 1 "
+                                        "(how far the result moves towards this model)")
     cfg, _, _ = _case("slerp", fp32_family, "")
     assert _err({**cfg, "slerp_factor": 0.6}, tmp_path).endswith(
         "merge_config.slerp_factor: {'slerp_factor': 0.6, 'slerp_options.interpolation_factor': 0.3} "

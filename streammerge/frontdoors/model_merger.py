@@ -297,6 +297,9 @@ def _models(r: _Reader, config: MergeConfig, strategy: str, notes: list[str]) ->
                          f"task_arithmetic (this merge is {strategy})")
         if "weight" in m:
             entry["weight"] = r.number(m["weight"], f"{at}.weight")
+            if strategy == "sequential" and i > 0 and not 0 <= entry["weight"] <= 1:
+                raise r.fail(f"{at}.weight", f"got {entry['weight']}, expected 0 <= weight <= 1 (how far the "
+                             "result moves towards this model)")
             if strategy == "slerp":
                 notes.append(f"{at}.weight: slerp interpolates by slerp_factor; the weight is not used")
         elif strategy in ("weighted", "task_arithmetic"):
