@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,24 @@ def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
 
 def schedule(plan: str | Path | dict | MergePlan, *, strict: bool | None = None, cache_dir: str | None = None,
              **overrides: Any) -> Schedule:
-    """Build the schedule for a plan (headers only). Close it with ``Schedule.close()``."""
-    return build_schedule(_with_overrides(load_plan(plan, strict, cache_dir), overrides))
+    """Build the schedule for a plan (headers only). Close it with ``Schedule.close()``. A
+    ``merge_config:`` file or dict gets its translation's notes first."""
+    from streammerge.frontdoors.model_merger import ModelMerger, config_of
+
+    config = config_of(plan)
+    if config is None:
+        return build_schedule(_with_overrides(load_plan(plan, strict, cache_dir), overrides))
+    resolved, translation = ModelMerger(config).plan(strict, cache_dir)
+    sched = build_schedule(_with_overrides(resolved, overrides))
+    return replace(sched, notes=(*translation.notes, *sched.notes))
 
 
 def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None, *, overwrite: bool = False,
           restart: bool = False, quiet: bool = False, strict: bool | None = None, cache_dir: str | None = None,
           **overrides: Any) -> MergeResult:
     """Merge as ``plan`` says into ``output`` (or the plan's ``output``) and return a summary.
+    A ``merge_config:`` file or dict (``streammerge.frontdoors.model_merger``) runs as its tool
+    runs it, into ``output`` or its ``output_path``.
 
     A merge that was killed or failed left its partial output in a staging directory beside
     ``output``; running it again resumes from there (``restart`` discards it and starts over).
@@ -49,6 +59,12 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
     (default: strict for native plans, lenient for mergekit configs). ``cache_dir``: where models
     named ``org/name[@revision]`` are fetched from the Hub (default: huggingface_hub's cache).
     """
+    from streammerge.frontdoors.model_merger import ModelMerger, config_of
+
+    config = config_of(plan)
+    if config is not None:
+        return ModelMerger(config).merge(output, overwrite=overwrite, restart=restart, quiet=quiet, strict=strict,
+                                         cache_dir=cache_dir, **overrides)
     if isinstance(plan, (str, Path)):
         documents = read_documents(Path(plan))
         if len(documents) > 1:

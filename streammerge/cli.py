@@ -66,7 +66,7 @@ def main() -> None:
     run as mergekit-multi does), optionally
     with streammerge's own keys (output, shard_size, max_memory, chunk_size, compute_dtype, seed,
     device, max_gpu_memory, vocab_policy, select, cache_dir, allow_nonfinite, adapters, adapter_output,
-    allow_crimes, copy_tokenizer, write_model_card, calibration). Models are local directories or
+    allow_crimes, copy_tokenizer, write_model_card, calibration, donor). Models are local directories or
     org/name[@revision] on the Hugging Face Hub; model+adapter folds a PEFT LoRA adapter in.
 
     eval, compare and calibrate run a model one decoder layer at a time (pip install
@@ -94,7 +94,8 @@ def run(plan: Path, out: Path | None, output: Path | None, overwrite: bool, rest
 
     The output appears only complete. A run that is killed or fails keeps its partial output in
     .OUT.streammerge-partial beside OUT; the same command resumes it. mergekit-yaml's options
-    are accepted too (listed last).
+    are accepted too (listed last). A file whose root key is merge_config: (a ModelMerger
+    config) is merged into its output_path unless OUT is given.
     """
     if out is not None and output is not None and out != output:
         fail(StreamMergeError(f"two outputs given ({out} and -o {output}); give one"))

@@ -184,10 +184,15 @@ def _groups(plan: MergePlan, model_type: str | None) -> list[_Group]:
 
 
 def input_models(plan: MergePlan) -> list[str]:
-    """Every model a plan reads (resolved references, each once): a slice's base, then its sources."""
+    """Every model a plan reads (resolved references, each once): a slice's base, then its sources,
+    then the donor when it is not merged."""
     merges = [plan] if plan.modules is None else list(plan.modules.values())
     slices = [s for m in merges for s in _slices(m, plan.base_model)]
-    return list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else []) + [m for m, _, _ in s.sources]))
+    paths = list(dict.fromkeys(p for s in slices for p in ([s.base_model] if s.base_model else [])
+                               + [m for m, _, _ in s.sources]))
+    if plan.donor is not None and plan.donor not in paths:
+        paths.append(plan.donor)  # read for what it lends only
+    return paths
 
 
 def build_schedule(plan: MergePlan) -> Schedule:
@@ -281,7 +286,7 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         bad = [li for li in plan.select.layers if not 0 <= li < total_layers]
         if bad:
             raise PlanError(f"select.layers: model has {total_layers} layers (0-{total_layers - 1}), got {bad[0]}")
-    reference = resolved[0].checkpoints[0]
+    reference = resolved[0].checkpoints[0] if plan.donor is None else index[plan.donor]
     gpu = device_budget(device, plan.max_gpu_memory)  # first: it starts the CUDA context, part of the host baseline
     budget = _working_budget(plan)
     gpu_budget = None if gpu is None else int(gpu * (1 - ALLOCATOR_SLACK))
@@ -332,13 +337,27 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
                             rounded, rounded, out)
             base_only.append(out_name)
         else:  # copied unchanged from the donor (rounded to the output dtype)
-            donor = sources[sl.donor]
+            donor = sources[sl.donor] if plan.donor is None else lent(out_name, shape)
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
         per_elem = _bytes_per_element(checkpoints, job, workers)
         rows = _rows_per_chunk(plan, job, per_elem, budget, workers)
         if gpu_budget is not None and job.method is not None:  # the same working set, on the GPU (host buffers stay within the host budget)
             rows = min(rows, _rows_per_chunk(plan, job, per_elem, gpu_budget, workers))
         jobs.append(replace(job, rows_per_chunk=rows))
+
+    def lent(name: str, shape: tuple[int, ...]) -> Source:
+        """Tensor ``name`` of the plan's ``donor`` (its embeddings for a head it ties), of ``shape``."""
+        c = index[plan.donor]
+        have = checkpoints[c].tensors
+        found = name if name in have else tied_partner(name, have)
+        if found is None:
+            raise PlanError(f"donor: tensor {name!r} missing from {checkpoints[c].path}, which lends the "
+                            "tensors that are not merged")
+        if tuple(have[found].shape) != tuple(shape):
+            raise PlanError(f"donor: {found!r} of {checkpoints[c].path} is {list(have[found].shape)}, "
+                            f"the output's {name!r} is {list(shape)}; choose a donor of the merged models' "
+                            "shapes")
+        return Source(c, found)
 
     def module_tensors(c: int, prefix: str) -> dict:
         """The tensors of checkpoint ``c`` under ``prefix``, by their names without it."""
@@ -363,7 +382,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
 
     if plan.models is not None:
         read = {(s.checkpoint, s.tensor) for j in jobs for s in j.inputs}
-        for c in sorted({s.checkpoint for j in jobs for s in j.inputs}):
+        merged = {c for sl in resolved for c in sl.checkpoints}
+        for c in sorted({s.checkpoint for j in jobs for s in j.inputs} & merged):  # not a donor's leftovers
             extra = [t for t in checkpoints[c].tensors if (c, t) not in read]
             if extra:
                 notes.append(f"{len(extra)} tensors of {checkpoints[c].path} are not in the output (e.g. {extra[0]!r})")

@@ -10,7 +10,8 @@ from streammerge.methods import MergeMethod, TensorParams, get_method, method_na
 
 _VALUES = {"weight": [0.6, 0.3, 0.5], "density": 0.5, "select_topk": 0.5, "t": 0.4}
 _VARIANTS = {"nuslerp": [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
-             "model_stock": [{}, {"filter_wise": True}], "ties": [{}, {"rescale": True}]}
+             "model_stock": [{}, {"filter_wise": True}], "ties": [{}, {"rescale": True}],
+             "slerp_eps": [{}, {"normalize": True}]}
 
 
 def cases() -> list[tuple[str, dict]]:

@@ -12,7 +12,8 @@ from streammerge.methods.registry import register
 _PARALLEL = 0.9995  # |cos| above this: plain lerp, as mergekit and the LLM-SLERP scripts do
 
 
-def _collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+def collect_dots(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
+    """⟨v0, v1⟩, ‖v0‖² and ‖v1‖² per row in float64 (v0 the base, v1 the model), for a finish to add."""
     rows = chunk.row_stop - chunk.row_start
     v0 = chunk.base.to(torch.float64).reshape(rows, -1)
     v1 = chunk.models[0].to(torch.float64).reshape(rows, -1)
@@ -47,7 +48,7 @@ register(
         base="required",
         precision="float32",
         paper="doi:10.1145/325165.325242",
-        passes=(StatPass(_collect, _finish),),
+        passes=(StatPass(collect_dots, _finish),),
         models_exactly=2,
     )
 )

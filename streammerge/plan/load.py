@@ -307,6 +307,8 @@ def _resolve_paths(plan: MergePlan, root: Path, where: str, cache_dir: str | Non
         update["modules"] = {name: m.model_copy(update=merged(m, f"modules.{name}.")) for name, m in plan.modules.items()}
     if plan.base_model is not None:
         update["base_model"] = res(plan.base_model, "base_model")
+    if plan.donor is not None:
+        update["donor"] = res(plan.donor, "donor")
     if plan.tokenizer_source not in (None, "base", "union"):
         update["tokenizer_source"] = res(plan.tokenizer_source, "tokenizer_source")
     if plan.tokenizer is not None:

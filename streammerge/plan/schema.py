@@ -27,7 +27,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
                "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration",
-               "inputs")
+               "inputs", "donor")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -229,6 +229,9 @@ class MergePlan(BaseModel):
     write_model_card: bool = True  # README.md describing the merge
     calibration: Optional[Calibration] = None  # every model's, unless its entry gives its own
     inputs: Optional[dict[str, InputRecord]] = None  # a record's inputs by reference: must not have changed
+    # the model config.json, the tokenizer files and every tensor not merged come from (default: the
+    # base, else the first model); it need not be merged
+    donor: Optional[str] = None
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
@@ -236,6 +239,12 @@ class MergePlan(BaseModel):
             raise ValueError("give exactly one of 'models', 'slices' and 'modules'")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give 'tokenizer_source' or a 'tokenizer:' block, not both")
+        if self.donor is not None and self.models is None:
+            raise ValueError("'donor' needs a 'models:' plan (slices and modules renumber or split the "
+                             "layers it would lend)")
+        if self.donor is not None and self.tokenizer_spec is not None:
+            raise ValueError("'donor' lends its tokenizer files and rows as they are; a built tokenizer "
+                             "('tokenizer_source' or 'tokenizer:') re-indexes them: give one of the two")
         return self
 
     @property
