@@ -195,6 +195,28 @@ def test_svd_adapter_has_the_error_truncation_predicts(method: str, params: dict
         assert abs(error - predicted) <= 1e-5 * s[0].item() + 1e-6, name
 
 
+def test_svd_of_a_clamped_sum_truncates_the_clamped_delta(fp32_family: Family, adapters: list,
+                                                          tmp_path: Path) -> None:
+    """task_arithmetic's clamp_min/clamp_max bound the dense merged ΔW; its rank-r adapter is
+    that clamped ΔW truncated (the stacked factors alone would truncate the unclamped sum)."""
+    entries = [{"path": str(a), "weight": w} for (a, _), w in zip(adapters, (0.5, 1.0, 0.8))]
+    base = {"base_model": str(fp32_family.base), "merge_method": "task_arithmetic", "adapters": entries}
+    streammerge.merge(base, tmp_path / "free", quiet=True, compute_dtype="float64")
+    bound = 0.5 * max(d.abs().max().item() for d in _delta(fp32_family, tmp_path / "free").values())
+    clamped = base | {"parameters": {"clamp_min": -bound, "clamp_max": bound}}
+    streammerge.merge(clamped, tmp_path / "full", quiet=True, compute_dtype="float64")
+    exact = _delta(fp32_family, tmp_path / "full")
+    assert max(d.abs().max().item() for d in exact.values()) == pytest.approx(bound, rel=1e-6)  # it binds
+    rank = 5
+    streammerge.merge(clamped | {"adapter_output": {"combination": "svd", "rank": rank}}, tmp_path / "svd",
+                      quiet=True)
+    for name, delta in _adapter_delta(tmp_path / "svd").items():
+        s = torch.linalg.svdvals(exact[name])
+        predicted = s[rank:].square().sum().sqrt().item()
+        error = torch.linalg.matrix_norm(exact[name] - delta).item()
+        assert abs(error - predicted) <= 1e-5 * s[0].item() + 1e-6, name
+
+
 def test_svd_clamp_bounds_the_factors(fp32_family: Family, adapters: list, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -244,6 +266,8 @@ def test_unsupported_adapters_are_refused_on_the_command_line(change: dict, mess
     ({"adapter_output": {"combination": "svd"}, "merge_method": "slerp", "parameters": {"t": 0.5}}, "cannot merge adapters into an adapter"),
     ({"adapters": [{"weight": 1.0}]}, r"adapters\[0\].path: Field required"),
     ({"adapter_output": {"combination": "cat", "rank": 4}}, "'rank' and 'clamp' apply to combination: svd"),
+    ({"adapter_output": {"combination": "cat"}, "parameters": {"clamp_max": 0.1}},
+     "clamp_max bounds each element of the merged task vector"),
     ({"merge_method": "linear"}, "linear would count base_model as one more model; .* use task_arithmetic"),
 ])
 def test_adapter_plans_are_validated(plan: dict, message: str, fp32_family: Family, adapters: list, tmp_path: Path) -> None:

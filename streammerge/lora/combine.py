@@ -82,9 +82,10 @@ def truncated_svd(delta: torch.Tensor | Factors, rank: int, clamp: float | None)
 def combine(method: MergeMethod, combination: str, rank: int, clamp: float | None, name: str, params: TensorParams,
             factors: list[Factors | None], shape: tuple[int, int], seed: int, model_ids: tuple[int, ...]) -> Factors:
     """One module's combined factors, padded with zeros to ``rank`` (cat: at most ``rank``)."""
+    clamped = any(params.globals.get(k) is not None for k in ("clamp_min", "clamp_max"))
     if combination == "cat":
         left, right = cat_factors(params, factors)
-    elif method.name == _SUM:
+    elif method.name == _SUM and not clamped:  # a clamp needs the dense sum: below
         left, right = truncated_svd(cat_factors(params, factors), rank, clamp)
     else:
         left, right = truncated_svd(merged_delta(method, name, params, factors, shape, seed, model_ids), rank, clamp)

@@ -88,6 +88,12 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
             raise PlanError(f"{where}: importance: {ranked[0]!r} ranks with calibration statistics, which "
                             "adapter_output does not read (it merges the adapters' factors): use importance: "
                             "magnitude, or drop adapter_output")
+        clamped = [key for _, params, _ in _sections(plan) for key in ("clamp_min", "clamp_max")
+                   if any(leaf is not None for leaf in _leaves(params.get(key)))]
+        if clamped and plan.adapter_output.combination == "cat":
+            raise PlanError(f"{where}: {clamped[0]} bounds each element of the merged task vector, which "
+                            "stacked factors (adapter_output combination: cat) cannot: use combination: svd "
+                            f"with a rank, or drop {clamped[0]}")
     return _resolve_paths(plan, root, where, cache_dir or plan.cache_dir)
 
 
