@@ -15,6 +15,7 @@ def agg_figure(**options: Any) -> Figure | None:
     """A figure drawn on its own Agg canvas (``options`` as ``Figure`` takes them), or None where
     matplotlib is not installed."""
     try:
+        import matplotlib  # noqa: F401 - first: its submodules may be imported already without it
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:

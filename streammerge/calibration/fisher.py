@@ -226,20 +226,35 @@ class _Sweep:
         return self._stats(weights.layer_keys[i], {name: sq for (name, _), sq in zip(params, squares)})
 
     def _layer(self, i: int, layer: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The layer's sums of squared per-window gradients. A hook squares each parameter's
+        gradient into its accumulator as the backward produces it and drops it, so the layer's
+        gradients never exist all at once (404 MiB of a 7B layer in bfloat16)."""
         squares = [torch.zeros(p.shape, dtype=self.acc) for p in params]
-        for p in params:
+
+        def squaring(sq: torch.Tensor) -> Callable[[nn.Parameter], None]:
+            def hook(p: nn.Parameter) -> None:
+                sq.addcmul_(p.grad, p.grad)  # squared in the accumulator's precision
+                p.grad = None
+            return hook
+
+        handles = []
+        for p, sq in zip(params, squares):
             p.requires_grad_(True)
-        for s, w in enumerate(self.windows):
-            call = self.calls[len(w.ids)][i]
-            x = self.store.get(i * self.n + s).clone().requires_grad_(True)
-            with torch.enable_grad():
-                out = layer(x, *call.args, **call.kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            got = torch.autograd.grad(out, [x, *params], self.store.get(self._grad + s), allow_unused=True)
-            self.store.put(self._grad + s, got[0])
-            for sq, g in zip(squares, got[1:]):
-                if g is not None:  # None: a parameter no token reached (an expert never routed to)
-                    sq.addcmul_(g, g)  # squared in the accumulator's precision
+            p.grad = None
+            # a parameter no token reached (an expert never routed to) gets no call
+            handles.append(p.register_post_accumulate_grad_hook(squaring(sq)))
+        try:
+            for s, w in enumerate(self.windows):
+                call = self.calls[len(w.ids)][i]
+                x = self.store.get(i * self.n + s).clone().requires_grad_(True)
+                with torch.enable_grad():
+                    out = layer(x, *call.args, **call.kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    torch.autograd.backward(out, self.store.get(self._grad + s))
+                self.store.put(self._grad + s, x.grad)
+        finally:
+            for h in handles:
+                h.remove()
         return squares
 
     def _stats(self, keys: list[str], squares: dict[str, torch.Tensor]) -> Stats:
