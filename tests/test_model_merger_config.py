@@ -62,11 +62,14 @@ def _case(strategy: str, f: Family, variant: str) -> tuple[dict, dict, Any]:
     B, X1, X2, X3 = (_exact(f, p) for p in (b, m1, m2, m3))
     if strategy == "weighted":
         norm = variant != "raw"
-        cfg = {"models": [{"path": str(m1), "weight": 0.6, "name": "chat"}, {"path": str(m2), "weight": 0.3},
+        # subtract: c_2 = -|w_2|, and normalizing divides by the signed sum 0.5
+        c2 = -0.4 if variant == "subtract" else 0.3
+        second = {"weight": 0.4, "operation": "subtract"} if variant == "subtract" else {"weight": 0.3}
+        cfg = {"models": [{"path": str(m1), "weight": 0.6, "name": "chat"}, {"path": str(m2), **second},
                           {"path": str(m3), "weight": 0.3}], "weighted_options": {"normalize_weights": norm}}
         native = {"merge_method": "linear", "parameters": {"normalize": norm},
-                  "models": _weighted(((m1, 0.6), (m2, 0.3), (m3, 0.3)))}
-        ref = {k: (0.6 * X1[k] + 0.3 * X2[k] + 0.3 * X3[k]) / (1.2 if norm else 1) for k in B}
+                  "models": _weighted(((m1, 0.6), (m2, c2), (m3, 0.3)))}
+        ref = {k: (0.6 * X1[k] + c2 * X2[k] + 0.3 * X3[k]) / ((0.9 + c2) if norm else 1) for k in B}
     elif strategy == "sequential":
         cfg = {"models": [{"path": str(m1)}, {"path": str(m2), "weight": 0.25},
                           {"path": str(m3), "weight": 0.6}]}
@@ -101,8 +104,8 @@ def _case(strategy: str, f: Family, variant: str) -> tuple[dict, dict, Any]:
     return {"strategy": strategy, **cfg}, native, ref
 
 
-CASES = [("weighted", ""), ("weighted", "raw"), ("sequential", ""), ("task_arithmetic", ""),
-         ("task_arithmetic", "clamp"), ("slerp", ""), ("slerp", "normalize")]
+CASES = [("weighted", ""), ("weighted", "raw"), ("weighted", "subtract"), ("sequential", ""),
+         ("task_arithmetic", ""), ("task_arithmetic", "clamp"), ("slerp", ""), ("slerp", "normalize")]
 
 
 @pytest.mark.parametrize(("strategy", "variant"), CASES)
@@ -275,9 +278,13 @@ BAD = [
     ({"strategy": "task_arithmetic"}, "merge_config.base_model: missing: task_arithmetic adds the models' "
                                       "differences from base_model to it; give base_model"),
     ({"strategy": "slerp"}, "merge_config.models: slerp interpolates between exactly 2 models, got 3"),
-    ({"models": [{"path": "M1", "weight": 0.5, "operation": "subtract"}]},
-     "merge_config.models[0].operation: subtract is a task vector's sign: it needs strategy task_arithmetic "
-     "(this merge is weighted)"),
+    ({"strategy": "sequential",
+      "models": [{"path": "M1"}, {"path": "M2", "weight": 0.5, "operation": "subtract"}]},
+     "merge_config.models[1].operation: subtract is a weight's sign: it needs strategy weighted or "
+     "task_arithmetic (this merge is sequential)"),
+    ({"models": [{"path": "M1", "weight": 0.5}, {"path": "M2", "weight": 0.5, "operation": "subtract"}]},
+     "merge_config.models: the signed weights [0.5, -0.5] sum to 0, so they cannot be normalized; set "
+     "weighted_options.normalize_weights: false, or change a weight"),
     ({"models": [{"path": "M1", "weight": 0.5, "operation": "negate"}]},
      "merge_config.models[0].operation: got 'negate', expected add or subtract"),
     ({"models": [{"path": "M1", "weight": "heavy"}]},
@@ -455,16 +462,18 @@ def test_weighted_adapters_combine_as_their_weighted_average(adapted: tuple[Path
         "one adapter)")
 
 
-def test_the_issue_example_runs_as_written(adapted: tuple[Path, Path, Path], tmp_path: Path,
+@pytest.mark.parametrize("strategy", ["weighted", "task_arithmetic"])
+def test_the_issue_example_runs_as_written(strategy: str, adapted: tuple[Path, Path, Path], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The example config of the tool's documentation (every key; strategy task_arithmetic, for which
-    its subtract means something), on adapters of a tiny Llama, through streammerge run."""
+    """The example config of the tool's documentation (every key), on adapters of a tiny Llama, through
+    streammerge run: as written (weighted, whose subtract makes the normalized coefficients 3 and -2),
+    and as task_arithmetic."""
     from arch_builder import reference_generate
 
     base, a1, a2 = adapted
     config = tmp_path / "merge_config.yaml"
     config.write_text(f"""merge_config:
-  strategy: task_arithmetic
+  strategy: {strategy}
   output_path: ./merged_model
   base_model: {base}
   models:
@@ -481,14 +490,23 @@ def test_the_issue_example_runs_as_written(adapted: tuple[Path, Path, Path], tmp
     monkeypatch.chdir(tmp_path)
     run = CliRunner().invoke(main, ["run", str(config)])
     assert run.exit_code == 0, run.output
-    for note in ("note: weighted_options: used by strategy weighted only; this merge is task_arithmetic",
-                 "note: slerp_options: used by strategy slerp only; this merge is task_arithmetic",
-                 "note: slerp_factor: used by strategy slerp only; this merge is task_arithmetic",
-                 f"note: models' names label them only: chat_specialist ({a1})"):
+    other = "task_arithmetic_options" if strategy == "weighted" else "weighted_options"
+    owner = "task_arithmetic" if strategy == "weighted" else "weighted"
+    notes = [f"note: {other}: used by strategy {owner} only; this merge is {strategy}",
+             f"note: slerp_options: used by strategy slerp only; this merge is {strategy}",
+             f"note: slerp_factor: used by strategy slerp only; this merge is {strategy}",
+             f"note: models' names label them only: chat_specialist ({a1})"]
+    models = _weighted(((f"{base}+{a1}", 0.6), (f"{base}+{a2}", -0.4)))
+    if strategy == "weighted":
+        notes.append("note: operation: subtract: weighted merges Σ c_i x_i with the coefficients (3, -2), "
+                     "normalized to sum to 1: an extrapolation away from the subtracted models")
+        native = {"merge_method": "linear", "donor": str(base), "parameters": {"normalize": True},
+                  "models": models}
+    else:
+        native = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models,
+                  "parameters": {"lambda": 1.0, "normalize": False, "clamp_min": -2.0, "clamp_max": 2.0}}
+    for note in notes:
         assert note in run.output.splitlines()
-    native = {"merge_method": "task_arithmetic", "base_model": str(base),
-              "parameters": {"lambda": 1.0, "normalize": False, "clamp_min": -2.0, "clamp_max": 2.0},
-              "models": _weighted(((f"{base}+{a1}", 0.6), (f"{base}+{a2}", -0.4)))}
     streammerge.merge(native, tmp_path / "native", quiet=True)
     out = tmp_path / "merged_model"
     assert _shards(out) == _shards(tmp_path / "native")

@@ -3,12 +3,12 @@ native plan.
 
 Strategies map onto registered methods: ``weighted`` is ``linear`` (``normalize`` =
 ``normalize_weights``), ``sequential`` is ``sequential`` without a base (r starts as the first
-model), ``task_arithmetic`` is ``task_arithmetic`` with λ = ``scaling_factor``, weight c_i = w_i
-(``add``) or −|w_i| (``subtract``) and ``clamp_min``/``clamp_max`` = ``clamp_range``, and ``slerp``
-is ``slerp_eps``. ``base_model`` is task_arithmetic's base and the others' ``donor`` (config,
-tokenizer and unmerged tensors); ``merge_embeddings``/``merge_lm_head: false`` become
-``select.keep_from_base``, ``preserve_tokenizer`` ``copy_tokenizer``, ``torch_dtype``
-``out_dtype``. Keys that only tune the
+model), ``task_arithmetic`` is ``task_arithmetic`` with λ = ``scaling_factor`` and
+``clamp_min``/``clamp_max`` = ``clamp_range``, and ``slerp`` is ``slerp_eps``. In ``weighted`` and
+``task_arithmetic`` a model's weight is c_i = w_i (``add``) or −|w_i| (``subtract``).
+``base_model`` is task_arithmetic's base and the others' ``donor`` (config, tokenizer and unmerged
+tensors); ``merge_embeddings``/``merge_lm_head: false`` become ``select.keep_from_base``,
+``preserve_tokenizer`` ``copy_tokenizer``, ``torch_dtype`` ``out_dtype``. Keys that only tune the
 tool's memory or devices get one note each; keys with no meaning here are one-line errors.
 """
 
@@ -200,8 +200,10 @@ def translate(config: MergeConfig) -> Translation:
 
     method = STRATEGIES[strategy]
     if strategy == "weighted":
-        entries = [_entry(m, {"weight": m["weight"]}) for m in models]
+        entries = [_entry(m, {"weight": _signed(m)}) for m in models]
         params: dict[str, Any] = {"normalize": normalize}
+        if any(m["operation"] == "subtract" for m in models):
+            notes.append(_subtracted(r, [e["parameters"]["weight"] for e in entries], normalize))
     elif strategy == "sequential":
         if "weight" in models[0]:
             notes.append(f"models[0].weight: the first model starts the sequence (r = {models[0]['path']}); "
@@ -292,8 +294,8 @@ def _models(r: _Reader, config: MergeConfig, strategy: str, notes: list[str]) ->
         entry: dict[str, Any] = {"path": m["path"], "operation": m.get("operation", "add")}
         if entry["operation"] not in ("add", "subtract"):
             raise r.fail(f"{at}.operation", f"got {entry['operation']!r}, expected add or subtract")
-        if entry["operation"] == "subtract" and strategy != "task_arithmetic":
-            raise r.fail(f"{at}.operation", f"subtract is a task vector's sign: it needs strategy "
+        if entry["operation"] == "subtract" and strategy not in ("weighted", "task_arithmetic"):
+            raise r.fail(f"{at}.operation", f"subtract is a weight's sign: it needs strategy weighted or "
                          f"task_arithmetic (this merge is {strategy})")
         if "weight" in m:
             entry["weight"] = r.number(m["weight"], f"{at}.weight")
@@ -313,6 +315,26 @@ def _models(r: _Reader, config: MergeConfig, strategy: str, notes: list[str]) ->
     return out
 
 
+def _signed(model: dict[str, Any]) -> float:
+    """c_i = w_i for ``add``, −|w_i| for ``subtract`` (so ``weight: -0.5, operation: subtract``
+    subtracts, as the tool's examples mean)."""
+    return -abs(model["weight"]) if model["operation"] == "subtract" else model["weight"]
+
+
+def _subtracted(r: _Reader, weights: list[float], normalize: bool) -> str:
+    """The note a weighted merge with a subtracted model gets: its coefficients, which sum to 1
+    when normalized (an extrapolation away from the subtracted models)."""
+    total = sum(weights)
+    if normalize and abs(total) < 1e-12:
+        raise r.fail("models", f"the signed weights {weights} sum to 0, so they cannot be normalized; "
+                     "set weighted_options.normalize_weights: false, or change a weight")
+    coefficients = [w / total for w in weights] if normalize else weights
+    shown = ", ".join(f"{c:g}" for c in coefficients)
+    return (f"operation: subtract: weighted merges Σ c_i x_i with the coefficients ({shown})"
+            + (", normalized to sum to 1: an extrapolation away from the subtracted models"
+               if normalize else ""))
+
+
 def _entry(model: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     return {"model": model["path"], "parameters": params}
 
@@ -330,8 +352,7 @@ def _task_arithmetic(r: _Reader, models: list[dict], opts: dict, base: str | Non
     if base is None:
         raise r.fail("base_model", "missing: task_arithmetic adds the models' differences from base_model "
                      "to it; give base_model")
-    entries = [_entry(m, {"weight": -abs(m["weight"]) if m["operation"] == "subtract" else m["weight"]})
-               for m in models]
+    entries = [_entry(m, {"weight": _signed(m)}) for m in models]
     scale = r.number(opts.get("scaling_factor", 1.0), "task_arithmetic_options.scaling_factor")
     params: dict[str, Any] = {"lambda": scale, "normalize": False}
     clamp = r.flag(opts.get("clamp_weights", False), "task_arithmetic_options.clamp_weights")
