@@ -15,7 +15,7 @@ sampled anonymous + file-backed RSS. The steps, in the order that gives the most
    ``importance: sparsegpt`` and regmean reading those statistics (``calibration: {stats: DIR}``
    per model); a plain ties merge;
 2. per layer count (unless ``--skip-fisher``): ``streammerge calibrate --stats fisher`` of ft1 and
-   ft2; a fisher merge reading them.
+   ft2; a fisher merge reading them (and, with ``--fisher-only``, the plain ties baseline).
 
 Each row is written to ``--json`` when its step ends, so an interrupted run still reports
 (``--report`` prints the table and checks of that file, or of several runs' files together, without
@@ -77,8 +77,9 @@ def steps(layers: int, args: argparse.Namespace, fisher: bool) -> list[tuple[str
            for i, ft in enumerate(fts)]
     plans = {"fisher": data_aware_plan("fisher", base, stats)} if fisher else {
         "ties importance=sparsegpt": data_aware_plan("ties", base, stats, importance="sparsegpt"),
-        "regmean": data_aware_plan("regmean", base, stats),
-        "ties (plain)": plan("ties", base, *fts)}
+        "regmean": data_aware_plan("regmean", base, stats)}
+    if not fisher or args.fisher_only:  # the baseline, once per run
+        plans["ties (plain)"] = plan("ties", base, *fts)
     for name, p in plans.items():
         slug = name.split()[0] + ("-sparsegpt" if "sparsegpt" in name else "")
         plan_file = work / f"{slug}-{layers}L.yaml"  # JSON is YAML
