@@ -9,5 +9,5 @@ from streammerge.evaluation.evaluate import EvalResult, evaluate  # noqa: E402
 from streammerge.frontdoors.model_merger import MergeConfig, ModelMerger  # noqa: E402
 from streammerge.plan import MergePlan, load_plan  # noqa: E402
 
-__all__ = ["Comparison", "EvalResult", "MergeConfig", "MergePlan", "ModelMerger", "StreamMergeError", "__version__", "compare", "evaluate",
-           "load_plan", "merge", "schedule"]
+__all__ = ["Comparison", "EvalResult", "MergeConfig", "MergePlan", "ModelMerger", "StreamMergeError",
+           "__version__", "compare", "evaluate", "load_plan", "merge", "schedule"]

@@ -63,8 +63,8 @@ def merge(plan: str | Path | dict | MergePlan, output: str | Path | None = None,
 
     config = config_of(plan)
     if config is not None:
-        return ModelMerger(config).merge(output, overwrite=overwrite, restart=restart, quiet=quiet, strict=strict,
-                                         cache_dir=cache_dir, **overrides)
+        return ModelMerger(config).merge(output, overwrite=overwrite, restart=restart, quiet=quiet,
+                                         strict=strict, cache_dir=cache_dir, **overrides)
     if isinstance(plan, (str, Path)):
         documents = read_documents(Path(plan))
         if len(documents) > 1:
@@ -123,8 +123,8 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         sync = report.sync_seconds + time.perf_counter() - committed
         notes = sched.notes + report.notes + ((f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",) if resumed else ())
         return MergeResult(destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
-                           time.perf_counter() - started, sync, notes, sched.device.description, report.peak_gpu_bytes,
-                           inputs=tuple(input_models(resolved)))
+                           time.perf_counter() - started, sync, notes, sched.device.description,
+                           report.peak_gpu_bytes, inputs=tuple(input_models(resolved)))
     finally:
         sched.close()
 

@@ -263,7 +263,8 @@ def test_a_statistics_norm_is_read_in_pieces(tmp_path: Path, models: Path, text:
                                out=tmp_path / "first"))
     writer = StatsWriter(tmp_path / "fisher", stats.provenance, ["gram", "fisher"])
     generator = torch.Generator().manual_seed(0)
-    fisher = {"a.weight": torch.rand(13, 7, generator=generator), "b.bias": torch.rand(29, generator=generator)}
+    fisher = {"a.weight": torch.rand(13, 7, generator=generator),
+              "b.bias": torch.rand(29, generator=generator)}
     gram = torch.rand(7, 7, generator=generator)
     writer.write_layer(0, {"a.weight": {"fisher": fisher["a.weight"], "gram": gram},
                            "b.bias": {"fisher": fisher["b.bias"]}})

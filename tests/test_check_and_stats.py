@@ -129,7 +129,8 @@ def test_stats_reads_a_tied_head_as_the_embeddings(fp32_family: Family, tmp_path
     _assert_figures(result["tensors"]["lm_head.weight"],
                     _reference(a["lm_head.weight"], b["model.embed_tokens.weight"], None))
     out = _invoke("stats", fp32_family.models[0], tied, "-q")
-    assert out.exit_code == 0 and out.stderr == "note: lm_head.weight: read as b's model.embed_tokens.weight (tied)\n"
+    assert out.exit_code == 0
+    assert out.stderr == "note: lm_head.weight: read as b's model.embed_tokens.weight (tied)\n"
 
 
 def test_stats_command_json_table_and_png(fp32_family: Family, tmp_path: Path) -> None:

@@ -101,7 +101,8 @@ def test_selected_layers_merge_alone(models: Path, tmp_path: Path) -> None:
     assert against_a["layers"]["1"]["l2_diff"] == 0 and against_a["layers"]["0"]["l2_diff"] > 0
     got, ta = _tensors(tmp_path / "o"), _tensors(a)
     name = "model.layers.0.mlp.down_proj.weight"
-    assert against_a["tensors"][name]["l2_diff"] == pytest.approx(float((got[name] - ta[name]).norm()), rel=1e-9)
+    want = float((got[name] - ta[name]).norm())
+    assert against_a["tensors"][name]["l2_diff"] == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("family, projections",
@@ -238,7 +239,8 @@ def test_keep_tokens_from_base_with_a_built_vocabulary_and_another_output_dtype(
                        {"model": str(b), "parameters": {"weight": 1 - ALPHA}}]}
     streammerge.merge(plan | {"select": {"keep_tokens_from_base": "special"}}, tmp_path / "kept", quiet=True)
     streammerge.merge(plan, tmp_path / "merged", quiet=True)
-    kept, merged, ta = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "kept", tmp_path / "merged", a))
+    kept, merged, ta = (load_file(str(d / "model.safetensors"))
+                        for d in (tmp_path / "kept", tmp_path / "merged", a))
     special = torch.zeros(64, dtype=torch.bool)
     special[_special_ids(a)] = True
     for name in ("model.embed_tokens.weight", "lm_head.weight"):

@@ -116,8 +116,8 @@ def test_a_changed_input_is_refused(fp32_family: Family, tmp_path: Path) -> None
     assert code == 1 and not (tmp_path / "again").exists()
     assert output == (f"error: inputs: {model}: model.safetensors is {now_size} bytes with header "
                       f"sha256 {now_sha[:16]}..., the record says {size} bytes with header sha256 "
-                      f"{sha[:16]}...: the input changed, so the merge would not reproduce; restore it, or drop its entry from "
-                      "'inputs' to merge it as it is\n")
+                      f"{sha[:16]}...: the input changed, so the merge would not reproduce; restore it, "
+                      "or drop its entry from 'inputs' to merge it as it is\n")
 
 
 def test_a_hub_model_is_recorded_at_its_commit(sharded_family: Family, tmp_path: Path) -> None:
