@@ -20,6 +20,7 @@ from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, read_documents
 from streammerge.record import write_record
 from streammerge.schedule import Schedule, build_schedule, input_models
+from streammerge.sources.downloads import download_inputs
 
 
 def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
@@ -107,6 +108,7 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
             if resolved.adapter_output is not None:
                 write_adapter(sched, staged, __version__)
             else:
+                download_inputs(sched, journal.finished)  # after planning: no plan error waits for it
                 report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
                 write_model_files(sched, staged, __version__)
                 staged.write_json(MANIFEST, manifest(sched, journal.entries, journal.identity))

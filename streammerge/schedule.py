@@ -28,6 +28,7 @@ from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, fil
 from streammerge.plan.crimes import check_architectures
 from streammerge.plan.parameters import evaluate, gradient_position, typed
 from streammerge.plan.schema import MergePlan, Module
+from streammerge.sources.downloads import hub_downloads
 from streammerge.statistics import WEIGHT_SHAPED, ModelStatistics, attach
 from streammerge.tokenizer.chat_template import resolve_chat_template
 from streammerge.tokenizer.embeddings import row_maps
@@ -716,6 +717,19 @@ def _gib(b: int) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
+def _downloads(schedule: Schedule) -> list[str]:
+    """What the run downloads from the Hub and the disk it needs (none when nothing is remote)."""
+    shards = hub_downloads(schedule)
+    if not shards:
+        return []
+    size = sum(s.size for s in shards)
+    models = len({s.snapshot.ref for s in shards})
+    return [f"download      {_gib(size)} ({size:,} bytes: {len(shards)} shards of {models} Hub "
+            f"model{'s' if models > 1 else ''}, at the commits planned)",
+            f"disk          {_gib(size + schedule.write_bytes)} ({size + schedule.write_bytes:,} bytes: "
+            "downloads + output)"]
+
+
 def describe(schedule: Schedule) -> str:
     """The human summary that ``streammerge plan`` prints."""
     plan = schedule.plan
@@ -728,6 +742,7 @@ def describe(schedule: Schedule) -> str:
         f"shards        {len(schedule.shards)}: " + ", ".join(s.filename for s in schedule.shards[:3]) + (" ..." if len(schedule.shards) > 3 else ""),
         f"read          {_gib(schedule.read_bytes)}",
         f"write         {_gib(schedule.write_bytes)}",
+        *_downloads(schedule),
         f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} "
         f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set"
         + (" with its prepared statistics)" if any(j.statistics for j in schedule.jobs) else ")"),

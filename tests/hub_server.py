@@ -44,8 +44,18 @@ class Request:
     sent: int
 
     @property
+    def repo(self) -> str | None:
+        """The repo of a resolve request, else None."""
+        m = _RESOLVE.match(self.path)
+        return m.group(1) if m else None
+
+    @property
+    def revision(self) -> str | None:
+        m = _RESOLVE.match(self.path)
+        return m.group(2) if m else None
+
+    @property
     def file(self) -> str | None:
-        """The file of a resolve request (its revision dropped), else None."""
         m = _RESOLVE.match(self.path)
         return m.group(3) if m else None
 

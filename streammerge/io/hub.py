@@ -1,14 +1,16 @@
 """Models named on the Hugging Face Hub (``org/name`` or ``org/name@revision``).
 
-Only what a merge reads is fetched: the config, tokenizer and generation files, the index, and
-the safetensors shards the index names. ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``cache_dir`` are
-honoured by huggingface_hub itself, so a warm cache works without a network. huggingface_hub is
-imported only when a plan names a Hub model: importing it takes about 0.35 s of every run.
+Resolving a reference fetches the small files only: the config, tokenizer and generation files
+and the index, at the commit its revision resolves to (once: the snapshot directory is named by
+it). The shards stay on the Hub until a read needs them (``streammerge.sources.hub``), so a plan
+is checked from their headers before a weight byte is downloaded. ``HF_HOME``, ``HF_HUB_OFFLINE``
+and ``cache_dir`` are honoured by huggingface_hub itself, so a warm cache works without a
+network. huggingface_hub is imported only when a plan names a Hub model: importing it takes
+about 0.35 s of every run.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -30,23 +32,27 @@ def snapshot_reference(path: str | Path) -> str | None:
     return f"{m.group(1)}/{m.group(2)}@{m.group(3)}" if m else None
 
 
+def snapshot_cache(path: str | Path) -> Path | None:
+    """The huggingface_hub cache directory holding snapshot directory ``path``, else None."""
+    return Path(path).parents[2] if snapshot_reference(path) is not None else None
+
+
+def on_hub(path: Path) -> bool:
+    """Whether the weights file ``path`` is read from the Hub: a safetensors file missing from a
+    cache snapshot directory (``streammerge.sources``)."""
+    return path.suffix == ".safetensors" and not path.is_file() and snapshot_reference(path.parent) is not None
+
+
 def fetch(ref: str, cache_dir: str | None = None) -> Path:
-    """The local snapshot directory of ``ref``, fetching what is missing."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    """The local snapshot directory of ``ref`` (``.../snapshots/<commit>``) with its small files."""
+    from huggingface_hub import snapshot_download
 
     repo, _, revision = ref.partition("@")
     try:
-        root = Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir,
+        return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir,
                                       allow_patterns=["config.json", INDEX, *TOKENIZER_FILES]))
-        index = root / INDEX
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-        for shard in shards:
-            if "/" in shard or shard.startswith("."):
-                raise CheckpointError(f"{ref}: index names shard {shard!r} outside the model directory")
-            hf_hub_download(repo, shard, revision=revision or None, cache_dir=cache_dir)
-    except _fetch_errors() as e:
-        raise _fetch_error(ref, e) from None
-    return root
+    except fetch_errors() as e:
+        raise fetch_error(ref, e) from None
 
 
 def fetch_adapter(ref: str, cache_dir: str | None = None) -> Path:
@@ -57,16 +63,35 @@ def fetch_adapter(ref: str, cache_dir: str | None = None) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir,
                                       allow_patterns=["adapter_config.json", "adapter_model.safetensors"]))
-    except _fetch_errors() as e:
-        raise _fetch_error(ref, e) from None
+    except fetch_errors() as e:
+        raise fetch_error(ref, e) from None
 
 
-def _fetch_errors() -> tuple[type[Exception], ...]:
+def fetch_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub and its HTTP client raise when a fetch fails."""
+    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError)
+    return (HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, OSError, ValueError)
 
 
-def _fetch_error(ref: str, e: Exception) -> CheckpointError:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub ({type(e).__name__}: {reason})")
+def fetch_error(ref: str, e: Exception, file: str | None = None) -> CheckpointError:
+    """One line naming what is missing (``ref``'s repo, revision or ``file``) or what failed."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    repo, _, revision = ref.partition("@")
+    if isinstance(e, GatedRepoError):
+        reason = f"{repo} is gated: accept its conditions on the Hub, then log in (hf auth login or HF_TOKEN)"
+    elif isinstance(e, RepositoryNotFoundError):
+        reason = (f"repository {repo} not found (check the name; a private repo needs hf auth login or "
+                  "HF_TOKEN)")
+    elif isinstance(e, RevisionNotFoundError):
+        reason = f"revision {revision or 'main'!r} of {repo} not found (a branch, tag or commit)"
+    elif isinstance(e, EntryNotFoundError) and file is not None and not isinstance(e, FileNotFoundError):
+        reason = f"file {file!r} not found in {repo} at {revision or 'main'}"
+    else:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = f"{type(e).__name__}: {first}" + (f", reading {file}" if file else "")
+        return CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub ({reason})")
+    return CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub: {reason}")

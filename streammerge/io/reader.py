@@ -17,12 +17,17 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from streammerge.errors import CheckpointError
 from streammerge.io.digest import sha256_range
-from streammerge.io.safetensors_format import TensorEntry, parse_header
+from streammerge.io.hub import on_hub
+from streammerge.io.safetensors_format import TensorEntry, header_bytes, parse_header
+
+if TYPE_CHECKING:
+    from streammerge.sources.hub import HubShard
 
 _HEADER_PROBE = 1 << 16
 # Linux queues at most the device's readahead window per WILLNEED (128 KiB by default, 8 MiB on the
@@ -52,14 +57,11 @@ class ShardReader:
         except OSError as e:
             raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
         size = os.fstat(self._fd).st_size
-        probe = os.pread(self._fd, min(size, _HEADER_PROBE), 0)
-        if len(probe) >= 8:
-            need = 8 + int.from_bytes(probe[:8], "little")
-            if len(probe) < need <= size:
-                probe += os.pread(self._fd, need - len(probe), len(probe))
-        self.entries, self.metadata = parse_header(probe, size, str(path))
+        header = header_bytes(os.pread(self._fd, min(size, _HEADER_PROBE), 0), size,
+                              lambda offset, count: os.pread(self._fd, count, offset))
+        self.entries, self.metadata = parse_header(header, size, str(path))
         self.size = size
-        self.header_sha256 = hashlib.sha256(probe[: 8 + int.from_bytes(probe[:8], "little")]).hexdigest()
+        self.header_sha256 = hashlib.sha256(header).hexdigest()
 
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``name`` (or rows ``rows`` of its first dimension), in ``into`` (uint8, at least
@@ -168,8 +170,8 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: model directory not found")
-        self._shards: dict[str, ShardReader | BinReader] = {}
-        self._where: dict[str, ShardReader | BinReader] = {}
+        self._shards: dict[str, ShardReader | BinReader | HubShard] = {}
+        self._where: dict[str, ShardReader | BinReader | HubShard] = {}
         try:
             self._index_shards()
             if not allow_quantized:
@@ -194,9 +196,11 @@ class Checkpoint:
         if found is not None:
             raise CheckpointError(f"{self.path}: {found}; merge the full-precision weights instead")
 
-    def _open(self, shard: Path) -> ShardReader | BinReader:
+    def _open(self, shard: Path) -> ShardReader | BinReader | HubShard:
+        from streammerge.sources import open_shard  # it builds on this module's readers
+
         if shard.name not in self._shards:
-            self._shards[shard.name] = ShardReader(shard) if shard.suffix == ".safetensors" else BinReader(shard)
+            self._shards[shard.name] = open_shard(shard)
         return self._shards[shard.name]
 
     def _shard_files(self) -> list[Path]:
@@ -210,6 +214,8 @@ class Checkpoint:
         found = sorted(self.path.glob("*.safetensors"))
         if len(found) == 1:
             return found
+        if on_hub(self.path / "model.safetensors"):  # a Hub snapshot without an index: one file
+            return [self.path / "model.safetensors"]
         raise CheckpointError(
             f"{self.path}: no weights found (expected model.safetensors, model.safetensors.index.json with shards, or pytorch_model.bin)"
         )
@@ -227,7 +233,7 @@ class Checkpoint:
             if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
                 raise CheckpointError(f"{index}: shard path {file!r} points outside the model directory")
             shard = self.path / file
-            if not shard.is_file():
+            if not shard.is_file() and not on_hub(shard):
                 raise CheckpointError(f"{index}: names shard {file!r}, which does not exist")
             shards.append(shard)
         for name, file in weight_map.items():
@@ -242,6 +248,10 @@ class Checkpoint:
 
     def file_of(self, name: str) -> Path:
         return self._where[name].path
+
+    def shard_of(self, name: str) -> ShardReader | BinReader | HubShard:
+        """The weights file holding tensor ``name``."""
+        return self._where[name]
 
     def offset_of(self, name: str) -> int:
         return self._where[name].entries[name].offset

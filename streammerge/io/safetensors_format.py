@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,18 @@ class TensorEntry:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def header_bytes(first: bytes, size: int, read_at: Callable[[int, int], bytes]) -> bytes:
+    """The header (8-byte length and JSON) of a file of ``size`` bytes that starts with ``first``;
+    what it needs beyond ``first`` comes from one ``read_at(offset, count)``. A length beyond the
+    file or the bound is left to ``parse_header`` to refuse, without reading for it."""
+    if len(first) >= 8:
+        need = 8 + int.from_bytes(first[:8], "little")
+        if len(first) < need <= size and need - 8 <= MAX_HEADER_BYTES:
+            first += read_at(len(first), need - len(first))
+        return first[:need]
+    return first
 
 
 def parse_header(raw: bytes, file_size: int, path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:

@@ -23,6 +23,7 @@ import torch
 from streammerge.io.reader import Checkpoint
 from streammerge.lora.adapter import LoraAdapter
 from streammerge.lora.reference import split_reference
+from streammerge.sources import Shard
 
 _KEPT_READS = 2  # row ranges a shared base keeps: the current chunk, and one read ahead by a prefetcher
 
@@ -97,6 +98,9 @@ class AdaptedCheckpoint:
 
     def offset_of(self, name: str) -> int:
         return self.base.offset_of(name)
+
+    def shard_of(self, name: str) -> Shard:
+        return self.base.shard_of(name)
 
     def config(self) -> dict:
         return self.base.config()

@@ -1,0 +1,139 @@
+"""Safetensors shards on the Hugging Face Hub, at the commit a plan resolved.
+
+``HubShard`` reads a shard's header with two HTTP range requests (its 8-byte length, then the
+JSON), through huggingface_hub's own session, URL and headers, so endpoints, tokens and proxies
+behave as in every other huggingface_hub call. Its tensors are read from a local copy, downloaded
+at that commit into the Hugging Face cache on first need (or by ``download``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streammerge.errors import CheckpointError
+from streammerge.io.hub import fetch_error, fetch_errors, snapshot_cache, snapshot_reference
+from streammerge.io.reader import ShardReader
+from streammerge.io.safetensors_format import header_bytes, parse_header
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A repo at one commit, whose files huggingface_hub's cache puts in ``directory``."""
+
+    repo: str
+    commit: str
+    directory: Path
+
+    @classmethod
+    def of(cls, directory: Path) -> HubSnapshot | None:
+        """The snapshot a cache directory (``.../models--org--name/snapshots/<commit>``) stands for."""
+        ref = snapshot_reference(directory)
+        if ref is None:
+            return None
+        repo, _, commit = ref.partition("@")
+        return cls(repo, commit, directory)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repo}@{self.commit}"
+
+    def read_range(self, file: str, start: int, count: int) -> tuple[bytes, int]:
+        """Bytes ``start`` to ``start + count`` of ``file`` and the file's size."""
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        headers = {**build_hf_headers(), "Range": f"bytes={start}-{start + count - 1}",
+                   "Accept-Encoding": "identity"}
+        url = hf_hub_url(self.repo, file, revision=self.commit)
+        try:
+            with get_session().stream("GET", url, headers=headers,
+                                      timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+                if r.status_code >= 400:
+                    r.read()  # the error's body, for huggingface_hub's message
+                    hf_raise_for_status(r)
+                if r.status_code != 206:  # a whole shard would follow: never download it here
+                    raise CheckpointError(f"{self.ref}: {url} answered a range request with HTTP "
+                                          f"{r.status_code}, not 206: this endpoint cannot serve byte ranges")
+                data = bytearray()
+                for piece in r.iter_bytes():
+                    data += piece
+                    if len(data) >= count:
+                        break
+                total = r.headers.get("Content-Range", "").rpartition("/")[2]
+                if not total.isdigit():
+                    raise CheckpointError(f"{self.ref}: {url} sent no file size (Content-Range "
+                                          f"{r.headers.get('Content-Range')!r}) with a range")
+                size = int(total)
+        except fetch_errors() as e:
+            raise fetch_error(self.ref, e, file) from None
+        if len(data) < count:
+            raise CheckpointError(f"{self.ref}: {file}: the Hub sent {len(data)} of bytes {start}-"
+                                  f"{start + count - 1}, short (the connection dropped); run again")
+        return bytes(data[:count]), size
+
+    def download(self, file: str) -> Path:
+        """``file`` at this commit, in the cache (a no-op once there)."""
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.repo, file, revision=self.commit,
+                                        cache_dir=snapshot_cache(self.directory)))
+        except fetch_errors() as e:
+            raise fetch_error(self.ref, e, file) from None
+
+
+class HubShard:
+    """A safetensors file of a Hub snapshot: the header now, the tensors once downloaded.
+
+    It has ``ShardReader``'s interface, so a ``Checkpoint`` mixes local and Hub shards. ``path``
+    is where the download lands (the snapshot directory's entry for the file)."""
+
+    def __init__(self, snapshot: HubSnapshot, file: str):
+        self.snapshot = snapshot
+        self.path = snapshot.directory / file
+        first, size = snapshot.read_range(file, 0, 8)
+        header = header_bytes(first, size, lambda offset, count: snapshot.read_range(file, offset, count)[0])
+        self.entries, self.metadata = parse_header(header, size, f"{snapshot.ref}: {file}")
+        self.size = size
+        self.header_sha256 = hashlib.sha256(header).hexdigest()
+        self._local: ShardReader | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def downloaded(self) -> bool:
+        return self._local is not None
+
+    def download(self) -> ShardReader:
+        """The local copy, downloaded first when missing; it must be the file that was planned."""
+        with self._lock:  # the engine's reader and prefetch threads may both ask
+            if self._local is None:
+                reader = ShardReader(self.snapshot.download(self.path.name))
+                if (reader.size, reader.header_sha256) != (self.size, self.header_sha256):
+                    reader.close()
+                    raise CheckpointError(f"{self.snapshot.ref}: {self.path.name}: the downloaded file is "
+                                          "not the one planned from its header (size or header differ)")
+                self._local = reader
+            return self._local
+
+    def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        return self.download().read(name, rows, into)
+
+    def sha256(self, name: str) -> str:
+        return self.download().sha256(name)
+
+    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:
+        if self._local is not None:  # a hint: it never starts a download
+            self._local.prefetch(name, stop)
+
+    def release(self, name: str) -> None:
+        if self._local is not None:
+            self._local.release(name)
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
