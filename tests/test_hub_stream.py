@@ -31,6 +31,11 @@ def _push(hub: HubServer, family: Family) -> dict[str, str]:
     return {repo: hub.push(repo, d) for repo, d in zip(REPOS, (family.base, *family.models[:2]))}
 
 
+def _local_merge(family: Family, out: Path) -> Path:
+    """The same merge of the local copies of what ``_push`` serves."""
+    return streammerge.merge(_plan(str(family.base), *map(str, family.models[:2])), out, quiet=True).output
+
+
 def _shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
@@ -54,8 +59,7 @@ def _only_headers_read(log: list[Request], sizes: dict[str, int]) -> None:
 def test_hub_merge_matches_local_and_downloads_after_planning(hub: HubServer, sharded_family: Family,
                                                                tmp_path: Path) -> None:
     commits = _push(hub, sharded_family)
-    local = streammerge.merge(_plan(str(sharded_family.base), *map(str, sharded_family.models[:2])),
-                              tmp_path / "local", quiet=True)
+    local = _local_merge(sharded_family, tmp_path / "local")
     sched = streammerge.schedule(_plan(*REPOS))
     try:
         _only_headers_read(hub.requests(), _header_lengths(sharded_family.base))
@@ -63,7 +67,7 @@ def test_hub_merge_matches_local_and_downloads_after_planning(hub: HubServer, sh
         sched.close()
     planned = len(hub.log)
     streammerge.merge(_plan(*REPOS), tmp_path / "hub", quiet=True)
-    assert _shards(tmp_path / "hub") == _shards(local.output)
+    assert _shards(tmp_path / "hub") == _shards(local)
     run = [r for r in hub.log[planned:] if r.method == "GET" and str(r.file).endswith(".safetensors")]
     assert all(r.revision == commits[r.repo] for r in run)
     downloads = [i for i, r in enumerate(run) if r.range is None]  # after every header read
@@ -96,9 +100,8 @@ def test_the_revision_resolves_once(hub: HubServer, sharded_family: Family, tmp_
     hub.on(lambda r: r.range == "bytes=0-7" and r.path.startswith("/acme/ft1/"),
            lambda: pushed.append(hub.push("acme/ft1", sharded_family.models[2])))
     streammerge.merge(_plan(*REPOS), tmp_path / "hub", quiet=True)
-    local = streammerge.merge(_plan(str(sharded_family.base), *map(str, sharded_family.models[:2])),
-                              tmp_path / "local", quiet=True)
-    assert pushed and _shards(tmp_path / "hub") == _shards(local.output)
+    local = _local_merge(sharded_family, tmp_path / "local")
+    assert pushed and _shards(tmp_path / "hub") == _shards(local)
     assert not [r for r in hub.log if pushed[0] in r.path]
     assert len([r for r in hub.log if r.path == "/api/models/acme/ft1/revision/main"]) == 1
     assert commits["acme/ft1"] in (tmp_path / "hub" / "README.md").read_text()
@@ -131,9 +134,8 @@ def test_plan_command_prints_the_download_and_the_disk(hub: HubServer, sharded_f
     size = sum(p.stat().st_size for p in files)
     assert f"({size:,} bytes: 9 shards of 3 Hub models, at the commits planned)" in proc.stdout
     written = int(re.search(r"disk .* \(([\d,]+) bytes: downloads \+ output\)", proc.stdout).group(1).replace(",", ""))
-    out = streammerge.merge(_plan(str(sharded_family.base), *map(str, sharded_family.models[:2])),
-                            tmp_path / "local", quiet=True)
-    assert written == size + sum(p.stat().st_size for p in out.output.glob("*.safetensors"))
+    out = _local_merge(sharded_family, tmp_path / "local")
+    assert written == size + sum(p.stat().st_size for p in out.glob("*.safetensors"))
     _only_headers_read(hub.requests(), _header_lengths(sharded_family.base))
 
 
