@@ -213,7 +213,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                                for name, p in files.items()]
             else:
                 doc = {"id": repo, "modelId": repo, "sha": commit, "private": False,
-                       "siblings": [{"rfilename": name, "size": p.stat().st_size} for name, p in files.items()]}
+                       "siblings": [{"rfilename": n, "size": p.stat().st_size} for n, p in files.items()]}
             data = json.dumps(doc).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -258,7 +258,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if not body:
                 return status, 0
-            limit = stop - start if fault is None or fault.drop_after is None else min(stop - start, fault.drop_after)
+            limit = stop - start
+            if fault is not None and fault.drop_after is not None:
+                limit = min(limit, fault.drop_after)
             sent = self._send(path, start, limit)
             if sent < stop - start:  # an injected drop: the client sees a short body
                 self.close_connection = True

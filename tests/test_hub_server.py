@@ -24,7 +24,8 @@ def test_downloads_snapshot_and_model_info(hub: HubServer, sharded_family: Famil
     assert path.read_bytes() == (sharded_family.base / SHARD).read_bytes()
     assert path.parent.name == commit  # the cache's snapshots/<commit>
     root = Path(snapshot_download("acme/tiny", allow_patterns=["*.json"]))
-    assert sorted(p.name for p in root.glob("*.json")) == sorted(p.name for p in sharded_family.base.glob("*.json"))
+    json_files = sorted(p.name for p in sharded_family.base.glob("*.json"))
+    assert sorted(p.name for p in root.glob("*.json")) == json_files
     assert [r.status for r in hub.requests("HEAD")] and {r.status for r in hub.log} == {200}
 
 

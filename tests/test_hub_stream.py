@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import streammerge
@@ -23,7 +24,8 @@ SMALL = re.compile(r"\.json$")
 
 def _plan(base: str, a: str, b: str, **params: object) -> dict:
     return {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5, **params},
-            "models": [{"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": 0.5}}]}
+            "models": [{"model": a, "parameters": {"weight": 0.7}},
+                       {"model": b, "parameters": {"weight": 0.5}}]}
 
 
 def _push(hub: HubServer, family: Family) -> dict[str, str]:
@@ -73,7 +75,8 @@ def test_hub_merge_matches_local_and_downloads_after_planning(hub: HubServer, sh
     downloads = [i for i, r in enumerate(run) if r.range is None]  # after every header read
     assert len(downloads) == 9 and downloads == list(range(len(run) - 9, len(run)))
     record = yaml.safe_load((tmp_path / "hub" / "streammerge_plan.yaml").read_text())
-    assert {ref: v["revision"] for ref, v in record["inputs"].items()} == {f"{r}@{c}": c for r, c in commits.items()}
+    revisions = {ref: v["revision"] for ref, v in record["inputs"].items()}
+    assert revisions == {f"{r}@{c}": c for r, c in commits.items()}
 
 
 def test_plan_errors_come_before_any_weight_byte(hub: HubServer, sharded_family: Family,
@@ -107,7 +110,8 @@ def test_the_revision_resolves_once(hub: HubServer, sharded_family: Family, tmp_
     assert commits["acme/ft1"] in (tmp_path / "hub" / "README.md").read_text()
 
 
-def test_missing_repo_revision_and_file_are_one_line(hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+def test_missing_repo_revision_and_file_are_one_line(hub: HubServer, sharded_family: Family,
+                                                      tmp_path: Path) -> None:
     _push(hub, sharded_family)
     broken = tmp_path / "broken"
     shutil.copytree(sharded_family.models[1], broken)
@@ -127,19 +131,21 @@ def test_plan_command_prints_the_download_and_the_disk(hub: HubServer, sharded_f
     _push(hub, sharded_family)
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(_plan(*REPOS)))
-    proc = subprocess.run([sys.executable, "-m", "streammerge", "plan", str(plan)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "streammerge", "plan", str(plan)], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     files = [p for d in (sharded_family.base, *sharded_family.models[:2]) for p in d.glob("*.safetensors")]
     size = sum(p.stat().st_size for p in files)
     assert f"({size:,} bytes: 9 shards of 3 Hub models, at the commits planned)" in proc.stdout
-    written = int(re.search(r"disk .* \(([\d,]+) bytes: downloads \+ output\)", proc.stdout).group(1).replace(",", ""))
+    disk = re.search(r"disk .* \(([\d,]+) bytes: downloads \+ output\)", proc.stdout)
+    written = int(disk.group(1).replace(",", ""))
     out = _local_merge(sharded_family, tmp_path / "local")
     assert written == size + sum(p.stat().st_size for p in out.glob("*.safetensors"))
     _only_headers_read(hub.requests(), _header_lengths(sharded_family.base))
 
 
-def test_a_complete_cache_is_read_in_place(hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+def test_a_complete_cache_is_read_in_place(hub: HubServer, sharded_family: Family,
+                                            tmp_path: Path) -> None:
     _push(hub, sharded_family)
     streammerge.merge(_plan(*REPOS), tmp_path / "first", quiet=True)
     before = len(hub.log)
@@ -151,3 +157,19 @@ def test_a_complete_cache_is_read_in_place(hub: HubServer, sharded_family: Famil
     finally:
         sched.close()
     assert not [r for r in hub.log[before:] if r.range is not None]
+
+
+def test_an_unsharded_model_and_a_read_before_any_download(hub: HubServer, fp32_family: Family,
+                                                           tmp_path: Path) -> None:
+    from streammerge.io.reader import Checkpoint
+    from streammerge.plan.load import resolve_model
+
+    commits = _push(hub, fp32_family)
+    assert streammerge.merge(_plan(*REPOS), tmp_path / "hub", quiet=True).tensors
+    assert _shards(tmp_path / "hub") == _shards(_local_merge(fp32_family, tmp_path / "local"))
+    ckpt = Checkpoint(resolve_model("acme/ft2@" + commits["acme/ft2"], cache_dir=str(tmp_path / "other")))
+    try:  # a reader of a Hub model that no merge downloaded for: its first read downloads the file
+        name = next(iter(ckpt.tensors))
+        assert torch.equal(ckpt.read(name), fp32_family.tensors[fp32_family.models[1]][name])
+    finally:
+        ckpt.close()

@@ -40,7 +40,8 @@ def snapshot_cache(path: str | Path) -> Path | None:
 def on_hub(path: Path) -> bool:
     """Whether the weights file ``path`` is read from the Hub: a safetensors file missing from a
     cache snapshot directory (``streammerge.sources``)."""
-    return path.suffix == ".safetensors" and not path.is_file() and snapshot_reference(path.parent) is not None
+    return (path.suffix == ".safetensors" and not path.is_file()
+            and snapshot_reference(path.parent) is not None)
 
 
 def fetch(ref: str, cache_dir: str | None = None) -> Path:
@@ -82,7 +83,7 @@ def fetch_error(ref: str, e: Exception, file: str | None = None) -> CheckpointEr
 
     repo, _, revision = ref.partition("@")
     if isinstance(e, GatedRepoError):
-        reason = f"{repo} is gated: accept its conditions on the Hub, then log in (hf auth login or HF_TOKEN)"
+        reason = f"{repo} is gated: accept its conditions on the Hub, then hf auth login (or HF_TOKEN)"
     elif isinstance(e, RepositoryNotFoundError):
         reason = (f"repository {repo} not found (check the name; a private repo needs hf auth login or "
                   "HF_TOKEN)")
