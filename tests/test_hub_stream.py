@@ -173,3 +173,13 @@ def test_an_unsharded_model_and_a_read_before_any_download(hub: HubServer, fp32_
         assert torch.equal(ckpt.read(name), fp32_family.tensors[fp32_family.models[1]][name])
     finally:
         ckpt.close()
+
+
+def test_a_hub_shard_that_is_not_safetensors_is_refused_naming_it(hub: HubServer, fp32_family: Family,
+                                                                   tmp_path: Path) -> None:
+    stub = tmp_path / "stub"
+    shutil.copytree(fp32_family.models[0], stub)
+    (stub / "model.safetensors").write_bytes(b"abc")
+    commit = hub.push("acme/stub", stub)
+    with pytest.raises(StreamMergeError, match=f"acme/stub@{commit}: model.safetensors: not a safetensors file"):
+        streammerge.schedule(_plan("acme/stub", "acme/stub", "acme/stub"))
