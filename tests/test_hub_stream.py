@@ -181,5 +181,6 @@ def test_a_hub_shard_that_is_not_safetensors_is_refused_naming_it(hub: HubServer
     shutil.copytree(fp32_family.models[0], stub)
     (stub / "model.safetensors").write_bytes(b"abc")
     commit = hub.push("acme/stub", stub)
-    with pytest.raises(StreamMergeError, match=f"acme/stub@{commit}: model.safetensors: not a safetensors file"):
+    refused = f"acme/stub@{commit}: model.safetensors: not a safetensors file"
+    with pytest.raises(StreamMergeError, match=refused):
         streammerge.schedule(_plan("acme/stub", "acme/stub", "acme/stub"))

@@ -197,9 +197,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: {found}; merge the full-precision weights instead")
 
     def _open(self, shard: Path) -> ShardReader | BinReader | HubShard:
-        from streammerge.sources import open_shard  # it builds on this module's readers
-
         if shard.name not in self._shards:
+            from streammerge.sources import open_shard  # imported here: it builds on this module's readers
+
             self._shards[shard.name] = open_shard(shard)
         return self._shards[shard.name]
 
