@@ -108,17 +108,39 @@ class HubShard:
     def downloaded(self) -> bool:
         return self._local is not None
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What the shard is, whichever checkpoint opened it: (repo, commit, file)."""
+        return self.snapshot.repo, self.snapshot.commit, self.path.name
+
     def download(self) -> ShardReader:
-        """The local copy, downloaded first when missing; it must be the file that was planned."""
+        """The local copy, downloaded into the cache first when missing."""
         with self._lock:  # the engine's reader and prefetch threads may both ask
             if self._local is None:
-                reader = ShardReader(self.snapshot.download(self.path.name))
-                if (reader.size, reader.header_sha256) != (self.size, self.header_sha256):
-                    reader.close()
-                    raise CheckpointError(f"{self.snapshot.ref}: {self.path.name}: the downloaded file is "
-                                          "not the one planned from its header (size or header differ)")
-                self._local = reader
+                self._local = self._planned(self.snapshot.download(self.path.name))
             return self._local
+
+    def attach(self, path: Path) -> None:
+        """Read the tensors from ``path``, a copy downloaded elsewhere (``streammerge.sources.feed``)."""
+        reader = self._planned(path)
+        with self._lock:
+            self._local = reader
+
+    def detach(self) -> None:
+        """Stop reading the local copy (it is about to be deleted); a later read downloads again."""
+        with self._lock:  # not while a prefetch thread queues reads of it
+            if self._local is not None:
+                self._local.close()
+                self._local = None
+
+    def _planned(self, path: Path) -> ShardReader:
+        """A reader of ``path``, which must be the file that was planned."""
+        reader = ShardReader(path)
+        if (reader.size, reader.header_sha256) != (self.size, self.header_sha256):
+            reader.close()
+            raise CheckpointError(f"{self.snapshot.ref}: {self.path.name}: the downloaded file is "
+                                  "not the one planned from its header (size or header differ)")
+        return reader
 
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         return self.download().read(name, rows, into)
@@ -127,13 +149,14 @@ class HubShard:
         return self.download().sha256(name)
 
     def prefetch(self, name: str, stop: threading.Event | None = None) -> None:
-        if self._local is not None:  # a hint: it never starts a download
-            self._local.prefetch(name, stop)
+        with self._lock:  # a hint: it never starts a download, nor races ``detach``
+            if self._local is not None:
+                self._local.prefetch(name, stop)
 
     def release(self, name: str) -> None:
-        if self._local is not None:
-            self._local.release(name)
+        with self._lock:
+            if self._local is not None:
+                self._local.release(name)
 
     def close(self) -> None:
-        if self._local is not None:
-            self._local.close()
+        self.detach()
