@@ -20,7 +20,9 @@ from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, read_documents
 from streammerge.record import write_record
 from streammerge.schedule import Schedule, build_schedule, input_models
+from streammerge.sources.budget import DOWNLOADS, download_limit, run_order
 from streammerge.sources.downloads import download_inputs
+from streammerge.sources.feed import ShardFeed
 
 
 def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
@@ -103,13 +105,12 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         staged = StagedOutput(destination, overwrite, restart)
         journal = _open_journal(staged, sched)
         resumed = len(journal.entries)
-        report = RunReport(0.0, (), None)
+        report, downloading, merging = RunReport(0.0, (), None), 0.0, 0.0
         try:
             if resolved.adapter_output is not None:
                 write_adapter(sched, staged, __version__)
             else:
-                download_inputs(sched, journal.finished)  # after planning: no plan error waits for it
-                report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
+                report, downloading, merging = _merge_weights(sched, staged, quiet, journal)
                 write_model_files(sched, staged, __version__)
                 staged.write_json(MANIFEST, manifest(sched, journal.entries, journal.identity))
             write_record(sched, staged, __version__)
@@ -126,9 +127,34 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         notes = sched.notes + report.notes + ((f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",) if resumed else ())
         return MergeResult(destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
                            time.perf_counter() - started, sync, notes, sched.device.description,
-                           report.peak_gpu_bytes, inputs=tuple(input_models(resolved)))
+                           report.peak_gpu_bytes, inputs=tuple(input_models(resolved)),
+                           download_seconds=downloading, merge_seconds=merging)
     finally:
         sched.close()
+
+
+def _merge_weights(sched: Schedule, staged: StagedOutput, quiet: bool,
+                   journal: Journal) -> tuple[RunReport, float, float]:
+    """Download the Hub shards the unfinished tensors read and merge them: all into the cache
+    first, or, with a disk budget or a download folder, each just before it is needed and
+    deleted after its last use, alongside the merge. The report, the seconds spent downloading
+    and those spent merging (waits for a download excluded)."""
+    plan = sched.plan
+    if plan.disk_budget is None and plan.download_dir is None:
+        downloading = download_inputs(sched, journal.finished)  # after planning: no plan error waits for it
+        began = time.perf_counter()
+        report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
+        return report, downloading, time.perf_counter() - began
+    own = plan.download_dir is None  # a folder in the staging directory, gone before it becomes the output
+    directory = staged.path(DOWNLOADS) if own else Path(plan.download_dir).expanduser()
+    jobs = [j for j in run_order(sched) if j.name not in journal.finished]
+    began = time.perf_counter()
+    with ShardFeed(sched, jobs, directory, download_limit(sched)) as feed:
+        report = run_schedule(sched, staged, quiet, journal.finished, journal.record, feed)
+    merging = time.perf_counter() - began - feed.wait_seconds
+    if own and directory.is_dir():
+        directory.rmdir()  # every shard was deleted after its last use
+    return report, feed.download_seconds, merging
 
 
 def _open_journal(staged: StagedOutput, sched: Schedule) -> Journal:

@@ -37,6 +37,7 @@ from streammerge.io.write_behind import WriteBehind
 from streammerge.io.writer import ShardWriter, StagedOutput
 from streammerge.methods import Chunk, run_passes
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
+from streammerge.sources.feed import ShardFeed
 from streammerge.statistics import WEIGHT_SHAPED, JobStatistics
 from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, chunk_layout
 from streammerge.workers import ChunkWorkers, chunk_workers, in_flight
@@ -60,6 +61,8 @@ class MergeResult:
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during the merge
     up_to_date: bool = False  # the output already held this merge: nothing was read or written
     inputs: tuple[str, ...] = ()  # the models read (resolved references: ``dir`` or ``dir+adapter``)
+    download_seconds: float = 0.0  # spent downloading Hub shards (alongside the merge under a disk budget)
+    merge_seconds: float = 0.0  # spent merging, waits for downloads excluded (of ``seconds``, the wall time)
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,14 @@ class _ChunkReader:
     Each chunk is read into a buffer of ``buffer_bytes`` (the largest chunk) that the consumer
     allocated when it took the chunk before: made in the merging thread between its chunks, all of
     one size, these buffers reuse each other's memory instead of landing between the merge's
-    temporaries, where the reader thread's own allocations fragmented the heap."""
+    temporaries, where the reader thread's own allocations fragmented the heap.
 
-    def __init__(self, schedule: Schedule, depth: int, buffer_bytes: int, to_device: HostToDevice | None = None):
+    With a ``feed``, each job's Hub shards are waited for before its first read."""
+
+    def __init__(self, schedule: Schedule, depth: int, buffer_bytes: int, to_device: HostToDevice | None = None,
+                 feed: ShardFeed | None = None):
         self._schedule = schedule
+        self._feed = feed
         self._to_device = to_device
         self._buffer_bytes = buffer_bytes
         self._buffers: queue.Queue[torch.Tensor] = queue.Queue()
@@ -176,6 +183,8 @@ class _ChunkReader:
         checked = None  # the job whose inputs were checked: its later passes read the same bytes
         try:
             while (job := self._requests.get()) is not None:
+                if self._feed is not None:
+                    self._feed.wait(job, self._stop)
                 check, checked = job.name != checked, job.name
                 for start, stop in _row_ranges(job):
                     if (buffer := self._buffer()) is None:
@@ -462,10 +471,13 @@ def _transfers(schedule: Schedule, inputs: int, out: int) -> tuple[HostToDevice 
 
 
 def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, finished: frozenset[str] = frozenset(),
-                 done: Callable[[TensorJob, ShardWriter], None] | None = None) -> RunReport:
+                 done: Callable[[TensorJob, ShardWriter], None] | None = None,
+                 feed: ShardFeed | None = None) -> RunReport:
     """Write every shard of the schedule into the staging directory, skipping the ``finished``
-    tensors (already written by an earlier run) and calling ``done`` after each one written."""
-    jobs = [j for j in schedule.jobs if j.name not in finished]
+    tensors (already written by an earlier run) and calling ``done`` after each one written.
+    With a ``feed``, its jobs run in its order, each once its Hub shards are downloaded, and the
+    feed is told when a job's inputs are read (the writes' offsets do not depend on the order)."""
+    jobs = [j for j in (schedule.jobs if feed is None else feed.jobs) if j.name not in finished]
     prefetch_order = _prefetch_order([sum(_chunk_bytes(schedule, j, j.rows)) for j in jobs])
     writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
     notes: list[str] = []
@@ -473,7 +485,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
           _prefetching(schedule) as prefetch):
         read_bytes, out_bytes = _largest_chunk(schedule)
         to_device, writes = _transfers(schedule, read_bytes, out_bytes)
-        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device)
+        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device, feed)
         if jobs:
             reader.request(jobs[0])
         try:
@@ -501,13 +513,15 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                         reader.close()  # its read-ahead is of the failed chunking; chunks already written are rewritten, same bytes
                         if schedule.device.is_cuda:
                             torch.cuda.empty_cache()
-                        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device)
+                        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device, feed)
                         reader.request(job)
                     if job.rows_per_chunk < first_rows:
                         notes.append(f"tensor {job.name!r}: out of memory in chunks of {first_rows} rows; "
                                      f"merged in chunks of {job.rows_per_chunk}")
                     for src in job.inputs:
                         schedule.checkpoints[src.checkpoint].release(src.tensor)
+                    if feed is not None:  # its shards no later job reads are deleted
+                        feed.done(job)
                     if job.statistics:
                         _return_free_heap()
                     if done is not None:  # once the writer thread has written the tensor's last chunk

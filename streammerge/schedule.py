@@ -28,6 +28,7 @@ from streammerge.plan.architecture import (TIED_HEADS, architecture_modules, fil
 from streammerge.plan.crimes import check_architectures
 from streammerge.plan.parameters import evaluate, gradient_position, typed
 from streammerge.plan.schema import MergePlan, Module
+from streammerge.sources.budget import describe_budget, download_limit
 from streammerge.sources.downloads import hub_downloads
 from streammerge.statistics import WEIGHT_SHAPED, ModelStatistics, attach
 from streammerge.tokenizer.chat_template import resolve_chat_template
@@ -205,8 +206,9 @@ def build_schedule(plan: MergePlan) -> Schedule:
         check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
         _check_recorded(plan, paths, checkpoints)
-        built = _build(plan, method, groups, tuple(checkpoints), paths, device)
-        return replace(built, references=tuple(paths))
+        built = replace(_build(plan, method, groups, tuple(checkpoints), paths, device), references=tuple(paths))
+        download_limit(built)  # a disk budget too small fails here, before a weight byte is downloaded
+        return built
     except BaseException:
         for c in checkpoints:
             c.close()
@@ -743,6 +745,7 @@ def describe(schedule: Schedule) -> str:
         f"read          {_gib(schedule.read_bytes)}",
         f"write         {_gib(schedule.write_bytes)}",
         *_downloads(schedule),
+        *describe_budget(schedule),
         f"peak memory   {_gib(schedule.predicted_peak_rss)} predicted ({_gib(schedule.baseline_rss)} "
         f"process + {_gib(schedule.peak_working_bytes)} largest chunk working set"
         + (" with its prepared statistics)" if any(j.statistics for j in schedule.jobs) else ")"),

@@ -27,7 +27,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
                "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration",
-               "inputs", "donor")
+               "inputs", "donor", "disk_budget", "download_dir")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -222,6 +222,10 @@ class MergePlan(BaseModel):
     vocab_policy: Literal["error", "truncate", "base"] = "error"
     select: Optional[Selection] = None
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
+    # bytes of Hub downloads plus output (on the downloads' filesystem) on disk at once; with it, Hub
+    # shards are downloaded into download_dir (default: inside the staging directory) just in time
+    disk_budget: Optional[int] = None
+    download_dir: Optional[str] = None
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
     adapter_output: Optional[AdapterOutput] = None  # the merged LoRA adapter is the output
     allow_crimes: bool = False  # merge inputs of different architectures (mergekit's --allow-crimes)
@@ -245,6 +249,9 @@ class MergePlan(BaseModel):
         if self.donor is not None and self.tokenizer_spec is not None:
             raise ValueError("'donor' lends its tokenizer files and rows as they are; a built tokenizer "
                              "('tokenizer_source' or 'tokenizer:') re-indexes them: give one of the two")
+        if self.adapter_output is not None and (self.disk_budget or self.download_dir) is not None:
+            raise ValueError("'disk_budget' and 'download_dir' govern the downloads of a merged model's "
+                             "weights; adapter_output reads only adapters: drop them")
         return self
 
     @property
@@ -254,7 +261,7 @@ class MergePlan(BaseModel):
             return TokenizerSpec(source=self.tokenizer_source)
         return self.tokenizer
 
-    @field_validator("shard_size", "max_memory", "max_gpu_memory", mode="before")
+    @field_validator("shard_size", "max_memory", "max_gpu_memory", "disk_budget", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
         return None if v is None else parse_size(v)
