@@ -1,0 +1,212 @@
+"""Hub merges within a disk budget: each shard downloaded just before its first use, alongside the
+merge, and deleted after its last; retries, resume after a kill, against the test Hub
+(tests/hub_server.py) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import streammerge
+from checkpoint_builder import Arch, Family, base_tensors, write_checkpoint
+from hub_server import HubServer, hub  # noqa: F401  (the fixture)
+from streammerge.cli import main
+from streammerge.errors import PlanError, StreamMergeError
+from streammerge.sources.budget import live_peak, run_order
+from test_hub_stream import REPOS, _plan, _push, _shards
+
+CHILD = Path(__file__).with_name("crash_child.py")
+SHARD_SIZE = 40_000  # several output shards
+
+
+def _budgeted(*models: str, **native: object) -> dict:
+    return {**_plan(*models), "shard_size": SHARD_SIZE, **native}
+
+
+def _local(family: Family, out: Path) -> dict[str, bytes]:
+    """The shards of the same merge of the local copies of what ``_push`` serves."""
+    streammerge.merge(_budgeted(str(family.base), *map(str, family.models[:2])), out, quiet=True)
+    return _shards(out)
+
+
+def _smallest_budget(plan: dict) -> tuple[int, int]:
+    """The smallest disk budget ``plan`` runs in, and the output's bytes."""
+    sched = streammerge.schedule(plan)
+    try:
+        return live_peak(sched, run_order(sched)) + sched.write_bytes, sched.write_bytes
+    finally:
+        sched.close()
+
+
+class _DiskWatch:
+    """Samples, in a thread, the bytes under the staging directory of ``out`` (downloads and
+    output shards) and under its download folder, until stopped (at most 20 s)."""
+
+    def __init__(self, out: Path):
+        self.staging = out.parent / f".{out.name}.streammerge-partial"
+        self.peak_downloads = self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for _ in range(4000):
+            if self._stop.wait(0.005):
+                return
+            downloads = _bytes(self.staging / "downloads")
+            total = downloads + sum(_bytes(p) for p in self.staging.glob("*.safetensors"))
+            self.peak_downloads = max(self.peak_downloads, downloads)
+            self.peak_total = max(self.peak_total, total)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _bytes(path: Path) -> int:
+    try:
+        files = [path] if path.is_file() else list(path.rglob("*"))
+        return sum(p.stat().st_size for p in files if p.is_file())
+    except FileNotFoundError:  # deleted while summed
+        return _bytes(path)
+
+
+def _downloads(hub: HubServer, since: int = 0) -> list:
+    """The weight GETs from the ``since``-th logged request on, header reads (closed ranges) aside."""
+    return [r for r in hub.log[since:] if r.method == "GET" and str(r.file).endswith(".safetensors")
+            and (r.range is None or r.range.endswith("-"))]
+
+
+def test_a_budgeted_hub_merge_matches_local_within_the_budget(hub: HubServer, sharded_family: Family,
+                                                              tmp_path: Path) -> None:
+    _push(hub, sharded_family)
+    local = _local(sharded_family, tmp_path / "local")
+    budget, output = _smallest_budget(_budgeted(*REPOS))
+    assert budget - output < sum(p.stat().st_size for p in sharded_family.base.glob("*.safetensors")) * 3
+    hub.bytes_per_second = 1_000_000  # about half a second of downloads, for the watch to see
+    out = tmp_path / "hub"
+    watch = _DiskWatch(out)
+    try:
+        result = streammerge.merge(_budgeted(*REPOS, disk_budget=budget), out, quiet=True)
+    finally:
+        watch.stop()
+    assert _shards(out) == local
+    assert 0 < watch.peak_downloads <= budget - output and watch.peak_total <= budget
+    assert not (out / "downloads").exists() and not watch.staging.exists()
+    assert not list((tmp_path / "hf_home").rglob("*.safetensors"))  # nothing in the shared cache
+    assert len(_downloads(hub)) == 9 and result.download_seconds > 0 and result.merge_seconds > 0
+
+
+def test_the_summary_reports_download_merge_and_wall_time(hub: HubServer, sharded_family: Family,
+                                                          tmp_path: Path) -> None:
+    _push(hub, sharded_family)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump(_budgeted(*REPOS)))
+    downloads = tmp_path / "downloads"
+    run = CliRunner().invoke(main, ["run", str(plan), str(tmp_path / "out"), "--disk-budget", "10MB",
+                                    "--download-dir", str(downloads)])
+    assert run.exit_code == 0, run.output
+    assert "syncing to disk; downloads" in run.output and ", merge " in run.output
+    assert downloads.is_dir() and not list(downloads.iterdir())  # every shard deleted, and its folders
+    shown = CliRunner().invoke(main, ["plan", str(plan), "--disk-budget", "10MB"])
+    assert shown.exit_code == 0 and "disk budget   10,000,000 bytes (output counted)" in shown.output, shown.output
+
+
+def test_a_budget_too_small_fails_at_planning_naming_the_smallest(hub: HubServer, sharded_family: Family,
+                                                                  tmp_path: Path) -> None:
+    _push(hub, sharded_family)
+    budget, _ = _smallest_budget(_budgeted(*REPOS))
+    planned = len(hub.log)
+    with pytest.raises(PlanError) as e:
+        streammerge.merge(_budgeted(*REPOS, disk_budget=budget - 1), tmp_path / "out", quiet=True)
+    assert f"the smallest that works is 1MiB ({budget:,} bytes: " in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and not _downloads(hub, planned)
+    assert not (tmp_path / ".out.streammerge-partial").exists()
+
+
+def test_500s_and_a_dropped_connection_are_retried_and_resumed(hub: HubServer, sharded_family: Family,
+                                                               tmp_path: Path) -> None:
+    commits = _push(hub, sharded_family)
+    failing, dropped = "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"
+
+    def first_download(repo: str, file: str):
+        return lambda r: r.method == "GET" and r.range is None and r.path.startswith(f"/{repo}/") and r.file == file
+
+    hub.on(first_download("acme/ft1", failing), lambda: hub.fail(failing, 2))
+    hub.on(first_download("acme/ft2", dropped), lambda: hub.drop(dropped, 10_000))
+    out = tmp_path / "hub"
+    streammerge.merge(_budgeted(*REPOS, disk_budget="10MB"), out, quiet=True)
+    assert _shards(out) == _local(sharded_family, tmp_path / "local")
+    ft1 = [r for r in _downloads(hub) if r.path == f"/acme/ft1/resolve/{commits['acme/ft1']}/{failing}"]
+    assert [r.status for r in ft1] == [500, 500, 200]
+    ft2 = [r for r in _downloads(hub) if r.path == f"/acme/ft2/resolve/{commits['acme/ft2']}/{dropped}"]
+    assert [(r.range, r.status, r.sent) for r in ft2] == [(None, 200, 10_000), ("bytes=10000-", 206,
+                                                          (sharded_family.models[1] / dropped).stat().st_size - 10_000)]
+
+
+def test_a_file_gone_at_download_time_is_one_line(hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+    commits = _push(hub, sharded_family)
+    file = "model-00002-of-00003.safetensors"
+    hub.on(lambda r: r.method == "GET" and r.range is None and r.path.startswith("/acme/ft1/") and r.file == file,
+           lambda: hub.commits["acme/ft1"][commits["acme/ft1"]].pop(file))
+    with pytest.raises(StreamMergeError) as e:
+        streammerge.merge(_budgeted(*REPOS, disk_budget="10MB"), tmp_path / "out", quiet=True)
+    assert f"file '{file}' not found in acme/ft1 at {commits['acme/ft1']}" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_killed_budgeted_merge_resumes_without_fetching_finished_shards_again(
+        hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+    _push(hub, sharded_family)
+    plan = _budgeted(*REPOS, disk_budget="10MB")
+    sched = streammerge.schedule(plan)
+    try:
+        order = run_order(sched)
+        first = sched.checkpoints[0].shard_of(order[0].inputs[0].tensor).path.name
+        reads = [{sched.checkpoints[s.checkpoint].shard_of(s.tensor).path.name for s in j.inputs} for j in order]
+    finally:
+        sched.close()
+    finished = next(k for k, names in enumerate(reads) if names != {first})  # jobs reading shard 1 only
+    assert 1 < finished and all(first not in names for names in reads[finished:])
+    path, out = tmp_path / "plan.yaml", tmp_path / "hub"
+    path.write_text(yaml.safe_dump(plan))
+    child = subprocess.run([sys.executable, str(CHILD), str(path), str(out), "record", str(finished)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr
+    killed = len(hub.log)
+    streammerge.merge(path, out, quiet=True)
+    assert _shards(out) == _local(sharded_family, tmp_path / "local")
+    again = {r.file for r in _downloads(hub, killed)}
+    assert again and first not in again
+
+
+def test_shards_that_schedule_order_keeps_alive_are_merged_by_shard(hub: HubServer, tmp_path: Path) -> None:
+    """Layers 0 and 2 in the first shard, layer 1 in the second: by layer, the first shard would
+    live through the second; ordered by shard, one shard per model is on disk at a time."""
+    tensors = base_tensors(Arch(), 0)
+    rank = {0: 0, 2: 1, 1: 2}  # written in this layer order, 15 tensors to a shard
+    names = sorted(tensors, key=lambda n: (-1 if n == "model.embed_tokens.weight" else
+                                           rank[int(n.split(".")[2])] if n.startswith("model.layers.") else 3))
+    models = [write_checkpoint(tmp_path / f"m{k}", {n: tensors[n] + 0.01 * k for n in names},
+                               Arch().config(torch.float32), shards=2) for k in range(3)]
+    for repo, model in zip(REPOS, models):
+        hub.push(repo, model)
+    plan = _budgeted(*REPOS)
+    sched = streammerge.schedule(plan)
+    try:
+        assert live_peak(sched, run_order(sched)) < live_peak(sched, list(sched.jobs))
+        budget = live_peak(sched, run_order(sched)) + sched.write_bytes
+    finally:
+        sched.close()
+    out = tmp_path / "hub"
+    streammerge.merge({**plan, "disk_budget": budget}, out, quiet=True)
+    streammerge.merge(_budgeted(*map(str, models)), tmp_path / "local", quiet=True)
+    assert _shards(out) == _shards(tmp_path / "local")
+
