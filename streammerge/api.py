@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -140,13 +141,15 @@ def _merge_weights(sched: Schedule, staged: StagedOutput, quiet: bool,
     deleted after its last use, alongside the merge. The report, the seconds spent downloading
     and those spent merging (waits for a download excluded)."""
     plan = sched.plan
+    own = plan.download_dir is None  # a folder in the staging directory, gone before it becomes the output
+    directory = staged.path(DOWNLOADS) if own else Path(plan.download_dir).expanduser()
+    if staged.path(DOWNLOADS).is_dir() and (plan.disk_budget is None or not own):
+        shutil.rmtree(staged.path(DOWNLOADS))  # a killed run's, which used that folder: not this one's
     if plan.disk_budget is None and plan.download_dir is None:
         downloading = download_inputs(sched, journal.finished)  # after planning: no plan error waits for it
         began = time.perf_counter()
         report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
         return report, downloading, time.perf_counter() - began
-    own = plan.download_dir is None  # a folder in the staging directory, gone before it becomes the output
-    directory = staged.path(DOWNLOADS) if own else Path(plan.download_dir).expanduser()
     jobs = [j for j in run_order(sched) if j.name not in journal.finished]
     began = time.perf_counter()
     with ShardFeed(sched, jobs, directory, download_limit(sched)) as feed:

@@ -20,6 +20,8 @@ from hub_server import HubServer, hub  # noqa: F401  (the fixture)
 from streammerge.cli import main
 from streammerge.errors import PlanError, StreamMergeError
 from streammerge.sources.budget import live_peak, run_order
+from streammerge.sources.fetch import fetch_file, partial_path
+from streammerge.sources.hub import HubSnapshot
 from test_hub_stream import REPOS, _plan, _push, _shards
 
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -151,15 +153,32 @@ def test_500s_and_a_dropped_connection_are_retried_and_resumed(hub: HubServer, s
                                                           (sharded_family.models[1] / dropped).stat().st_size - 10_000)]
 
 
+def test_a_partial_file_left_by_a_killed_run_is_resumed(hub: HubServer, sharded_family: Family,
+                                                        tmp_path: Path) -> None:
+    commits = _push(hub, sharded_family)
+    file = "model-00001-of-00003.safetensors"
+    source = (sharded_family.base / file).read_bytes()
+    dest = tmp_path / "downloads" / file
+    dest.parent.mkdir()
+    partial_path(dest).write_bytes(source[:12_345])
+    assert fetch_file(HubSnapshot("acme/base", commits["acme/base"], tmp_path), file, dest, len(source))
+    assert dest.read_bytes() == source and not partial_path(dest).exists()
+    assert [(r.range, r.status) for r in _downloads(hub)] == [("bytes=12345-", 206)]
+
+
 def test_a_file_gone_at_download_time_is_one_line(hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+    """With a download folder and no budget: shards fed the same way, without a limit."""
     commits = _push(hub, sharded_family)
     file = "model-00002-of-00003.safetensors"
     hub.on(lambda r: r.method == "GET" and r.range is None and r.path.startswith("/acme/ft1/") and r.file == file,
            lambda: hub.commits["acme/ft1"][commits["acme/ft1"]].pop(file))
+    downloads = tmp_path / "downloads"
     with pytest.raises(StreamMergeError) as e:
-        streammerge.merge(_budgeted(*REPOS, disk_budget="10MB"), tmp_path / "out", quiet=True)
+        streammerge.merge(_budgeted(*REPOS, download_dir=str(downloads)), tmp_path / "out", quiet=True)
     assert f"file '{file}' not found in acme/ft1 at {commits['acme/ft1']}" in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+    assert (downloads / "acme--base" / commits["acme/base"] / file).is_file()  # kept, for a resumed run
+    assert not list((tmp_path / "hf_home").rglob("*.safetensors"))
 
 
 def test_a_killed_budgeted_merge_resumes_without_fetching_finished_shards_again(
