@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 DOWNLOADS = "downloads"  # the default download folder, inside the staging directory
 
 
-def live_peak(schedule: Schedule, jobs: list[TensorJob]) -> int:
-    """The most Hub-shard bytes live at once when ``jobs`` run in this order, each shard on disk
-    from its first reader to its last."""
+def live_bytes(schedule: Schedule, jobs: list[TensorJob]) -> list[int]:
+    """Per job of ``jobs``, run in this order, the Hub-shard bytes on disk while it runs, each
+    shard there from its first reader to its last."""
     first: dict[tuple[str, str, str], int] = {}
     last: dict[tuple[str, str, str], int] = {}
     size: dict[tuple[str, str, str], int] = {}
@@ -42,11 +42,16 @@ def live_peak(schedule: Schedule, jobs: list[TensorJob]) -> int:
     for key, s in size.items():
         change[first[key]] += s
         change[last[key] + 1] -= s
-    peak = live = 0
-    for c in change:
-        live += c
-        peak = max(peak, live)
-    return peak
+    live, total = [], 0
+    for c in change[:-1]:
+        total += c
+        live.append(total)
+    return live
+
+
+def live_peak(schedule: Schedule, jobs: list[TensorJob]) -> int:
+    """The most Hub-shard bytes on disk at once when ``jobs`` run in this order."""
+    return max(live_bytes(schedule, jobs), default=0)
 
 
 def run_order(schedule: Schedule) -> list[TensorJob]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streammerge.errors import CheckpointError
+from streammerge.sources.budget import live_bytes
 from streammerge.sources.downloads import job_shards
 from streammerge.sources.fetch import fetch_file, partial_path
 from streammerge.sources.hub import HubShard
@@ -35,7 +36,8 @@ class ShardFeed:
     """The Hub shards of ``jobs`` (in the order they run), downloaded into ``directory``
     (``org--name/<commit>/<file>``) holding at most ``limit`` bytes at once (None: no limit)."""
 
-    def __init__(self, schedule: Schedule, jobs: list[TensorJob], directory: Path, limit: int | None):
+    def __init__(self, schedule: Schedule, jobs: list[TensorJob], directory: Path,
+                 limit: int | None):
         self.jobs = jobs
         self.directory = directory
         self._limit = limit
@@ -59,37 +61,43 @@ class ShardFeed:
         self._changed = threading.Condition()
         self.download_seconds = 0.0  # spent downloading, in the feed's thread
         self.wait_seconds = 0.0  # the reader spent waiting for a shard
-        self._keep_existing()
-        self._thread = threading.Thread(target=self._run, name="streammerge-downloads", daemon=True)
+        self._keep_existing(live_bytes(schedule, jobs))
+        self._thread = threading.Thread(target=self._run, name="streammerge-downloads",
+                                        daemon=True)
         self._thread.start()
 
     def path(self, key: Key) -> Path:
         repo, commit, file = key
         return self.directory / repo.replace("/", "--") / commit / file
 
-    @property
-    def held(self) -> int:
-        """Bytes the downloads hold on disk or have reserved."""
-        with self._changed:
-            return sum(self._held.values())
-
     def _fits(self, key: Key, size: int) -> bool:
         """Whether ``key`` may hold ``size`` bytes (in place of what it holds now)."""
         held = sum(self._held.values()) - self._held.get(key, 0)
         return self._limit is None or held + size <= self._limit
 
-    def _keep_existing(self) -> None:
+    def _keep_existing(self, live: list[int]) -> None:
         """What an earlier, killed run left in this run's folders: complete files still needed are
-        kept while they fit (in first-use order), and the partial file of the first shard to fetch,
-        to resume; the rest are deleted."""
-        wanted = {self.path(k) for k in self._order} | {partial_path(self.path(k)) for k in self._order}
+        kept, in first-use order, while they fit, and the partial file of the first shard to fetch,
+        to resume; the rest are deleted. ``live``: per job, the shard bytes it needs on disk.
+
+        A kept file is on disk before shards used earlier are fetched: it is kept only if, until
+        its first use, it fits beside what each job needs and the files kept before it (else the
+        in-order downloads could wait for room that only its own later use frees)."""
+        wanted = {p for k in self._order for p in (self.path(k), partial_path(self.path(k)))}
         for folder in {self.path(k).parent for k in self._order}:
             for found in folder.iterdir() if folder.is_dir() else ():
                 if found not in wanted and found.is_file():
                     found.unlink()
+        first = {}
+        for k, job in enumerate(self.jobs):
+            for key in self._needs[job.name]:
+                first.setdefault(key, k)
+        early = [0] * len(live)  # per job, bytes of kept files first used after it
         for key in self._order:
             path, size = self.path(key), self._shards[key][0].size
-            if path.is_file() and path.stat().st_size == size and self._fits(key, size):
+            room = self._limit is None or all(live[j] + early[j] + size <= self._limit
+                                              for j in range(first[key]))
+            if path.is_file() and path.stat().st_size == size and room:
                 try:
                     for shard in self._shards[key]:
                         shard.attach(path)
@@ -99,6 +107,8 @@ class ShardFeed:
                 else:
                     self._held[key] = size
                     self._ready.add(key)
+                    for j in range(first[key]):
+                        early[j] += size
                     continue
             path.unlink(missing_ok=True)
         fetch = [k for k in self._order if k not in self._ready]
@@ -122,7 +132,8 @@ class ShardFeed:
                         return
                     self._held[key] = size  # reserved whole before a byte arrives
                 began = time.perf_counter()
-                if not fetch_file(self._shards[key][0].snapshot, key[2], self.path(key), size, self._stop):
+                snapshot = self._shards[key][0].snapshot
+                if not fetch_file(snapshot, key[2], self.path(key), size, self._stop):
                     return
                 self.download_seconds += time.perf_counter() - began
                 for shard in self._shards[key]:
@@ -170,7 +181,7 @@ class ShardFeed:
         self._thread.join()
         if all(n == 0 for n in self._users.values()):
             commits = {self.path(k).parent for k in self._order}
-            for empty in [*commits, *{c.parent for c in commits}]:  # a repo's folder after its commits'
+            for empty in [*commits, *{c.parent for c in commits}]:  # a repo's after its commits'
                 try:
                     empty.rmdir()
                 except OSError:  # not empty (files of other runs), or never made

@@ -56,8 +56,8 @@ def fetch_file(snapshot: HubSnapshot, file: str, dest: Path, size: int,
                 failures, wait = 0, BACKOFF
             failures += 1
             if failures > RETRIES:
-                raise CheckpointError(f"{snapshot.ref}: {file}: download failed {failures} times in a row "
-                                      f"({e}); the same command resumes it from the "
+                raise CheckpointError(f"{snapshot.ref}: {file}: download failed {failures} times "
+                                      f"in a row ({e}); the same command resumes it from the "
                                       f"{got:,} bytes received") from None
             if stop.wait(wait):
                 return False
@@ -68,17 +68,17 @@ def fetch_file(snapshot: HubSnapshot, file: str, dest: Path, size: int,
         got = partial.stat().st_size
         if got != size:
             partial.unlink()
-            raise CheckpointError(f"{snapshot.ref}: {file}: the Hub's file is {got:,} bytes, the one "
-                                  f"planned {size:,} (changed at the same commit?); run again")
+            raise CheckpointError(f"{snapshot.ref}: {file}: the Hub's file is {got:,} bytes, the "
+                                  f"one planned {size:,} (changed at the same commit?); run again")
         os.replace(partial, dest)
         return True
 
 
 def _get(snapshot: HubSnapshot, file: str, partial: Path, have: int, size: int,
          stop: threading.Event) -> None:
-    """Append bytes ``have`` onward of ``file`` to ``partial`` (all of it when the server ignores the
-    range) until ``stop``; ``_Transient`` for what a retry may cure, a one-line ``CheckpointError``
-    otherwise."""
+    """Append bytes ``have`` onward of ``file`` to ``partial`` (all of it when the server ignores
+    the range) until ``stop``; ``_Transient`` for what a retry may cure, a one-line
+    ``CheckpointError`` otherwise."""
     import httpx2
     from huggingface_hub import constants, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -101,8 +101,9 @@ def _get(snapshot: HubSnapshot, file: str, partial: Path, have: int, size: int,
                 r.read()  # the error's body, for huggingface_hub's message
                 hf_raise_for_status(r)
             start = have if r.status_code == 206 else 0  # a 200 is the whole file again
-            if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                raise _Transient(f"a range answered with Content-Range {r.headers.get('Content-Range')!r}")
+            answered = r.headers.get("Content-Range", "")
+            if r.status_code == 206 and not answered.startswith(f"bytes {have}-"):
+                raise _Transient(f"bytes {have}- asked, Content-Range {answered!r} sent")
             with open(partial, "r+b" if start else "wb") as f:
                 f.seek(start)
                 f.truncate()
