@@ -4,6 +4,7 @@ merge, and deleted after its last; retries, resume after a kill, against the tes
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 import streammerge
 from checkpoint_builder import Arch, Family, base_tensors, write_checkpoint
-from hub_server import HubServer, hub  # noqa: F401  (the fixture)
+from hub_server import HubServer, Request, hub  # noqa: F401  (the fixture)
 from streammerge.cli import main
 from streammerge.errors import PlanError, StreamMergeError
 from streammerge.sources.budget import live_peak, run_order
@@ -48,8 +49,8 @@ def _smallest_budget(plan: dict) -> tuple[int, int]:
 
 
 class _DiskWatch:
-    """Samples, in a thread, the bytes under the staging directory of ``out`` (downloads and
-    output shards) and under its download folder, until stopped (at most 20 s)."""
+    """Samples, in a thread, the bytes in the staging directory of ``out``: its download folder,
+    and those plus the output shards, until stopped (at most 4000 samples)."""
 
     def __init__(self, out: Path):
         self.staging = out.parent / f".{out.name}.streammerge-partial"
@@ -73,27 +74,43 @@ class _DiskWatch:
 
 
 def _bytes(path: Path) -> int:
-    try:
-        files = [path] if path.is_file() else list(path.rglob("*"))
-        return sum(p.stat().st_size for p in files if p.is_file())
-    except FileNotFoundError:  # deleted while summed
-        return _bytes(path)
+    """The size of a file, or of the files under a folder (0 when missing)."""
+    files = [str(path)] if path.is_file() else [os.path.join(d, f) for d, _, fs in os.walk(path)
+                                                  for f in fs]  # os.walk skips what vanishes
+    total = 0
+    for f in files:
+        try:
+            total += os.stat(f).st_size
+        except FileNotFoundError:  # deleted since listed
+            pass
+    return total
 
 
-def _downloads(hub: HubServer, since: int = 0) -> list:
-    """The weight GETs from the ``since``-th logged request on, header reads (closed ranges) aside."""
-    return [r for r in hub.log[since:] if r.method == "GET" and str(r.file).endswith(".safetensors")
+def _downloads(hub: HubServer, since: int = 0) -> list[Request]:
+    """The weight GETs from the ``since``-th logged request on, but header reads (closed ranges)."""
+    return [r for r in hub.requests("GET")[since:] if str(r.file).endswith(".safetensors")
             and (r.range is None or r.range.endswith("-"))]
 
 
-def test_a_budgeted_hub_merge_matches_local_within_the_budget(hub: HubServer, sharded_family: Family,
-                                                              tmp_path: Path) -> None:
+def _download_of(repo: str, file: str):
+    """Matches a first download request (no range) of ``repo``'s ``file``."""
+    return lambda r: (r.method == "GET" and r.range is None and r.path.startswith(f"/{repo}/")
+                      and r.file == file)
+
+
+def test_a_budgeted_hub_merge_matches_local_within_the_budget(
+        hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
     _push(hub, sharded_family)
     local = _local(sharded_family, tmp_path / "local")
     budget, output = _smallest_budget(_budgeted(*REPOS))
-    assert budget - output < sum(p.stat().st_size for p in sharded_family.base.glob("*.safetensors")) * 3
+    inputs = sum(p.stat().st_size for p in sharded_family.base.glob("*.safetensors")) * 3
+    assert budget - output < inputs / 2
     hub.bytes_per_second = 1_000_000  # about half a second of downloads, for the watch to see
     out = tmp_path / "hub"
+    last = "model-00003-of-00003.safetensors"
+    on_disk: list[list[str]] = []  # when the last shard's download starts: the merge went on
+    hub.on(_download_of("acme/ft2", last),
+           lambda: on_disk.append([p.name for p in (watch.staging / "downloads").rglob("*")]))
     watch = _DiskWatch(out)
     try:
         result = streammerge.merge(_budgeted(*REPOS, disk_budget=budget), out, quiet=True)
@@ -104,53 +121,54 @@ def test_a_budgeted_hub_merge_matches_local_within_the_budget(hub: HubServer, sh
     assert not (out / "downloads").exists() and not watch.staging.exists()
     assert not list((tmp_path / "hf_home").rglob("*.safetensors"))  # nothing in the shared cache
     assert len(_downloads(hub)) == 9 and result.download_seconds > 0 and result.merge_seconds > 0
+    assert on_disk and not [f for f in on_disk[0] if f.startswith("model-00001")]
 
 
-def test_the_summary_reports_download_merge_and_wall_time(hub: HubServer, sharded_family: Family,
-                                                          tmp_path: Path) -> None:
+def test_the_summary_reports_download_merge_and_wall_time(
+        hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
     _push(hub, sharded_family)
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(_budgeted(*REPOS)))
     downloads = tmp_path / "downloads"
-    run = CliRunner().invoke(main, ["run", str(plan), str(tmp_path / "out"), "--disk-budget", "10MB",
-                                    "--download-dir", str(downloads)])
+    run = CliRunner().invoke(main, ["run", str(plan), str(tmp_path / "out"), "--disk-budget",
+                                    "10MB", "--download-dir", str(downloads)])
     assert run.exit_code == 0, run.output
     assert "syncing to disk; downloads" in run.output and ", merge " in run.output
-    assert downloads.is_dir() and not list(downloads.iterdir())  # every shard deleted, and its folders
+    assert downloads.is_dir() and not list(downloads.iterdir())  # every shard and folder deleted
     shown = CliRunner().invoke(main, ["plan", str(plan), "--disk-budget", "10MB"])
-    assert shown.exit_code == 0 and "disk budget   10,000,000 bytes (output counted)" in shown.output, shown.output
+    assert shown.exit_code == 0, shown.output
+    assert "disk budget   10,000,000 bytes (output counted)" in shown.output
 
 
-def test_a_budget_too_small_fails_at_planning_naming_the_smallest(hub: HubServer, sharded_family: Family,
-                                                                  tmp_path: Path) -> None:
+def test_a_budget_too_small_fails_at_planning_naming_the_smallest(
+        hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
     _push(hub, sharded_family)
     budget, _ = _smallest_budget(_budgeted(*REPOS))
     planned = len(hub.log)
     with pytest.raises(PlanError) as e:
-        streammerge.merge(_budgeted(*REPOS, disk_budget=budget - 1), tmp_path / "out", quiet=True)
+        streammerge.merge(_budgeted(*REPOS, disk_budget=budget - 1), tmp_path / "out",
+                          quiet=True)
     assert f"the smallest that works is 1MiB ({budget:,} bytes: " in str(e.value), str(e.value)
     assert "\n" not in str(e.value) and not _downloads(hub, planned)
     assert not (tmp_path / ".out.streammerge-partial").exists()
 
 
-def test_500s_and_a_dropped_connection_are_retried_and_resumed(hub: HubServer, sharded_family: Family,
-                                                               tmp_path: Path) -> None:
+def test_500s_and_a_dropped_connection_are_retried_and_resumed(
+        hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
     commits = _push(hub, sharded_family)
     failing, dropped = "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"
-
-    def first_download(repo: str, file: str):
-        return lambda r: r.method == "GET" and r.range is None and r.path.startswith(f"/{repo}/") and r.file == file
-
-    hub.on(first_download("acme/ft1", failing), lambda: hub.fail(failing, 2))
-    hub.on(first_download("acme/ft2", dropped), lambda: hub.drop(dropped, 10_000))
+    hub.on(_download_of("acme/ft1", failing), lambda: hub.fail(failing, 2))
+    hub.on(_download_of("acme/ft2", dropped), lambda: hub.drop(dropped, 10_000))
     out = tmp_path / "hub"
     streammerge.merge(_budgeted(*REPOS, disk_budget="10MB"), out, quiet=True)
     assert _shards(out) == _local(sharded_family, tmp_path / "local")
-    ft1 = [r for r in _downloads(hub) if r.path == f"/acme/ft1/resolve/{commits['acme/ft1']}/{failing}"]
+    ft1 = [r for r in _downloads(hub) if r.repo == "acme/ft1" and r.file == failing]
     assert [r.status for r in ft1] == [500, 500, 200]
-    ft2 = [r for r in _downloads(hub) if r.path == f"/acme/ft2/resolve/{commits['acme/ft2']}/{dropped}"]
-    assert [(r.range, r.status, r.sent) for r in ft2] == [(None, 200, 10_000), ("bytes=10000-", 206,
-                                                          (sharded_family.models[1] / dropped).stat().st_size - 10_000)]
+    assert all(r.revision == commits[r.repo] for r in _downloads(hub))
+    ft2 = [(r.range, r.status, r.sent) for r in _downloads(hub)
+           if r.repo == "acme/ft2" and r.file == dropped]
+    rest = (sharded_family.models[1] / dropped).stat().st_size - 10_000
+    assert ft2 == [(None, 200, 10_000), ("bytes=10000-", 206, rest)]
 
 
 def test_a_partial_file_left_by_a_killed_run_is_resumed(hub: HubServer, sharded_family: Family,
@@ -161,23 +179,27 @@ def test_a_partial_file_left_by_a_killed_run_is_resumed(hub: HubServer, sharded_
     dest = tmp_path / "downloads" / file
     dest.parent.mkdir()
     partial_path(dest).write_bytes(source[:12_345])
-    assert fetch_file(HubSnapshot("acme/base", commits["acme/base"], tmp_path), file, dest, len(source))
+    snapshot = HubSnapshot("acme/base", commits["acme/base"], tmp_path)
+    assert fetch_file(snapshot, file, dest, len(source))
     assert dest.read_bytes() == source and not partial_path(dest).exists()
     assert [(r.range, r.status) for r in _downloads(hub)] == [("bytes=12345-", 206)]
 
 
-def test_a_file_gone_at_download_time_is_one_line(hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+def test_a_file_gone_at_download_time_is_one_line(hub: HubServer, sharded_family: Family,
+                                                  tmp_path: Path) -> None:
     """With a download folder and no budget: shards fed the same way, without a limit."""
     commits = _push(hub, sharded_family)
     file = "model-00002-of-00003.safetensors"
-    hub.on(lambda r: r.method == "GET" and r.range is None and r.path.startswith("/acme/ft1/") and r.file == file,
-           lambda: hub.commits["acme/ft1"][commits["acme/ft1"]].pop(file))
+    served = hub.commits["acme/ft1"][commits["acme/ft1"]]
+    hub.on(_download_of("acme/ft1", file), lambda: served.pop(file))
     downloads = tmp_path / "downloads"
     with pytest.raises(StreamMergeError) as e:
-        streammerge.merge(_budgeted(*REPOS, download_dir=str(downloads)), tmp_path / "out", quiet=True)
-    assert f"file '{file}' not found in acme/ft1 at {commits['acme/ft1']}" in str(e.value), str(e.value)
+        streammerge.merge(_budgeted(*REPOS, download_dir=str(downloads)), tmp_path / "out",
+                          quiet=True)
+    missing = f"file '{file}' not found in acme/ft1 at {commits['acme/ft1']}"
+    assert missing in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
-    assert (downloads / "acme--base" / commits["acme/base"] / file).is_file()  # kept, for a resumed run
+    assert (downloads / "acme--base" / commits["acme/base"] / file).is_file()  # kept, to resume
     assert not list((tmp_path / "hf_home").rglob("*.safetensors"))
 
 
@@ -189,15 +211,16 @@ def test_a_killed_budgeted_merge_resumes_without_fetching_finished_shards_again(
     try:
         order = run_order(sched)
         first = sched.checkpoints[0].shard_of(order[0].inputs[0].tensor).path.name
-        reads = [{sched.checkpoints[s.checkpoint].shard_of(s.tensor).path.name for s in j.inputs} for j in order]
+        reads = [{sched.checkpoints[s.checkpoint].shard_of(s.tensor).path.name for s in j.inputs}
+                 for j in order]
     finally:
         sched.close()
-    finished = next(k for k, names in enumerate(reads) if names != {first})  # jobs reading shard 1 only
+    finished = next(k for k, names in enumerate(reads) if names != {first})  # read shard 1 only
     assert 1 < finished and all(first not in names for names in reads[finished:])
     path, out = tmp_path / "plan.yaml", tmp_path / "hub"
     path.write_text(yaml.safe_dump(plan))
-    child = subprocess.run([sys.executable, str(CHILD), str(path), str(out), "record", str(finished)],
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run([sys.executable, str(CHILD), str(path), str(out), "record",
+                            str(finished)], capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stderr
     killed = len(hub.log)
     staging = tmp_path / ".hub.streammerge-partial" / "downloads"
@@ -205,17 +228,18 @@ def test_a_killed_budgeted_merge_resumes_without_fetching_finished_shards_again(
     streammerge.merge(path, out, quiet=True)
     assert _shards(out) == _local(sharded_family, tmp_path / "local")
     again = {(r.repo.replace("/", "--"), r.file) for r in _downloads(hub, killed)}
-    assert again and first not in {file for _, file in again}  # shard 1's tensors were all finished
-    assert not kept & again  # complete downloads the killed run left are read, not fetched again
+    assert again and first not in {file for _, file in again}  # shard 1's tensors all finished
+    assert not kept & again  # complete downloads the killed run left are read, not fetched
 
 
-def test_shards_that_schedule_order_keeps_alive_are_merged_by_shard(hub: HubServer, tmp_path: Path) -> None:
+def test_shards_that_schedule_order_keeps_alive_are_merged_by_shard(hub: HubServer,
+                                                                    tmp_path: Path) -> None:
     """Layers 0 and 2 in the first shard, layer 1 in the second: by layer, the first shard would
     live through the second; ordered by shard, one shard per model is on disk at a time."""
     tensors = base_tensors(Arch(), 0)
     rank = {0: 0, 2: 1, 1: 2}  # written in this layer order, 15 tensors to a shard
-    names = sorted(tensors, key=lambda n: (-1 if n == "model.embed_tokens.weight" else
-                                           rank[int(n.split(".")[2])] if n.startswith("model.layers.") else 3))
+    names = sorted(tensors, key=lambda n: -1 if n == "model.embed_tokens.weight" else
+                   rank[int(n.split(".")[2])] if n.startswith("model.layers.") else 3)
     models = [write_checkpoint(tmp_path / f"m{k}", {n: tensors[n] + 0.01 * k for n in names},
                                Arch().config(torch.float32), shards=2) for k in range(3)]
     for repo, model in zip(REPOS, models):
