@@ -141,12 +141,12 @@ def _merge_weights(sched: Schedule, staged: StagedOutput, quiet: bool,
     deleted after its last use, alongside the merge. The report, the seconds spent downloading
     and those spent merging (waits for a download excluded)."""
     plan = sched.plan
-    own = plan.download_dir is None  # a folder in the staging directory, gone before it becomes the output
+    own = plan.download_dir is None  # in the staging directory: gone before it becomes the output
     directory = staged.path(DOWNLOADS) if own else Path(plan.download_dir).expanduser()
     if staged.path(DOWNLOADS).is_dir() and (plan.disk_budget is None or not own):
-        shutil.rmtree(staged.path(DOWNLOADS))  # a killed run's, which used that folder: not this one's
+        shutil.rmtree(staged.path(DOWNLOADS))  # a killed run used that folder; this one does not
     if plan.disk_budget is None and plan.download_dir is None:
-        downloading = download_inputs(sched, journal.finished)  # after planning: no plan error waits for it
+        downloading = download_inputs(sched, journal.finished)  # after planning: no plan error waits
         began = time.perf_counter()
         report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
         return report, downloading, time.perf_counter() - began

@@ -38,12 +38,14 @@ _plan_options = [
                  help="Merge inputs that hold NaN or Inf, and write non-finite results, instead of stopping."),
     click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache for models named org/name[@revision] on the Hugging Face Hub."),
     click.option("--disk-budget", type=Size(),
-                 help="Disk for Hub downloads plus the output (when on the same filesystem), e.g. 20GB: each Hub "
-                      "shard is downloaded just before it is needed, alongside the merge, and deleted after its "
-                      "last use; too small a budget fails at planning, naming the smallest that works."),
+                 help="Disk for Hub downloads plus the output (when on the same filesystem), e.g. "
+                      "20GB: each Hub shard is downloaded just before it is needed, alongside the "
+                      "merge, and deleted after its last use; too small a budget fails at planning, "
+                      "naming the smallest that works."),
     click.option("--download-dir", type=click.Path(file_okay=False),
-                 help="Where Hub shards are downloaded to and deleted from as the merge goes (default with "
-                      "--disk-budget: inside the staging directory beside OUT), not the shared Hugging Face cache."),
+                 help="Where Hub shards are downloaded to and deleted from as the merge goes "
+                      "(default with --disk-budget: inside the staging directory beside OUT), not "
+                      "the shared Hugging Face cache."),
     click.option("--strict/--lenient", default=None,
                  help="Unknown keys and parameters are errors (--strict) or warnings (--lenient). "
                       "Default: lenient for mergekit configs, strict for plans using streammerge's own keys."),
@@ -166,7 +168,8 @@ def _report(result: MergeResult, quiet: bool) -> None:
                  f"; downloads {result.download_seconds:.1f} s, merge {result.merge_seconds:.1f} s")
     click.echo(f"wrote {result.output}: {result.tensors} tensors in {result.shards} shard(s), "
                f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s "
-               f"({result.sync_seconds:.1f} s of it syncing to disk{downloads}); device: {result.device}{gpu}",
+               f"({result.sync_seconds:.1f} s of it syncing to disk{downloads}); "
+               f"device: {result.device}{gpu}",
                err=True)
 
 

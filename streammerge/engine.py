@@ -61,8 +61,8 @@ class MergeResult:
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during the merge
     up_to_date: bool = False  # the output already held this merge: nothing was read or written
     inputs: tuple[str, ...] = ()  # the models read (resolved references: ``dir`` or ``dir+adapter``)
-    download_seconds: float = 0.0  # spent downloading Hub shards (alongside the merge under a disk budget)
-    merge_seconds: float = 0.0  # spent merging, waits for downloads excluded (of ``seconds``, the wall time)
+    download_seconds: float = 0.0  # downloading Hub shards (alongside the merge under a disk budget)
+    merge_seconds: float = 0.0  # merging, waits for downloads excluded (``seconds`` is the wall time)
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,8 @@ class _ChunkReader:
 
     With a ``feed``, each job's Hub shards are waited for before its first read."""
 
-    def __init__(self, schedule: Schedule, depth: int, buffer_bytes: int, to_device: HostToDevice | None = None,
-                 feed: ShardFeed | None = None):
+    def __init__(self, schedule: Schedule, depth: int, buffer_bytes: int,
+                 to_device: HostToDevice | None = None, feed: ShardFeed | None = None):
         self._schedule = schedule
         self._feed = feed
         self._to_device = to_device
@@ -513,7 +513,8 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
                         reader.close()  # its read-ahead is of the failed chunking; chunks already written are rewritten, same bytes
                         if schedule.device.is_cuda:
                             torch.cuda.empty_cache()
-                        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device, feed)
+                        reader = _ChunkReader(schedule, READ_AHEAD_CHUNKS, read_bytes, to_device,
+                                              feed)
                         reader.request(job)
                     if job.rows_per_chunk < first_rows:
                         notes.append(f"tensor {job.name!r}: out of memory in chunks of {first_rows} rows; "

@@ -206,8 +206,9 @@ def build_schedule(plan: MergePlan) -> Schedule:
         check_architectures(paths, [c.config() for c in checkpoints], plan.allow_crimes)
         groups = _groups(plan, checkpoints[0].config().get("model_type"))
         _check_recorded(plan, paths, checkpoints)
-        built = replace(_build(plan, method, groups, tuple(checkpoints), paths, device), references=tuple(paths))
-        download_limit(built)  # a disk budget too small fails here, before a weight byte is downloaded
+        built = replace(_build(plan, method, groups, tuple(checkpoints), paths, device),
+                        references=tuple(paths))
+        download_limit(built)  # too small a disk budget fails here, before any weight byte is fetched
         return built
     except BaseException:
         for c in checkpoints:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -256,3 +257,19 @@ def test_shards_that_schedule_order_keeps_alive_are_merged_by_shard(hub: HubServ
     streammerge.merge(_budgeted(*map(str, models)), tmp_path / "local", quiet=True)
     assert _shards(out) == _shards(tmp_path / "local")
 
+
+
+def test_downloads_on_another_filesystem_count_alone(hub: HubServer, sharded_family: Family,
+                                                     tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than the test's temporary folder")
+    _push(hub, sharded_family)
+    budget, output = _smallest_budget(_budgeted(*REPOS))
+    with pytest.raises(PlanError, match="or a --download-dir on another filesystem"):
+        streammerge.schedule(_budgeted(*REPOS, disk_budget=budget - output))
+    with tempfile.TemporaryDirectory(dir=shm) as downloads:
+        plan = _budgeted(*REPOS, disk_budget=budget - output, download_dir=downloads)
+        streammerge.merge(plan, tmp_path / "hub", quiet=True)
+        assert not list(Path(downloads).iterdir())
+    assert _shards(tmp_path / "hub") == _local(sharded_family, tmp_path / "local")

@@ -222,8 +222,8 @@ class MergePlan(BaseModel):
     vocab_policy: Literal["error", "truncate", "base"] = "error"
     select: Optional[Selection] = None
     cache_dir: Optional[str] = None  # for models fetched from the Hugging Face Hub
-    # bytes of Hub downloads plus output (on the downloads' filesystem) on disk at once; with it, Hub
-    # shards are downloaded into download_dir (default: inside the staging directory) just in time
+    # bytes of Hub downloads plus output (on the downloads' filesystem) on disk at once; with it,
+    # Hub shards are downloaded just in time into download_dir (default: in the staging directory)
     disk_budget: Optional[int] = None
     download_dir: Optional[str] = None
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
@@ -250,8 +250,8 @@ class MergePlan(BaseModel):
             raise ValueError("'donor' lends its tokenizer files and rows as they are; a built tokenizer "
                              "('tokenizer_source' or 'tokenizer:') re-indexes them: give one of the two")
         if self.adapter_output is not None and (self.disk_budget or self.download_dir) is not None:
-            raise ValueError("'disk_budget' and 'download_dir' govern the downloads of a merged model's "
-                             "weights; adapter_output reads only adapters: drop them")
+            raise ValueError("'disk_budget' and 'download_dir' govern the downloads of a merged "
+                             "model's weights; adapter_output reads only adapters: drop them")
         return self
 
     @property

@@ -81,7 +81,7 @@ def _device(path: Path) -> int:
     return os.stat(path).st_dev
 
 
-def output_counts(schedule: Schedule, download_dir: Path | None) -> bool:
+def _output_counts(schedule: Schedule, download_dir: Path | None) -> bool:
     """Whether the output's bytes count against the budget: the downloads land on its filesystem
     (the default folder, inside the staging directory, always does; an unknown output is assumed
     to)."""
@@ -94,21 +94,21 @@ def output_counts(schedule: Schedule, download_dir: Path | None) -> bool:
 def download_limit(schedule: Schedule) -> int | None:
     """Bytes the downloads may hold at once under the plan's ``disk_budget`` (None without one);
     a ``PlanError`` naming the smallest budget that works when it is too small."""
-    budget = schedule.plan.disk_budget
-    if budget is None:
+    plan = schedule.plan
+    if plan.disk_budget is None:
         return None
-    download_dir = None if schedule.plan.download_dir is None else Path(schedule.plan.download_dir)
-    output = schedule.write_bytes if output_counts(schedule, download_dir) else 0
+    download_dir = None if plan.download_dir is None else Path(plan.download_dir).expanduser()
+    output = schedule.write_bytes if _output_counts(schedule, download_dir) else 0
     peak = live_peak(schedule, run_order(schedule))
-    if peak + output > budget:
-        need = peak + output
-        parts = f"{need:,} bytes: {peak:,} of Hub shards needed at once" + (
+    need = peak + output
+    if need > plan.disk_budget:
+        parts = f"{peak:,} of Hub shards needed at once" + (
             f" + {output:,} of output on the same filesystem" if output else "")
-        raise PlanError(f"disk_budget (--disk-budget) {budget:,} bytes is too small for this merge; "
-                        f"the smallest that works is {_mib(need)} ({parts}): pass --disk-budget "
-                        f"{_mib(need)} or more" + ("" if not output else
-                                                   ", or --download-dir on another filesystem"))
-    return budget - output
+        elsewhere = ", or a --download-dir on another filesystem" if output else ""
+        raise PlanError(f"disk_budget (--disk-budget) {plan.disk_budget:,} bytes is too small for "
+                        f"this merge; the smallest that works is {_mib(need)} ({need:,} bytes: "
+                        f"{parts}): pass --disk-budget {_mib(need)} or more{elsewhere}")
+    return plan.disk_budget - output
 
 
 def _mib(n: int) -> str:
@@ -122,5 +122,5 @@ def describe_budget(schedule: Schedule) -> list[str]:
         return []
     peak = live_peak(schedule, run_order(schedule))
     counted = "output counted" if limit < schedule.plan.disk_budget else "output elsewhere"
-    return [f"disk budget   {schedule.plan.disk_budget:,} bytes ({counted}): downloads hold at most "
-            f"{limit:,}, {peak:,} needed at once; each shard deleted after its last use"]
+    return [f"disk budget   {schedule.plan.disk_budget:,} bytes ({counted}): downloads hold at "
+            f"most {limit:,}, {peak:,} needed at once; each shard deleted after its last use"]

@@ -121,7 +121,7 @@ class HubShard:
             return self._local
 
     def attach(self, path: Path) -> None:
-        """Read the tensors from ``path``, a copy downloaded elsewhere (``streammerge.sources.feed``)."""
+        """Read the tensors from ``path``, a copy downloaded elsewhere (``sources.feed``)."""
         reader = self._planned(path)
         with self._lock:
             self._local = reader
