@@ -3,7 +3,8 @@
 ``HubShard`` reads a shard's header with two HTTP range requests (its 8-byte length, then the
 JSON), through huggingface_hub's own session, URL and headers, so endpoints, tokens and proxies
 behave as in every other huggingface_hub call. Its tensors are read from a local copy, downloaded
-at that commit into the Hugging Face cache on first need (or by ``download``).
+at that commit into the Hugging Face cache on first need (or by ``download``), or, under a disk
+budget, one that ``streammerge.sources.feed`` downloaded into its own folder and ``attach``ed.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class HubShard:
     """A safetensors file of a Hub snapshot: the header now, the tensors once downloaded.
 
     It has ``ShardReader``'s interface, so a ``Checkpoint`` mixes local and Hub shards. ``path``
-    is where the download lands (the snapshot directory's entry for the file)."""
+    is where a download into the cache lands (the snapshot directory's entry for the file)."""
 
     def __init__(self, snapshot: HubSnapshot, file: str):
         self.snapshot = snapshot
