@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,25 @@ def test_a_partial_file_left_by_a_killed_run_is_resumed(hub: HubServer, sharded_
     assert fetch_file(snapshot, file, dest, len(source))
     assert dest.read_bytes() == source and not partial_path(dest).exists()
     assert [(r.range, r.status) for r in _downloads(hub)] == [("bytes=12345-", 206)]
+
+
+def test_a_timeout_is_retried(hub: HubServer, sharded_family: Family, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    commits = _push(hub, sharded_family)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
+    file = "model-00001-of-00003.safetensors"
+    hub.on(_download_of("acme/base", file), lambda: time.sleep(1.5))  # no answer in time
+    dest = tmp_path / "downloads" / file
+    assert fetch_file(HubSnapshot("acme/base", commits["acme/base"], tmp_path), file, dest,
+                      (sharded_family.base / file).stat().st_size)
+    assert dest.read_bytes() == (sharded_family.base / file).read_bytes()
+    for _ in range(100):  # the first request is logged once its handler wakes up
+        if len(_downloads(hub)) == 2:
+            break
+        time.sleep(0.05)
+    assert [r.range for r in _downloads(hub)] == [None, None]  # nothing received before the retry
 
 
 def test_a_file_gone_at_download_time_is_one_line(hub: HubServer, sharded_family: Family,
