@@ -21,7 +21,7 @@ import streammerge
 from checkpoint_builder import Arch, Family, base_tensors, write_checkpoint
 from hub_server import HubServer, Request, hub  # noqa: F401  (the fixture)
 from streammerge.cli import main
-from streammerge.errors import PlanError, StreamMergeError
+from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.sources.budget import live_peak, run_order
 from streammerge.sources.fetch import fetch_file, partial_path
 from streammerge.sources.hub import HubSnapshot
@@ -204,6 +204,16 @@ def test_a_timeout_is_retried(hub: HubServer, sharded_family: Family, tmp_path: 
             break
         time.sleep(0.05)
     assert [r.range for r in _downloads(hub)] == [None, None]  # nothing received before the retry
+
+
+def test_a_download_that_cannot_be_written_names_its_file(hub: HubServer, sharded_family: Family,
+                                                          tmp_path: Path) -> None:
+    commits = _push(hub, sharded_family)
+    file = "model-00001-of-00003.safetensors"
+    dest = tmp_path / "downloads" / file
+    partial_path(dest).mkdir(parents=True)  # as a full disk would, the write fails
+    with pytest.raises(OutputError, match=f"^{partial_path(dest)}: cannot write a download"):
+        fetch_file(HubSnapshot("acme/base", commits["acme/base"], tmp_path), file, dest, 50_448)
 
 
 def test_a_file_gone_at_download_time_is_one_line(hub: HubServer, sharded_family: Family,

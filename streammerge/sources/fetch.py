@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streammerge.errors import CheckpointError
+from streammerge.errors import CheckpointError, OutputError
 from streammerge.io.hub import fetch_error, fetch_errors
 
 if TYPE_CHECKING:
@@ -114,4 +114,7 @@ def _get(snapshot: HubSnapshot, file: str, partial: Path, have: int, size: int,
     except httpx2.TransportError as e:  # timeouts, refused and dropped connections
         raise _Transient(f"{type(e).__name__}: {str(e).strip() or 'no detail'}") from None
     except fetch_errors() as e:
+        if isinstance(e, OSError) and e.errno is not None:  # writing the file, not the Hub's answer
+            raise OutputError(f"{partial}: cannot write a download ({e.strerror}); free space "
+                              "(a --disk-budget within it keeps it free) and run again") from None
         raise fetch_error(snapshot.ref, e, file) from None
