@@ -90,8 +90,8 @@ def _bytes(path: Path) -> int:
 
 def _downloads(hub: HubServer, since: int = 0) -> list[Request]:
     """The weight GETs from the ``since``-th logged request on, but header reads (closed ranges)."""
-    return [r for r in hub.requests("GET")[since:] if str(r.file).endswith(".safetensors")
-            and (r.range is None or r.range.endswith("-"))]
+    return [r for r in hub.requests()[since:] if r.method == "GET"
+            and str(r.file).endswith(".safetensors") and (r.range is None or r.range.endswith("-"))]
 
 
 def _download_of(repo: str, file: str):
@@ -303,3 +303,15 @@ def test_downloads_on_another_filesystem_count_alone(hub: HubServer, sharded_fam
         streammerge.merge(plan, tmp_path / "hub", quiet=True)
         assert not list(Path(downloads).iterdir())
     assert _shards(tmp_path / "hub") == _local(sharded_family, tmp_path / "local")
+
+
+def test_shards_complete_in_the_cache_are_read_in_place_and_count_nothing(
+        hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+    _push(hub, sharded_family)
+    streammerge.merge(_budgeted(*REPOS), tmp_path / "first", quiet=True)  # into the cache
+    budget, output = _smallest_budget(_budgeted(*REPOS))
+    assert budget == output
+    before = len(hub.log)
+    streammerge.merge(_budgeted(*REPOS, disk_budget=output), tmp_path / "hub", quiet=True)
+    assert not _downloads(hub, before)
+    assert _shards(tmp_path / "hub") == _shards(tmp_path / "first")
