@@ -109,11 +109,11 @@ def test_a_budgeted_hub_merge_matches_local_within_the_budget(
     assert budget - output < inputs / 2
     hub.bytes_per_second = 1_000_000  # about half a second of downloads, for the watch to see
     out = tmp_path / "hub"
-    last = "model-00003-of-00003.safetensors"
-    on_disk: list[list[str]] = []  # when the last shard's download starts: the merge went on
-    listing = lambda: [f for _, _, fs in os.walk(watch.staging / "downloads") for f in fs]  # noqa: E731
-    hub.on(_download_of("acme/ft2", last), lambda: on_disk.append(listing()))
     watch = _DiskWatch(out)
+    on_disk: list[list[str]] = []  # when the last shard's download starts: the merge went on
+    hub.on(_download_of("acme/ft2", "model-00003-of-00003.safetensors"),
+           lambda: on_disk.append([f for _, _, fs in os.walk(watch.staging / "downloads")
+                                   for f in fs]))
     try:
         result = streammerge.merge(_budgeted(*REPOS, disk_budget=budget), out, quiet=True)
     finally:
