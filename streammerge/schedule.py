@@ -208,7 +208,13 @@ def build_schedule(plan: MergePlan) -> Schedule:
         _check_recorded(plan, paths, checkpoints)
         built = replace(_build(plan, method, groups, tuple(checkpoints), paths, device),
                         references=tuple(paths))
-        download_limit(built)  # too small a disk budget fails here, before any weight byte is fetched
+        try:
+            download_limit(built)  # too small a disk budget fails here, before a weight byte is fetched
+        except BaseException:
+            for st in built.statistics:
+                if st is not None:
+                    st.close()
+            raise
         return built
     except BaseException:
         for c in checkpoints:

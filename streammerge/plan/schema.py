@@ -249,7 +249,7 @@ class MergePlan(BaseModel):
         if self.donor is not None and self.tokenizer_spec is not None:
             raise ValueError("'donor' lends its tokenizer files and rows as they are; a built tokenizer "
                              "('tokenizer_source' or 'tokenizer:') re-indexes them: give one of the two")
-        if self.adapter_output is not None and (self.disk_budget or self.download_dir) is not None:
+        if self.adapter_output is not None and (self.disk_budget, self.download_dir) != (None, None):
             raise ValueError("'disk_budget' and 'download_dir' govern the downloads of a merged "
                              "model's weights; adapter_output reads only adapters: drop them")
         return self
