@@ -315,3 +315,13 @@ def test_shards_complete_in_the_cache_are_read_in_place_and_count_nothing(
     streammerge.merge(_budgeted(*REPOS, disk_budget=output), tmp_path / "hub", quiet=True)
     assert not _downloads(hub, before)
     assert _shards(tmp_path / "hub") == _shards(tmp_path / "first")
+
+
+def test_an_adapter_output_refuses_the_download_keys(fp32_family: Family) -> None:
+    from streammerge.plan import MergePlan
+
+    plan = {**_plan(str(fp32_family.base), *map(str, fp32_family.models[:2])),
+            "adapter_output": {"combination": "cat"}}
+    for key, value in (("disk_budget", "1GB"), ("download_dir", "/tmp/d")):
+        with pytest.raises(ValueError, match="adapter_output reads only adapters: drop them"):
+            MergePlan.model_validate({**plan, key: value})
