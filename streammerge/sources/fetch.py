@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from streammerge.io.hub import fetch_error, fetch_errors
 if TYPE_CHECKING:
     from streammerge.sources.hub import HubSnapshot
 
-RETRIES = 5  # failures in a row, without a byte received in between, before giving up
+RETRIES = 5  # retries in a row, without a byte received in between, before giving up
 BACKOFF = 0.5  # seconds before the first retry; doubled after each failure in a row
 BACKOFF_CAP = 8.0  # so a run gives up within about 16 s of waiting once the Hub stays down
 _TRANSIENT_STATUS = {408, 429}
