@@ -73,11 +73,13 @@ class HubServer:
     def __init__(self) -> None:
         self.commits: dict[str, dict[str, dict[str, Path]]] = {}  # repo -> commit -> file -> path
         self.refs: dict[str, dict[str, str]] = {}  # repo -> branch -> commit
-        self.log: list[Request] = []
+        self._log: list[Request] = []
+        self._in_flight = 0  # requests being answered: logged once answered
         self.bytes_per_second: float | None = None
         self._faults: list[_Fault] = []
         self._hooks: list[tuple[Callable[[Request], bool], Callable[[], None]]] = []
         self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
         self._pushes = 0
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
@@ -119,13 +121,26 @@ class HubServer:
         with self._lock:
             self._hooks.append((match, action))
 
+    @property
+    def log(self) -> list[Request]:
+        """Every request answered so far. A client has a response before the server's thread
+        logs it, so this waits (up to 5 s) for the requests being answered."""
+        with self._answered:
+            self._answered.wait_for(lambda: self._in_flight == 0, timeout=5)
+            return list(self._log)
+
     def requests(self, method: str | None = None) -> list[Request]:
+        return [r for r in self.log if method is None or r.method == method]
+
+    def _begin(self) -> None:
         with self._lock:
-            return [r for r in self.log if method is None or r.method == method]
+            self._in_flight += 1
 
     def _record(self, request: Request) -> None:
-        with self._lock:
-            self.log.append(request)
+        with self._answered:
+            self._log.append(request)
+            self._in_flight -= 1
+            self._answered.notify_all()
 
     def _run_hooks(self, request: Request) -> None:
         with self._lock:
@@ -174,9 +189,10 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _serve(self, body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
             rng = self.headers.get("Range")
-            hub._run_hooks(Request(self.command, path, rng, 0, 0))
+            hub._begin()
             status, sent = 500, 0
             try:
+                hub._run_hooks(Request(self.command, path, rng, 0, 0))
                 if m := _RESOLVE.match(path):
                     status, sent = self._file(m.group(1), m.group(2), m.group(3), rng, body)
                 elif m := _API.match(path):
