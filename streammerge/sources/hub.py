@@ -109,8 +109,7 @@ class HubShard:
         self._local: ShardReader | None = None
         self._lock = threading.Lock()
         self._streaming = False
-        self.streamed_bytes = 0  # read by range requests, and the seconds it took
-        self.stream_seconds = 0.0
+        self.stream_seconds = 0.0  # spent in range requests (``--stream-inputs``)
 
     @property
     def downloaded(self) -> bool:
@@ -163,7 +162,6 @@ class HubShard:
         began = time.perf_counter()
         fetch_range(self.snapshot, self.path.name, offset, memoryview(buf.numpy()), self.size)
         self.stream_seconds += time.perf_counter() - began  # one reader thread: no race
-        self.streamed_bytes += nbytes
         return buf.view(e.dtype).reshape(shape)
 
     def sha256(self, name: str) -> str:
