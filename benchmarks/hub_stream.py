@@ -169,8 +169,10 @@ def main() -> int:
     ap.add_argument("--bandwidth", type=size, default="200MB", help="bytes per second, e.g. 200MB")
     ap.add_argument("--shard-size", type=size, help="the inputs' shard size (default 500MB; 4MB "
                     "with --tiny)")
-    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "streammerge-bench")
-    ap.add_argument("--tiny", action="store_true", help=f"hidden/intermediate/vocab {TINY}: a smoke run")
+    ap.add_argument("--cache-dir", type=Path,
+                    default=Path(tempfile.gettempdir()) / "streammerge-bench")
+    ap.add_argument("--tiny", action="store_true",
+                    help=f"hidden/intermediate/vocab {TINY}: a smoke run")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
     shard_size = args.shard_size or size("4MB" if args.tiny else "500MB")

@@ -27,7 +27,8 @@ SAMPLE_S = 0.05
 # ----------------------------------------------------------------------------- synthetic checkpoints
 
 
-def llama_shapes(layers: int, dims: tuple[int, int, int] = FULL) -> list[tuple[str, tuple[int, ...]]]:
+def llama_shapes(layers: int,
+                 dims: tuple[int, int, int] = FULL) -> list[tuple[str, tuple[int, ...]]]:
     """Tensor names and shapes of Llama-2-7B truncated to ``layers`` decoder layers, in HF order
     (``dims``: hidden, intermediate and vocabulary sizes)."""
     hidden, intermediate, vocab = dims
@@ -35,9 +36,11 @@ def llama_shapes(layers: int, dims: tuple[int, int, int] = FULL) -> list[tuple[s
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(f"{p}self_attn.{x}_proj.weight", (hidden, hidden)) for x in "qkvo"]
-        shapes += [(f"{p}mlp.gate_proj.weight", (intermediate, hidden)), (f"{p}mlp.up_proj.weight", (intermediate, hidden)),
+        shapes += [(f"{p}mlp.gate_proj.weight", (intermediate, hidden)),
+                   (f"{p}mlp.up_proj.weight", (intermediate, hidden)),
                    (f"{p}mlp.down_proj.weight", (hidden, intermediate))]
-        shapes += [(f"{p}input_layernorm.weight", (hidden,)), (f"{p}post_attention_layernorm.weight", (hidden,))]
+        shapes += [(f"{p}input_layernorm.weight", (hidden,)),
+                   (f"{p}post_attention_layernorm.weight", (hidden,))]
     return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
@@ -128,7 +131,8 @@ def ensure_inputs(cache: Path, layers: int, shard_bytes: int = SHARD_BYTES,
                   dims: tuple[int, int, int] = FULL) -> Path:
     """The checkpoints for ``layers`` under ``cache``, generated in a child process the first time
     (a shard size or widths other than the defaults get folders of their own)."""
-    root = cache / (f"llama2-7b-shape-{layers}L" + (f"-{shard_bytes}B" if shard_bytes != SHARD_BYTES else "")
+    root = cache / (f"llama2-7b-shape-{layers}L"
+                    + (f"-{shard_bytes}B" if shard_bytes != SHARD_BYTES else "")
                     + ("-h{}-i{}-v{}".format(*dims) if dims != FULL else ""))
     if not is_generated(root):
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "

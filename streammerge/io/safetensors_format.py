@@ -56,7 +56,8 @@ class TensorEntry:
             return self.shape, self.offset, self.nbytes
         row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
         start, stop, _ = rows.indices(self.shape[0])
-        return (stop - start, *self.shape[1:]), self.offset + start * row_bytes, (stop - start) * row_bytes
+        offset = self.offset + start * row_bytes
+        return (stop - start, *self.shape[1:]), offset, (stop - start) * row_bytes
 
 
 def header_bytes(first: bytes, size: int, read_at: Callable[[int, int], bytes]) -> bytes:
