@@ -4,7 +4,10 @@ Hub (tests/hub_server.py) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from streammerge.errors import PlanError
 from test_hub_budget import _budgeted, _DiskWatch, _local
 from test_hub_stream import REPOS, _push, _shards
 
+CHILD = Path(__file__).with_name("crash_child.py")
 CHUNK = 512  # elements per chunk: every matrix of the test models is read in several chunks
 FILE = "model-00002-of-00003.safetensors"
 
@@ -140,3 +144,28 @@ def test_the_command_line_streams_and_refuses_a_download_dir(hub: HubServer, sha
     assert run.exit_code == 0, run.output
     assert _shards(tmp_path / "out") == _local(sharded_family, tmp_path / "local")
     assert not list((tmp_path / "hf_home").rglob("*.safetensors"))
+
+
+def test_a_killed_streamed_merge_resumes_without_reading_finished_tensors(
+        hub: HubServer, sharded_family: Family, tmp_path: Path) -> None:
+    _push(hub, sharded_family)
+    path, out = tmp_path / "plan.yaml", tmp_path / "hub"
+    path.write_text(yaml.safe_dump(_streamed(*REPOS)))
+    child = subprocess.run([sys.executable, str(CHILD), str(path), str(out), "record", "5"],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr
+    journal = tmp_path / ".hub.streammerge-partial" / "streammerge-journal.jsonl"
+    finished = {json.loads(line)["tensor"] for line in journal.read_text().splitlines()
+                if '"tensor"' in line}
+    assert len(finished) >= 5
+    killed = len(hub.log)
+    streammerge.merge(path, out, quiet=True)
+    assert _shards(out) == _local(sharded_family, tmp_path / "local")
+    sched = streammerge.schedule(_streamed(*REPOS))
+    try:  # the byte ranges of the finished tensors, in every input
+        done = {(c.shard_of(n).key[0], c.shard_of(n).path.name, c.shard_of(n).entries[n].offset)
+                for c in sched.checkpoints for n in finished if n in c.tensors}
+    finally:
+        sched.close()
+    again = {(r.repo, r.file, _range(r)[0]) for r in _tensor_reads(hub, sharded_family, killed)}
+    assert done and again and not again & done
