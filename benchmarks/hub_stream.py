@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -55,9 +56,13 @@ json.dump({"download_s": r.download_seconds, "merge_s": r.merge_seconds}, open(s
 
 
 def size(text: str) -> int:
-    from streammerge.plan.schema import parse_size
-
-    return parse_size(text)
+    """Bytes from "200MB", "4MB", "1.5GB" or a plain number (powers of 1000, as
+    ``--disk-budget``). Parsed here: importing streammerge imports torch, and the measuring
+    parent must stay small (see workload.py)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 200MB")
+    return int(float(m.group(1)) * 1000 ** " kmgt".index(m.group(2).lower() or " "))
 
 
 def tree_bytes(paths: list[Path], suffix: str = "") -> int:
