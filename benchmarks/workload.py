@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 HIDDEN, INTERMEDIATE, VOCAB, HEADS = 4096, 11008, 32000, 32
+FULL = (HIDDEN, INTERMEDIATE, VOCAB)  # Llama-2-7B's widths; smaller ones make quick smoke runs
 SHARD_BYTES = 2 * 10**9
 MODELS = ("base", "ft1", "ft2")
 INDEX = "model.safetensors.index.json"
@@ -26,25 +27,31 @@ SAMPLE_S = 0.05
 # ----------------------------------------------------------------------------- synthetic checkpoints
 
 
-def llama_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of Llama-2-7B truncated to ``layers`` decoder layers, in HF order."""
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+def llama_shapes(layers: int,
+                 dims: tuple[int, int, int] = FULL) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of Llama-2-7B truncated to ``layers`` decoder layers, in HF order
+    (``dims``: hidden, intermediate and vocabulary sizes)."""
+    hidden, intermediate, vocab = dims
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes += [(f"{p}self_attn.{x}_proj.weight", (HIDDEN, HIDDEN)) for x in "qkvo"]
-        shapes += [(f"{p}mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)), (f"{p}mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
-                   (f"{p}mlp.down_proj.weight", (HIDDEN, INTERMEDIATE))]
-        shapes += [(f"{p}input_layernorm.weight", (HIDDEN,)), (f"{p}post_attention_layernorm.weight", (HIDDEN,))]
-    return shapes + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+        shapes += [(f"{p}self_attn.{x}_proj.weight", (hidden, hidden)) for x in "qkvo"]
+        shapes += [(f"{p}mlp.gate_proj.weight", (intermediate, hidden)),
+                   (f"{p}mlp.up_proj.weight", (intermediate, hidden)),
+                   (f"{p}mlp.down_proj.weight", (hidden, intermediate))]
+        shapes += [(f"{p}input_layernorm.weight", (hidden,)),
+                   (f"{p}post_attention_layernorm.weight", (hidden,))]
+    return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
-def pack_shards(shapes: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Greedily group tensors, in order, into shards of at most SHARD_BYTES of bf16."""
+def pack_shards(shapes: list[tuple[str, tuple[int, ...]]],
+                shard_bytes: int = SHARD_BYTES) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedily group tensors, in order, into shards of at most ``shard_bytes`` of bf16."""
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in shapes:
         nbytes = 2 * math.prod(shape)
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((name, shape))
@@ -52,11 +59,12 @@ def pack_shards(shapes: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[st
     return shards
 
 
-def llama_config(layers: int) -> dict:
+def llama_config(layers: int, dims: tuple[int, int, int] = FULL) -> dict:
+    hidden, intermediate, vocab = dims
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers,
-        "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "vocab_size": VOCAB,
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "vocab_size": vocab,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "initializer_range": 0.02,
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     }
@@ -66,7 +74,8 @@ def is_generated(root: Path) -> bool:
     return all((root / m / INDEX).is_file() for m in MODELS)
 
 
-def generate(root: Path, layers: int, seed: int = 0) -> None:
+def generate(root: Path, layers: int, seed: int = 0, shard_bytes: int = SHARD_BYTES,
+             dims: tuple[int, int, int] = FULL) -> None:
     """Write base/ft1/ft2 under ``root``; the indexes are written last and mark them complete.
 
     base ~ N(0, 0.02) (norm weights 1 + N(0, 0.02)); ft1 = base + e, ft2 = base + 0.6 e + 0.8 flip(e),
@@ -75,11 +84,11 @@ def generate(root: Path, layers: int, seed: int = 0) -> None:
     from safetensors.torch import save_file
 
     dirs = [root / m for m in MODELS]
-    shards = pack_shards(llama_shapes(layers))
+    shards = pack_shards(llama_shapes(layers, dims), shard_bytes)
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         (d / INDEX).unlink(missing_ok=True)
-        (d / "config.json").write_text(json.dumps(llama_config(layers), indent=2))
+        (d / "config.json").write_text(json.dumps(llama_config(layers, dims), indent=2))
     g = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards, 1):
@@ -118,12 +127,17 @@ def evict(dirs: list[Path]) -> None:
 # ----------------------------------------------------------------------------- measurement
 
 
-def ensure_inputs(cache: Path, layers: int) -> Path:
-    """The checkpoints for ``layers`` under ``cache``, generated in a child process the first time."""
-    root = cache / f"llama2-7b-shape-{layers}L"
+def ensure_inputs(cache: Path, layers: int, shard_bytes: int = SHARD_BYTES,
+                  dims: tuple[int, int, int] = FULL) -> Path:
+    """The checkpoints for ``layers`` under ``cache``, generated in a child process the first time
+    (a shard size or widths other than the defaults get folders of their own)."""
+    root = cache / (f"llama2-7b-shape-{layers}L"
+                    + (f"-{shard_bytes}B" if shard_bytes != SHARD_BYTES else "")
+                    + ("-h{}-i{}-v{}".format(*dims) if dims != FULL else ""))
     if not is_generated(root):
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                        f"import workload; workload.generate(workload.Path({str(root)!r}), {layers})"], check=True)
+                        f"import workload; workload.generate(workload.Path({str(root)!r}), {layers}, 0, "
+                        f"{shard_bytes}, {tuple(dims)!r})"], check=True)
     return root
 
 

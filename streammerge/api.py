@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from streammerge.engine import MergeResult, RunReport, run_schedule
 from streammerge.errors import OutputError, PlanError, StreamMergeError
 from streammerge.finalize import write_model_files
@@ -18,11 +20,11 @@ from streammerge.io.writer import StagedOutput
 from streammerge.journal import JOURNAL, Journal
 from streammerge.lora.output import write_adapter
 from streammerge.plan import MergePlan, load_plan
-from streammerge.plan.load import PlanWarning, read_documents
+from streammerge.plan.load import PlanWarning, describe_error, read_documents
 from streammerge.record import write_record
 from streammerge.schedule import Schedule, build_schedule, input_models
 from streammerge.sources.budget import DOWNLOADS, download_limit, run_order
-from streammerge.sources.downloads import download_inputs
+from streammerge.sources.downloads import download_inputs, stream_inputs
 from streammerge.sources.feed import ShardFeed
 
 
@@ -30,7 +32,11 @@ def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if not overrides:
         return plan
-    return load_plan(MergePlan.model_validate({**plan.model_dump(), **overrides}))
+    try:
+        merged = MergePlan.model_validate({**plan.model_dump(), **overrides})
+    except pydantic.ValidationError as e:  # an option that contradicts the plan or another option
+        raise PlanError(f"the plan with its options: {describe_error(e)}") from None
+    return load_plan(merged)
 
 
 def schedule(plan: str | Path | dict | MergePlan, *, strict: bool | None = None, cache_dir: str | None = None,
@@ -138,13 +144,22 @@ def _merge_weights(sched: Schedule, staged: StagedOutput, quiet: bool,
                    journal: Journal) -> tuple[RunReport, float, float]:
     """Download the Hub shards the unfinished tensors read and merge them: all into the cache
     first, or, with a disk budget or a download folder, each just before it is needed and
-    deleted after its last use, alongside the merge. The report, the seconds spent downloading
-    and those spent merging (waits for a download excluded)."""
+    deleted after its last use, alongside the merge; or, with ``stream_inputs``, none: the
+    merge's reads are range requests. The report, the seconds spent downloading (with
+    ``stream_inputs``, in range requests, alongside the merge) and those spent merging (waits
+    for a download excluded; with ``stream_inputs``, the merge's wall time, its reads in it)."""
     plan = sched.plan
     own = plan.download_dir is None  # in the staging directory: gone before it becomes the output
     directory = staged.path(DOWNLOADS) if own else Path(plan.download_dir).expanduser()
-    if staged.path(DOWNLOADS).is_dir() and (plan.disk_budget is None or not own):
+    if staged.path(DOWNLOADS).is_dir() and (plan.disk_budget is None or not own
+                                            or plan.stream_inputs):
         shutil.rmtree(staged.path(DOWNLOADS))  # a killed run used that folder; this one does not
+    if plan.stream_inputs:
+        streamed = stream_inputs(sched)
+        began = time.perf_counter()
+        report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
+        return (report, sum(s.stream_seconds for s in streamed),
+                time.perf_counter() - began)
     if plan.disk_budget is None and plan.download_dir is None:
         downloading = download_inputs(sched, journal.finished)  # after planning: no plan error waits
         began = time.perf_counter()

@@ -46,6 +46,10 @@ _plan_options = [
                  help="Where Hub shards are downloaded to and deleted from as the merge goes "
                       "(default with --disk-budget: inside the staging directory beside OUT), not "
                       "the shared Hugging Face cache."),
+    click.option("--stream-inputs", is_flag=True, default=None,
+                 help="Read Hub tensors by HTTP range requests, a chunk at a time, storing no input "
+                      "shard: --disk-budget then counts only the output, so it may be below the "
+                      "largest shard. Not with --download-dir."),
     click.option("--strict/--lenient", default=None,
                  help="Unknown keys and parameters are errors (--strict) or warnings (--lenient). "
                       "Default: lenient for mergekit configs, strict for plans using streammerge's own keys."),

@@ -26,9 +26,10 @@ from streammerge.schedule import Schedule, TensorJob
 JOURNAL = "streammerge-journal.jsonl"
 # Native keys that change how a merge runs but not a byte it writes: a run killed for memory may
 # resume with a smaller --max-memory or --max-gpu-memory, one stopped by a NaN input with
-# --allow-nonfinite, one short of disk with another --disk-budget or --download-dir.
+# --allow-nonfinite, one short of disk with another --disk-budget or --download-dir, or with
+# --stream-inputs (or without it).
 _RUN_ONLY_KEYS = {"output", "max_memory", "max_gpu_memory", "chunk_size", "cache_dir",
-                  "allow_nonfinite", "disk_budget", "download_dir"}
+                  "allow_nonfinite", "disk_budget", "download_dir", "stream_inputs"}
 
 
 @dataclass(frozen=True)

@@ -733,8 +733,13 @@ def _downloads(schedule: Schedule) -> list[str]:
         return []
     size = sum(s.size for s in shards)
     models = len({s.snapshot.ref for s in shards})
-    return [f"download      {_gib(size)} ({size:,} bytes: {len(shards)} shards of {models} Hub "
-            f"model{'s' if models > 1 else ''}, at the commits planned)",
+    of = f"{len(shards)} shards of {models} Hub model{'s' if models > 1 else ''}"
+    if schedule.plan.stream_inputs:  # a chunked tensor is read again by each statistics pass
+        return [f"stream        {_gib(size)} ({size:,} bytes: {of}) read by HTTP range requests, "
+                "none stored; a tensor merged in several chunks is read once per pass",
+                f"disk          {_gib(schedule.write_bytes)} ({schedule.write_bytes:,} bytes: "
+                "output)"]
+    return [f"download      {_gib(size)} ({size:,} bytes: {of}, at the commits planned)",
             f"disk          {_gib(size + schedule.write_bytes)} ({size + schedule.write_bytes:,} bytes: "
             "downloads + output)"]
 

@@ -9,7 +9,9 @@ Missing repos, revisions and files answer 404 with the ``X-Error-Code`` huggingf
 ``RepositoryNotFoundError``, ``RevisionNotFoundError`` and ``EntryNotFoundError``.
 
 It can throttle body bytes, fail the next requests for a file with 500 or drop the connection
-after some body bytes, run a hook on a matching request, and it logs every request.
+after some body bytes, run a hook on a matching request, and it logs every request. Files are
+served in place (a push copies nothing; each file's sha256, its ETag, is computed once), so
+``benchmarks/hub_stream.py`` serves GBs of 7B-shaped models through it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class HubServer:
         self._lock = threading.Lock()
         self._answered = threading.Condition(self._lock)
         self._pushes = 0
+        self._etags: dict[tuple[Path, int, int], str] = {}  # (path, size, mtime) -> sha256
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -161,6 +164,17 @@ class HubServer:
                     return f
         return None
 
+    def etag(self, path: Path) -> str:
+        """``path``'s sha256, read once (every request sends it; a shard may be GBs)."""
+        st = path.stat()
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in self._etags:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            with self._lock:
+                self._etags[key] = digest
+        return self._etags[key]
+
     def _commit(self, repo: str, revision: str) -> str | None:
         with self._lock:
             if revision in self.commits.get(repo, {}):
@@ -168,13 +182,12 @@ class HubServer:
             return self.refs.get(repo, {}).get(revision)
 
 
-def _etag(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # the body's first write follows the headers' at once: with Nagle's algorithm it waited
+        # for the client's delayed ACK, about 25 ms per request of a --stream-inputs merge
+        disable_nagle_algorithm = True
         timeout = 10  # an idle keep-alive connection ends its thread
 
         def log_message(self, format: str, *args: object) -> None:  # the log is hub.log
@@ -225,7 +238,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return found  # type: ignore[return-value]
             commit, files = found  # type: ignore[misc]
             if kind == "tree":
-                doc: object = [{"type": "file", "path": name, "size": p.stat().st_size, "oid": _etag(p)[:40]}
+                doc: object = [{"type": "file", "path": name, "size": p.stat().st_size, "oid": hub.etag(p)[:40]}
                                for name, p in files.items()]
             else:
                 doc = {"id": repo, "modelId": repo, "sha": commit, "private": False,
@@ -260,7 +273,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     self.end_headers()
                     return 416, 0
                 start, stop, status = int(m.group(1)), min(size, int(m.group(2) or size - 1) + 1), 206
-            etag = _etag(path)
+            etag = hub.etag(path)
             self.send_response(status)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{etag}"')
@@ -304,16 +317,24 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+UNSET = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def hub_environment(server: HubServer, home: Path) -> dict[str, str]:
+    """The environment that points huggingface_hub (imported after it is set, or in a child
+    process) at ``server``, with its home (cache, token) in ``home``; unset ``UNSET`` too."""
+    return {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10",
+            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def use_hub(server: HubServer, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point huggingface_hub at ``server`` with its home (cache, token) in ``home``, whether it was
     imported before or not: the environment for later imports and child processes, the constants
     it read at import for this process."""
-    env = {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10",
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    for name, value in env.items():
+    for name, value in hub_environment(server, home).items():
         monkeypatch.setenv(name, value)
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    for name in UNSET:
         monkeypatch.delenv(name, raising=False)
     from huggingface_hub import constants
 

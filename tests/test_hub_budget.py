@@ -250,6 +250,7 @@ def test_a_killed_budgeted_merge_resumes_without_fetching_finished_shards_again(
     assert 1 < finished and all(first not in names for names in reads[finished:])
     path, out = tmp_path / "plan.yaml", tmp_path / "hub"
     path.write_text(yaml.safe_dump(plan))
+    hub.bytes_per_second = 200_000  # about 2 s of downloads: shards are still to fetch at the kill
     child = subprocess.run([sys.executable, str(CHILD), str(path), str(out), "record",
                             str(finished)], capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stderr

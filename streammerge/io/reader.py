@@ -67,12 +67,7 @@ class ShardReader:
         """The tensor ``name`` (or rows ``rows`` of its first dimension), in ``into`` (uint8, at least
         its size) when given, else in a freshly owned buffer."""
         e = self.entries[name]
-        shape, offset, nbytes = e.shape, e.offset, e.nbytes
-        if rows is not None and e.shape:
-            row_bytes = nbytes // e.shape[0] if e.shape[0] else 0
-            start, stop, _ = rows.indices(e.shape[0])
-            shape = (stop - start, *e.shape[1:])
-            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+        shape, offset, nbytes = e.rows(rows)
         buf = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
         if nbytes:
             _pread_exact(self._fd, memoryview(buf.numpy()), offset, str(self.path))

@@ -49,6 +49,16 @@ class TensorEntry:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def rows(self, rows: slice | None) -> tuple[tuple[int, ...], int, int]:
+        """The shape, absolute offset and byte count of rows ``rows`` of the first dimension
+        (all of the tensor when None): a row range is one contiguous byte range."""
+        if rows is None or not self.shape:
+            return self.shape, self.offset, self.nbytes
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        start, stop, _ = rows.indices(self.shape[0])
+        offset = self.offset + start * row_bytes
+        return (stop - start, *self.shape[1:]), offset, (stop - start) * row_bytes
+
 
 def header_bytes(first: bytes, size: int, read_at: Callable[[int, int], bytes]) -> bytes:
     """The header (8-byte length and JSON) of a file of ``size`` bytes that starts with ``first``;

@@ -73,7 +73,7 @@ def load_plan(source: str | Path | dict[str, Any] | MergePlan, strict: bool | No
     try:
         plan = MergePlan.model_validate(data)
     except pydantic.ValidationError as e:
-        raise PlanError(f"{where}: {_describe(e)}") from None
+        raise PlanError(f"{where}: {describe_error(e)}") from None
     method = get_method(plan.merge_method)
     _check_parameters(plan, method, where)
     if plan.chat_template is not None:
@@ -183,7 +183,8 @@ class _Cleaner:
         return entry
 
 
-def _describe(error: pydantic.ValidationError) -> str:
+def describe_error(error: pydantic.ValidationError) -> str:
+    """One line for a plan that does not validate: the key, what is wrong, the value."""
     err = error.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal", "union")))
     if err["type"] == "extra_forbidden":

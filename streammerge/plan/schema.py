@@ -27,7 +27,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
                "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration",
-               "inputs", "donor", "disk_budget", "download_dir")
+               "inputs", "donor", "disk_budget", "download_dir", "stream_inputs")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -226,6 +226,8 @@ class MergePlan(BaseModel):
     # Hub shards are downloaded just in time into download_dir (default: in the staging directory)
     disk_budget: Optional[int] = None
     download_dir: Optional[str] = None
+    # Hub tensors read by HTTP range requests, no input shard stored: disk_budget counts the output
+    stream_inputs: bool = False
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf and write non-finite results instead of stopping
     adapter_output: Optional[AdapterOutput] = None  # the merged LoRA adapter is the output
     allow_crimes: bool = False  # merge inputs of different architectures (mergekit's --allow-crimes)
@@ -252,6 +254,12 @@ class MergePlan(BaseModel):
         if self.adapter_output is not None and (self.disk_budget, self.download_dir) != (None, None):
             raise ValueError("'disk_budget' and 'download_dir' govern the downloads of a merged "
                              "model's weights; adapter_output reads only adapters: drop them")
+        if self.adapter_output is not None and self.stream_inputs:
+            raise ValueError("'stream_inputs' reads a merged model's weights from the Hub; "
+                             "adapter_output reads only adapters: drop it")
+        if self.stream_inputs and self.download_dir is not None:
+            raise ValueError("'stream_inputs' (--stream-inputs) downloads nothing, so it has no "
+                             "'download_dir' (--download-dir): drop one of them")
         return self
 
     @property

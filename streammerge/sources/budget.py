@@ -9,7 +9,8 @@ schedule's order, so the output's bytes do not depend on the order tensors are m
 
 The output counts against the budget when the downloads land on its filesystem: the engine
 reserves every output shard in the staging directory when the merge starts and keeps them there
-until the finished model is renamed into place, so all of it is on disk throughout.
+until the finished model is renamed into place, so all of it is on disk throughout. With
+``stream_inputs`` nothing is downloaded: the budget counts the output alone.
 """
 
 from __future__ import annotations
@@ -98,13 +99,19 @@ def download_limit(schedule: Schedule) -> int | None:
     if plan.disk_budget is None:
         return None
     download_dir = None if plan.download_dir is None else Path(plan.download_dir).expanduser()
-    output = schedule.write_bytes if _output_counts(schedule, download_dir) else 0
-    peak = live_peak(schedule, run_order(schedule))
+    streamed = plan.stream_inputs
+    output = schedule.write_bytes if streamed or _output_counts(schedule, download_dir) else 0
+    peak = 0 if streamed else live_peak(schedule, run_order(schedule))
     need = peak + output
     if need > plan.disk_budget:
-        parts = f"{peak:,} of Hub shards needed at once" + (
-            f" + {output:,} of output on the same filesystem" if output else "")
-        elsewhere = ", or a --download-dir on another filesystem" if output else ""
+        if streamed:
+            parts, elsewhere = "the output; --stream-inputs stores no input shard", ""
+        else:
+            parts = f"{peak:,} of Hub shards needed at once" + (
+                f" + {output:,} of output on the same filesystem" if output else "")
+            elsewhere = ", or a --download-dir on another filesystem" if output else ""
+            if plan.disk_budget >= schedule.write_bytes:  # the output alone fits: stream the rest
+                elsewhere += ", or --stream-inputs (no input shard stored)"
         raise PlanError(f"disk_budget (--disk-budget) {plan.disk_budget:,} bytes is too small for "
                         f"this merge; the smallest that works is {_mib(need)} ({need:,} bytes: "
                         f"{parts}): pass --disk-budget {_mib(need)} or more{elsewhere}")
@@ -120,6 +127,9 @@ def describe_budget(schedule: Schedule) -> list[str]:
     limit = download_limit(schedule)
     if limit is None:
         return []
+    if schedule.plan.stream_inputs:
+        return [f"disk budget   {schedule.plan.disk_budget:,} bytes (output only: --stream-inputs "
+                f"stores no input shard): the output needs {schedule.write_bytes:,}"]
     peak = live_peak(schedule, run_order(schedule))
     counted = "output counted" if limit < schedule.plan.disk_budget else "output elsewhere"
     return [f"disk budget   {schedule.plan.disk_budget:,} bytes ({counted}): downloads hold at "

@@ -3,7 +3,8 @@
 Planning opened every shard from its header; a merge downloads only the shards its unfinished
 tensors read, at the commit planning resolved. Without a disk budget they go into the Hugging Face
 cache before the merge (``download_inputs``); with one, ``streammerge.sources.feed`` fetches each
-just before it is needed and deletes it after its last use.
+just before it is needed and deletes it after its last use; with ``stream_inputs``, none is
+downloaded: each read is a range request (``stream_inputs``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def hub_downloads(schedule: Schedule, finished: frozenset[str] = frozenset(),
             for shard in job_shards(schedule, job):
                 found.setdefault(shard.key, shard)
     return list(found.values())
+
+
+def stream_inputs(schedule: Schedule) -> list[HubShard]:
+    """Have every reader of a Hub shard not yet local that the schedule reads read by HTTP range
+    requests from now on (``--stream-inputs``); those readers (a file two checkpoints opened,
+    twice)."""
+    readers = list({id(s): s for job in schedule.jobs for s in job_shards(schedule, job)}.values())
+    for shard in readers:
+        shard.stream()
+    return readers
 
 
 def download_inputs(schedule: Schedule, finished: frozenset[str] = frozenset()) -> float:

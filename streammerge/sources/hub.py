@@ -4,19 +4,23 @@
 JSON), through huggingface_hub's own session, URL and headers, so endpoints, tokens and proxies
 behave as in every other huggingface_hub call. Its tensors are read from a local copy, downloaded
 at that commit into the Hugging Face cache on first need (or by ``download``), or, under a disk
-budget, one that ``streammerge.sources.feed`` downloaded into its own folder and ``attach``ed.
+budget, one that ``streammerge.sources.feed`` downloaded into its own folder and ``attach``ed; or,
+once ``stream``ed (``--stream-inputs``), straight from the Hub: each read of a tensor's rows is one
+ranged GET of their bytes, retried and resumed by ``streammerge.sources.fetch``, nothing stored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from streammerge.errors import CheckpointError
+from streammerge.sources.fetch import fetch_range
 from streammerge.io.hub import fetch_error, fetch_errors, snapshot_cache, snapshot_reference
 from streammerge.io.reader import ShardReader
 from streammerge.io.safetensors_format import header_bytes, parse_header
@@ -104,6 +108,8 @@ class HubShard:
         self.header_sha256 = hashlib.sha256(header).hexdigest()
         self._local: ShardReader | None = None
         self._lock = threading.Lock()
+        self._streaming = False
+        self.stream_seconds = 0.0  # spent in range requests (``--stream-inputs``)
 
     @property
     def downloaded(self) -> bool:
@@ -143,8 +149,20 @@ class HubShard:
                                   "not the one planned from its header (size or header differ)")
         return reader
 
+    def stream(self) -> None:
+        """From now on read tensors by HTTP range requests, storing nothing (``--stream-inputs``)."""
+        self._streaming = True
+
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
-        return self.download().read(name, rows, into)
+        if not self._streaming:
+            return self.download().read(name, rows, into)
+        e = self.entries[name]
+        shape, offset, nbytes = e.rows(rows)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
+        began = time.perf_counter()
+        fetch_range(self.snapshot, self.path.name, offset, memoryview(buf.numpy()), self.size)
+        self.stream_seconds += time.perf_counter() - began  # one reader thread: no race
+        return buf.view(e.dtype).reshape(shape)
 
     def sha256(self, name: str) -> str:
         return self.download().sha256(name)
