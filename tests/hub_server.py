@@ -17,6 +17,7 @@ served in place (a push copies nothing; each file's sha256, its ETag, is compute
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 import threading
@@ -347,6 +348,9 @@ def use_hub(server: HubServer, home: Path, monkeypatch: pytest.MonkeyPatch) -> N
                "HF_HUB_DOWNLOAD_TIMEOUT": 10, "HF_HUB_DISABLE_XET": True}
     for name, value in patched.items():
         monkeypatch.setattr(constants, name, value)
+    # its progress bars read the variable once, at import, into their own module
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"),
+                        "HF_HUB_DISABLE_PROGRESS_BARS", True)
 
 
 @pytest.fixture
