@@ -184,3 +184,19 @@ def test_a_hub_shard_that_is_not_safetensors_is_refused_naming_it(hub: HubServer
     refused = f"acme/stub@{commit}: model.safetensors: not a safetensors file"
     with pytest.raises(StreamMergeError, match=refused):
         streammerge.schedule(_plan("acme/stub", "acme/stub", "acme/stub"))
+
+
+def test_planning_retries_a_failed_header_read(hub: HubServer, sharded_family: Family,
+                                               tmp_path: Path) -> None:
+    """Two 500s, then a connection dropped 4 bytes into the 8-byte length: planning still reads
+    the header, the last retry asking only for the 4 bytes missing."""
+    _push(hub, sharded_family)
+    shard = sorted(p.name for p in sharded_family.base.glob("*.safetensors"))[0]
+    hub.fail(shard, 2)
+    hub.drop(shard, after=4)
+    streammerge.schedule(_plan(*REPOS)).close()
+    first = [(r.range, r.status, r.sent) for r in hub.log if r.file == shard][:4]
+    assert first == [("bytes=0-7", 500, 0), ("bytes=0-7", 500, 0), ("bytes=0-7", 206, 4),
+                     ("bytes=4-7", 206, 4)]
+    assert _shards(streammerge.merge(_plan(*REPOS), tmp_path / "hub", quiet=True).output) == \
+        _shards(_local_merge(sharded_family, tmp_path / "local"))

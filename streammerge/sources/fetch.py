@@ -98,7 +98,7 @@ def fetch_range(snapshot: HubSnapshot, file: str, start: int, into: memoryview, 
     def attempt() -> None:
         nonlocal got
         end = start + len(into) - 1
-        with _body(snapshot, file, start + got, end, size) as (at, pieces):
+        with _body(snapshot, file, start + got, end, size) as (at, pieces, _):
             if at != start + got:  # a whole shard would follow: never download it here
                 raise CheckpointError(f"{snapshot.ref}: {file}: the Hub answered a range request "
                                       "with the whole file: this endpoint cannot serve byte "
@@ -115,6 +115,28 @@ def fetch_range(snapshot: HubSnapshot, file: str, start: int, into: memoryview, 
                   "run again: the merge resumes from its last finished tensor")
 
 
+def fetch_span(snapshot: HubSnapshot, file: str, start: int, count: int) -> tuple[bytes, int]:
+    """Bytes ``start`` to ``start + count`` of ``file`` (fewer where the file ends first) and the
+    file's size, which planning's header reads do not know yet; retried as ``fetch_range``."""
+    data, size = bytearray(), 0
+
+    def attempt() -> None:
+        nonlocal size
+        with _body(snapshot, file, start + len(data), start + count - 1, None) as (at, pieces, size):
+            if at != start + len(data):  # a whole shard would follow: never download it here
+                raise CheckpointError(f"{snapshot.ref}: {file}: the Hub answered a range request "
+                                      "with the whole file: this endpoint cannot serve byte ranges")
+            for piece in pieces:
+                data.extend(piece[:count - len(data)])
+                if len(data) == count:
+                    break
+        if len(data) < min(count, size - start):
+            raise _Transient(f"{len(data):,} of {count:,} bytes received")
+
+    _retrying(snapshot, file, attempt, lambda: len(data), threading.Event(), "run again")
+    return bytes(data), size
+
+
 def _append(snapshot: HubSnapshot, file: str, partial: Path, have: int, size: int,
             stop: threading.Event) -> None:
     """Append bytes ``have`` onward of ``file`` to ``partial`` (all of it when the server ignores
@@ -124,7 +146,7 @@ def _append(snapshot: HubSnapshot, file: str, partial: Path, have: int, size: in
             partial.unlink()
             raise _Transient(f"a partial file longer than the {size:,} bytes planned, discarded")
         return
-    with _body(snapshot, file, have, None, size) as (start, pieces):
+    with _body(snapshot, file, have, None, size) as (start, pieces, _):
         try:
             with open(partial, "r+b" if start else "wb") as f:
                 f.seek(start)
@@ -140,10 +162,11 @@ def _append(snapshot: HubSnapshot, file: str, partial: Path, have: int, size: in
 
 @contextmanager
 def _body(snapshot: HubSnapshot, file: str, first: int, last: int | None,
-          size: int) -> Iterator[tuple[int, Iterator[bytes]]]:
-    """A GET of bytes ``first`` to ``last`` (None: the end) of ``file``: the offset its body starts
-    at (0 when the server ignores the range) and the body's pieces as they arrive. ``_Transient``
-    for what a retry may cure, also while the pieces are read; a one-line ``CheckpointError``
+          size: int | None) -> Iterator[tuple[int, Iterator[bytes], int]]:
+    """A GET of bytes ``first`` to ``last`` (None: the end) of ``file``, planned at ``size`` bytes
+    (None: not known yet): the offset its body starts at (0 when the server ignores the range),
+    the body's pieces as they arrive, and the file's size as the Hub gives it. ``_Transient`` for
+    what a retry may cure, also while the pieces are read; a one-line ``CheckpointError``
     otherwise."""
     import httpx2
     from huggingface_hub import constants, hf_hub_url
@@ -164,11 +187,16 @@ def _body(snapshot: HubSnapshot, file: str, first: int, last: int | None,
             answered = r.headers.get("Content-Range", "")
             if r.status_code == 206 and not answered.startswith(f"bytes {first}-"):
                 raise _Transient(f"bytes {first}- asked, Content-Range {answered!r} sent")
-            if r.status_code == 206 and answered.rpartition("/")[2] != str(size):
+            total = answered.rpartition("/")[2] if r.status_code == 206 else \
+                r.headers.get("Content-Length", "")
+            if not total.isdigit():
+                raise CheckpointError(f"{snapshot.ref}: {file}: the Hub gave no file size "
+                                      f"(Content-Range {answered!r}); run again")
+            if size is not None and int(total) != size:
                 raise CheckpointError(f"{snapshot.ref}: {file}: the Hub's file is not the "
-                                      f"{size:,} bytes planned (Content-Range {answered!r}; "
-                                      "changed at the same commit?); run again")
-            yield (first if r.status_code == 206 else 0), r.iter_bytes()
+                                      f"{size:,} bytes planned ({total} bytes; changed at the "
+                                      "same commit?); run again")
+            yield (first if r.status_code == 206 else 0), r.iter_bytes(), int(total)
     except httpx2.TransportError as e:  # timeouts, refused and dropped connections
         raise _Transient(f"{type(e).__name__}: {str(e).strip() or 'no detail'}") from None
     except fetch_errors() as e:

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import CheckpointError
-from streammerge.sources.fetch import fetch_range
 from streammerge.io.hub import fetch_error, fetch_errors, snapshot_cache, snapshot_reference
 from streammerge.io.reader import ShardReader
 from streammerge.io.safetensors_format import header_bytes, parse_header
+from streammerge.sources.fetch import fetch_range, fetch_span
 
 
 @dataclass(frozen=True)
@@ -48,38 +48,9 @@ class HubSnapshot:
         return f"{self.repo}@{self.commit}"
 
     def read_range(self, file: str, start: int, count: int) -> tuple[bytes, int]:
-        """Bytes ``start`` to ``start + count`` of ``file`` and the file's size."""
-        from huggingface_hub import constants, hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-        headers = {**build_hf_headers(), "Range": f"bytes={start}-{start + count - 1}",
-                   "Accept-Encoding": "identity"}
-        url = hf_hub_url(self.repo, file, revision=self.commit)
-        try:
-            with get_session().stream("GET", url, headers=headers,
-                                      timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
-                if r.status_code >= 400:
-                    r.read()  # the error's body, for huggingface_hub's message
-                    hf_raise_for_status(r)
-                if r.status_code != 206:  # a whole shard would follow: never download it here
-                    raise CheckpointError(f"{self.ref}: {url} answered a range request with HTTP "
-                                          f"{r.status_code}, not 206: this endpoint cannot serve byte ranges")
-                data = bytearray()
-                for piece in r.iter_bytes():
-                    data += piece
-                    if len(data) >= count:
-                        break
-                total = r.headers.get("Content-Range", "").rpartition("/")[2]
-                if not total.isdigit():
-                    raise CheckpointError(f"{self.ref}: {url} sent no file size (Content-Range "
-                                          f"{r.headers.get('Content-Range')!r}) with a range")
-                size = int(total)
-        except fetch_errors() as e:
-            raise fetch_error(self.ref, e, file) from None
-        if len(data) < min(count, size - start):  # a file shorter than the range: parse_header refuses it
-            raise CheckpointError(f"{self.ref}: {file}: the Hub sent {len(data)} of bytes {start}-"
-                                  f"{start + count - 1}, short (the connection dropped); run again")
-        return bytes(data[:count]), size
+        """Bytes ``start`` to ``start + count`` of ``file`` and the file's size, by a range request
+        retried after a transient failure (``sources.fetch``)."""
+        return fetch_span(self, file, start, count)
 
     def download(self, file: str) -> Path:
         """``file`` at this commit, in the cache (a no-op once there)."""
