@@ -30,6 +30,7 @@ from streammerge.cli import main
 from streammerge.errors import PlanError
 from streammerge.evaluation.evaluate import load_tokenizer
 from streammerge.forward import LayerStream
+from streammerge.forward import stream as stream_module
 
 SEQLEN, SAMPLES = 32, 6
 
@@ -299,27 +300,35 @@ def test_fisher_goes_into_the_same_directory(models: Path, text: str, tmp_path: 
         assert (got - squares[n]).abs().max() <= 1e-5 * squares[n].abs().max(), n
 
 
-def test_fisher_spills_every_layer_input_without_max_memory(models: Path, text: str, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every layer's inputs are kept for the reverse sweep: without --max-memory they (and the
-    windows' gradients) go to the spill file, so the peak does not grow with depth."""
-    stores = []
+def test_activations_are_all_spilled_without_max_memory(models: Path, text: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --max-memory, the layer stream's boundary activations (gram, sqnorm) and every
+    layer's inputs kept for the Fisher's reverse sweep (with the windows' gradients) go to the
+    spill file, so none of them sits beside two layers and their statistics; a given budget is
+    used."""
+    stores: dict[str, list] = {"stream": [], "fisher": []}
 
-    class Recorded(fisher_module.ActivationStore):
-        def __init__(self, budget: int, directory: str | None = None):
-            super().__init__(budget, directory)
-            stores.append(self)
+    def recorder(origin: str) -> type:
+        class Recorded(stream_module.ActivationStore):
+            def __init__(self, budget: int, directory: str | None = None):
+                super().__init__(budget, directory)
+                stores[origin].append(self)
+        return Recorded
 
-    monkeypatch.setattr(fisher_module, "ActivationStore", Recorded)
+    monkeypatch.setattr(stream_module, "ActivationStore", recorder("stream"))
+    monkeypatch.setattr(fisher_module, "ActivationStore", recorder("fisher"))
     model = _model(models, "llama")
-    calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=["fisher"], out=tmp_path / "default")
     hidden = json.loads((model / "config.json").read_text())["hidden_size"]
     boundary = 2 * SEQLEN * hidden * 4  # two windows' hidden states, float32
-    assert stores[-1].budget == 0 and stores[-1].held_bytes == 0
-    assert stores[-1].spilled_bytes >= 4 * boundary  # three layers' inputs and the gradients
-    calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=["fisher"], out=tmp_path / "given",
-              max_memory=8 << 30)
-    assert stores[-1].budget > 4 * boundary and stores[-1].spilled_bytes == 0  # a given budget is used
+    # the stream's store holds one boundary at a time; the Fisher's, 3 layers' inputs and gradients
+    for kind, origin, spilled in (("gram", "stream", boundary), ("fisher", "fisher", 4 * boundary)):
+        calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=[kind], out=tmp_path / kind)
+        store = stores[origin][-1]
+        assert store.budget == 0 and store.held_bytes == 0 and store.spilled_bytes >= spilled, kind
+        calibrate(model, [text], samples=2, seqlen=SEQLEN, kinds=[kind], out=tmp_path / f"{kind}-given",
+                  max_memory=8 << 30)
+        store = stores[origin][-1]
+        assert store.budget > 4 * boundary and store.spilled_bytes == 0, kind
 
 
 def test_cli_writes_and_reports(models: Path, data_file: Path, tmp_path: Path) -> None:

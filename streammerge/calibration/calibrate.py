@@ -101,7 +101,11 @@ def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], prove
              out: Path, max_memory: int | None, batch_tokens: int = BATCH_TOKENS) -> Path:
     """Run the calibration passes over ``windows`` and write ``out``."""
     input_kinds = tuple(k for k in kinds if k in INPUT_KINDS)
-    budget = _activation_budget(stream, max_memory, batch_tokens)
+    # Without --max-memory the activation budget would be half the free memory, and a layer's
+    # inputs and outputs (128 MiB each on 7B shapes at 32 × 512 tokens; every layer's for the
+    # Fisher) would stay in it beside two layers and their statistics. They are all spilled
+    # instead: on 7B shapes a layer computes for 50 s or more, its spill I/O takes < 1 s.
+    budget = 0 if max_memory is None else _activation_budget(stream, max_memory, batch_tokens)
     if max_memory is not None:
         held = _stats_bytes(stream, kinds)
         if budget < held:
@@ -125,11 +129,7 @@ def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], prove
         if "fisher" in kinds:
             from streammerge.calibration.fisher import fisher_stats
 
-            # Without --max-memory the activation budget is half the free memory, and the inputs
-            # of every layer would stay in it: a peak growing with depth. They are all spilled
-            # instead: on 7B shapes a layer computes for about 100 s, its spill I/O takes < 1 s.
-            kept = None if max_memory is not None else 0
-            for index, stats in fisher_stats(stream, windows, kept):
+            for index, stats in fisher_stats(stream, windows):
                 writer.write_layer(index, stats)
                 # dropped before the next layer is computed: the loop variable would keep this
                 # layer's Fisher (808 MiB on 7B shapes) alive beside the next one

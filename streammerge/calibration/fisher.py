@@ -43,17 +43,15 @@ from streammerge.forward.head import _LOGITS
 Stats = dict[str, dict[str, torch.Tensor]]
 
 
-def fisher_stats(stream: LayerStream, windows: list[Window],
-                 kept: int | None = None) -> Iterator[tuple[int, Stats]]:
+def fisher_stats(stream: LayerStream, windows: list[Window]) -> Iterator[tuple[int, Stats]]:
     """``(i, {checkpoint weight name: {"fisher": F}})`` for each decoder layer ``i`` from the last
     to the first, then ``(-1, ...)`` for every weight outside the layers (embedding, head unless
     tied, final norm, learned positions). Each F is float32, the shape of the checkpoint tensor.
-    Nothing yielded is referenced here afterwards: write each as it comes and drop it. ``kept``:
-    bytes of layer inputs and gradients held in memory, the rest spilled (default: half the
-    stream's activation budget)."""
+    Nothing yielded is referenced here afterwards: write each as it comes and drop it. Half the
+    stream's activation budget holds layer inputs and gradients in memory, the rest is spilled."""
     if not windows:
         raise DataError("no calibration windows: the Fisher needs at least one window of text")
-    sweep = _Sweep(stream, windows, stream.activation_budget // 2 if kept is None else kept)
+    sweep = _Sweep(stream, windows, stream.activation_budget // 2)
     try:
         sweep.forward()
         yield from sweep.layers()
