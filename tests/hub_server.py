@@ -239,8 +239,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return found  # type: ignore[return-value]
             commit, files = found  # type: ignore[misc]
             if kind == "tree":
-                doc: object = [{"type": "file", "path": name, "size": p.stat().st_size, "oid": hub.etag(p)[:40]}
-                               for name, p in files.items()]
+                doc: object = [{"type": "file", "path": name, "size": p.stat().st_size,
+                                "oid": hub.etag(p)[:40]} for name, p in files.items()]
             else:
                 doc = {"id": repo, "modelId": repo, "sha": commit, "private": False,
                        "siblings": [{"rfilename": n, "size": p.stat().st_size} for n, p in files.items()]}
