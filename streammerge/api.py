@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -12,20 +11,19 @@ from typing import Any
 
 import pydantic
 
-from streammerge.engine import MergeResult, RunReport, run_schedule
+from streammerge.engine import MergeResult, RunReport
 from streammerge.errors import OutputError, PlanError, StreamMergeError
+from streammerge.executors.local import merge_weights
+from streammerge.executors.ray_executor import merge_on_ray
 from streammerge.finalize import write_model_files
 from streammerge.io.layout import INDEX
 from streammerge.io.writer import StagedOutput
-from streammerge.journal import JOURNAL, Journal
+from streammerge.journal import Journal, discard_journals
 from streammerge.lora.output import write_adapter
 from streammerge.plan import MergePlan, load_plan
 from streammerge.plan.load import PlanWarning, describe_error, read_documents
 from streammerge.record import write_record
 from streammerge.schedule import Schedule, build_schedule, input_models
-from streammerge.sources.budget import DOWNLOADS, download_limit, run_order
-from streammerge.sources.downloads import download_inputs, stream_inputs
-from streammerge.sources.feed import ShardFeed
 
 
 def _with_overrides(plan: MergePlan, overrides: dict[str, Any]) -> MergePlan:
@@ -110,16 +108,25 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
                                sched.notes, sched.device.description, up_to_date=True,
                                inputs=tuple(input_models(resolved)))
         staged = StagedOutput(destination, overwrite, restart)
-        journal = _open_journal(staged, sched)
+        on_ray = sched.plan.executor == "ray"
+        # On Ray each task checks the tensors already written to its shards, not the driver.
+        journal = _open_journal(staged, sched.of_shards(()) if on_ray else sched)
         resumed = len(journal.entries)
-        report, downloading, merging = RunReport(0.0, (), None), 0.0, 0.0
+        report, downloading, merging, tasks = RunReport(0.0, (), None), 0.0, 0.0, []
         try:
             if resolved.adapter_output is not None:
                 write_adapter(sched, staged, __version__)
             else:
-                report, downloading, merging = _merge_weights(sched, staged, quiet, journal)
+                if on_ray:
+                    tasks = merge_on_ray(sched, staged, quiet, journal)
+                    entries = {name: e for t in tasks for name, e in t.entries.items()}
+                    report = RunReport(0.0, tuple(n for t in tasks for n in t.notes), None)
+                    resumed = sum(t.resumed for t in tasks)
+                else:
+                    report, downloading, merging = merge_weights(sched, staged, quiet, journal)
+                    entries = journal.entries
                 write_model_files(sched, staged, __version__)
-                staged.write_json(MANIFEST, manifest(sched, journal.entries, journal.identity))
+                staged.write_json(MANIFEST, manifest(sched, entries, journal.identity))
             write_record(sched, staged, __version__)
         except StreamMergeError as e:
             raise type(e)(f"{e}{_kept(staged)}") from None
@@ -127,7 +134,7 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
             raise OutputError(f"{e.filename or staged.staging}: {_os_problem(e)}{_kept(staged)}") from None
         finally:
             journal.close()
-        staged.remove(JOURNAL)  # a staging directory without a journal is started over, never trusted
+        discard_journals(staged.staging)
         committed = time.perf_counter()
         staged.commit()
         sync = report.sync_seconds + time.perf_counter() - committed
@@ -135,44 +142,9 @@ def _merge_one(resolved: MergePlan, output: str | Path | None, overwrite: bool, 
         return MergeResult(destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
                            time.perf_counter() - started, sync, notes, sched.device.description,
                            report.peak_gpu_bytes, inputs=tuple(input_models(resolved)),
-                           download_seconds=downloading, merge_seconds=merging)
+                           download_seconds=downloading, merge_seconds=merging, tasks=tuple(tasks))
     finally:
         sched.close()
-
-
-def _merge_weights(sched: Schedule, staged: StagedOutput, quiet: bool,
-                   journal: Journal) -> tuple[RunReport, float, float]:
-    """Download the Hub shards the unfinished tensors read and merge them: all into the cache
-    first, or, with a disk budget or a download folder, each just before it is needed and
-    deleted after its last use, alongside the merge; or, with ``stream_inputs``, none: the
-    merge's reads are range requests. The report, the seconds spent downloading (with
-    ``stream_inputs``, in range requests, alongside the merge) and those spent merging (waits
-    for a download excluded; with ``stream_inputs``, the merge's wall time, its reads in it)."""
-    plan = sched.plan
-    own = plan.download_dir is None  # in the staging directory: gone before it becomes the output
-    directory = staged.path(DOWNLOADS) if own else Path(plan.download_dir).expanduser()
-    if staged.path(DOWNLOADS).is_dir() and (plan.disk_budget is None or not own
-                                            or plan.stream_inputs):
-        shutil.rmtree(staged.path(DOWNLOADS))  # a killed run used that folder; this one does not
-    if plan.stream_inputs:
-        streamed = stream_inputs(sched)
-        began = time.perf_counter()
-        report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
-        return (report, sum(s.stream_seconds for s in streamed),
-                time.perf_counter() - began)
-    if plan.disk_budget is None and plan.download_dir is None:
-        downloading = download_inputs(sched, journal.finished)  # after planning: no plan error waits
-        began = time.perf_counter()
-        report = run_schedule(sched, staged, quiet, journal.finished, journal.record)
-        return report, downloading, time.perf_counter() - began
-    jobs = [j for j in run_order(sched) if j.name not in journal.finished]
-    began = time.perf_counter()
-    with ShardFeed(sched, jobs, directory, download_limit(sched)) as feed:
-        report = run_schedule(sched, staged, quiet, journal.finished, journal.record, feed)
-    merging = time.perf_counter() - began - feed.wait_seconds
-    if own and directory.is_dir():
-        directory.rmdir()  # every shard was deleted after its last use
-    return report, feed.download_seconds, merging
 
 
 def _open_journal(staged: StagedOutput, sched: Schedule) -> Journal:

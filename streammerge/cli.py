@@ -17,6 +17,7 @@ from streammerge.calibration.command import calibrate_command
 from streammerge.cli_common import Size, add_options, fail
 from streammerge.evaluation.commands import eval_command
 from streammerge.evaluation.compare_command import compare_command
+from streammerge.executors.summary import task_summary
 from streammerge.frontdoors import linear, mergekit_cli
 from streammerge.inspect.commands import check_command, stats_command
 from streammerge.inspect.stats import output_statistics, summary_table, write_merge_stats
@@ -50,6 +51,16 @@ _plan_options = [
                  help="Read Hub tensors by HTTP range requests, a chunk at a time, storing no input "
                       "shard: --disk-budget then counts only the output, so it may be below the "
                       "largest shard. Not with --download-dir."),
+    click.option("--executor", type=click.Choice(["local", "ray"]),
+                 help="local (default): merge in this process. ray: one Ray task per output shard "
+                      "(pip install 'streammerge[ray]'), on the cluster at --ray-address; the "
+                      "inputs and OUT must be on a filesystem every node sees (or the inputs on "
+                      "the Hub). The output is the same bytes."),
+    click.option("--ray-address",
+                 help="The Ray cluster to run on (as `ray start --head` prints it; default: "
+                      "RAY_ADDRESS, else a cluster started on this machine for the run)."),
+    click.option("--shards-per-task", type=click.IntRange(min=1),
+                 help="Output shards each Ray task writes (default 1)."),
     click.option("--strict/--lenient", default=None,
                  help="Unknown keys and parameters are errors (--strict) or warnings (--lenient). "
                       "Default: lenient for mergekit configs, strict for plans using streammerge's own keys."),
@@ -175,6 +186,8 @@ def _report(result: MergeResult, quiet: bool) -> None:
                f"({result.sync_seconds:.1f} s of it syncing to disk{downloads}); "
                f"device: {result.device}{gpu}",
                err=True)
+    if result.tasks:
+        click.echo(task_summary(result.tasks, result.seconds), err=True)
 
 
 @main.command("plan", cls=mergekit_cli.MergekitHelp)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -34,13 +34,16 @@ from tqdm import tqdm
 from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.io.rows import read_mapped
 from streammerge.io.write_behind import WriteBehind
-from streammerge.io.writer import ShardWriter, StagedOutput
+from streammerge.io.writer import ShardWriter, StagingDirectory
 from streammerge.methods import Chunk, run_passes
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
 from streammerge.sources.feed import ShardFeed
 from streammerge.statistics import WEIGHT_SHAPED, JobStatistics
 from streammerge.transfer import DeviceToHost, HostToDevice, InFlight, chunk_layout
 from streammerge.workers import ChunkWorkers, chunk_workers, in_flight
+
+if TYPE_CHECKING:
+    from streammerge.executors.task import TaskResult
 
 
 SWITCH_INTERVAL = 2e-4  # seconds a thread may hold the GIL while another waits for it, during a merge
@@ -63,6 +66,7 @@ class MergeResult:
     inputs: tuple[str, ...] = ()  # the models read (resolved references: ``dir`` or ``dir+adapter``)
     download_seconds: float = 0.0  # downloading Hub shards (alongside the merge under a disk budget)
     merge_seconds: float = 0.0  # merging, waits for downloads excluded (``seconds`` is the wall time)
+    tasks: tuple[TaskResult, ...] = ()  # with --executor ray: each task's shards, node, time and bytes
 
 
 @dataclass(frozen=True)
@@ -470,16 +474,18 @@ def _transfers(schedule: Schedule, inputs: int, out: int) -> tuple[HostToDevice 
     return HostToDevice(schedule.device.torch, inputs), DeviceToHost(schedule.device.torch, out)
 
 
-def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, finished: frozenset[str] = frozenset(),
+def run_schedule(schedule: Schedule, staged: StagingDirectory, quiet: bool = False,
+                 finished: frozenset[str] = frozenset(),
                  done: Callable[[TensorJob, ShardWriter], None] | None = None,
                  feed: ShardFeed | None = None) -> RunReport:
-    """Write every shard of the schedule into the staging directory, skipping the ``finished``
+    """Write the schedule's tensors into their shards in the staging directory, skipping the ``finished``
     tensors (already written by an earlier run) and calling ``done`` after each one written.
     With a ``feed``, its jobs run in its order, each once its Hub shards are downloaded, and the
     feed is told when a job's inputs are read (the writes' offsets do not depend on the order)."""
     jobs = [j for j in (schedule.jobs if feed is None else feed.jobs) if j.name not in finished]
     prefetch_order = _prefetch_order([sum(_chunk_bytes(schedule, j, j.rows)) for j in jobs])
-    writers = [ShardWriter(staged.path(s.filename), s.header, s.size) for s in schedule.shards]
+    writers = {k: ShardWriter(staged.path(schedule.shards[k].filename), schedule.shards[k].header,
+                              schedule.shards[k].size) for k in sorted({j.shard for j in jobs})}
     notes: list[str] = []
     with (_reuse_freed_memory(), _prompt_thread_switches(), chunk_workers(schedule.workers) as workers,
           _prefetching(schedule) as prefetch):
@@ -533,7 +539,7 @@ def run_schedule(schedule: Schedule, staged: StagedOutput, quiet: bool = False, 
             reader.close()
             writes.close()
             synced = time.perf_counter()
-            for w in writers:
+            for w in writers.values():
                 w.close()
     peak = torch.cuda.max_memory_allocated(schedule.device.torch) if schedule.device.is_cuda else None
     return RunReport(time.perf_counter() - synced, tuple(notes), peak)

@@ -13,6 +13,7 @@ from streammerge.io.layout import BUILT_TOKENIZER_COMPANIONS, INDEX, TOKENIZER_F
 from streammerge.io.writer import StagedOutput
 from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor
 from streammerge.plan.load import PlanWarning
+from streammerge.plan.schema import EXECUTION_KEYS
 from streammerge.schedule import Schedule
 from streammerge.tokenizer.vocab import added_tokens_decoder
 
@@ -100,7 +101,9 @@ def _fingerprint(path: Path) -> str:
 def model_card(schedule: Schedule, version: str) -> str:
     plan = schedule.plan
     meta = {"base_model": [plan.base_model] if plan.base_model else [], "library_name": "transformers", "tags": ["merge", "streammerge"]}
-    plan_yaml = yaml.safe_dump(plan.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    # Without where it was written to or how it ran: neither changes a byte of the model.
+    plan_yaml = yaml.safe_dump(plan.model_dump(mode="json", exclude_none=True,
+                                               exclude={"output", *EXECUTION_KEYS}), sort_keys=False)
     inputs = "\n".join(f"- `{c.path}` (header sha256 {_fingerprint(c.path)})" for c in schedule.checkpoints)
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"

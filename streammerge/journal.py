@@ -21,15 +21,17 @@ from typing import Any
 from streammerge.errors import OutputError
 from streammerge.io.digest import sha256_range
 from streammerge.io.writer import ShardWriter, fsync_dir
+from streammerge.plan.schema import EXECUTION_KEYS
 from streammerge.schedule import Schedule, TensorJob
 
 JOURNAL = "streammerge-journal.jsonl"
+TASK_JOURNAL = "streammerge-journal-{:05d}.jsonl"  # an executor task's, after its first shard
 # Native keys that change how a merge runs but not a byte it writes: a run killed for memory may
 # resume with a smaller --max-memory or --max-gpu-memory, one stopped by a NaN input with
 # --allow-nonfinite, one short of disk with another --disk-budget or --download-dir, or with
-# --stream-inputs (or without it).
+# --stream-inputs (or without it), or under another executor.
 _RUN_ONLY_KEYS = {"output", "max_memory", "max_gpu_memory", "chunk_size", "cache_dir",
-                  "allow_nonfinite", "disk_budget", "download_dir", "stream_inputs"}
+                  "allow_nonfinite", "disk_budget", "download_dir", "stream_inputs", *EXECUTION_KEYS}
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def _inputs(schedule: Schedule) -> dict[str, dict[str, list]]:
     return {path: dict(sorted(files.items())) for path, files in inputs.items()}
 
 
-def _change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+def identity_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """What differs between a journal's identity and this run's, in words; None if nothing."""
     if old.get("streammerge") != new["streammerge"]:
         return f"it was started by streammerge {old.get('streammerge')}, this is {new['streammerge']}"
@@ -103,53 +105,37 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 class Journal:
-    """The staging directory's journal, opened for one run, which holds a lock on the directory."""
+    """A journal of the staging directory, opened for one run.
 
-    def __init__(self, staging: Path, schedule: Schedule):
-        self.path = staging / JOURNAL
-        self._lock = os.open(staging, os.O_RDONLY)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock)
-            raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it to finish") from None
+    The run's own journal (``task`` None) holds a lock on the directory: one run at a time. An
+    executor's task, which that run started, keeps a journal of its own beside it
+    (``streammerge-journal-NNNNN.jsonl``, after its first shard): tasks never append to one file
+    together. Whichever journal a run opens, the tensors recorded in any of them count as
+    written, so a merge may resume under another executor or another grouping of shards."""
+
+    def __init__(self, staging: Path, schedule: Schedule, task: int | None = None):
+        self.path = staging / (JOURNAL if task is None else TASK_JOURNAL.format(task + 1))
+        self._lock = None if task is not None else _lock(staging)
         try:
             self.identity = ident = identity(schedule)
-            self.entries = self._resumable(staging, ident, schedule) if self.path.exists() else {}
+            records = {p: _records(p, staging, ident) for p in journal_files(staging)}
+            self.entries = _resumable(staging, records, schedule)
             # Rewritten compactly and atomically (a torn last line, or a tensor that no longer
-            # checks out, must not stay in it), then appended to.
-            fresh = staging / (JOURNAL + ".new")
-            lines = [ident] + [{"tensor": n, **vars(e)} for n, e in self.entries.items()]
+            # checks out, must not stay in it), then appended to. What it recorded of tensors
+            # this run does not write (another task's) is kept as it was.
+            kept = [r for r in records.get(self.path, {}).values() if r["tensor"] not in
+                    {j.name for j in schedule.jobs}]
+            fresh = self.path.with_name(self.path.name + ".new")
+            lines = [ident] + [{"tensor": n, **vars(e)} for n, e in self.entries.items()] + kept
             fresh.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
             self._fd = os.open(fresh, os.O_WRONLY | os.O_APPEND)
             os.fdatasync(self._fd)
             os.rename(fresh, self.path)
             fsync_dir(staging)
         except BaseException:
-            os.close(self._lock)
+            if self._lock is not None:
+                os.close(self._lock)
             raise
-
-    def _resumable(self, staging: Path, ident: dict[str, Any], schedule: Schedule) -> dict[str, Entry]:
-        """The journaled tensors that are still on disk as recorded."""
-        lines = self.path.read_bytes().split(b"\n")
-        head = _parse(lines[0])
-        if head is None:
-            return {}  # killed before the journal's first line was durable: nothing was recorded
-        change = _change(head, ident)
-        if change is not None:
-            raise OutputError(f"{staging}: holds a partial merge that cannot be resumed ({change}); "
-                              "run with --restart to discard it, or give another output")
-        recorded = {rec["tensor"]: rec for rec in map(_parse, lines[1:]) if rec is not None and isinstance(rec.get("tensor"), str)}
-        entries = {}
-        for job in schedule.jobs:
-            shard = schedule.shards[job.shard].filename
-            rec = recorded.get(job.name)
-            if rec is None or (rec.get("shard"), rec.get("offset"), rec.get("nbytes")) != (shard, job.offset, job.out_bytes):
-                continue
-            entry = Entry(shard, job.offset, job.out_bytes, rec.get("sha256"))
-            if _on_disk(staging / shard, entry):
-                entries[job.name] = entry
-        return entries
 
     @property
     def finished(self) -> frozenset[str]:
@@ -167,8 +153,62 @@ class Journal:
 
     def close(self) -> None:
         """Release the journal and the lock (the file stays, for a later run to resume from)."""
-        for fd in (self._fd, self._lock):
-            os.close(fd)
+        os.close(self._fd)
+        if self._lock is not None:
+            os.close(self._lock)
+
+
+def journal_files(staging: Path) -> list[Path]:
+    """The run's journal and its tasks', those that exist."""
+    return [p for p in (staging / JOURNAL, *sorted(staging.glob(TASK_JOURNAL.replace("{:05d}", "*"))))
+            if p.is_file()]
+
+
+def discard_journals(staging: Path) -> None:
+    """Remove every journal: a staging directory without one is started over, never trusted."""
+    for p in journal_files(staging):
+        p.unlink()
+
+
+def _lock(staging: Path) -> int:
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it to finish") from None
+    return fd
+
+
+def _records(path: Path, staging: Path, ident: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The tensors ``path`` records, by name, once its identity is checked against ``ident``."""
+    lines = path.read_bytes().split(b"\n")
+    head = _parse(lines[0])
+    if head is None:
+        return {}  # killed before the journal's first line was durable: nothing was recorded
+    change = identity_change(head, ident)
+    if change is not None:
+        raise OutputError(f"{staging}: holds a partial merge that cannot be resumed ({change}); "
+                          "run with --restart to discard it, or give another output")
+    return {rec["tensor"]: rec for rec in map(_parse, lines[1:])
+            if rec is not None and isinstance(rec.get("tensor"), str)}
+
+
+def _resumable(staging: Path, records: dict[Path, dict[str, dict[str, Any]]],
+               schedule: Schedule) -> dict[str, Entry]:
+    """The schedule's tensors that some journal records and that are still on disk as recorded."""
+    entries = {}
+    for job in schedule.jobs:
+        shard = schedule.shards[job.shard].filename
+        for recorded in records.values():
+            rec = recorded.get(job.name)
+            if rec is None or (rec.get("shard"), rec.get("offset"), rec.get("nbytes")) != (shard, job.offset, job.out_bytes):
+                continue
+            entry = Entry(shard, job.offset, job.out_bytes, rec.get("sha256"))
+            if _on_disk(staging / shard, entry):
+                entries[job.name] = entry
+                break
+    return entries
 
 
 def _on_disk(path: Path, entry: Entry) -> bool:

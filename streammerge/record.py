@@ -5,7 +5,8 @@ parameter (defaults written into the top-level ``parameters``, where they rank l
 their resolved references (a Hub model as ``org/name@commit``), and ``inputs:``, each model's
 revision and weights files' sizes and header sha256s, which ``streammerge run`` checks before
 merging again. ``merge_config.json`` holds what differs between runs (streammerge's version and
-the time) with the same inputs. ``output`` is left out: a rerun names its own.
+the time) with the same inputs. ``output`` is left out: a rerun names its own; so is the
+executor, which changes where the merge runs, not a byte of it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from streammerge.io.hub import snapshot_reference
 from streammerge.io.writer import StagedOutput
 from streammerge.lora.reference import split_reference
 from streammerge.methods import get_method
+from streammerge.plan.schema import EXECUTION_KEYS
 from streammerge.schedule import Schedule
 
 PLAN_FILE = "streammerge_plan.yaml"
@@ -62,7 +64,7 @@ def inputs(schedule: Schedule) -> dict[str, dict[str, Any]]:
 def recorded_plan(schedule: Schedule) -> dict[str, Any]:
     """The plan that reproduces ``schedule``'s output, as ``streammerge_plan.yaml`` holds it."""
     plan = schedule.plan
-    data = plan.model_dump(mode="json", exclude_none=True, exclude={"output", "inputs"})
+    data = plan.model_dump(mode="json", exclude_none=True, exclude={"output", "inputs", *EXECUTION_KEYS})
     defaults = {p.name: p.default for p in get_method(plan.merge_method).params if p.default is not None}
     data["parameters"] = {**defaults, **data.get("parameters", {})}
     data = _published(data, _hub_references(schedule.references))

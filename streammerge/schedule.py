@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterable
 
 import psutil
 import torch
@@ -133,6 +133,12 @@ class Schedule:
     @property
     def predicted_peak_rss(self) -> int:
         return self.baseline_rss + self.peak_working_bytes
+
+    def of_shards(self, shards: Collection[int]) -> Schedule:
+        """The part of this schedule that writes ``shards`` (indices): their jobs, every shard's
+        layout kept (an executor's task writes its shards of the one output)."""
+        jobs = tuple(j for j in self.jobs if j.shard in shards)
+        return replace(self, jobs=jobs, read_bytes=_read_bytes(self.checkpoints, jobs))
 
     def close(self) -> None:
         for c in self.checkpoints:
@@ -438,6 +444,12 @@ def _statistics_bytes(job: TensorJob) -> int:
     return job.method.statistics.memory(job.params, job.shape, len(job.merged_inputs))
 
 
+def _read_bytes(checkpoints: tuple[Checkpoint, ...], jobs: Iterable[TensorJob]) -> int:
+    """Bytes of input tensors ``jobs`` read, as stored."""
+    return sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize
+               for j in jobs for s in j.inputs)
+
+
 def _finish(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], jobs: list[TensorJob],
             notes: list[str], statistics: tuple[ModelStatistics | None, ...], reference: int,
             layer_counts: list[tuple[str | None, int]], vocab: Vocabulary | None, device: Device,
@@ -445,7 +457,7 @@ def _finish(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint,
     shards, jobs = _place(jobs, plan.shard_size)
     peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j, workers)
                + _statistics_bytes(j) for j in jobs)
-    read_bytes = sum(math.prod(j.shape) * checkpoints[s.checkpoint].tensors[s.tensor].dtype.itemsize for j in jobs for s in j.inputs)
+    read_bytes = _read_bytes(checkpoints, jobs)
     template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
     baseline = psutil.Process().memory_info().rss
     if plan.max_memory is not None and plan.max_memory < baseline + peak:

@@ -3,7 +3,8 @@
     python crash_child.py PLAN OUT POINT N
 
 POINT is ``write`` (after the N-th chunk is written to a shard), ``record`` (after the N-th tensor
-is journaled) or ``finalize`` (after the N-th model file is written). Nothing is cleaned up: the
+is journaled), ``finalize`` (after the N-th model file is written) or ``task`` (after the driver of
+a ``executor: ray`` plan got the N-th task's result). Nothing is cleaned up: the
 kill is as abrupt as a preempted session's. Exits 3 if the merge finished before the point came.
 """
 
@@ -38,6 +39,10 @@ def kill_after(cls: type, method: str, n: int) -> None:
 
 if __name__ == "__main__":
     plan, out, point, n = sys.argv[1:]
+    if point == "task":
+        import ray
+
+        POINTS["task"] = (ray, "get")
     kill_after(*POINTS[point], int(n))
     streammerge.merge(plan, out, quiet=True)
     sys.exit(3)

@@ -103,7 +103,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class StagedOutput:
+class StagingDirectory:
+    """A model being written: shards, then the small files, into ``staging``."""
+
+    def __init__(self, staging: Path):
+        self.staging = staging
+
+    def path(self, filename: str) -> Path:
+        return self.staging / filename
+
+
+class StagedOutput(StagingDirectory):
     """A staging directory that becomes ``destination`` atomically on ``commit``."""
 
     def __init__(self, destination: Path, overwrite: bool, restart: bool = False):
@@ -112,7 +122,7 @@ class StagedOutput:
             raise OutputError(f"{destination}: output already exists; pass --overwrite to replace it")
         if destination.exists() and not destination.is_dir():
             raise OutputError(f"{destination}: exists and is not a directory")
-        self.staging = destination.parent / f".{destination.name}.streammerge-partial"
+        super().__init__(destination.parent / f".{destination.name}.streammerge-partial")
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
             if restart and self.staging.exists():
@@ -120,9 +130,6 @@ class StagedOutput:
             self.staging.mkdir(exist_ok=True)
         except OSError as e:
             raise OutputError(f"{self.staging}: cannot create the staging directory ({e.strerror})") from None
-
-    def path(self, filename: str) -> Path:
-        return self.staging / filename
 
     def write_text(self, filename: str, text: str) -> None:
         with open(self.staging / filename, "w") as f:

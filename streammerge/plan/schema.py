@@ -23,11 +23,13 @@ class Conditional(BaseModel):
 ParamValue = Union[Scalar, Gradient, list[Conditional], Conditional]
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
+# Where and how a merge runs, never what it writes: left out of every file of the output.
+EXECUTION_KEYS = ("executor", "ray_address", "shards_per_task")
 # Keys only streammerge knows: a plan using any of them is a native plan, validated strictly.
 NATIVE_KEYS = ("output", "shard_size", "max_memory", "chunk_size", "compute_dtype", "seed", "device",
                "max_gpu_memory", "vocab_policy", "select", "cache_dir", "allow_nonfinite", "adapters",
                "adapter_output", "allow_crimes", "copy_tokenizer", "write_model_card", "calibration",
-               "inputs", "donor", "disk_budget", "download_dir", "stream_inputs")
+               "inputs", "donor", "disk_budget", "download_dir", "stream_inputs", *EXECUTION_KEYS)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -238,6 +240,11 @@ class MergePlan(BaseModel):
     # the model config.json, the tokenizer files and every tensor not merged come from (default: the
     # base, else the first model); it need not be merged
     donor: Optional[str] = None
+    # local: threads in this process; ray: a Ray task per output shard (or shards_per_task of
+    # them), on a cluster at ray_address (default: RAY_ADDRESS, else one started for the run)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: Optional[str] = None
+    shards_per_task: int = Field(default=1, gt=0)
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergePlan":
@@ -260,6 +267,16 @@ class MergePlan(BaseModel):
         if self.stream_inputs and self.download_dir is not None:
             raise ValueError("'stream_inputs' (--stream-inputs) downloads nothing, so it has no "
                              "'download_dir' (--download-dir): drop one of them")
+        if self.executor != "ray" and (self.ray_address is not None or self.shards_per_task != 1):
+            raise ValueError("'ray_address' and 'shards_per_task' (--ray-address, --shards-per-task) "
+                             "apply to executor: ray (--executor ray)")
+        if self.executor == "ray" and self.adapter_output is not None:
+            raise ValueError("executor: ray writes a merged model's shards; adapter_output writes one "
+                             "adapter: drop one of them")
+        if self.executor == "ray" and (self.disk_budget, self.download_dir) != (None, None):
+            raise ValueError("'disk_budget' and 'download_dir' budget one machine's downloads; with "
+                             "executor: ray each node reads its inputs from a path every node sees "
+                             "or from the Hub (stream_inputs): drop them")
         return self
 
     @property
