@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 import torch
 from click.testing import CliRunner
@@ -25,6 +26,9 @@ import streammerge
 from checkpoint_builder import Family, write_checkpoint
 from streammerge.cli import main
 from streammerge.errors import MissingExtraError, PlanError, StreamMergeError
+from hub_server import HubServer, hub, hub_environment  # noqa: F401 (a fixture)
+from test_hub_budget import _budgeted, _local
+from test_hub_stream import REPOS, _push, _shards
 from test_tokenizer import _plan as _tokenizer_plan, models  # noqa: F401 (a fixture)
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read on import: nodes on 127.0.0.1
@@ -70,12 +74,13 @@ def cluster() -> Iterator:
 
 
 @contextlib.contextmanager
-def _workers_with(cluster, hook: str, **env: str) -> Iterator[None]:
-    """The driver reconnected so that every worker it starts first runs ``ray_faults.<hook>``."""
+def _workers_with(cluster, hook: str | None, **env: str) -> Iterator[None]:
+    """The driver reconnected so that every worker it starts has ``env`` and first runs
+    ``ray_faults.<hook>``."""
     ray.shutdown()
     path = os.pathsep.join([TESTS, *sys.path])
-    ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": f"ray_faults.{hook}",
-                                                   "env_vars": {"PYTHONPATH": path, **env}})
+    setup = {"worker_process_setup_hook": f"ray_faults.{hook}"} if hook else {}
+    ray.init(address=cluster.address, runtime_env={**setup, "env_vars": {"PYTHONPATH": path, **env}})
     try:
         yield
     finally:
@@ -211,20 +216,58 @@ def test_a_node_removed_mid_run_leaves_the_others_to_finish(cluster, fp32_family
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
 
 
-def test_a_killed_driver_resumes_with_the_same_command(cluster, fp32_family: Family,
-                                                       tmp_path: Path) -> None:
-    plan = _ties(fp32_family, executor="ray", ray_address=cluster.address)
+@pytest.mark.parametrize("resumed_by", ["the same command", "the local executor"])
+def test_a_killed_driver_resumes(resumed_by: str, cluster, fp32_family: Family, tmp_path: Path) -> None:
+    plan = _ties(fp32_family)
     path = tmp_path / "plan.yaml"
-    path.write_text(json.dumps(plan))  # JSON is YAML
-    streammerge.merge(plan | {"executor": "local", "ray_address": None}, tmp_path / "local", quiet=True)
+    path.write_text(json.dumps(plan | {"executor": "ray", "ray_address": cluster.address}))  # JSON is YAML
+    streammerge.merge(plan, tmp_path / "local", quiet=True)
     child = subprocess.run([sys.executable, str(CHILD), str(path), str(tmp_path / "ray"), "task", "1"],
                            capture_output=True, text=True, timeout=STARTUP_SECONDS)
     assert child.returncode == -9, child.stderr[-2000:]  # killed once the first task was done
     assert not (tmp_path / "ray").exists() and _staging(tmp_path / "ray").is_dir()
+    if resumed_by == "the local executor":  # the task journals count as the run's own
+        path.write_text(json.dumps(plan))
     run = CliRunner().invoke(main, ["run", str(path), str(tmp_path / "ray")])
     assert run.exit_code == 0, run.output
     assert re.search(r"resumed: [1-9]\d* of \d+ tensors", run.output)
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+
+
+@pytest.mark.parametrize("reads", ["downloads", "stream_inputs"])
+def test_tasks_read_hub_inputs(reads: str, cluster, hub: HubServer, sharded_family: Family,
+                               tmp_path: Path) -> None:
+    """Hub models through a cache every node sees: each task downloads the shards its tensors
+    read (several at once into one cache), or reads them by range requests."""
+    _push(hub, sharded_family)
+    local = _local(sharded_family, tmp_path / "local")
+    plan = _budgeted(*REPOS, stream_inputs=reads == "stream_inputs")
+    with _workers_with(cluster, None, **hub_environment(hub, tmp_path / "hf_home")):
+        result = streammerge.merge(plan, tmp_path / "ray", quiet=True, executor="ray")
+    assert len({t.node for t in result.tasks}) > 1
+    assert _shards(tmp_path / "ray") == local
+
+
+def test_without_a_cluster_the_run_starts_one_and_stops_it(fp32_family: Family, tmp_path: Path) -> None:
+    if ray is None:
+        pytest.skip("ray is not installed (pip install 'streammerge[ray]')")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps(_ties(fp32_family)))
+    streammerge.merge(plan, tmp_path / "local", quiet=True)
+    temp = Path(tempfile.mkdtemp(prefix="smr", dir="/tmp"))  # short, and only this run's
+    (temp / "ray").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp)}
+    try:
+        run = subprocess.run([sys.executable, "-m", "streammerge", "run", str(plan), str(tmp_path / "ray"),
+                              "--executor", "ray"], capture_output=True, text=True, env=env,
+                             timeout=STARTUP_SECONDS)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert re.search(r"Ray task\(s\) on 1 node\(s\)", run.stderr)
+        assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+        assert not left, f"Ray processes left running: {left}"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _with_nan(family: Family, root: Path, tensor: str) -> Path:

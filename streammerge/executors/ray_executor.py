@@ -88,8 +88,12 @@ def merge_on_ray(sched: Schedule, staged: StagingDirectory, quiet: bool,
     plan = sched.plan
     remove_stale_downloads(sched, staged)
     with connected(plan.ray_address) as ray:
-        remote = ray.remote(_run_on_node).options(num_cpus=CPUS_PER_TASK, max_retries=MAX_RETRIES,
-                                                  scheduling_strategy="SPREAD")
+        gpus = 1 if sched.device.is_cuda else 0  # a task sees no GPU that Ray did not assign it
+        if gpus and not ray.cluster_resources().get("GPU"):
+            raise StreamMergeError("device: cuda, but the Ray cluster has no GPU (its nodes were "
+                                   "started without one); use --device cpu, or add GPU nodes")
+        remote = ray.remote(_run_on_node).options(num_cpus=CPUS_PER_TASK, num_gpus=gpus,
+                                                  max_retries=MAX_RETRIES, scheduling_strategy="SPREAD")
         groups = task_groups(len(sched.shards), plan.shards_per_task)
         refs = {remote.remote(ShardTask(plan, str(staged.staging), g, journal.identity, CPUS_PER_TASK)): g
                 for g in groups}
