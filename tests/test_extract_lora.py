@@ -1,0 +1,332 @@
+"""extract-lora: mergekit-extract-lora's adapters, out of core and resumable.
+
+Goldens (tests/data/extract_lora, from scripts/make_extract_lora_goldens.py) are mergekit 0.1.5's
+adapters for tiny Llama, Mistral and Qwen2 stand-ins (tests/extract_lora_cases.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import streammerge
+from conftest import load_output
+from extract_lora_cases import CASES, build, fingerprint
+from streammerge.cli import main as cli
+from streammerge.lora.extract import ExtractOptions
+from streammerge.lora.extract_command import main as extract_main
+from streammerge.lora.extraction import extract_lora
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+GOLDEN = Path(__file__).parent / "data" / "extract_lora"
+RECORD = json.loads((GOLDEN / "cases.json").read_text())
+PREFIX = "base_model.model."
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Per case, (base, ft) as the goldens were made from; the builders must still make them."""
+    root = tmp_path_factory.mktemp("extract_lora")
+    out = {}
+    for case, (family, _) in CASES.items():
+        base, ft = build(root / case, family)
+        assert {"base": fingerprint(base), "ft": fingerprint(ft)} == RECORD[case]["inputs"], \
+            f"{case}: the builders no longer make the golden's inputs; rerun scripts/make_extract_lora_goldens.py"
+        out[case] = (base, ft)
+    return out
+
+
+@pytest.fixture(scope="module")
+def extracted(standins: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per case, streammerge's adapter, made through `streammerge extract-lora` with the case's options."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for case, (base, ft) in standins.items():
+        out[case] = root / case
+        _run(cli, "extract-lora", "--model", ft, "--base-model", base, "--out-path", out[case], *CASES[case][1])
+    return out
+
+
+def _run(command, *args, code: int = 0) -> str:
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result.output
+
+
+def _modules(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """module -> (A, B, embedding) of an adapter's factors."""
+    out = {}
+    for key, a in tensors.items():
+        for tag, b_tag, embedding in ((".lora_A.weight", ".lora_B.weight", False),
+                                      (".lora_embedding_A", ".lora_embedding_B", True)):
+            if key.endswith(tag):
+                out[key[len(PREFIX):-len(tag)]] = (a, tensors[key.replace(tag, b_tag)], embedding)
+    return out
+
+
+def _delta(model: Path, base: Path, module: str) -> torch.Tensor:
+    name = f"{module}.weight"
+    return load_output(model)[name].double() - load_output(base)[name].double()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_factors_match_mergekit_up_to_the_sign_of_each_singular_pair(case: str, extracted: dict) -> None:
+    mine = load_file(extracted[case] / "adapter_model.safetensors")
+    gold = load_file(GOLDEN / case / "adapter_model.safetensors")
+    assert set(mine) == set(gold)
+    pairs = _modules(gold)
+    assert pairs
+    for module, (ga, gb, _) in pairs.items():
+        ma, mb, _ = _modules(mine)[module]
+        assert ma.shape == ga.shape and mb.shape == gb.shape, module
+        sign = torch.sign((ma * ga).sum(dim=1))  # one per singular pair: row i of A, column i of B
+        assert torch.all(sign != 0), module
+        assert torch.allclose(ma, sign[:, None] * ga, atol=1e-5, rtol=1e-4), module
+        assert torch.allclose(mb, gb * sign[None, :], atol=1e-5, rtol=1e-4), module
+        assert (mb @ ma - gb @ ga).abs().max() <= 1e-5, module  # the reconstructions, in fp32
+    for key in set(gold) - {k for m in pairs for k in gold if k.startswith(f"{PREFIX}{m}.lora_")}:
+        assert torch.equal(mine[key], gold[key]), key  # modules saved whole
+    for key in (k for k in gold if k.endswith(".lora_B.bias")):
+        assert torch.allclose(mine[key], gold[key], atol=1e-7), key
+    config = json.loads((extracted[case] / "adapter_config.json").read_text())
+    want = json.loads((GOLDEN / case / "adapter_config.json").read_text())
+    for key in ("peft_type", "use_rslora", "task_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                "lora_dropout", "fan_in_fan_out", "inference_mode"):
+        assert config[key] == want[key], key
+    assert sorted(config["modules_to_save"]) == sorted(want["modules_to_save"])
+    # mergekit names each factored module by its last name component; where some module with that
+    # name is not factored, streammerge lists the factored ones in full instead
+    for target in config["target_modules"]:
+        assert target in want["target_modules"] or target.rpartition(".")[2] in want["target_modules"]
+    assert "lora_bias" not in config
+
+
+def test_goldens_cover_what_the_issue_asks(extracted: dict) -> None:
+    configs = {c: json.loads((GOLDEN / c / "adapter_config.json").read_text()) for c in CASES}
+    tensors = {c: load_file(GOLDEN / c / "adapter_model.safetensors") for c in CASES}
+    assert configs["qwen2_epsilon_filters"]["rank_pattern"]  # ranks differ under --sv-epsilon
+    assert any(k.endswith(".lora_B.bias") for k in tensors["qwen2_epsilon_filters"])
+    assert any("lora_embedding_A" in k for k in tensors["mistral_embed_no_distribute"])
+    assert f"{PREFIX}model.embed_tokens.weight" in tensors["llama_default"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_fold_back_is_ft_within_the_truncation_error(case: str, standins: dict, extracted: dict,
+                                                         tmp_path: Path) -> None:
+    base, ft = standins[case]
+    adapter = extracted[case]
+    streammerge.merge({"merge_method": "passthrough", "models": [{"model": f"{base}+{adapter}"}]},
+                      tmp_path / "out", quiet=True)
+    got, want, was = load_output(tmp_path / "out"), load_output(ft), load_output(base)
+    factors = _modules(load_file(adapter / "adapter_model.safetensors"))
+    saved = {k[len(PREFIX):] for k in load_file(adapter / "adapter_model.safetensors") if "lora_" not in k}
+    for name in want:
+        module = name.rpartition(".")[0]
+        if module in factors:
+            if name.endswith(".bias"):
+                assert torch.allclose(got[name], want[name], atol=1e-6), name
+                continue
+            rank = factors[module][0].shape[0]
+            s = torch.linalg.svdvals(want[name].double() - was[name].double())
+            predicted = s[rank:].square().sum().sqrt().item()
+            error = (got[name].double() - want[name].double()).norm().item()
+            assert error <= predicted + 1e-5 * s[0].item() + 1e-6, name
+            assert error >= 0.5 * predicted, name  # truncation did drop something
+        elif name in saved:
+            assert torch.equal(got[name], want[name]), name
+        else:
+            assert torch.equal(got[name], was[name]), name  # left out: the base's
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_loads_the_adapter_and_merges_it_as_streammerge_folds_it(case: str, standins: dict, extracted: dict,
+                                                                      tmp_path: Path) -> None:
+    base, _ = standins[case]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(model, extracted[case])
+    adapter = load_file(extracted[case] / "adapter_model.safetensors")
+    loaded = with_adapter.state_dict()
+    for key, factor in adapter.items():  # every factor found its layer
+        if "lora_" in key and not key.endswith(".bias"):
+            peft_key = key.replace(".weight", ".default.weight") if key.endswith(".weight") else f"{key}.default"
+            assert torch.equal(loaded[peft_key], factor), key
+    merged = {k: v.detach() for k, v in with_adapter.merge_and_unload().state_dict().items()}
+    streammerge.merge({"merge_method": "passthrough", "models": [{"model": f"{base}+{extracted[case]}"}]},
+                      tmp_path / "out", quiet=True)
+    folded = load_output(tmp_path / "out")
+    # PEFT adds lora_B.bias only under its lora_bias, which mergekit (and streammerge) leave unset
+    for name, tensor in folded.items():
+        if f"{PREFIX}{name[:-len('.bias')]}.lora_B.bias" not in adapter:
+            assert torch.allclose(merged[name], tensor, atol=1e-6), name
+        else:
+            assert torch.equal(merged[name], load_output(base)[name]), name
+
+
+def _llama(standins: dict) -> tuple[Path, Path]:
+    return standins["llama_default"]
+
+
+def _extract(standins: dict, out: Path, **options) -> tuple[dict[str, torch.Tensor], dict]:
+    base, ft = _llama(standins)
+    extract_lora(ft, base, out, ExtractOptions(**options), quiet=True)
+    return load_file(out / "adapter_model.safetensors"), json.loads((out / "adapter_config.json").read_text())
+
+
+def test_save_module_keeps_it_at_full_rank(standins: dict, tmp_path: Path) -> None:
+    tensors, config = _extract(standins, tmp_path / "a", max_rank=4, save_modules=("q_proj",))
+    base, ft = _llama(standins)
+    assert torch.equal(tensors[f"{PREFIX}model.layers.1.self_attn.q_proj.weight"],
+                       load_output(ft)["model.layers.1.self_attn.q_proj.weight"])
+    assert not any("q_proj.lora" in k for k in tensors)
+    assert "q_proj" in config["modules_to_save"] and "q_proj" not in config["target_modules"]
+
+
+def test_include_and_exclude_regexes_choose_the_factored_modules(standins: dict, tmp_path: Path) -> None:
+    tensors, config = _extract(standins, tmp_path / "a", max_rank=4, include=(r"mlp",), exclude=(r"layers\.0\.",))
+    assert set(_modules(tensors)) == {f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    # embeddings go to modules_to_save unless excluded (as in mergekit); norms follow the regexes
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert sorted(config["target_modules"]) == sorted(_modules(tensors))  # full names: layer 0 is left out
+
+
+def test_skip_undecomposable_leaves_norms_out(standins: dict, tmp_path: Path) -> None:
+    tensors, config = _extract(standins, tmp_path / "a", max_rank=4, skip_undecomposable=True)
+    assert not any("norm" in k for k in tensors)
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    kept, _ = _extract(standins, tmp_path / "b", max_rank=4)
+    assert f"{PREFIX}model.layers.0.input_layernorm.weight" in kept and "input_layernorm" in _config(tmp_path / "b")
+
+
+def _config(out: Path) -> list[str]:
+    return json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+
+
+def test_sv_epsilon_drops_small_singular_values_and_writes_the_rank_pattern(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    epsilon = 0.004
+    tensors, config = _extract(standins, tmp_path / "a", max_rank=16, sv_epsilon=epsilon)
+    ranks = {m: a.shape[0] for m, (a, _, _) in _modules(tensors).items()}
+    for module, rank in ranks.items():
+        s = torch.linalg.svdvals(_delta(ft, base, module).float())
+        assert rank == min(16, int((s > epsilon).sum())), module
+    assert len(set(ranks.values())) > 1
+    assert config["r"] == max(ranks.values())
+    assert config["rank_pattern"] == {m: r for m, r in ranks.items() if r != config["r"]}
+    assert config["alpha_pattern"] == config["rank_pattern"]
+
+
+def test_embed_lora_factors_the_embeddings_transposed(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    tensors, config = _extract(standins, tmp_path / "a", max_rank=4, embed_lora=True)
+    a, b = tensors[f"{PREFIX}model.embed_tokens.lora_embedding_A"], tensors[f"{PREFIX}model.embed_tokens.lora_embedding_B"]
+    vocab, dim = load_output(ft)["model.embed_tokens.weight"].shape
+    assert a.shape == (4, vocab) and b.shape == (dim, 4)  # ΔW ≈ (B·A)ᵀ
+    s = torch.linalg.svdvals(_delta(ft, base, "model.embed_tokens"))
+    error = ((b.double() @ a.double()).T - _delta(ft, base, "model.embed_tokens")).norm()
+    assert abs(error - s[4:].square().sum().sqrt()) < 1e-5
+    assert f"{PREFIX}lm_head.lora_A.weight" in tensors
+    assert {"embed_tokens", "lm_head"} <= set(config["target_modules"])
+    assert not {"embed_tokens", "lm_head"} & set(config["modules_to_save"])
+
+
+def test_distribute_scale_splits_the_singular_values_between_the_factors(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    module = "model.layers.0.mlp.down_proj"
+    s = torch.linalg.svdvals(_delta(ft, base, module).float())[:4]
+    split, _ = _extract(standins, tmp_path / "a", max_rank=4)
+    whole, _ = _extract(standins, tmp_path / "b", max_rank=4, distribute_scale=False)
+    a, b, _ = _modules(split)[module]
+    assert torch.allclose(a.norm(dim=1), s.sqrt(), rtol=1e-4) and torch.allclose(b.norm(dim=0), s.sqrt(), rtol=1e-4)
+    a, b, _ = _modules(whole)[module]
+    assert torch.allclose(a.norm(dim=1), s, rtol=1e-4) and torch.allclose(b.norm(dim=0), torch.ones(4), rtol=1e-4)
+
+
+def test_a_shape_mismatch_is_one_line_naming_the_tensor(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1].contiguous()
+    save_file(tensors, other / "model.safetensors")
+    output = _run(extract_main, "--model", ft, "--base-model", other, "--out-path", tmp_path / "a", code=1)
+    assert output.count("\n") == 1 and output.startswith("error: tensor 'model.layers.1.mlp.up_proj.weight'")
+    assert not (tmp_path / "a").exists() and not (tmp_path / ".a.streammerge-partial").exists()
+
+
+def test_a_missing_model_is_one_line(standins: dict, tmp_path: Path) -> None:
+    base, _ = _llama(standins)
+    output = _run(extract_main, "--model", tmp_path / "nope", "--base-model", base, "--out-path", tmp_path / "a", code=1)
+    assert output == f"error: {tmp_path / 'nope'}: model directory not found\n"
+
+
+def test_the_console_script_takes_mergekits_merge_options(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    output = _run(extract_main, "--model", ft, "--base-model", base, "--out-path", tmp_path / "a", "--max-rank", "2",
+                  "--lazy-unpickle", "--no-cuda", "--device", "cpu")
+    assert "--lazy-unpickle: no effect" in output
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 2
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from crash_child import kill_after
+import streammerge.lora.extraction as run
+kill_after(run, "_write_whole", {n})
+run.extract_lora({ft!r}, {base!r}, {out!r}, run.ExtractOptions(max_rank=4), quiet=True)
+sys.exit(3)
+"""
+
+
+def test_a_killed_extraction_resumes_to_the_same_bytes(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    extract_lora(ft, base, tmp_path / "whole", ExtractOptions(max_rank=4), quiet=True)
+    out = tmp_path / "out"
+    code = _CHILD.format(tests=str(Path(__file__).parent), n=5, ft=str(ft), base=str(base), out=str(out))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr
+    assert not out.exists()
+    result = extract_lora(ft, base, out, ExtractOptions(max_rank=4), quiet=True)
+    assert result.resumed == 5 and "resumed: 5 of 14 modules were already factored" in result.notes
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert not (tmp_path / ".out.streammerge-partial").exists()
+
+
+def test_other_options_refuse_to_resume_and_restart_discards(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    out = tmp_path / "out"
+    code = _CHILD.format(tests=str(Path(__file__).parent), n=2, ft=str(ft), base=str(base), out=str(out))
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == -9
+    args = ["--model", ft, "--base-model", base, "--out-path", out, "--max-rank", "3"]
+    output = _run(extract_main, *args, code=1)
+    assert "holds a partial extraction with other inputs, options" in output and "--restart" in output
+    _run(extract_main, *args, "--restart", "-q")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+
+
+
+def test_bias_differences_are_written_as_mergekit_does_and_folded(standins: dict, tmp_path: Path) -> None:
+    """Qwen2's q/k/v biases: their differences are lora_B.bias, as mergekit writes them (without
+    PEFT's lora_bias, so PEFT ignores them), and streammerge's fold adds them."""
+    base, ft = standins["qwen2_epsilon_filters"]
+    result = extract_lora(ft, base, tmp_path / "a", ExtractOptions(max_rank=4), quiet=True)
+    assert "lora_bias" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert any("lora_B.bias" in note and "PEFT ignores them" in note for note in result.notes)
+    streammerge.merge({"merge_method": "passthrough", "models": [{"model": f"{base}+{tmp_path / 'a'}"}]},
+                      tmp_path / "out", quiet=True)
+    got, want = load_output(tmp_path / "out"), load_output(ft)
+    biases = [n for n in want if n.endswith("_proj.bias")]
+    assert len(biases) == 6
+    for name in biases:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
