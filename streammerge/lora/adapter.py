@@ -118,7 +118,7 @@ class LoraAdapter:
             if m is None:
                 if "lora_" in name:
                     raise CheckpointError(f"{self.path / WEIGHTS}: tensor {key!r} is not a LoRA factor streammerge knows "
-                                          "(DoRA magnitudes, LoRA biases and other variants are not supported)")
+                                          "(DoRA magnitudes and other variants are not supported)")
                 replaced[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = key
                 continue
             factors.setdefault(m["module"], {})[m["linear"] or f"embedding {m['embedding']}"] = key

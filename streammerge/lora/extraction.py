@@ -109,16 +109,16 @@ class _Run:
         self.plan: Extraction = plan_extraction(ft.tensors, options, embed_lora)
         self.factored = [t for t in self.plan.tasks if t.kind != "save"]
         if not self.factored:
-            raise PlanError("no module is left to factor: the regexes (-i/-e) and --save-module leave out every "
-                            "matrix of the model; relax them")
+            raise PlanError("no module is left to factor: the regexes (-i/-e) and --save-module leave "
+                            "out every matrix of the model; relax them")
         for t in self.factored:
             self._check_base(t)
         if self.plan.skipped:
             self.notes.append(f"{len(self.plan.skipped)} undecomposable module(s) skipped "
                               f"(--skip-undecomposable), e.g. {self.plan.skipped[0]}")
         if self.plan.ignored:
-            self.notes.append(f"{len(self.plan.ignored)} tensor(s) that are no module's weight or bias left out, "
-                              f"e.g. {self.plan.ignored[0]}")
+            self.notes.append(f"{len(self.plan.ignored)} tensor(s) that are no module's weight or bias "
+                              f"left out, e.g. {self.plan.ignored[0]}")
 
     def _check_base(self, task: ModuleTask) -> None:
         for name in task.tensors:
@@ -127,9 +127,10 @@ class _Run:
                 raise CheckpointError(f"{self.base.path}: has no tensor {name!r}, which {self.ft.path} has: "
                                       "--base-model must be the model the fine-tune was trained from")
             if tuple(have.shape) != tuple(want.shape):
-                raise CheckpointError(f"tensor {name!r} is {list(want.shape)} in {self.ft.path} but {list(have.shape)} "
-                                      f"in {self.base.path}: --base-model must be the model the fine-tune was "
-                                      "trained from (the same architecture and sizes)")
+                raise CheckpointError(f"tensor {name!r} is {list(want.shape)} in {self.ft.path} but "
+                                      f"{list(have.shape)} in {self.base.path}: --base-model must be the "
+                                      "model the fine-tune was trained from (the same architecture and "
+                                      "sizes)")
 
     def identity(self) -> dict:
         """What must not change for a partial extraction to be resumed."""
@@ -146,8 +147,9 @@ class _Run:
             self._claim(staged)
             ranks, errors, resumed = self._factor_all(staged, quiet)
             if not any(ranks.values()):
-                raise PlanError(f"every module's singular values are at most --sv-epsilon {self.options.sv_epsilon}: "
-                                "the fine-tune differs too little from its base for an adapter; lower it")
+                raise PlanError(f"every module's singular values are at most --sv-epsilon "
+                                f"{self.options.sv_epsilon}: the fine-tune differs too little from its base "
+                                "for an adapter; lower it")
             zero = [m for m, r in ranks.items() if r == 0]
             if zero:
                 self.notes.append(f"{len(zero)} module(s) left out: no singular value above --sv-epsilon "
@@ -158,8 +160,8 @@ class _Run:
             shutil.rmtree(staged.path(PARTS))
             staged.remove(IDENTITY)  # a staging directory without an identity is never resumed
         except OSError as e:
-            raise OutputError(f"{e.filename or staged.staging}: cannot write ({e.strerror}); the partial output is "
-                              f"kept in {staged.staging}: the same command resumes it") from None
+            raise OutputError(f"{e.filename or staged.staging}: cannot write ({e.strerror}); the partial "
+                              f"output is kept in {staged.staging}: the same command resumes it") from None
         finally:
             os.close(lock)
         staged.commit()
@@ -178,8 +180,9 @@ class _Run:
             except json.JSONDecodeError:
                 old = None  # cut short by a kill before any part was written
             if old is not None and old != ident:
-                raise OutputError(f"{staged.staging}: holds a partial extraction with other inputs, options or "
-                                  "streammerge version; run with --restart to discard it, or give another --out-path")
+                raise OutputError(f"{staged.staging}: holds a partial extraction with other inputs, options "
+                                  "or streammerge version; run with --restart to discard it, or give another "
+                                  "--out-path")
             if old is not None:
                 return
         shutil.rmtree(staged.path(PARTS), ignore_errors=True)  # parts without an identity are not trusted
@@ -210,6 +213,9 @@ class _Run:
         delta -= self.base.read(task.weight).to(torch.float32)
         self.ft.release(task.weight)
         self.base.release(task.weight)
+        if not bool(delta.sum().isfinite()) and not bool(torch.isfinite(delta).all()):
+            raise CheckpointError(f"tensor {task.weight!r} holds NaN or Inf in {self.ft.path} or "
+                                  f"{self.base.path}: its difference cannot be factored; fix the input")
         dtype = torch.promote_types(self.ft.tensors[task.weight].dtype, self.base.tensors[task.weight].dtype)
         embedding = task.kind == "embedding"
         f = factor((delta.T if embedding else delta).to(self.device), self.options.max_rank,
@@ -232,7 +238,8 @@ class _Run:
         """Write adapter_model.safetensors from the parts and the whole tensors; whether it holds
         bias differences."""
         layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        sources: dict[str, tuple[Path | None, str]] = {}  # output name -> (part, or None: the fine-tune; tensor)
+        # output name -> (its part file, or None for the fine-tune; the tensor's name there)
+        sources: dict[str, tuple[Path | None, str]] = {}
         for task in self.plan.tasks:
             if task.kind == "save":
                 for name in task.tensors:
@@ -302,18 +309,20 @@ class _Run:
             "alpha_pattern": different, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
         }
         if biases:  # as mergekit writes them: PEFT's lora_bias would make merge_and_unload fail
-            self.notes.append("bias differences are written as lora_B.bias, as mergekit does, without PEFT's "
-                              "lora_bias (under which merge_and_unload fails on modules without a bias): PEFT "
-                              "ignores them; streammerge's fold (model: BASE+ADAPTER) adds them")
+            self.notes.append("bias differences are written as lora_B.bias, as mergekit does, without "
+                              "PEFT's lora_bias (under which merge_and_unload fails on modules without a "
+                              "bias): PEFT ignores them; streammerge's fold (model: BASE+ADAPTER) adds them")
         return config
 
     def _card(self, ranks: dict[str, int]) -> str:
         from streammerge import __version__
 
-        return (f"---\nbase_model: {json.dumps(self.base_ref)}\nlibrary_name: peft\ntags: [lora, streammerge]\n---\n\n"
+        return (f"---\nbase_model: {json.dumps(self.base_ref)}\nlibrary_name: peft\n"
+                "tags: [lora, streammerge]\n---\n\n"
                 f"# LoRA extracted from {self.ft.path.name}\n\n"
-                f"Extracted with streammerge {__version__} `extract-lora` (mergekit-extract-lora's method): the "
-                f"truncated SVD of each module's difference between `{self.ft.path}` and `{self.base.path}`, "
+                f"Extracted with streammerge {__version__} `extract-lora` (mergekit-extract-lora's method): "
+                f"the truncated SVD of each module's difference between `{self.ft.path}` and "
+                f"`{self.base.path}`, "
                 f"rank at most {self.options.max_rank} (r = {max(ranks.values())}); "
                 f"{len(self.plan.modules_to_save)} module name(s) saved whole: "
                 f"{', '.join(self.plan.modules_to_save) or 'none'}.\n")
@@ -326,7 +335,8 @@ def _lock(staging: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it to finish") from None
+        raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it "
+                          "to finish") from None
     return fd
 
 
@@ -335,7 +345,8 @@ def _write_whole(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     header, offsets = build_header([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)  # a killed run's: rewritten from the start
-    writer = ShardWriter(tmp, header, len(header) + sum(v.numel() * v.element_size() for v in tensors.values()))
+    size = len(header) + sum(v.numel() * v.element_size() for v in tensors.values())
+    writer = ShardWriter(tmp, header, size)
     try:
         for key, tensor in tensors.items():
             writer.write(offsets[key], tensor)
