@@ -2,8 +2,10 @@
 
 Takes mergekit-extract-lora 0.1.5's options under their own spelling and defaults (``--max-rank``
 128, ``--distribute-scale``, ``--no-embed-lora``, ``--sv-epsilon`` 0) and its merge options
-(``--cuda``, ``--lazy-unpickle``, ...): ``--device`` / ``--cuda`` choose where the SVDs run; the
-others change nothing here and get a note saying so.
+(``--cuda``, ``--lazy-unpickle``, ...): ``--device`` / ``--cuda`` choose where the SVDs run and
+``--transformers-cache`` where Hub models are cached; the others change nothing here and get a
+note saying so. Models are named as in a plan: a directory, ``org/name[@revision]`` on the Hub,
+or ``MODEL+ADAPTER``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from streammerge.lora.extract import ExtractOptions
 from streammerge.lora.extraction import ExtractResult, extract_lora
 
 _OPTIONS = [
-    click.option("--model", required=True, help="The fine-tuned model directory."),
+    click.option("--model", required=True,
+                 help="The fine-tuned model: a directory, org/name[@revision] or MODEL+ADAPTER."),
     click.option("--base-model", required=True, help="The model it was fine-tuned from."),
     click.option("--out-path", required=True, type=click.Path(file_okay=False),
                  help="Where the PEFT adapter directory is written."),
@@ -49,7 +52,7 @@ _OPTIONS = [
     *mergekit_cli.OPTIONS,
 ]
 # mergekit's options that decide something for an extraction; the others get a note
-_USED = {"device", "cuda", "gpu_rich", "safe_serialization"}
+_USED = {"device", "cuda", "gpu_rich", "safe_serialization", "transformers_cache"}
 
 
 def _report(result: ExtractResult, quiet: bool) -> None:
@@ -79,13 +82,14 @@ def extract_lora_command(model: str, base_model: str, out_path: str, max_rank: i
     options = ExtractOptions(max_rank, distribute_scale, embed_lora, tuple(save_modules), tuple(exclude),
                              tuple(include), sv_epsilon, skip_undecomposable)
     try:
-        device = mergekit_cli.translate(given, {}).overrides.get("device", "cpu")
+        overrides = mergekit_cli.translate(given, {}).overrides
         unused = sorted(k for k, v in given.items() if k not in _USED and v not in (None, False, 0))
         if unused and not quiet:
             flags = ", ".join("--" + k.replace("_", "-") for k in unused)
             click.echo(f"note: {flags}: no effect on a LoRA extraction", err=True)
         result = extract_lora(model, base_model, out_path, options, overwrite=overwrite, restart=restart,
-                              quiet=quiet, device=device)
+                              quiet=quiet, device=overrides.get("device", "cpu"),
+                              cache_dir=overrides.get("cache_dir"))
     except StreamMergeError as e:
         fail(e)
     _report(result, quiet)

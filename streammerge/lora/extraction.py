@@ -1,6 +1,8 @@
 """Run a LoRA extraction out of core: one module's difference in memory at a time, resumable.
 
-Each factored module is read from both models (``Checkpoint``: one tensor by positioned reads),
+Each factored module is read from both models, opened as a merge opens its inputs (a directory,
+``org/name[@revision]`` on the Hub, or ``model+adapter`` with the adapter folded in as it is read;
+``Checkpoint``: one tensor by positioned reads),
 its difference factored (``streammerge.lora.extract``) and its factors written to
 ``parts/<module>.safetensors`` in the staging directory beside the output (``StagedOutput``):
 written whole, fsynced, then renamed into place, so a part that exists is complete and a killed
@@ -30,15 +32,19 @@ from tqdm import tqdm
 
 from streammerge.device import resolve_device
 from streammerge.errors import CheckpointError, OutputError, PlanError
+from streammerge.io.hub import is_hub_reference
 from streammerge.io.reader import Checkpoint, ShardReader
 from streammerge.io.safetensors_format import build_header
 from streammerge.io.writer import ShardWriter, StagedOutput, fsync_dir
 from streammerge.lora.adapter import CONFIG, WEIGHTS
 from streammerge.lora.extract import ExtractOptions, Extraction, ModuleTask, factor, plan_extraction
 from streammerge.lora.output import PREFIX, peft_factors
+from streammerge.lora.overlay import AdaptedCheckpoint, open_checkpoints
+from streammerge.lora.reference import split_reference
 from streammerge.plan.architecture import is_pre_layer, is_vocab_tensor
 
 IDENTITY = "extract-lora.json"
+Input = Checkpoint | AdaptedCheckpoint
 PARTS = "parts"
 _COPY_BYTES = 64 << 20  # rows of a whole tensor copied to the output at a time
 
@@ -57,26 +63,34 @@ class ExtractResult:
 
 def extract_lora(model: str | Path, base_model: str | Path, out_path: str | Path,
                  options: ExtractOptions = ExtractOptions(), *, overwrite: bool = False,
-                 restart: bool = False, quiet: bool = False, device: str = "cpu") -> ExtractResult:
+                 restart: bool = False, quiet: bool = False, device: str = "cpu",
+                 cache_dir: str | None = None) -> ExtractResult:
     """Factor ``model`` − ``base_model`` into a PEFT LoRA adapter written to ``out_path``, as
     mergekit-extract-lora does (see ``streammerge.lora.extract``). A killed or failed run leaves
-    its progress beside ``out_path``; the same call resumes it, ``restart`` discards it."""
+    its progress beside ``out_path``; the same call resumes it, ``restart`` discards it.
+    ``cache_dir``: where models named ``org/name[@revision]`` are fetched from the Hub."""
     if options.max_rank < 1:
         raise PlanError(f"--max-rank {options.max_rank}: the rank must be at least 1")
     started = time.perf_counter()
     destination = Path(out_path).expanduser().absolute()
-    ft = Checkpoint(model)
-    try:
-        base = Checkpoint(base_model)
-    except BaseException:
-        ft.close()
-        raise
+    refs = [_resolve("--model", str(model), cache_dir), _resolve("--base-model", str(base_model), cache_dir)]
+    ft, base = open_checkpoints(refs)
     try:
         run = _Run(ft, base, str(base_model), destination, options, resolve_device(device).torch)
         return run.execute(overwrite, restart, quiet, started)
     finally:
         ft.close()
-        base.close()
+        base.close()  # a base shared with ``ft`` (``--model BASE+ADAPTER``) closes once
+
+
+def _resolve(flag: str, ref: str, cache_dir: str | None) -> str:
+    """A model reference as a plan takes it, as local directories (``dir`` or ``dir+adapter``)."""
+    from streammerge.plan.load import resolve_model  # the plan package imports the lora package
+
+    if split_reference(ref)[1] is None and not Path(ref).expanduser().is_dir() and not is_hub_reference(ref):
+        raise CheckpointError(f"{flag} {ref}: model directory not found (give a directory, org/name[@revision] "
+                              "on the Hugging Face Hub, or MODEL+ADAPTER)")
+    return resolve_model(ref, cache_dir)
 
 
 def _check_output_place(destination: Path, inputs: list[Path]) -> None:
@@ -93,7 +107,7 @@ def _vocab_rows(tensors: dict) -> int | None:
 
 
 class _Run:
-    def __init__(self, ft: Checkpoint, base: Checkpoint, base_ref: str, destination: Path,
+    def __init__(self, ft: Input, base: Input, base_ref: str, destination: Path,
                  options: ExtractOptions, device: torch.device):
         self.ft, self.base, self.base_ref = ft, base, base_ref
         self.destination, self.options, self.device = destination, options, device
@@ -137,7 +151,7 @@ class _Run:
         from streammerge import __version__
 
         ident = {"streammerge": __version__, "options": asdict(self.options), "device": self.device.type,
-                 "inputs": {str(c.path): c.fingerprint() for c in (self.ft, self.base)}}
+                 "inputs": [[str(c.path), c.fingerprint()] for c in (self.ft, self.base)]}
         return json.loads(json.dumps(ident))  # tuples as lists, as read back from the file
 
     def execute(self, overwrite: bool, restart: bool, quiet: bool, started: float) -> ExtractResult:
