@@ -6,10 +6,12 @@ adapters for tiny Llama, Mistral and Qwen2 stand-ins (tests/extract_lora_cases.p
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -275,6 +277,9 @@ def test_the_console_script_takes_mergekits_merge_options(standins: dict, tmp_pa
                   "--lazy-unpickle", "--no-cuda", "--device", "cpu")
     assert "--lazy-unpickle: no effect" in output
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 2
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["streammerge-extract-lora"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is extract_main
 
 
 _CHILD = """
