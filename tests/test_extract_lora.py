@@ -380,3 +380,33 @@ def test_the_model_may_be_an_adapted_model(standins: dict, tmp_path: Path) -> No
     for module, (a, b, _) in first.items():
         a2, b2, _ = second[module]
         assert (b2 @ a2 - b @ a).abs().max() < 1e-6, module  # rank 4 in, rank 4 out (the rest is rounding)
+
+
+def test_modules_without_a_singular_value_above_epsilon_are_left_out(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    same = tmp_path / "same_q"  # the fine-tune with layer 0's q_proj back at the base's values
+    shutil.copytree(ft, same)
+    tensors = load_file(same / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = load_output(base)["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, same / "model.safetensors")
+    result = extract_lora(same, base, tmp_path / "a", ExtractOptions(max_rank=4, sv_epsilon=1e-6), quiet=True)
+    assert "model.layers.0.self_attn.q_proj" not in _modules(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    assert any("1 module(s) left out" in note for note in result.notes)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert "model.layers.1.self_attn.q_proj" in config["target_modules"] and "q_proj" not in config["target_modules"]
+    output = _run(extract_main, "--model", same, "--base-model", base, "--out-path", tmp_path / "b",
+                  "--sv-epsilon", "10", "-q", code=1)
+    assert output.count("\n") == 1 and "at most --sv-epsilon 10.0" in output
+    assert not (tmp_path / ".b.streammerge-partial").exists()
+
+
+def test_a_nonfinite_difference_is_one_line_naming_the_tensor(standins: dict, tmp_path: Path) -> None:
+    base, ft = _llama(standins)
+    bad = tmp_path / "nan_ft"
+    shutil.copytree(ft, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, bad / "model.safetensors")
+    output = _run(extract_main, "--model", bad, "--base-model", base, "--out-path", tmp_path / "a", "-q", code=1)
+    assert output.count("\n") == 1
+    assert output.startswith("error: tensor 'model.layers.1.mlp.down_proj.weight' holds NaN or Inf")

@@ -161,6 +161,7 @@ class _Run:
             self._claim(staged)
             ranks, errors, resumed = self._factor_all(staged, quiet)
             if not any(ranks.values()):
+                shutil.rmtree(staged.staging)  # a rerun with these options ends here again: nothing to keep
                 raise PlanError(f"every module's singular values are at most --sv-epsilon "
                                 f"{self.options.sv_epsilon}: the fine-tune differs too little from its base "
                                 "for an adapter; lower it")
