@@ -1,6 +1,7 @@
 """The extract-lora golden cases, shared by scripts/make_extract_lora_goldens.py and
 tests/test_extract_lora.py: tiny Llama, Mistral and Qwen2 stand-ins (float32, two layers, in
-their Hugging Face layout, from family_builder) and mergekit-extract-lora's options for each.
+their Hugging Face layout, from family_builder; ``-tied``: with tied embeddings, no lm_head
+tensor) and mergekit-extract-lora's options for each.
 
 A fine-tune's update is a rank-3 part plus small full-rank noise, so a rank-4 extraction keeps
 most of it and truncation still drops something in every module.
@@ -25,6 +26,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     # appends to): embeddings and norms must be factored or skipped
     "qwen2_epsilon_filters": ("qwen2", ["--max-rank", "8", "--sv-epsilon", "0.004", "-e", r"layers\.1\.mlp",
                                         "--save-module", "o_proj", "--skip-undecomposable", "--embed-lora"]),
+    # mergekit reads a tied model's head as its embedding and writes it too
+    "qwen2_tied": ("qwen2-tied", ["--max-rank", "4"]),
+    "llama_tied_embed_lora": ("llama-tied", ["--max-rank", "4", "--embed-lora"]),
 }
 
 
@@ -42,9 +46,13 @@ def fine_tuned(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
     return out
 
 
-def build(root: Path, family: str, dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
-    """``root/base`` and ``root/ft`` of one family; returns (base, ft)."""
+def build(root: Path, stand_in: str, dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+    """``root/base`` and ``root/ft`` of one family (``family`` or ``family-tied``); returns (base, ft)."""
+    family, _, variant = stand_in.partition("-")
     shapes, config = layout(family, LAYERS)
+    if variant == "tied":
+        shapes.pop("lm_head.weight")
+        config["tie_word_embeddings"] = True
     base = random_tensors(shapes, family_seed(family))
     ft = fine_tuned(base, family_seed(family) + 7)
     return (write_standin(root / "base", family, base, config, dtype),

@@ -162,16 +162,26 @@ def test_peft_loads_the_adapter_and_merges_it_as_streammerge_folds_it(case: str,
         if "lora_" in key and not key.endswith(".bias"):
             peft_key = key.replace(".weight", ".default.weight") if key.endswith(".weight") else f"{key}.default"
             assert torch.equal(loaded[peft_key], factor), key
+    ids = torch.tensor([[1, 7, 3, 30, 12, 5]])
+    with torch.no_grad():
+        logits = with_adapter(ids).logits
     merged = {k: v.detach() for k, v in with_adapter.merge_and_unload().state_dict().items()}
     streammerge.merge({"merge_method": "passthrough", "models": [{"model": f"{base}+{extracted[case]}"}]},
                       tmp_path / "out", quiet=True)
     folded = load_output(tmp_path / "out")
     # PEFT adds lora_B.bias only under its lora_bias, which mergekit (and streammerge) leave unset
+    tied = "lm_head.weight" not in folded
     for name, tensor in folded.items():
+        if tied and name == "model.embed_tokens.weight" and f"{PREFIX}lm_head.lora_A.weight" in adapter:
+            continue  # merge_and_unload adds the head's and the embedding's update to the one tied matrix
         if f"{PREFIX}{name[:-len('.bias')]}.lora_B.bias" not in adapter:
             assert torch.allclose(merged[name], tensor, atol=1e-6), name
         else:
             assert torch.equal(merged[name], load_output(base)[name]), name
+    if "lora_B.bias" not in str(list(adapter)):  # the output head too (a tied one included)
+        folded_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+        with torch.no_grad():
+            assert torch.allclose(folded_model(ids).logits, logits, atol=1e-5)
 
 
 def _llama(standins: dict) -> tuple[Path, Path]:

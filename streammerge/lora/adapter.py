@@ -187,8 +187,27 @@ class LoraAdapter:
         e = self._reader.entries[self.replaced[name]]
         return TensorInfo(e.dtype, e.shape)
 
+    def _same_as_partner(self, name: str, tensors: dict[str, TensorInfo]) -> bool:
+        """Whether ``name`` is an output head the base omits because it is tied to its embedding,
+        updated as the adapter updates that embedding (mergekit-extract-lora writes the head of a
+        tied model too: whole, equal to the embedding, or factored from the same difference)."""
+        from streammerge.plan.architecture import tied_partner  # the plan package imports this one
+
+        partner = tied_partner(name, tensors) if name not in tensors else None
+        if partner is None:
+            return False
+        if name in self.replaced:
+            return partner in self.replaced and \
+                self._reader.sha256(self.replaced[name]) == self._reader.sha256(self.replaced[partner])
+        return partner in self.modules and self.modules[partner].embedding
+
     def check_base(self, tensors: dict[str, TensorInfo], base: Path) -> None:
-        """Every target module and replaced tensor exists in the base with this adapter's shape."""
+        """Every target module and replaced tensor exists in the base with this adapter's shape.
+        A tied head the base omits, updated as its embedding is, is dropped: the base stores one
+        matrix for both, which the embedding's update changes."""
+        for name in [n for n in [*self.modules, *self.replaced] if self._same_as_partner(n, tensors)]:
+            self.modules.pop(name, None)
+            self.replaced.pop(name, None)
         for target in self.modules:
             if target not in tensors:
                 raise CheckpointError(f"{self.path}: adapts module {self.modules[target].module!r}, but {base} has no tensor "

@@ -41,7 +41,7 @@ from streammerge.lora.extract import ExtractOptions, Extraction, ModuleTask, fac
 from streammerge.lora.output import PREFIX, peft_factors
 from streammerge.lora.overlay import AdaptedCheckpoint, open_checkpoints
 from streammerge.lora.reference import split_reference
-from streammerge.plan.architecture import is_pre_layer, is_vocab_tensor
+from streammerge.plan.architecture import TIED_HEADS, is_pre_layer, is_vocab_tensor, tied_partner
 
 IDENTITY = "extract-lora.json"
 Input = Checkpoint | AdaptedCheckpoint
@@ -106,10 +106,32 @@ def _vocab_rows(tensors: dict) -> int | None:
     return None if name is None else tensors[name].shape[0]
 
 
+class _TiedHead:
+    """A checkpoint whose omitted tied output head reads as the embedding it is tied to, as
+    mergekit reads it (its architectures' ``tied_names``): the head is saved or factored too, so
+    PEFT, which gives a model's tied head no update of the embedding's, gets it explicitly."""
+
+    def __init__(self, checkpoint: Input, alias: dict[str, str]):
+        self._checkpoint, self._alias = checkpoint, alias
+        self.path = checkpoint.path
+        self.tensors = {**checkpoint.tensors, **{h: checkpoint.tensors[e] for h, e in alias.items()}}
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        return self._checkpoint.read(self._alias.get(name, name), rows)
+
+    def release(self, name: str) -> None:
+        self._checkpoint.release(self._alias.get(name, name))
+
+    def fingerprint(self) -> dict[str, tuple[int, str]]:
+        return self._checkpoint.fingerprint()
+
+
 class _Run:
     def __init__(self, ft: Input, base: Input, base_ref: str, destination: Path,
                  options: ExtractOptions, device: torch.device):
-        self.ft, self.base, self.base_ref = ft, base, base_ref
+        alias = {h: e for h in TIED_HEADS if h not in ft.tensors and h not in base.tensors
+                 and (e := tied_partner(h, ft.tensors)) is not None and e in base.tensors}
+        self.ft, self.base, self.base_ref = _TiedHead(ft, alias), _TiedHead(base, alias), base_ref
         self.destination, self.options, self.device = destination, options, device
         _check_output_place(destination, [ft.path, base.path])
         self.notes: list[str] = []
@@ -120,7 +142,7 @@ class _Run:
                               f"{base.path}): embeddings are saved whole (modules_to_save), not as LoRA")
             embed_lora = False
         self.embed_lora = embed_lora
-        self.plan: Extraction = plan_extraction(ft.tensors, options, embed_lora)
+        self.plan: Extraction = plan_extraction(self.ft.tensors, options, embed_lora)
         self.factored = [t for t in self.plan.tasks if t.kind != "save"]
         if not self.factored:
             raise PlanError("no module is left to factor: the regexes (-i/-e) and --save-module leave "
