@@ -420,3 +420,20 @@ def test_a_nonfinite_difference_is_one_line_naming_the_tensor(standins: dict, tm
     output = _run(extract_main, "--model", bad, "--base-model", base, "--out-path", tmp_path / "a", "-q", code=1)
     assert output.count("\n") == 1
     assert output.startswith("error: tensor 'model.layers.1.mlp.down_proj.weight' holds NaN or Inf")
+
+
+def test_compute_dtype_auto_takes_the_difference_as_mergekit_does(tmp_path: Path) -> None:
+    """bf16 inputs: mergekit subtracts in bf16; --compute-dtype float32 takes the exact difference."""
+    base, ft = build(tmp_path / "bf16", "llama", torch.bfloat16)
+    name, module = "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj"
+    w, w0 = load_output(ft)[name], load_output(base)[name]
+    for dtype, delta in (("auto", (w - w0).float()), ("float32", w.float() - w0.float())):
+        extract_lora(ft, base, tmp_path / dtype, ExtractOptions(max_rank=4, compute_dtype=dtype), quiet=True)
+        a, b, _ = _modules(load_file(tmp_path / dtype / "adapter_model.safetensors"))[module]
+        want = factor(delta, 4)
+        assert a.dtype == torch.bfloat16
+        sign = torch.sign((a.float() * want.a).sum(dim=1))
+        assert torch.equal(a, (want.a * sign[:, None]).bfloat16()), dtype
+        assert torch.equal(b, (want.b * sign[None, :]).bfloat16()), dtype
+    assert not torch.equal(load_file(tmp_path / "auto" / "adapter_model.safetensors")[f"{PREFIX}{module}.lora_A.weight"],
+                           load_file(tmp_path / "float32" / "adapter_model.safetensors")[f"{PREFIX}{module}.lora_A.weight"])

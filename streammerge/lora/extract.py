@@ -44,6 +44,7 @@ class ExtractOptions:
     include: tuple[str, ...] = ()
     sv_epsilon: float = 0.0
     skip_undecomposable: bool = False
+    compute_dtype: Literal["auto", "float32"] = "auto"  # ΔW in the inputs' dtype (mergekit), or exact
 
 
 Kind = Literal["lora", "embedding", "save"]

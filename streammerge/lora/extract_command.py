@@ -44,6 +44,9 @@ _OPTIONS = [
                  help="Drop singular values at or below this."),
     click.option("--skip-undecomposable", is_flag=True,
                  help="Leave out modules that are not matrices (norms) instead of saving them whole."),
+    click.option("--compute-dtype", type=click.Choice(["auto", "float32"]), default="auto", show_default=True,
+                 help="auto: take FT − BASE in the models' dtype, as mergekit does (bf16 models: the "
+                      "difference rounded to bf16); float32: the exact difference."),
     click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
     click.option("--restart", is_flag=True,
                  help="Discard the partial output of an earlier, interrupted run instead of resuming it."),
@@ -72,7 +75,7 @@ def _report(result: ExtractResult, quiet: bool) -> None:
 def extract_lora_command(model: str, base_model: str, out_path: str, max_rank: int, distribute_scale: bool,
                          embed_lora: bool, save_modules: tuple[str, ...], exclude: tuple[str, ...],
                          include: tuple[str, ...], sv_epsilon: float, skip_undecomposable: bool,
-                         overwrite: bool, restart: bool, quiet: bool, **given: Any) -> None:
+                         compute_dtype: str, overwrite: bool, restart: bool, quiet: bool, **given: Any) -> None:
     """Extract a LoRA adapter from a fine-tune: per module, the truncated SVD of (MODEL − BASE).
 
     As mergekit-extract-lora (0.1.5's options and defaults), one module in memory at a time; a
@@ -80,7 +83,7 @@ def extract_lora_command(model: str, base_model: str, out_path: str, max_rank: i
     adapter_model.safetensors, adapter_config.json (rank_pattern where ranks differ), README.md.
     """
     options = ExtractOptions(max_rank, distribute_scale, embed_lora, tuple(save_modules), tuple(exclude),
-                             tuple(include), sv_epsilon, skip_undecomposable)
+                             tuple(include), sv_epsilon, skip_undecomposable, compute_dtype)
     try:
         overrides = mergekit_cli.translate(given, {}).overrides
         unused = sorted(k for k, v in given.items() if k not in _USED and v not in (None, False, 0))

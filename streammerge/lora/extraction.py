@@ -244,10 +244,19 @@ class _Run:
                 bar.update()
         return ranks, errors, resumed
 
+    def _difference(self, name: str) -> torch.Tensor:
+        """FT − BASE of one tensor in float32: with compute_dtype ``auto`` taken in the inputs'
+        dtype first, as mergekit takes it (bf16 inputs: ΔW rounded to bf16), else exactly."""
+        ft, base = self.ft.read(name), self.base.read(name)
+        if self.options.compute_dtype == "auto":
+            return (ft - base).to(torch.float32)
+        delta = ft.to(torch.float32)
+        delta -= base.to(torch.float32)
+        return delta
+
     def _factor_module(self, task: ModuleTask, part: Path) -> None:
         """Factor one module and write its part: PEFT-named factors (and bias difference)."""
-        delta = self.ft.read(task.weight).to(torch.float32)
-        delta -= self.base.read(task.weight).to(torch.float32)
+        delta = self._difference(task.weight)
         self.ft.release(task.weight)
         self.base.release(task.weight)
         if not bool(delta.sum().isfinite()) and not bool(torch.isfinite(delta).all()):
@@ -265,8 +274,7 @@ class _Run:
             left, right = (a.T, b.T) if embedding else (b, a)
             tensors = peft_factors(task.module, left, right, embedding)
             if task.bias is not None:
-                bias = self.ft.read(task.bias).to(torch.float32) - self.base.read(task.bias).to(torch.float32)
-                tensors[f"{PREFIX}{task.module}.lora_B.bias"] = bias
+                tensors[f"{PREFIX}{task.module}.lora_B.bias"] = self._difference(task.bias)
         tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
         meta = {"format": "pt", "rank": str(f.rank), "error": repr(f.truncation_error())}
         _write_whole(part, tensors, meta)
