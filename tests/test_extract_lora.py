@@ -23,7 +23,7 @@ import streammerge
 from conftest import load_output
 from extract_lora_cases import CASES, build, fingerprint
 from streammerge.cli import main as cli
-from streammerge.lora.extract import ExtractOptions, factor
+from streammerge.lora.extract import ExtractOptions, factor, factor_rows
 from streammerge.lora.extract_command import main as extract_main
 from streammerge.lora.extraction import extract_lora
 
@@ -347,15 +347,27 @@ def test_bias_differences_are_written_as_mergekit_does_and_folded(standins: dict
         assert torch.allclose(got[name], want[name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
-def test_the_lean_svd_gives_the_direct_factors_up_to_sign(shape: tuple[int, int]) -> None:
-    """Large modules are factored through a QR first (less memory); the factors are the same."""
+@pytest.mark.parametrize("transpose", [False, True], ids=["linear", "embedding"])
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)], ids=["tall", "wide"])
+def test_the_lean_svd_gives_the_direct_factors_up_to_sign(shape: tuple[int, int], transpose: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large modules are factored from blocks of rows (a QR over blocks first); the factors are
+    the same. Blocks of 7 rows or columns: fewer than the other side, so R grows block by block."""
+    monkeypatch.setattr("streammerge.lora.extract.LEAN_BLOCK_BYTES", 4 * 7 * min(shape))
     g = torch.Generator().manual_seed(3)
     u, _ = torch.linalg.qr(torch.randn(shape[0], 20, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(shape[1], 20, generator=g, dtype=torch.float64))
     s = torch.logspace(0, -2, 20, dtype=torch.float64)  # well separated: each pair is determined
     delta = ((u * s) @ v.T).float() + 1e-5 * torch.randn(shape, generator=g)
-    direct, lean = factor(delta, 8, lean=False), factor(delta, 8, lean=True)
+    reads = []
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        reads.append(stop - start)
+        return delta[start:stop].clone()
+
+    direct = factor(delta.T if transpose else delta, 8, 1e-6)
+    lean = factor_rows(read, shape, 8, 1e-6, transpose=transpose, lean=True)
+    assert max(reads) < shape[0] or shape[0] < shape[1]  # tall: never read whole
     sign = torch.sign((direct.a * lean.a).sum(dim=1))
     assert torch.allclose(lean.singular_values, direct.singular_values, atol=1e-6)
     assert torch.allclose(lean.a * sign[:, None], direct.a, atol=1e-5)
@@ -366,7 +378,8 @@ def test_the_lean_svd_gives_the_direct_factors_up_to_sign(shape: tuple[int, int]
 @pytest.mark.parametrize("case", CASES)
 def test_the_lean_svd_matches_mergekit_too(case: str, standins: dict, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("streammerge.lora.extract.LEAN_BYTES", 0)  # every module through the QR route
+    monkeypatch.setattr("streammerge.lora.extract.LEAN_BYTES", 0)  # every module through the QR route,
+    monkeypatch.setattr("streammerge.lora.extract.LEAN_BLOCK_BYTES", 300)  # in blocks of a few rows
     base, ft = standins[case]
     _run(cli, "extract-lora", "--model", ft, "--base-model", base, "--out-path", tmp_path / "a", *CASES[case][1])
     mine, gold = _modules(load_file(tmp_path / "a" / "adapter_model.safetensors")), \

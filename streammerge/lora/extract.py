@@ -9,7 +9,10 @@ with error ‖ΔW − B·A‖_F = √(Σ_{i>r} σ_i²). With ``distribute_scale`
 values are split evenly, A = diag(√σ) V_rᵀ and B = U_r diag(√σ), so both factors have the same
 scale; without it A = diag(σ) V_rᵀ and B = U_r. PEFT computes B·A·(lora_alpha / r), so the
 adapter is written with lora_alpha = r. An embedding ([vocab, dim]) is factored transposed, as
-PEFT stores ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B`` [dim, r].
+PEFT stores ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B`` [dim, r]. Small differences
+are decomposed whole by LAPACK's gesdd, as mergekit does; large ones a block of rows at a time
+(``factor_rows``: tall-skinny QR, then the SVD of R; Demmel et al., "Communication-optimal
+parallel and sequential QR and LU factorizations", 2012), within the memory of one k × k SVD.
 
 Which module gets what follows mergekit-extract-lora 0.1.5 (``mergekit/scripts/extract_lora.py``):
 embeddings and the output head are saved whole in ``modules_to_save`` unless ``embed_lora``; a
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -143,44 +146,94 @@ class Factors:
         return float(self.singular_values[self.rank:].double().square().sum().sqrt())
 
 
-# Above this many bytes of float32 difference, the SVD goes through a QR factorisation first.
+# Above this many bytes of float32 difference, a module is factored from blocks of rows of it.
 LEAN_BYTES = 64 << 20
+LEAN_BLOCK_BYTES = 64 << 20  # float32 bytes of one block
+
+RowReader = Callable[[int, int], torch.Tensor]  # rows [start, stop) of ΔW as stored, in float32
 
 
-def _top_singular(delta: torch.Tensor, lean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, σ, Vᵀ) of ``delta`` [rows, cols], thin.
+def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
+              distribute_scale: bool) -> Factors:
+    """B = U_r·diag(left), A = diag(right)·V_rᵀ with left·right = σ (√σ each, or 1 and σ)."""
+    top = s[:rank]
+    left, right = (top.sqrt(), top.sqrt()) if distribute_scale else (torch.ones_like(top), top)
+    b = u[:, :rank] * left  # columns scaled: the SVD's pairs are columns of U
+    a = right[:, None] * vh[:rank]
+    return Factors(a.contiguous(), b.contiguous(), s)
 
-    Direct, this is LAPACK's gesdd, as mergekit calls it; it holds a copy of ``delta``, U, Vᵀ and
-    a workspace of ~5·k² floats (k = min(rows, cols)): 1.1 GiB at 11008 × 4096. ``lean`` takes the
-    route gesdd itself takes for a tall matrix T (``delta`` or its transpose), QR first, without
-    forming Q: T = Q·R, R = U_R·diag(σ)·W_Rᵀ, so T's right singular vectors are W_R and its left
-    ones T·W_R·diag(1/σ) — the same factors up to the sign of each singular pair, in ~0.6 of the
-    memory. The left vectors are formed for all k pairs and cut by the caller."""
-    if not lean:
-        return torch.linalg.svd(delta, full_matrices=False)
-    tall = delta.shape[0] >= delta.shape[1]
-    t = delta if tall else delta.T
-    r = torch.linalg.qr(t, mode="r").R
-    _, s, wh = torch.linalg.svd(r, full_matrices=False)
-    del r
-    w = wh.T
-    p = (t @ w).div_(torch.where(s > 0, s, torch.ones_like(s)))  # columns of σ = 0 carry no weight
-    return (p, s, w.T) if tall else (w, s, p.T)
+
+def _rank(s: torch.Tensor, max_rank: int, sv_epsilon: float) -> int:
+    """mergekit's rank: at most ``max_rank``, and only σ > ε when ε > 0."""
+    rank = min(max_rank, s.shape[0])
+    return min(rank, int((s > sv_epsilon).sum())) if sv_epsilon > 0 else rank
 
 
 def factor(delta: torch.Tensor, max_rank: int, sv_epsilon: float = 0.0,
-           distribute_scale: bool = True, lean: bool | None = None) -> Factors:
+           distribute_scale: bool = True) -> Factors:
     """The truncated SVD of ``delta`` (float32, [rows, cols]) as B [rows, r] and A [r, cols] with
-    B·A ≈ delta. Singular values ≤ ``sv_epsilon`` are dropped when it is positive. ``lean``
-    (default: for differences over ``LEAN_BYTES``) bounds the memory; see ``_top_singular``."""
+    B·A ≈ delta, by LAPACK's gesdd as mergekit computes it. Singular values ≤ ``sv_epsilon`` are
+    dropped when it is positive."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return _truncate(u, s, vh, _rank(s, max_rank, sv_epsilon), distribute_scale)
+
+
+def _stacked_r(r: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
+    """The R of [R_so_far; block]: a tall-skinny QR a block at a time (RᵀR stays TᵀT)."""
+    return torch.linalg.qr(block if r is None else torch.cat([r, block]), mode="r").R
+
+
+def _lean_svd(read: RowReader, shape: tuple[int, int], keep: Callable[[torch.Tensor], int],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_k, σ, V_kᵀ) of ΔW [rows, cols], k = ``keep(σ)``, without ΔW's copies and gesdd's large
+    workspace. For the tall one T of ΔW and ΔWᵀ: T = Q·R with R from a QR over blocks of T's rows
+    (Q never formed), R = U_R·diag(σ)·W_Rᵀ, so T's right singular vectors are W_R and its left
+    ones T·W_R·diag(1/σ), the product taken over blocks of ΔW's rows read again. When T = ΔW
+    (rows ≥ cols) ΔW is only ever read a block at a time; otherwise it is held for the QR over its
+    column blocks and dropped before R's SVD. Peak: the k × k SVD of R plus one block."""
+    rows, cols = shape
+    step = max(1, LEAN_BLOCK_BYTES // (4 * cols))
+    blocks = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    r = None
+    if rows >= cols:
+        for start, stop in blocks:
+            r = _stacked_r(r, read(start, stop).to(device))
+    else:
+        whole = read(0, rows).to(device)
+        width = max(1, LEAN_BLOCK_BYTES // (4 * rows))
+        for start in range(0, cols, width):
+            r = _stacked_r(r, whole[:, start:start + width].T)
+        del whole
+    assert r is not None
+    _, s, wh = torch.linalg.svd(r, full_matrices=False)
+    del r
+    k = keep(s)
+    w = wh[:k].T  # T's right singular vectors
+    safe = torch.where(s[:k] > 0, s[:k], torch.ones_like(s[:k]))  # a pair of σ = 0 carries no weight
+    if rows >= cols:  # U_k = ΔW·W / σ, a block of rows at a time
+        u = torch.empty(rows, k, device=device)
+        for start, stop in blocks:
+            u[start:stop] = read(start, stop).to(device) @ w
+        return u.div_(safe), s, w.T
+    vh = torch.zeros(k, cols, device=device)  # V_kᵀ = diag(1/σ)·Wᵀ·ΔW, summed over blocks of rows
+    for start, stop in blocks:
+        vh += w[start:stop].T @ read(start, stop).to(device)
+    return w, s, vh.div_(safe[:, None])
+
+
+def factor_rows(read: RowReader, shape: tuple[int, int], max_rank: int, sv_epsilon: float = 0.0,
+                distribute_scale: bool = True, transpose: bool = False, lean: bool | None = None,
+                device: torch.device = torch.device("cpu")) -> Factors:
+    """``factor`` of ΔW (or of ΔWᵀ with ``transpose``: an embedding), ΔW [rows, cols] read by
+    ``read`` in blocks of rows. Up to ``LEAN_BYTES`` (or with ``lean`` False) ΔW is read whole and
+    factored as mergekit factors it; above, by ``_lean_svd`` in bounded memory: the same factors
+    up to the sign of each singular pair and rounding."""
     if lean is None:
-        lean = delta.numel() * delta.element_size() > LEAN_BYTES
-    u, s, vh = _top_singular(delta, lean)
-    rank = min(max_rank, s.shape[0])
-    if sv_epsilon > 0:
-        rank = min(rank, int((s > sv_epsilon).sum()))
-    top = s[:rank]
-    left, right = (top.sqrt(), top.sqrt()) if distribute_scale else (torch.ones_like(top), top)
-    b = u[:, :rank] * left  # U diag(left): columns scaled, as the SVD's pairs are columns of U
-    a = right[:, None] * vh[:rank]
-    return Factors(a.contiguous(), b.contiguous(), s)
+        lean = shape[0] * shape[1] * 4 > LEAN_BYTES
+    if not lean:
+        delta = read(0, shape[0]).to(device)
+        return factor(delta.T if transpose else delta, max_rank, sv_epsilon, distribute_scale)
+    u, s, vh = _lean_svd(read, shape, lambda s: _rank(s, max_rank, sv_epsilon), device)
+    if transpose:  # ΔWᵀ = V·diag(σ)·Uᵀ
+        u, vh = vh.T, u.T
+    return _truncate(u, s, vh, vh.shape[0], distribute_scale)

@@ -37,7 +37,7 @@ from streammerge.io.reader import Checkpoint, ShardReader
 from streammerge.io.safetensors_format import build_header
 from streammerge.io.writer import ShardWriter, StagedOutput, fsync_dir
 from streammerge.lora.adapter import CONFIG, WEIGHTS
-from streammerge.lora.extract import ExtractOptions, Extraction, ModuleTask, factor, plan_extraction
+from streammerge.lora.extract import ExtractOptions, Extraction, ModuleTask, factor_rows, plan_extraction
 from streammerge.lora.output import PREFIX, peft_factors
 from streammerge.lora.overlay import AdaptedCheckpoint, open_checkpoints
 from streammerge.lora.reference import split_reference
@@ -244,29 +244,31 @@ class _Run:
                 bar.update()
         return ranks, errors, resumed
 
-    def _difference(self, name: str) -> torch.Tensor:
-        """FT − BASE of one tensor in float32: with compute_dtype ``auto`` taken in the inputs'
-        dtype first, as mergekit takes it (bf16 inputs: ΔW rounded to bf16), else exactly."""
-        ft, base = self.ft.read(name), self.base.read(name)
+    def _difference(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """FT − BASE of one tensor (or rows of it) in float32: with compute_dtype ``auto`` taken in
+        the inputs' dtype first, as mergekit takes it (bf16 inputs: ΔW rounded to bf16), else
+        exactly. NaN or Inf is refused, naming the tensor: an SVD cannot take it."""
+        ft, base = self.ft.read(name, rows), self.base.read(name, rows)
         if self.options.compute_dtype == "auto":
-            return (ft - base).to(torch.float32)
-        delta = ft.to(torch.float32)
-        delta -= base.to(torch.float32)
+            delta = (ft - base).to(torch.float32)
+        else:
+            delta = ft.to(torch.float32)
+            delta -= base.to(torch.float32)
+        if not bool(delta.sum().isfinite()) and not bool(torch.isfinite(delta).all()):
+            raise CheckpointError(f"tensor {name!r} holds NaN or Inf in {self.ft.path} or "
+                                  f"{self.base.path}: its difference cannot be factored; fix the input")
         return delta
 
     def _factor_module(self, task: ModuleTask, part: Path) -> None:
         """Factor one module and write its part: PEFT-named factors (and bias difference)."""
-        delta = self._difference(task.weight)
+        embedding = task.kind == "embedding"
+        shape = tuple(self.ft.tensors[task.weight].shape)
+        f = factor_rows(lambda start, stop: self._difference(task.weight, slice(start, stop)), shape,
+                        self.options.max_rank, self.options.sv_epsilon, self.options.distribute_scale,
+                        transpose=embedding, device=self.device)
         self.ft.release(task.weight)
         self.base.release(task.weight)
-        if not bool(delta.sum().isfinite()) and not bool(torch.isfinite(delta).all()):
-            raise CheckpointError(f"tensor {task.weight!r} holds NaN or Inf in {self.ft.path} or "
-                                  f"{self.base.path}: its difference cannot be factored; fix the input")
         dtype = torch.promote_types(self.ft.tensors[task.weight].dtype, self.base.tensors[task.weight].dtype)
-        embedding = task.kind == "embedding"
-        f = factor((delta.T if embedding else delta).to(self.device), self.options.max_rank,
-                   self.options.sv_epsilon, self.options.distribute_scale)
-        del delta
         a, b = f.a.cpu(), f.b.cpu()
         tensors: dict[str, torch.Tensor] = {}
         if f.rank:
