@@ -297,22 +297,27 @@ import sys
 sys.path.insert(0, {tests!r})
 from crash_child import kill_after
 import streammerge.lora.extraction as run
-kill_after(run, "_write_whole", {n})
+kill_after({target}, {method!r}, {n})
 run.extract_lora({ft!r}, {base!r}, {out!r}, run.ExtractOptions(max_rank=4), quiet=True)
 sys.exit(3)
 """
 
 
-def test_a_killed_extraction_resumes_to_the_same_bytes(standins: dict, tmp_path: Path) -> None:
+# after the 5th module's part; after the 15th file written whole: the adapter, before its config
+@pytest.mark.parametrize("target,method,n,done", [("run", "_write_whole", 5, 5), ("run.ShardWriter", "close", 15, 14)],
+                         ids=["parts", "assembled"])
+def test_a_killed_extraction_resumes_to_the_same_bytes(target: str, method: str, n: int, done: int, standins: dict,
+                                                       tmp_path: Path) -> None:
     base, ft = _llama(standins)
     extract_lora(ft, base, tmp_path / "whole", ExtractOptions(max_rank=4), quiet=True)
     out = tmp_path / "out"
-    code = _CHILD.format(tests=str(Path(__file__).parent), n=5, ft=str(ft), base=str(base), out=str(out))
+    code = _CHILD.format(tests=str(Path(__file__).parent), target=target, method=method, n=n, ft=str(ft),
+                         base=str(base), out=str(out))
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert child.returncode == -9, child.stderr
     assert not out.exists()
     result = extract_lora(ft, base, out, ExtractOptions(max_rank=4), quiet=True)
-    assert result.resumed == 5 and "resumed: 5 of 14 modules were already factored" in result.notes
+    assert result.resumed == done and f"resumed: {done} of 14 modules were already factored" in result.notes
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     assert not (tmp_path / ".out.streammerge-partial").exists()
@@ -321,7 +326,8 @@ def test_a_killed_extraction_resumes_to_the_same_bytes(standins: dict, tmp_path:
 def test_other_options_refuse_to_resume_and_restart_discards(standins: dict, tmp_path: Path) -> None:
     base, ft = _llama(standins)
     out = tmp_path / "out"
-    code = _CHILD.format(tests=str(Path(__file__).parent), n=2, ft=str(ft), base=str(base), out=str(out))
+    code = _CHILD.format(tests=str(Path(__file__).parent), target="run", method="_write_whole", n=2, ft=str(ft),
+                         base=str(base), out=str(out))
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == -9
     args = ["--model", ft, "--base-model", base, "--out-path", out, "--max-rank", "3"]
     output = _run(extract_main, *args, code=1)
