@@ -4,7 +4,9 @@ A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``, who
 ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` /
 ``lora_embedding_B`` for embeddings; old files carry the adapter name before ``.weight``). Any
 other key is a whole tensor that replaces the base's (``modules_to_save``, an embedding's
-``base_layer`` saved with resized vocabularies).
+``base_layer`` saved with resized vocabularies), except ``<module>.lora_B.bias``: a bias update
+(``lora_bias``; mergekit-extract-lora writes one for every adapted module that has a bias), added
+to the base's ``<module>.bias`` times the module's scaling, as PEFT's lora_B layer adds it.
 
 Each target module's update is returned as a pair of factors in the *base tensor's* orientation,
 ΔW = left @ right with left ``[rows, r]`` and right ``[r, cols]``, the scaling folded into one of
@@ -36,11 +38,11 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # <module>.lora_A[.<adapter name>].weight, or <module>.lora_embedding_A[.<adapter name>]
+_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])(?:\.[^.]+)?\.weight|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?)$")
 # Config switches that change what the adapter computes in ways folding W + s·B·A would not reproduce.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) rescales the merged weight by a learned magnitude",
-    "lora_bias": "lora_bias adds a bias of its own",
     "use_qalora": "QA-LoRA (use_qalora) pools its input",
     "trainable_token_indices": "trainable_token_indices stores token deltas",
     "layer_replication": "layer_replication duplicates layers",
@@ -77,7 +79,7 @@ class LoraAdapter:
             raise CheckpointError(f"{self.path}: no {WEIGHTS} (adapter_model.bin is not read: convert it to safetensors)")
         self._reader = ShardReader(weights)
         try:
-            self.modules, self.replaced = self._index()
+            self.modules, self.replaced, self.biases = self._index()
         except BaseException:
             self._reader.close()
             raise
@@ -103,16 +105,20 @@ class LoraAdapter:
                 raise CheckpointError(f"{self.path / CONFIG}: {key!r} must be a positive number, got {config.get(key)!r}")
         return config
 
-    def _index(self) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    def _index(self) -> tuple[dict[str, LoraModule], dict[str, str], dict[str, tuple[str, float]]]:
         factors: dict[str, dict[str, str]] = {}
         replaced: dict[str, str] = {}
+        biases: dict[str, tuple[str, float]] = {}  # base bias name -> (key, scaling)
         for key in self._reader.entries:
             name = key.removeprefix(_PREFIX)
+            if (b := _BIAS.match(name)) is not None:
+                biases[f"{b['module']}.bias"] = (key, self._scale(b["module"]))
+                continue
             m = _FACTOR.match(name)
             if m is None:
                 if "lora_" in name:
                     raise CheckpointError(f"{self.path / WEIGHTS}: tensor {key!r} is not a LoRA factor streammerge knows "
-                                          "(DoRA magnitudes, LoRA biases and other variants are not supported)")
+                                          "(DoRA magnitudes and other variants are not supported)")
                 replaced[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = key
                 continue
             factors.setdefault(m["module"], {})[m["linear"] or f"embedding {m['embedding']}"] = key
@@ -126,7 +132,7 @@ class LoraAdapter:
             lm = LoraModule(module, a, b, self._scale(module), embedding, bool(self.config.get("fan_in_fan_out")) and not embedding)
             self._check_factors(lm)
             modules[lm.target] = lm
-        return modules, replaced
+        return modules, replaced, biases
 
     def _patterned(self, key: str, module: str) -> float:
         """``r`` or ``lora_alpha`` for one module: its ``rank_pattern`` / ``alpha_pattern`` entry, else the default."""
@@ -168,6 +174,12 @@ class LoraAdapter:
             return a.T, b.T * lm.scale
         return b * lm.scale, a
 
+    def bias_update(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The update of bias ``name`` (lora_B's bias times the scaling), in float32 or wider."""
+        key, scale = self.biases[name]
+        b = self._reader.read(key, rows)
+        return b.to(torch.promote_types(b.dtype, torch.float32)) * scale
+
     def replacement(self, name: str, rows: slice | None = None) -> torch.Tensor:
         return self._reader.read(self.replaced[name], rows)
 
@@ -175,8 +187,27 @@ class LoraAdapter:
         e = self._reader.entries[self.replaced[name]]
         return TensorInfo(e.dtype, e.shape)
 
+    def _same_as_partner(self, name: str, tensors: dict[str, TensorInfo]) -> bool:
+        """Whether ``name`` is an output head the base omits because it is tied to its embedding,
+        updated as the adapter updates that embedding (mergekit-extract-lora writes the head of a
+        tied model too: whole, equal to the embedding, or factored from the same difference)."""
+        from streammerge.plan.architecture import tied_partner  # the plan package imports this one
+
+        partner = tied_partner(name, tensors) if name not in tensors else None
+        if partner is None:
+            return False
+        if name in self.replaced:
+            return partner in self.replaced and \
+                self._reader.sha256(self.replaced[name]) == self._reader.sha256(self.replaced[partner])
+        return partner in self.modules and self.modules[partner].embedding
+
     def check_base(self, tensors: dict[str, TensorInfo], base: Path) -> None:
-        """Every target module and replaced tensor exists in the base with this adapter's shape."""
+        """Every target module and replaced tensor exists in the base with this adapter's shape.
+        A tied head the base omits, updated as its embedding is, is dropped: the base stores one
+        matrix for both, which the embedding's update changes."""
+        for name in [n for n in [*self.modules, *self.replaced] if self._same_as_partner(n, tensors)]:
+            self.modules.pop(name, None)
+            self.replaced.pop(name, None)
         for target in self.modules:
             if target not in tensors:
                 raise CheckpointError(f"{self.path}: adapts module {self.modules[target].module!r}, but {base} has no tensor "
@@ -184,6 +215,12 @@ class LoraAdapter:
             if tuple(tensors[target].shape) != self.delta_shape(target):
                 raise CheckpointError(f"{self.path}: module {self.modules[target].module!r} updates a {list(self.delta_shape(target))} "
                                       f"weight, but {target!r} in {base} is {list(tensors[target].shape)}: the adapter was trained on another model")
+        for name, (key, _) in self.biases.items():
+            shape = self._reader.entries[key].shape
+            if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
+                raise CheckpointError(f"{self.path}: updates bias {name!r} ({key}, shape {list(shape)}), but {base} has "
+                                      f"{'no such tensor' if name not in tensors else list(tensors[name].shape)}: "
+                                      "the adapter was trained on another model")
         for name in self.replaced:
             have = tensors.get(name)
             if have is None or tuple(have.shape) != self.replacement_info(name).shape:

@@ -23,7 +23,7 @@ from streammerge.lora.combine import combine
 from streammerge.lora.overlay import AdaptedCheckpoint
 from streammerge.schedule import DTYPES, Schedule, TensorJob
 
-_PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # PEFT's prefix of every tensor name
 # Input config keys that would narrow or change what the written adapter means.
 _RESET = {"rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "modules_to_save": None, "layers_to_transform": None,
           "layers_pattern": None, "exclude_modules": None, "revision": None}
@@ -43,14 +43,19 @@ def _adapters(schedule: Schedule, job: TensorJob) -> list[LoraAdapter]:
     return out
 
 
-def _factor_tensors(lm: LoraModule, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Base-orientation factors (ΔW = left @ right) under PEFT's names and layout."""
-    key = _PREFIX + lm.module
-    if lm.embedding:
+def peft_factors(module: str, left: torch.Tensor, right: torch.Tensor, embedding: bool = False,
+                 fan_in_fan_out: bool = False) -> dict[str, torch.Tensor]:
+    """Base-orientation factors of ``module`` (ΔW = left @ right) under PEFT's names and layout."""
+    key = PREFIX + module
+    if embedding:
         return {f"{key}.lora_embedding_A": left.T, f"{key}.lora_embedding_B": right.T}
-    if lm.fan_in_fan_out:
+    if fan_in_fan_out:
         return {f"{key}.lora_A.weight": left.T, f"{key}.lora_B.weight": right.T}
     return {f"{key}.lora_A.weight": right, f"{key}.lora_B.weight": left}
+
+
+def _factor_tensors(lm: LoraModule, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
+    return peft_factors(lm.module, left, right, lm.embedding, lm.fan_in_fan_out)
 
 
 def write_adapter(schedule: Schedule, staged: StagedOutput, version: str) -> None:
@@ -64,6 +69,9 @@ def write_adapter(schedule: Schedule, staged: StagedOutput, version: str) -> Non
         if a.replaced:
             raise PlanError(f"adapter_output: {a.path} replaces whole tensors (modules_to_save, e.g. {next(iter(a.replaced))!r}), "
                             "which an adapter merge cannot combine; drop adapter_output to write a model")
+        if a.biases:
+            raise PlanError(f"adapter_output: {a.path} updates biases (lora_B.bias, e.g. {next(iter(a.biases))!r}), which an "
+                            "adapter merge does not combine; drop adapter_output to write a model")
     if len({bool(a.config.get("fan_in_fan_out")) for a in adapters}) > 1:
         raise PlanError("adapter_output: the adapters disagree on fan_in_fan_out")
     # in schedule order; a module the plan's `select` leaves out is not in the merged adapter

@@ -1,7 +1,7 @@
 """A base model with a LoRA adapter folded in, read like any checkpoint, one row range at a time.
 
 ``AdaptedCheckpoint.read(name, rows)`` returns W[rows] + ΔW[rows], computed in float32 and rounded
-to W's dtype, for an adapted module (the
+to W's dtype, for an adapted module (and b + Δb for a ``lora_B.bias`` update; the
 factors of one module are read once and kept until the engine releases the tensor), the
 adapter's own tensor for a replaced one (``modules_to_save``), and W[rows] otherwise. Headers,
 config and tokenizer are the base's, so the schedule and the engine treat it as a model: no
@@ -73,6 +73,8 @@ class AdaptedCheckpoint:
         """``into`` unused: the result is a fresh product."""
         # a replaced tensor (modules_to_save, an embedding's saved base_layer) is the adapter's own
         w = self.adapter.replacement(name, rows) if name in self.adapter.replaced else self.base.read(name, rows)
+        if name in self.adapter.biases:  # lora_bias: rounded to the base's dtype as a folded weight is
+            return self.adapter.bias_update(name, rows).add_(w).to(w.dtype)
         if name not in self.adapter.modules:
             return w
         if name not in self._factors:  # float32, or float64 for a float64 base
