@@ -32,8 +32,8 @@ def main(tool: str) -> None:
         for case, (family, options) in CASES.items():
             base, ft = build(Path(tmp) / case, family)
             out = Path(tmp) / case / "adapter"
-            subprocess.run([tool, "--model", str(ft), "--base-model", str(base), "--out-path", str(out), *options],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([tool, "--model", str(ft), "--base-model", str(base), "--out-path", str(out),
+                            *options], check=True, stdout=subprocess.DEVNULL)
             keep = OUT / case
             shutil.rmtree(keep, ignore_errors=True)
             keep.mkdir()

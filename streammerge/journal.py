@@ -10,7 +10,6 @@ different identity is refused, since mixing two merges' tensors would be silentl
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from typing import Any
 
 from streammerge.errors import OutputError
 from streammerge.io.digest import sha256_range
-from streammerge.io.writer import ShardWriter, fsync_dir
+from streammerge.io.writer import ShardWriter, fsync_dir, lock_staging
 from streammerge.plan.schema import EXECUTION_KEYS
 from streammerge.schedule import Schedule, TensorJob
 
@@ -115,7 +114,7 @@ class Journal:
 
     def __init__(self, staging: Path, schedule: Schedule, task: int | None = None):
         self.path = staging / (JOURNAL if task is None else TASK_JOURNAL.format(task + 1))
-        self._lock = None if task is not None else _lock(staging)
+        self._lock = None if task is not None else lock_staging(staging)
         try:
             self.identity = ident = identity(schedule)
             records = {p: _records(p, staging, ident) for p in journal_files(staging)}
@@ -168,16 +167,6 @@ def discard_journals(staging: Path) -> None:
     """Remove every journal: a staging directory without one is started over, never trusted."""
     for p in journal_files(staging):
         p.unlink()
-
-
-def _lock(staging: Path) -> int:
-    fd = os.open(staging, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it to finish") from None
-    return fd
 
 
 def _records(path: Path, staging: Path, ident: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -101,6 +102,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_staging(staging: Path) -> int:
+    """An exclusive lock on a staging directory (its descriptor; closing it releases the lock),
+    held while one run writes in it."""
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"{staging}: another streammerge process is writing this output; wait for "
+                          "it to finish") from None
+    return fd
 
 
 class StagingDirectory:

@@ -218,9 +218,9 @@ class LoraAdapter:
         for name, (key, _) in self.biases.items():
             shape = self._reader.entries[key].shape
             if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
-                raise CheckpointError(f"{self.path}: updates bias {name!r} ({key}, shape {list(shape)}), but {base} has "
-                                      f"{'no such tensor' if name not in tensors else list(tensors[name].shape)}: "
-                                      "the adapter was trained on another model")
+                has = "no such tensor" if name not in tensors else list(tensors[name].shape)
+                raise CheckpointError(f"{self.path}: updates bias {name!r} ({key}, shape {list(shape)}), "
+                                      f"but {base} has {has}: the adapter was trained on another model")
         for name in self.replaced:
             have = tensors.get(name)
             if have is None or tuple(have.shape) != self.replacement_info(name).shape:

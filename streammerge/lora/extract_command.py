@@ -75,7 +75,8 @@ def _report(result: ExtractResult, quiet: bool) -> None:
 def extract_lora_command(model: str, base_model: str, out_path: str, max_rank: int, distribute_scale: bool,
                          embed_lora: bool, save_modules: tuple[str, ...], exclude: tuple[str, ...],
                          include: tuple[str, ...], sv_epsilon: float, skip_undecomposable: bool,
-                         compute_dtype: str, overwrite: bool, restart: bool, quiet: bool, **given: Any) -> None:
+                         compute_dtype: str, overwrite: bool, restart: bool, quiet: bool,
+                         **given: Any) -> None:
     """Extract a LoRA adapter from a fine-tune: per module, the truncated SVD of (MODEL − BASE).
 
     As mergekit-extract-lora (0.1.5's options and defaults), one module in memory at a time; a

@@ -18,7 +18,6 @@ directory becomes the output in one rename.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from streammerge.errors import CheckpointError, OutputError, PlanError
 from streammerge.io.hub import is_hub_reference
 from streammerge.io.reader import Checkpoint, ShardReader
 from streammerge.io.safetensors_format import build_header
-from streammerge.io.writer import ShardWriter, StagedOutput, fsync_dir
+from streammerge.io.writer import ShardWriter, StagedOutput, fsync_dir, lock_staging
 from streammerge.lora.adapter import CONFIG, WEIGHTS
 from streammerge.lora.extract import ExtractOptions, Extraction, ModuleTask, factor_rows, plan_extraction
 from streammerge.lora.output import PREFIX, peft_factors
@@ -88,8 +87,8 @@ def _resolve(flag: str, ref: str, cache_dir: str | None) -> str:
     from streammerge.plan.load import resolve_model  # the plan package imports the lora package
 
     if split_reference(ref)[1] is None and not Path(ref).expanduser().is_dir() and not is_hub_reference(ref):
-        raise CheckpointError(f"{flag} {ref}: model directory not found (give a directory, org/name[@revision] "
-                              "on the Hugging Face Hub, or MODEL+ADAPTER)")
+        raise CheckpointError(f"{flag} {ref}: model directory not found (give a directory, "
+                              "org/name[@revision] on the Hugging Face Hub, or MODEL+ADAPTER)")
     return resolve_model(ref, cache_dir)
 
 
@@ -178,7 +177,7 @@ class _Run:
 
     def execute(self, overwrite: bool, restart: bool, quiet: bool, started: float) -> ExtractResult:
         staged = StagedOutput(self.destination, overwrite, restart)
-        lock = _lock(staged.staging)
+        lock = lock_staging(staged.staging)
         try:
             self._claim(staged)
             ranks, errors, resumed = self._factor_all(staged, quiet)
@@ -373,18 +372,6 @@ class _Run:
                 f"rank at most {self.options.max_rank} (r = {max(ranks.values())}); "
                 f"{len(self.plan.modules_to_save)} module name(s) saved whole: "
                 f"{', '.join(self.plan.modules_to_save) or 'none'}.\n")
-
-
-def _lock(staging: Path) -> int:
-    """An exclusive lock on the staging directory, held while this run writes in it."""
-    fd = os.open(staging, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputError(f"{staging}: another streammerge process is writing this output; wait for it "
-                          "to finish") from None
-    return fd
 
 
 def _write_whole(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -70,8 +70,9 @@ def write_adapter(schedule: Schedule, staged: StagedOutput, version: str) -> Non
             raise PlanError(f"adapter_output: {a.path} replaces whole tensors (modules_to_save, e.g. {next(iter(a.replaced))!r}), "
                             "which an adapter merge cannot combine; drop adapter_output to write a model")
         if a.biases:
-            raise PlanError(f"adapter_output: {a.path} updates biases (lora_B.bias, e.g. {next(iter(a.biases))!r}), which an "
-                            "adapter merge does not combine; drop adapter_output to write a model")
+            raise PlanError(f"adapter_output: {a.path} updates biases (lora_B.bias, e.g. "
+                            f"{next(iter(a.biases))!r}), which an adapter merge does not combine; "
+                            "drop adapter_output to write a model")
     if len({bool(a.config.get("fan_in_fan_out")) for a in adapters}) > 1:
         raise PlanError("adapter_output: the adapters disagree on fan_in_fan_out")
     # in schedule order; a module the plan's `select` leaves out is not in the merged adapter
