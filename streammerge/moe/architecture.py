@@ -136,6 +136,7 @@ def output_config(arch: OutputArchitecture, base_dir: str | Path, config: MoECon
     experts, top_k = len(config.experts), config.experts_per_token
     if arch is DEEPSEEK:  # no config class in transformers: mergekit writes the dict itself
         out = base.to_dict()
+        out.pop("_name_or_path", None)  # mergekit keeps the base's local path; it means nothing elsewhere
         out.update(architectures=["DeepseekForCausalLM"], model_type="deepseek", n_routed_experts=experts,
                    n_shared_experts=num_shared or None, num_experts_per_tok=top_k or (1 if num_shared else 2),
                    first_k_dense_replace=0, moe_layer_freq=1, scoring_func="softmax", norm_topk_prob=True,
@@ -164,5 +165,9 @@ def output_config(arch: OutputArchitecture, base_dir: str | Path, config: MoECon
         if arch is QWEN:
             cfg.sliding_window, cfg.use_sliding_window = None, False
             cfg.shared_expert_intermediate_size = cfg.intermediate_size
+            if getattr(cfg, "layer_types", None):
+                # mergekit leaves a sliding base's "sliding_attention" layers, which without a window
+                # fail in transformers 5: with the window off, every layer attends fully
+                cfg.layer_types = ["full_attention"] * len(cfg.layer_types)
     cfg.dtype = out_dtype  # transformers 5's name for torch_dtype
     return cfg.to_diff_dict()

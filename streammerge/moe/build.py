@@ -61,10 +61,12 @@ class _Inputs:
 
 def build_moe(config_file: str | Path, output: str | Path, *, overwrite: bool = False, restart: bool = False,
               quiet: bool = False, seed: int = 0, shard_size: int | None = None, max_memory: int | None = None,
-              copy_tokenizer: bool = True, write_model_card: bool = True, allow_all_same: bool = False,
+              chunk_size: int | None = None, copy_tokenizer: bool = True, write_model_card: bool = True, allow_all_same: bool = False,
               cache_dir: str | None = None) -> MergeResult:
     """Build the MoE that ``config_file`` (mergekit-moe's format) describes into ``output``.
-    ``seed`` draws the random gate modes and the experts' noise; the same seed gives the same bytes."""
+    ``seed`` draws the random gate modes and the experts' noise; the same seed gives the same bytes.
+    ``max_memory`` bounds the peak (the copies are chunked to fit it), ``chunk_size`` sets the
+    elements per chunk instead."""
     started = time.perf_counter()
     config = load_config(config_file, allow_all_same)
     root = Path(config_file).parent
@@ -90,7 +92,8 @@ def build_moe(config_file: str | Path, output: str | Path, *, overwrite: bool = 
             "seed": seed, "copy_tokenizer": copy_tokenizer, "write_model_card": False,
             "tokenizer_source": config.tokenizer_donor, "output": str(destination),
             **({"shard_size": shard_size} if shard_size is not None else {}),
-            **({"max_memory": max_memory} if max_memory is not None else {})})
+            **({"max_memory": max_memory} if max_memory is not None else {}),
+            **({"chunk_size": chunk_size} if chunk_size is not None else {})})
         checkpoints = (*inputs.checkpoints, computed)
         sched = _schedule(plan, config, inputs, arch, checkpoints, layers, out_dtype)
         return _run(sched, staged, config_file, config, arch, out_dtype, write_model_card, quiet, started)
