@@ -27,10 +27,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workload import FULL, GiB, MODELS, ensure_inputs, evict, measure  # noqa: E402
+from workload import FULL, MODELS, GiB, ensure_inputs, evict, measure
 
-PROMPTS = [["write a python function", "fix this bug"], ["translate to french", "a poem about rain"],
-           ["solve the equation", "prove the theorem"], ["tell me a story", "once upon a time"]]
+PROMPTS = [
+    ["write a python function", "fix this bug"],
+    ["translate to french", "a poem about rain"],
+    ["solve the equation", "prove the theorem"],
+    ["tell me a story", "once upon a time"],
+]
 
 
 def tokenized_base(base: Path, work: Path, vocab: int) -> Path:
@@ -48,20 +52,42 @@ def tokenized_base(base: Path, work: Path, vocab: int) -> Path:
 
 def config(base: Path, experts: list[Path], path: Path) -> Path:
     """The mergekit-moe config both tools build (JSON is YAML)."""
-    doc = {"base_model": str(base), "gate_mode": "cheap_embed", "dtype": "bfloat16",
-           "experts": [{"source_model": str(e), "positive_prompts": PROMPTS[k]} for k, e in enumerate(experts)]}
+    doc = {
+        "base_model": str(base),
+        "gate_mode": "cheap_embed",
+        "dtype": "bfloat16",
+        "experts": [
+            {"source_model": str(e), "positive_prompts": PROMPTS[k]} for k, e in enumerate(experts)
+        ],
+    }
     path.write_text(json.dumps(doc, indent=2))
     return path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the 7B-shaped model")
-    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"),
-                    help="generated inputs (shared with compare.py)")
-    ap.add_argument("--dims", type=int, nargs=3, default=list(FULL), metavar=("HIDDEN", "INTERMEDIATE", "VOCAB"),
-                    help="widths of the generated inputs (default Llama-2-7B's)")
-    ap.add_argument("--mergekit", type=Path, help="a mergekit-moe executable (scripts/mergekit_venv.sh makes one)")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("/tmp/streammerge-bench"),
+        help="generated inputs (shared with compare.py)",
+    )
+    ap.add_argument(
+        "--dims",
+        type=int,
+        nargs=3,
+        default=list(FULL),
+        metavar=("HIDDEN", "INTERMEDIATE", "VOCAB"),
+        help="widths of the generated inputs (default Llama-2-7B's)",
+    )
+    ap.add_argument(
+        "--mergekit",
+        type=Path,
+        help="a mergekit-moe executable (scripts/mergekit_venv.sh makes one)",
+    )
     ap.add_argument("--max-memory", help="streammerge's --max-memory (default: none)")
     ap.add_argument("--json", type=Path, help="also write the measurements here")
     args = ap.parse_args()
@@ -69,41 +95,82 @@ def main() -> None:
     root = ensure_inputs(cache, args.layers, dims=tuple(args.dims))
     model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
     # this checkout's streammerge in the children, whatever is installed
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="moe-build-", dir=cache) as tmp:
         work = Path(tmp)
         base = tokenized_base(root / "base", work, args.dims[2])
-        cfg = config(base, [root / "ft1", root / "ft2", root / "ft1", root / "ft2"], work / "moe.yml")
+        cfg = config(
+            base, [root / "ft1", root / "ft2", root / "ft1", root / "ft2"], work / "moe.yml"
+        )
         limit = ["--max-memory", args.max_memory] if args.max_memory else []
-        tools = {"streammerge": [sys.executable, "-m", "streammerge", "moe", str(cfg), "OUT", "-q", *limit]}
+        tools = {
+            "streammerge": [
+                sys.executable,
+                "-m",
+                "streammerge",
+                "moe",
+                str(cfg),
+                "OUT",
+                "-q",
+                *limit,
+            ]
+        }
         if args.mergekit:
             tools["mergekit-moe"] = [str(args.mergekit), str(cfg), "OUT"]
         else:
-            print("mergekit: not installed (give --mergekit PATH; scripts/mergekit_venv.sh installs it)", file=sys.stderr)
+            print(
+                "mergekit: not installed (give --mergekit PATH; scripts/mergekit_venv.sh installs it)",
+                file=sys.stderr,
+            )
         for tool, cmd in tools.items():
             out = work / f"out-{tool}"
             evict([root / m for m in MODELS])
-            row = {"tool": tool, **measure([str(out) if c == "OUT" else c for c in cmd], work / f"{tool}.log")}
+            row = {
+                "tool": tool,
+                **measure([str(out) if c == "OUT" else c for c in cmd], work / f"{tool}.log"),
+            }
             if row["exit_code"] != 0:
-                print(f"{tool} failed (exit {row['exit_code']}):\n{(work / f'{tool}.log').read_text()[-4000:]}",
-                      file=sys.stderr)
+                print(
+                    f"{tool} failed (exit {row['exit_code']}):\n{(work / f'{tool}.log').read_text()[-4000:]}",
+                    file=sys.stderr,
+                )
                 sys.exit(1)
             row["output_gib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / GiB
             del row["timeline"]
             shutil.rmtree(out, ignore_errors=True)
-            print(f"  {tool}: peak RSS {row['peak_rss_gib']:.2f} GiB, {row['wall_s']:.1f} s", file=sys.stderr)
+            print(
+                f"  {tool}: peak RSS {row['peak_rss_gib']:.2f} GiB, {row['wall_s']:.1f} s",
+                file=sys.stderr,
+            )
             rows.append(row)
-    print(f"{args.layers} layers, widths {tuple(args.dims)}; one input model {model_bytes / GiB:.2f} GiB (bf16); "
-          "4 experts, cheap_embed\n")
-    print("| tool | peak RSS (ru_maxrss, GiB) | peak anon (GiB) | peak file (GiB) | output (GiB) | wall s | CPU s |")
+    print(
+        f"{args.layers} layers, widths {tuple(args.dims)}; one input model {model_bytes / GiB:.2f} GiB (bf16); "
+        "4 experts, cheap_embed\n"
+    )
+    print(
+        "| tool | peak RSS (ru_maxrss, GiB) | peak anon (GiB) | peak file (GiB) | output (GiB) | wall s | CPU s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tool']} | {r['peak_rss_gib']:.2f} | {r['peak_anon_gib']:.2f} | {r['peak_file_gib']:.2f} "
-              f"| {r['output_gib']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} |")
+        print(
+            f"| {r['tool']} | {r['peak_rss_gib']:.2f} | {r['peak_anon_gib']:.2f} | {r['peak_file_gib']:.2f} "
+            f"| {r['output_gib']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "dims": args.dims, "model_bytes": model_bytes,
-                                         "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "layers": args.layers,
+                    "dims": args.dims,
+                    "model_bytes": model_bytes,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -27,18 +27,25 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from moe_build_cases import CASES, GOLDEN  # noqa: E402
+from moe_build_cases import CASES, GOLDEN
 
 
 def sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
 def describe(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
-    return {k: [str(t.dtype).removeprefix("torch."), list(t.shape), sha256(t)] for k, t in sorted(tensors.items())}
+    return {
+        k: [str(t.dtype).removeprefix("torch."), list(t.shape), sha256(t)]
+        for k, t in sorted(tensors.items())
+    }
 
 
-def noise_moments(out: dict[str, torch.Tensor], source: Path, scale: float, layers: int) -> dict[str, float]:
+def noise_moments(
+    out: dict[str, torch.Tensor], source: Path, scale: float, layers: int
+) -> dict[str, float]:
     """Moments of mergekit's draw for expert 1: its fused gate/up rows and down_proj against the source."""
     src = load_file(str(source / "model.safetensors"))
     z = []
@@ -46,7 +53,10 @@ def noise_moments(out: dict[str, torch.Tensor], source: Path, scale: float, laye
         p = f"model.layers.{i}.mlp."
         gate_up = out[p + "experts.gate_up_proj"][1]
         want = torch.cat([src[p + "gate_proj.weight"], src[p + "up_proj.weight"]])
-        z += [(gate_up - want).flatten(), (out[p + "experts.down_proj"][1] - src[p + "down_proj.weight"]).flatten()]
+        z += [
+            (gate_up - want).flatten(),
+            (out[p + "experts.down_proj"][1] - src[p + "down_proj.weight"]).flatten(),
+        ]
     draws = torch.cat(z).double() / scale
     return {"mean": draws.mean().item(), "std": draws.std().item(), "count": draws.numel()}
 
@@ -59,19 +69,30 @@ def main(mergekit_moe: str) -> None:
             config = case.config(Path(tmp))
             out = Path(tmp) / "out"
             seed = ["--random-seed", str(case.seed)] if case.seed is not None else []
-            run = subprocess.run([mergekit_moe, str(config), str(out), *seed], capture_output=True, text=True)
+            run = subprocess.run(
+                [mergekit_moe, str(config), str(out), *seed],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
             if run.returncode:
                 sys.exit(f"{name}: mergekit-moe failed:\n{run.stderr[-3000:]}")
             tensors = load_file(str(out / "model.safetensors"))
             dest = GOLDEN / name
             dest.mkdir(parents=True)
             shutil.copyfile(out / "config.json", dest / "config.json")
-            routers = {k: v for k, v in tensors.items() if k.endswith((".gate.weight", "shared_expert_gate.weight"))}
+            routers = {
+                k: v
+                for k, v in tensors.items()
+                if k.endswith((".gate.weight", "shared_expert_gate.weight"))
+            }
             save_file(routers, str(dest / "routers.safetensors"))
             (dest / "tensors.json").write_text(json.dumps(describe(tensors), indent=1) + "\n")
             if "noise_scale" in case.extra:
                 layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
-                moments = noise_moments(tensors, Path(tmp) / "m2" / case.family, case.extra["noise_scale"], layers)
+                moments = noise_moments(
+                    tensors, Path(tmp) / "m2" / case.family, case.extra["noise_scale"], layers
+                )
                 (dest / "noise.json").write_text(json.dumps(moments, indent=1) + "\n")
         print(f"{name}: {len(tensors)} tensors", flush=True)
 

@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from arch_builder import build_model
 
 GOLDEN = Path(__file__).parent / "data" / "golden_moe_build"
 # prompts in the stand-ins' word vocabulary (arch_builder.WORDS)
-PROMPTS = [["the river stone", "water light of the house"], ["people work long", "years of good work"],
-           ["he said that she was there", "they were all here"], ["first time new man", "great old year"]]
+PROMPTS = [
+    ["the river stone", "water light of the house"],
+    ["people work long", "years of good work"],
+    ["he said that she was there", "they were all here"],
+    ["first time new man", "great old year"],
+]
 NEGATIVE = [["house of men"], None, ["the world"], None]
 
 
@@ -40,7 +43,9 @@ class Case:
     def models(self, root: Path) -> tuple[Path, list[Path]]:
         """The base and one model per expert, built under ``root``."""
         base = build_model(root / "m0", self.family, seed=0)
-        return base, [build_model(root / f"m{k}", self.family, seed=k) for k in range(1, self.experts + 1)]
+        return base, [
+            build_model(root / f"m{k}", self.family, seed=k) for k in range(1, self.experts + 1)
+        ]
 
     def config(self, root: Path) -> Path:
         """The models and the config file, under ``root``; returns the config's path."""
@@ -52,9 +57,14 @@ class Case:
                 e["negative_prompts"] = NEGATIVE[k % 4]
             experts.append(e | (self.extra if k == 1 else {}))
         doc = {"base_model": str(base), "gate_mode": self.gate_mode, "experts": experts}
-        if self.shared:  # the base: mergekit-moe 0.1.5 opens only the base's and the experts' models
-            doc["shared_experts"] = [{"source_model": str(base)} | ({"positive_prompts": PROMPTS[3]} if self.shared_prompts else {})
-                                     for _ in range(self.shared)]
+        if (
+            self.shared
+        ):  # the base: mergekit-moe 0.1.5 opens only the base's and the experts' models
+            doc["shared_experts"] = [
+                {"source_model": str(base)}
+                | ({"positive_prompts": PROMPTS[3]} if self.shared_prompts else {})
+                for _ in range(self.shared)
+            ]
         if self.dtype:
             doc["dtype"] = self.dtype
         if self.architecture:
@@ -64,14 +74,39 @@ class Case:
         return path
 
 
-CASES = {c.name: c for c in (
-    Case("llama_cheap_embed", "llama", "cheap_embed", extra={"residual_scale": 0.5}),
-    Case("mistral_random", "mistral", "random", experts=2, dtype="bfloat16", seed=7),
-    Case("llama_uniform_random", "llama", "uniform_random", experts=2, seed=3),
-    Case("llama_hidden", "llama", "hidden"),
-    Case("llama_noise", "llama", "cheap_embed", experts=2, extra={"noise_scale": 0.25}),
-    Case("qwen2_shared_hidden", "qwen2", "hidden", experts=2, shared=1, shared_prompts=True,
-         architecture="qwen", output_type="qwen2_moe"),
-    Case("qwen3_cheap_embed", "qwen3", "cheap_embed", experts=2, architecture="qwen3", output_type="qwen3_moe"),
-    Case("llama_deepseek_shared", "llama", "cheap_embed", experts=2, shared=1, output_type="deepseek"),
-)}
+CASES = {
+    c.name: c
+    for c in (
+        Case("llama_cheap_embed", "llama", "cheap_embed", extra={"residual_scale": 0.5}),
+        Case("mistral_random", "mistral", "random", experts=2, dtype="bfloat16", seed=7),
+        Case("llama_uniform_random", "llama", "uniform_random", experts=2, seed=3),
+        Case("llama_hidden", "llama", "hidden"),
+        Case("llama_noise", "llama", "cheap_embed", experts=2, extra={"noise_scale": 0.25}),
+        Case(
+            "qwen2_shared_hidden",
+            "qwen2",
+            "hidden",
+            experts=2,
+            shared=1,
+            shared_prompts=True,
+            architecture="qwen",
+            output_type="qwen2_moe",
+        ),
+        Case(
+            "qwen3_cheap_embed",
+            "qwen3",
+            "cheap_embed",
+            experts=2,
+            architecture="qwen3",
+            output_type="qwen3_moe",
+        ),
+        Case(
+            "llama_deepseek_shared",
+            "llama",
+            "cheap_embed",
+            experts=2,
+            shared=1,
+            output_type="deepseek",
+        ),
+    )
+}

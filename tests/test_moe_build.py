@@ -15,22 +15,27 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
-
 from conftest import load_output
 from moe_build_cases import CASES, GOLDEN, Case
 from moe_builder import MoEArch, fused_state_dict
+from safetensors.torch import load_file
+
 from streammerge.cli import main, moe_main
 from streammerge.errors import CheckpointError, PlanError
 from streammerge.moe import build_moe
 from streammerge.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
-FUSED = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}  # mergekit writes these in transformers 5's layout
+FUSED = {
+    "mixtral": "mixtral",
+    "qwen3_moe": "qwen3_moe",
+}  # mergekit writes these in transformers 5's layout
 
 
 def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +56,16 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
     return Lazy(cache)
 
 
-def _mergekit_layout(case: Case, tensors: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:
+def _mergekit_layout(
+    case: Case, tensors: dict[str, torch.Tensor], experts: int
+) -> dict[str, torch.Tensor]:
     """streammerge's per-expert output in the layout mergekit-moe 0.1.5 writes it."""
     if case.output_type not in FUSED:
         return tensors
     layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("model.layers."))
-    return fused_state_dict(MoEArch(FUSED[case.output_type], layers=layers, experts=experts), tensors)
+    return fused_state_dict(
+        MoEArch(FUSED[case.output_type], layers=layers, experts=experts), tensors
+    )
 
 
 def _golden(name: str) -> dict[str, list]:
@@ -71,16 +80,26 @@ def test_tensors_and_config_equal_mergekit(built: dict, name: str) -> None:
     golden = _golden(name)
     ours = _mergekit_layout(case, load_output(out), case.experts)
     assert sorted(ours) == sorted(golden)
-    compared = {k: v for k, v in golden.items() if not ("noise_scale" in case.extra and ".experts." in k)}
-    differ = [k for k, (dtype, shape, sha) in compared.items()
-              if (str(ours[k].dtype).removeprefix("torch."), list(ours[k].shape), _sha(ours[k])) != (dtype, shape, sha)]
+    compared = {
+        k: v for k, v in golden.items() if not ("noise_scale" in case.extra and ".experts." in k)
+    }
+    differ = [
+        k
+        for k, (dtype, shape, sha) in compared.items()
+        if (str(ours[k].dtype).removeprefix("torch."), list(ours[k].shape), _sha(ours[k]))
+        != (dtype, shape, sha)
+    ]
     assert differ == []
     assert len(compared) >= len(golden) - 6
     config = json.loads((out / "config.json").read_text())
     want = json.loads((GOLDEN / name / "config.json").read_text())
     want.pop("_name_or_path", None)  # DeepSeek: the path mergekit's base was built at
-    if "layer_types" in want and not want.get("use_sliding_window", True):  # mergekit's sliding layers
-        want["layer_types"] = ["full_attention"] * len(want["layer_types"])  # without a window: full
+    if "layer_types" in want and not want.get(
+        "use_sliding_window", True
+    ):  # mergekit's sliding layers
+        want["layer_types"] = ["full_attention"] * len(
+            want["layer_types"]
+        )  # without a window: full
     assert config == want
 
 
@@ -91,12 +110,16 @@ def test_hidden_router_rows_within_1e5_of_mergekit(built: dict, name: str) -> No
     golden = load_file(str(GOLDEN / name / "routers.safetensors"))
     assert golden
     for k, want in golden.items():
-        got = out[k.replace(".mlp.", ".block_sparse_moe.") if CASES[name].output_type == "mixtral" else k]
+        got = out[
+            k.replace(".mlp.", ".block_sparse_moe.") if CASES[name].output_type == "mixtral" else k
+        ]
         rel = (got.double() - want.double()).norm(dim=-1) / want.double().norm(dim=-1)
         assert rel.max().item() <= 1e-5, k
 
 
-def test_random_gates_same_seed_same_bytes_and_mergekit_moments(built: dict, tmp_path: Path) -> None:
+def test_random_gates_same_seed_same_bytes_and_mergekit_moments(
+    built: dict, tmp_path: Path
+) -> None:
     """random: the same seed gives the same bytes, another seed other gates; the draw is N(0, 1)
     as mergekit's is (here even its bytes: the golden is mergekit-moe --random-seed 7)."""
     config, first = built["mistral_random"]
@@ -107,7 +130,12 @@ def test_random_gates_same_seed_same_bytes_and_mergekit_moments(built: dict, tmp
     gates = [k for k in load_output(first) if k.endswith(".gate.weight")]
     ours, elsewhere = load_output(first), load_output(other)
     assert all(not torch.equal(ours[k], elsewhere[k]) for k in gates)
-    mergekit = torch.cat([v.flatten().double() for v in load_file(str(GOLDEN / "mistral_random" / "routers.safetensors")).values()])
+    mergekit = torch.cat(
+        [
+            v.flatten().double()
+            for v in load_file(str(GOLDEN / "mistral_random" / "routers.safetensors")).values()
+        ]
+    )
     drawn = torch.cat([ours[k].flatten().double() for k in gates])
     assert abs(drawn.mean().item()) < 0.15 and abs(drawn.std().item() - 1) < 0.15
     assert abs(drawn.std().item() - mergekit.std().item()) < 0.15
@@ -116,7 +144,7 @@ def test_random_gates_same_seed_same_bytes_and_mergekit_moments(built: dict, tmp
 def test_uniform_random_gates_are_linear_init(built: dict) -> None:
     out = load_output(built["llama_uniform_random"][1])
     gates = torch.cat([v.flatten() for k, v in out.items() if k.endswith(".gate.weight")])
-    assert gates.abs().max().item() <= 64 ** -0.5 and gates.std().item() > 0.5 * 64 ** -0.5 / 3 ** 0.5
+    assert gates.abs().max().item() <= 64**-0.5 and gates.std().item() > 0.5 * 64**-0.5 / 3**0.5
 
 
 def test_noise_is_seeded_and_has_mergekit_moments(built: dict, tmp_path: Path) -> None:
@@ -124,13 +152,24 @@ def test_noise_is_seeded_and_has_mergekit_moments(built: dict, tmp_path: Path) -
     draws' mean and deviation as mergekit's (noise.json)."""
     config, out = built["llama_noise"]
     build_moe(config, tmp_path / "again", quiet=True)
-    assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "again" / "model.safetensors"
+    ).read_bytes()
     doc = yaml.safe_load(config.read_text())
     source = load_file(str(Path(doc["experts"][1]["source_model"]) / "model.safetensors"))
     tensors = load_output(out)
     names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-    z = torch.cat([(tensors[k].double() - source[f"model.layers.{k.split('.')[2]}.mlp.{names[k.split('.')[-2]]}.weight"])
-                   .flatten() / 0.25 for k in tensors if ".experts.1." in k])
+    z = torch.cat(
+        [
+            (
+                tensors[k].double()
+                - source[f"model.layers.{k.split('.')[2]}.mlp.{names[k.split('.')[-2]]}.weight"]
+            ).flatten()
+            / 0.25
+            for k in tensors
+            if ".experts.1." in k
+        ]
+    )
     mergekit = json.loads((GOLDEN / "llama_noise" / "noise.json").read_text())
     assert z.numel() == mergekit["count"]
     assert abs(z.mean().item()) < 0.02 and abs(z.mean().item() - mergekit["mean"]) < 0.03
@@ -142,7 +181,9 @@ def _reference_state(case: Case, config: Path, name: str) -> dict[str, torch.Ten
     the published per-expert layout."""
     doc = yaml.safe_load(config.read_text())
     base = load_file(str(Path(doc["base_model"]) / "model.safetensors"))
-    experts = [load_file(str(Path(e["source_model"]) / "model.safetensors")) for e in doc["experts"]]
+    experts = [
+        load_file(str(Path(e["source_model"]) / "model.safetensors")) for e in doc["experts"]
+    ]
     routers = load_file(str(GOLDEN / name / "routers.safetensors"))
     mixtral = case.output_type == "mixtral"
     out = {k: v for k, v in base.items() if ".mlp." not in k}
@@ -156,8 +197,11 @@ def _reference_state(case: Case, config: Path, name: str) -> dict[str, torch.Ten
             layer, proj = k.split(".")[2], k.split(".")[-2]
             scale = spec.get("residual_scale") if proj == "down_proj" else None
             v = v * scale if scale is not None else v
-            target = (f"model.layers.{layer}.block_sparse_moe.experts.{e}.{names[proj]}.weight" if mixtral
-                      else f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight")
+            target = (
+                f"model.layers.{layer}.block_sparse_moe.experts.{e}.{names[proj]}.weight"
+                if mixtral
+                else f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+            )
             out[target] = v
     for k, v in base.items() if case.shared else ():
         if ".mlp." in k:
@@ -167,18 +211,30 @@ def _reference_state(case: Case, config: Path, name: str) -> dict[str, torch.Ten
     return out
 
 
-@pytest.mark.parametrize("name", ["llama_cheap_embed", "mistral_random", "llama_hidden", "qwen2_shared_hidden",
-                                  "qwen3_cheap_embed"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama_cheap_embed",
+        "mistral_random",
+        "llama_hidden",
+        "qwen2_shared_hidden",
+        "qwen3_cheap_embed",
+    ],
+)
 def test_loads_in_transformers_with_the_reference_logits(built: dict, name: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     case, (config, out) = CASES[name], built[name]
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(out), dtype=torch.float32
+    ).eval()
     state = _reference_state(case, config, name)
     arch = MoEArch(FUSED.get(case.output_type, "qwen3_moe"), layers=3, experts=case.experts)
     dtype = getattr(torch, json.loads((GOLDEN / name / "config.json").read_text())["dtype"])
-    reference.load_state_dict({k: v.to(dtype).float() for k, v in fused_state_dict(arch, state).items()}, strict=True)
+    reference.load_state_dict(
+        {k: v.to(dtype).float() for k, v in fused_state_dict(arch, state).items()}, strict=True
+    )
     ids = torch.tensor([[1, 5, 9, 17, 33, 60, 7, 2, 40, 41]])
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
@@ -197,12 +253,24 @@ def test_resumes_after_a_kill_to_the_same_bytes(built: dict, tmp_path: Path) -> 
     """SIGKILLed after its 20th tensor is journalled, the build resumes to an uninterrupted run's bytes."""
     config, whole = built["llama_hidden"]
     out = tmp_path / "out"
-    child = ("import sys; sys.path.insert(0, 'tests'); from crash_child import kill_after; "
-             "from streammerge.journal import Journal; kill_after(Journal, 'record', 20); "
-             "from streammerge.moe import build_moe; "
-             f"build_moe({str(config)!r}, {str(out)!r}, quiet=True); sys.exit(3)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's streammerge, not an installed one
-    killed = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True, text=True)
+    child = (
+        "import sys; sys.path.insert(0, 'tests'); from crash_child import kill_after; "
+        "from streammerge.journal import Journal; kill_after(Journal, 'record', 20); "
+        "from streammerge.moe import build_moe; "
+        f"build_moe({str(config)!r}, {str(out)!r}, quiet=True); sys.exit(3)"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+    }  # this checkout's streammerge, not an installed one
+    killed = subprocess.run(
+        [sys.executable, "-c", child],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     staging = tmp_path / ".out.streammerge-partial"
     assert staging.is_dir() and not out.exists()
@@ -217,7 +285,9 @@ def test_chunked_copies_and_noise_give_the_same_bytes(built: dict, tmp_path: Pat
     counter-based noise included."""
     config, whole = built["llama_noise"]
     build_moe(config, tmp_path / "out", quiet=True, chunk_size=7 * 64)
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        whole / "model.safetensors"
+    ).read_bytes()
 
 
 def _write(path: Path, doc: dict) -> Path:
@@ -237,13 +307,25 @@ def test_errors_are_one_line(built: dict, tmp_path: Path) -> None:
     config, _ = built["llama_cheap_embed"]
     doc = yaml.safe_load(config.read_text())
     unknown = _write(tmp_path / "a.yml", doc | {"architecture": "switch"})
-    assert "unknown output architecture 'switch'" in _error(["moe", str(unknown), str(tmp_path / "o1")])
-    no_prompts = _write(tmp_path / "b.yml", doc | {"gate_mode": "hidden", "experts": [
-        {k: v for k, v in e.items() if k != "positive_prompts"} for e in doc["experts"]]})
+    assert "unknown output architecture 'switch'" in _error(
+        ["moe", str(unknown), str(tmp_path / "o1")]
+    )
+    no_prompts = _write(
+        tmp_path / "b.yml",
+        doc
+        | {
+            "gate_mode": "hidden",
+            "experts": [
+                {k: v for k, v in e.items() if k != "positive_prompts"} for e in doc["experts"]
+            ],
+        },
+    )
     line = _error(["moe", str(no_prompts), str(tmp_path / "o2")])
     assert "experts[0]" in line and "positive_prompts" in line
     qwen3 = _write(tmp_path / "c.yml", doc | {"architecture": "qwen3"})
-    assert "Qwen3 MoE builds from qwen3 models only" in _error(["moe", str(qwen3), str(tmp_path / "o3")])
+    assert "Qwen3 MoE builds from qwen3 models only" in _error(
+        ["moe", str(qwen3), str(tmp_path / "o3")]
+    )
     assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3))
 
 
@@ -259,12 +341,19 @@ def test_an_expert_of_other_shapes_is_named(built: dict, tmp_path: Path) -> None
     tensors = load_file(str(wide / "model.safetensors"))
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(100, 64)
     from safetensors.torch import save_file
+
     save_file(tensors, str(wide / "model.safetensors"), metadata={"format": "pt"})
     doc["experts"][2]["source_model"] = str(wide)
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is \[100, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is \[100, 64\]"
+    ):
         build_moe(_write(tmp_path / "w.yml", doc), tmp_path / "out", quiet=True)
     with pytest.raises(PlanError, match="every expert is"):
-        same = doc | {"experts": [dict(e, source_model=doc["experts"][0]["source_model"]) for e in doc["experts"]]}
+        same = doc | {
+            "experts": [
+                dict(e, source_model=doc["experts"][0]["source_model"]) for e in doc["experts"]
+            ]
+        }
         build_moe(_write(tmp_path / "s.yml", same), tmp_path / "out", quiet=True)
 
 
@@ -273,10 +362,25 @@ def test_streammerge_moe_takes_mergekit_moe_options(built: dict, tmp_path: Path)
     options with nothing to do, each with a note."""
     config, first = built["mistral_random"]
     out = tmp_path / "out"
-    result = CliRunner().invoke(moe_main, [str(config), str(out), "--random-seed", "7", "--out-shard-size", "100K",
-                                           "--lazy-unpickle", "--load-in-8bit", "--copy-tokenizer"])
+    result = CliRunner().invoke(
+        moe_main,
+        [
+            str(config),
+            str(out),
+            "--random-seed",
+            "7",
+            "--out-shard-size",
+            "100K",
+            "--lazy-unpickle",
+            "--load-in-8bit",
+            "--copy-tokenizer",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert "note: --lazy-unpickle" in result.output and "note: --load-in-4bit/--load-in-8bit" in result.output
+    assert (
+        "note: --lazy-unpickle" in result.output
+        and "note: --load-in-4bit/--load-in-8bit" in result.output
+    )
     assert len(list(out.glob("*.safetensors"))) > 1 and verify(out)[0] == []
     ours, want = load_output(out), load_output(first)
     assert sorted(ours) == sorted(want) and all(torch.equal(ours[k], want[k]) for k in want)

@@ -12,9 +12,10 @@ loading, so the models load the same.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,7 +23,11 @@ from streammerge.errors import PlanError
 from streammerge.forward.skeleton import import_transformers
 from streammerge.moe.config import MoEConfig
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # a dense model's MLP, ``model.layers.{i}.mlp.*``
+PROJECTIONS = (
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)  # a dense model's MLP, ``model.layers.{i}.mlp.*``
 _MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 _LLAMA_LIKE = ("llama", "mistral")
 
@@ -43,12 +48,16 @@ class OutputArchitecture:
     router: Callable[[int], str]
     shared: Callable[[int, str], str] | None = None
     shared_router: Callable[[int], str] | None = None
-    needs_attention_bias: bool = False  # Qwen2-MoE's attention has q/k/v biases: zeros when the base has none
+    needs_attention_bias: bool = (
+        False  # Qwen2-MoE's attention has q/k/v biases: zeros when the base has none
+    )
 
 
 def _same_type(model_types: list[str], allowed: tuple[str, ...], name: str) -> str | None:
     if len(set(model_types)) != 1:
-        return f"{name} needs every input of one model_type, got {', '.join(sorted(set(model_types)))}"
+        return (
+            f"{name} needs every input of one model_type, got {', '.join(sorted(set(model_types)))}"
+        )
     if model_types[0] not in allowed:
         return f"{name} builds from {' or '.join(allowed)} models, not {model_types[0]}"
     return None
@@ -89,35 +98,56 @@ def _mlp(i: int) -> str:
 
 
 MIXTRAL = OutputArchitecture(
-    "Mixtral", _mixtral_refusal,
-    expert=lambda i, e, p: f"model.layers.{i}.block_sparse_moe.experts.{e}.{_MIXTRAL_NAMES[p]}.weight",
-    router=lambda i: f"model.layers.{i}.block_sparse_moe.gate.weight")
+    "Mixtral",
+    _mixtral_refusal,
+    expert=lambda i, e, p: (
+        f"model.layers.{i}.block_sparse_moe.experts.{e}.{_MIXTRAL_NAMES[p]}.weight"
+    ),
+    router=lambda i: f"model.layers.{i}.block_sparse_moe.gate.weight",
+)
 DEEPSEEK = OutputArchitecture(
-    "DeepSeek MoE", _deepseek_refusal,
-    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight", router=lambda i: f"{_mlp(i)}.gate.weight",
-    shared=lambda i, p: f"{_mlp(i)}.shared_experts.{p}.weight")
+    "DeepSeek MoE",
+    _deepseek_refusal,
+    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight",
+    router=lambda i: f"{_mlp(i)}.gate.weight",
+    shared=lambda i, p: f"{_mlp(i)}.shared_experts.{p}.weight",
+)
 QWEN = OutputArchitecture(
-    "Qwen MoE", _qwen_refusal,
-    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight", router=lambda i: f"{_mlp(i)}.gate.weight",
+    "Qwen MoE",
+    _qwen_refusal,
+    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight",
+    router=lambda i: f"{_mlp(i)}.gate.weight",
     shared=lambda i, p: f"{_mlp(i)}.shared_expert.{p}.weight",
-    shared_router=lambda i: f"{_mlp(i)}.shared_expert_gate.weight", needs_attention_bias=True)
+    shared_router=lambda i: f"{_mlp(i)}.shared_expert_gate.weight",
+    needs_attention_bias=True,
+)
 QWEN3 = OutputArchitecture(
-    "Qwen3 MoE", _qwen3_refusal,
-    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight", router=lambda i: f"{_mlp(i)}.gate.weight")
+    "Qwen3 MoE",
+    _qwen3_refusal,
+    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight",
+    router=lambda i: f"{_mlp(i)}.gate.weight",
+)
 # mergekit's order: the first that fits is taken when the config names none (Mixtral preferred).
 ARCHITECTURES = (MIXTRAL, DEEPSEEK, QWEN, QWEN3)
 
 
-def select_architecture(config: MoEConfig, model_types: list[str], where: str) -> OutputArchitecture:
+def select_architecture(
+    config: MoEConfig, model_types: list[str], where: str
+) -> OutputArchitecture:
     """The output architecture, as mergekit-moe's ``select_output_arch`` picks it: those whose name
     starts with ``architecture:`` (all when it is not given) that can build the config, Mixtral if
     it is among them, else the first."""
     names = ", ".join(a.name.split()[0].lower() for a in ARCHITECTURES)
-    candidates = [a for a in ARCHITECTURES
-                  if config.architecture is None or a.name.lower().startswith(config.architecture.lower())]
+    candidates = [
+        a
+        for a in ARCHITECTURES
+        if config.architecture is None or a.name.lower().startswith(config.architecture.lower())
+    ]
     if not candidates:
-        raise PlanError(f"{where}: architecture: unknown output architecture {config.architecture!r}; "
-                        f"expected one of {names}")
+        raise PlanError(
+            f"{where}: architecture: unknown output architecture {config.architecture!r}; "
+            f"expected one of {names}"
+        )
     refusals = {a.name: a.refusal(config, model_types) for a in candidates}
     fitting = [a for a in candidates if refusals[a.name] is None]
     if not fitting:
@@ -126,8 +156,13 @@ def select_architecture(config: MoEConfig, model_types: list[str], where: str) -
     return next((a for a in fitting if a is MIXTRAL), fitting[0])
 
 
-def output_config(arch: OutputArchitecture, base_dir: str | Path, config: MoEConfig, out_dtype: torch.dtype,
-                  num_shared: int) -> dict[str, Any]:
+def output_config(
+    arch: OutputArchitecture,
+    base_dir: str | Path,
+    config: MoEConfig,
+    out_dtype: torch.dtype,
+    num_shared: int,
+) -> dict[str, Any]:
     """config.json of the MoE, as mergekit-moe writes it: the base's config converted to the
     architecture's config class, with the expert counts (transformers' own classes fill in the
     rest, and only what differs from their defaults is written, as ``save_pretrained`` does)."""
@@ -136,15 +171,29 @@ def output_config(arch: OutputArchitecture, base_dir: str | Path, config: MoECon
     experts, top_k = len(config.experts), config.experts_per_token
     if arch is DEEPSEEK:  # no config class in transformers: mergekit writes the dict itself
         out = base.to_dict()
-        out.pop("_name_or_path", None)  # mergekit keeps the base's local path; it means nothing elsewhere
-        out.update(architectures=["DeepseekForCausalLM"], model_type="deepseek", n_routed_experts=experts,
-                   n_shared_experts=num_shared or None, num_experts_per_tok=top_k or (1 if num_shared else 2),
-                   first_k_dense_replace=0, moe_layer_freq=1, scoring_func="softmax", norm_topk_prob=True,
-                   moe_intermediate_size=out["intermediate_size"],
-                   auto_map={k: f"deepseek-ai/deepseek-moe-16b-base--{v}" for k, v in (
-                       ("AutoConfig", "configuration_deepseek.DeepseekConfig"),
-                       ("AutoModel", "modeling_deepseek.DeepseekModel"),
-                       ("AutoModelForCausalLM", "modeling_deepseek.DeepseekForCausalLM"))})
+        out.pop(
+            "_name_or_path", None
+        )  # mergekit keeps the base's local path; it means nothing elsewhere
+        out.update(
+            architectures=["DeepseekForCausalLM"],
+            model_type="deepseek",
+            n_routed_experts=experts,
+            n_shared_experts=num_shared or None,
+            num_experts_per_tok=top_k or (1 if num_shared else 2),
+            first_k_dense_replace=0,
+            moe_layer_freq=1,
+            scoring_func="softmax",
+            norm_topk_prob=True,
+            moe_intermediate_size=out["intermediate_size"],
+            auto_map={
+                k: f"deepseek-ai/deepseek-moe-16b-base--{v}"
+                for k, v in (
+                    ("AutoConfig", "configuration_deepseek.DeepseekConfig"),
+                    ("AutoModel", "modeling_deepseek.DeepseekModel"),
+                    ("AutoModelForCausalLM", "modeling_deepseek.DeepseekForCausalLM"),
+                )
+            },
+        )
         out["torch_dtype"] = str(out_dtype).removeprefix("torch.")
         return out
     if arch is MIXTRAL:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from streammerge.device import CPU
 from streammerge.engine import MergeResult
-from streammerge.errors import CheckpointError, OutputError, PlanError, StreamMergeError
+from streammerge.errors import CheckpointError, OutputError, StreamMergeError
 from streammerge.executors.local import merge_weights
 from streammerge.finalize import write_model_files
 from streammerge.io.reader import Checkpoint
@@ -32,15 +32,28 @@ from streammerge.io.writer import StagedOutput
 from streammerge.journal import Journal, discard_journals
 from streammerge.lora.overlay import open_checkpoints
 from streammerge.methods.base import TensorParams
-from streammerge.moe.architecture import PROJECTIONS, OutputArchitecture, output_config, select_architecture
+from streammerge.moe.architecture import (
+    PROJECTIONS,
+    OutputArchitecture,
+    output_config,
+    select_architecture,
+)
 from streammerge.moe.config import Expert, MoEConfig, load_config
 from streammerge.moe.expert import EXPERT, expert_params
 from streammerge.moe.routers import gate_vectors
 from streammerge.plan.architecture import is_pre_layer, layer_index
 from streammerge.plan.load import resolve_model
 from streammerge.plan.schema import MergePlan
-from streammerge.schedule import (DTYPES, Schedule, Source, TensorJob, _bytes_per_element, _finish,
-                                  _rows_per_chunk, _working_budget)
+from streammerge.schedule import (
+    DTYPES,
+    Schedule,
+    Source,
+    TensorJob,
+    _bytes_per_element,
+    _finish,
+    _rows_per_chunk,
+    _working_budget,
+)
 from streammerge.verify import MANIFEST, manifest
 
 COMPUTED = "moe-computed"  # the routers' checkpoint, in the staging directory until the commit
@@ -59,10 +72,22 @@ class _Inputs:
     shared: list[int]
 
 
-def build_moe(config_file: str | Path, output: str | Path, *, overwrite: bool = False, restart: bool = False,
-              quiet: bool = False, seed: int = 0, shard_size: int | None = None, max_memory: int | None = None,
-              chunk_size: int | None = None, copy_tokenizer: bool = True, write_model_card: bool = True, allow_all_same: bool = False,
-              cache_dir: str | None = None) -> MergeResult:
+def build_moe(
+    config_file: str | Path,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    restart: bool = False,
+    quiet: bool = False,
+    seed: int = 0,
+    shard_size: int | None = None,
+    max_memory: int | None = None,
+    chunk_size: int | None = None,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    allow_all_same: bool = False,
+    cache_dir: str | None = None,
+) -> MergeResult:
     """Build the MoE that ``config_file`` (mergekit-moe's format) describes into ``output``.
     ``seed`` draws the random gate modes and the experts' noise; the same seed gives the same bytes.
     ``max_memory`` bounds the peak (the copies are chunked to fit it), ``chunk_size`` sets the
@@ -75,28 +100,44 @@ def build_moe(config_file: str | Path, output: str | Path, *, overwrite: bool = 
     sched = None
     try:
         base = inputs.checkpoints[0]
-        types = [str(inputs.checkpoints[c].config().get("model_type")) for c in [0, *inputs.experts, *inputs.shared]]
+        types = [
+            str(inputs.checkpoints[c].config().get("model_type"))
+            for c in [0, *inputs.experts, *inputs.shared]
+        ]
         arch = select_architecture(config, types, str(config_file))
         layers = int(base.config().get("num_hidden_layers") or 0)
         if layers < 1:
-            raise CheckpointError(f"{base.path}/config.json: no num_hidden_layers; the base must be a decoder LLM")
+            raise CheckpointError(
+                f"{base.path}/config.json: no num_hidden_layers; the base must be a decoder LLM"
+            )
         _check_experts(inputs, layers)
         out_dtype = _out_dtype(config, base)
         for c in inputs.checkpoints:
             if c.path.resolve() == destination or c.path.resolve() in destination.parents:
-                raise OutputError(f"{destination}: the output may not be an input model directory or inside one")
+                raise OutputError(
+                    f"{destination}: the output may not be an input model directory or inside one"
+                )
         staged = StagedOutput(destination, overwrite, restart)
         computed = _computed(config, inputs, arch, layers, staged, seed, quiet)
-        plan = MergePlan.model_validate({
-            "merge_method": "passthrough", "models": [{"model": p} for p in [*inputs.paths, str(computed.path)]],
-            "seed": seed, "copy_tokenizer": copy_tokenizer, "write_model_card": False,
-            "tokenizer_source": config.tokenizer_donor, "output": str(destination),
-            **({"shard_size": shard_size} if shard_size is not None else {}),
-            **({"max_memory": max_memory} if max_memory is not None else {}),
-            **({"chunk_size": chunk_size} if chunk_size is not None else {})})
+        plan = MergePlan.model_validate(
+            {
+                "merge_method": "passthrough",
+                "models": [{"model": p} for p in [*inputs.paths, str(computed.path)]],
+                "seed": seed,
+                "copy_tokenizer": copy_tokenizer,
+                "write_model_card": False,
+                "tokenizer_source": config.tokenizer_donor,
+                "output": str(destination),
+                **({"shard_size": shard_size} if shard_size is not None else {}),
+                **({"max_memory": max_memory} if max_memory is not None else {}),
+                **({"chunk_size": chunk_size} if chunk_size is not None else {}),
+            }
+        )
         checkpoints = (*inputs.checkpoints, computed)
         sched = _schedule(plan, config, inputs, arch, checkpoints, layers, out_dtype)
-        return _run(sched, staged, config_file, config, arch, out_dtype, write_model_card, quiet, started)
+        return _run(
+            sched, staged, config_file, config, arch, out_dtype, write_model_card, quiet, started
+        )
     finally:
         if sched is not None:
             sched.close()
@@ -106,14 +147,17 @@ def build_moe(config_file: str | Path, output: str | Path, *, overwrite: bool = 
 
 
 def _open_inputs(config: MoEConfig, root: Path, cache_dir: str | None) -> _Inputs:
-    refs = [config.base_model, *(e.source_model for e in config.experts),
-            *(e.source_model for e in config.shared_experts or [])]
+    refs = [
+        config.base_model,
+        *(e.source_model for e in config.experts),
+        *(e.source_model for e in config.shared_experts or []),
+    ]
     resolved = [resolve_model(r, cache_dir, root) for r in refs]
     paths = list(dict.fromkeys(resolved))  # a model used twice is opened once
     checkpoints = open_checkpoints(paths)
     index = [paths.index(r) for r in resolved]
     n = len(config.experts)
-    return _Inputs(paths, checkpoints, index[1:1 + n], index[1 + n:])
+    return _Inputs(paths, checkpoints, index[1 : 1 + n], index[1 + n :])
 
 
 def _mlp(layer: int, proj: str) -> str:
@@ -129,25 +173,38 @@ def _check_experts(inputs: _Inputs, layers: int) -> None:
             for proj in PROJECTIONS:
                 name = _mlp(i, proj)
                 if name not in ckpt.tensors:
-                    raise CheckpointError(f"{ckpt.path}: tensor {name!r} missing; an expert needs the dense MLP "
-                                          f"({', '.join(PROJECTIONS)}) of each of the base's {layers} layers")
+                    raise CheckpointError(
+                        f"{ckpt.path}: tensor {name!r} missing; an expert needs the dense MLP "
+                        f"({', '.join(PROJECTIONS)}) of each of the base's {layers} layers"
+                    )
                 ref = base if name in base.tensors else inputs.checkpoints[inputs.experts[0]]
                 want, got = tuple(ref.tensors[name].shape), tuple(ckpt.tensors[name].shape)
                 if got != want:
-                    raise CheckpointError(f"{ckpt.path}: tensor {name!r} is {list(got)}, {ref.path} has {list(want)}; "
-                                          "every expert must have the base model's shapes (a fine-tune of it)")
+                    raise CheckpointError(
+                        f"{ckpt.path}: tensor {name!r} is {list(got)}, {ref.path} has {list(want)}; "
+                        "every expert must have the base model's shapes (a fine-tune of it)"
+                    )
 
 
 def _out_dtype(config: MoEConfig, base: Checkpoint) -> torch.dtype | None:
     """config ``dtype``, else the base's config.json dtype, else None (each tensor keeps its own)."""
     name = config.dtype or base.config().get("torch_dtype") or base.config().get("dtype")
     if name is not None and name not in DTYPES:
-        raise CheckpointError(f"{base.path}/config.json: torch_dtype {name!r} is not a float dtype; set dtype: in the config")
+        raise CheckpointError(
+            f"{base.path}/config.json: torch_dtype {name!r} is not a float dtype; set dtype: in the config"
+        )
     return DTYPES[name] if name is not None else None
 
 
-def _computed(config: MoEConfig, inputs: _Inputs, arch: OutputArchitecture, layers: int, staged: StagedOutput,
-              seed: int, quiet: bool) -> Checkpoint:
+def _computed(
+    config: MoEConfig,
+    inputs: _Inputs,
+    arch: OutputArchitecture,
+    layers: int,
+    staged: StagedOutput,
+    seed: int,
+    quiet: bool,
+) -> Checkpoint:
     """The checkpoint of what no input holds: per layer the router and the shared expert's gate, and
     for Qwen2-MoE from a base without attention biases, zero biases. Reused by a resumed build
     when it was computed for the same config and seed (its header records which)."""
@@ -156,7 +213,9 @@ def _computed(config: MoEConfig, inputs: _Inputs, arch: OutputArchitecture, laye
     fingerprint = config.fingerprint(seed)
     if not _holds(weights, fingerprint):
         base = inputs.checkpoints[0]
-        gates = gate_vectors(config, base.path, base, seed, spill_dir=str(staged.staging), progress=not quiet)
+        gates = gate_vectors(
+            config, base.path, base, seed, spill_dir=str(staged.staging), progress=not quiet
+        )
         n = len(config.experts)
         tensors = {}
         for i in range(layers):
@@ -174,7 +233,7 @@ def _holds(weights: Path, fingerprint: str) -> bool:
     try:
         with safe_open(str(weights), "pt") as f:
             return (f.metadata() or {}).get("moe_config") == fingerprint
-    except Exception:  # absent, or cut short by a kill (safetensors raises its own errors): computed again
+    except (OSError, SafetensorError):  # absent, or cut short by a kill: computed again
         return False
 
 
@@ -185,36 +244,82 @@ def _zero_biases(base: Checkpoint, layers: int) -> dict[str, torch.Tensor]:
     for i in range(layers):
         for p in ("q_proj", "k_proj", "v_proj"):
             weight = f"model.layers.{i}.self_attn.{p}.weight"
-            if f"model.layers.{i}.self_attn.{p}.bias" not in base.tensors and weight in base.tensors:
-                out[_BIAS.format(weight)] = torch.zeros(base.tensors[weight].shape[0], dtype=base.tensors[weight].dtype)
+            if (
+                f"model.layers.{i}.self_attn.{p}.bias" not in base.tensors
+                and weight in base.tensors
+            ):
+                out[_BIAS.format(weight)] = torch.zeros(
+                    base.tensors[weight].shape[0], dtype=base.tensors[weight].dtype
+                )
     return out
 
 
-def _schedule(plan: MergePlan, config: MoEConfig, inputs: _Inputs, arch: OutputArchitecture,
-              checkpoints: tuple[Any, ...], layers: int, out_dtype: torch.dtype | None) -> Schedule:
+def _schedule(
+    plan: MergePlan,
+    config: MoEConfig,
+    inputs: _Inputs,
+    arch: OutputArchitecture,
+    checkpoints: tuple[Any, ...],
+    layers: int,
+    out_dtype: torch.dtype | None,
+) -> Schedule:
     """The copies, layer by layer: the base's tensors of the layer, its router (and shared gate),
     then every expert's projections."""
     computed = len(checkpoints) - 1
-    budget, workers = _working_budget(plan), 1  # copies: the engine's reader and writer threads do the work
+    budget, workers = (
+        _working_budget(plan),
+        1,
+    )  # copies: the engine's reader and writer threads do the work
     by_layer: dict[int | None, list[TensorJob]] = {}
 
-    def add(name: str, checkpoint: int, tensor: str, expert: tuple[int, Expert] | None = None) -> None:
+    def add(
+        name: str, checkpoint: int, tensor: str, expert: tuple[int, Expert] | None = None
+    ) -> None:
         stored = checkpoints[checkpoint].tensors[tensor]
-        out = out_dtype if out_dtype is not None and stored.dtype.is_floating_point else stored.dtype
-        scaled = expert is not None and (expert[1].noise_scale is not None or
-                                         (expert[1].residual_scale is not None and "down_proj" in tensor))
+        out = (
+            out_dtype if out_dtype is not None and stored.dtype.is_floating_point else stored.dtype
+        )
+        scaled = expert is not None and (
+            expert[1].noise_scale is not None
+            or (expert[1].residual_scale is not None and "down_proj" in tensor)
+        )
         if scaled:
             k, e = expert
-            params = expert_params(e.noise_scale, e.residual_scale if "down_proj" in tensor else None)
-            job = TensorJob(name, tuple(stored.shape), EXPERT, (Source(checkpoint, tensor),), False, (k,), params,
-                            stored.dtype, stored.dtype, out)
+            params = expert_params(
+                e.noise_scale, e.residual_scale if "down_proj" in tensor else None
+            )
+            job = TensorJob(
+                name,
+                tuple(stored.shape),
+                EXPERT,
+                (Source(checkpoint, tensor),),
+                False,
+                (k,),
+                params,
+                stored.dtype,
+                stored.dtype,
+                out,
+            )
         else:
-            job = TensorJob(name, tuple(stored.shape), None, (Source(checkpoint, tensor),), False, (),
-                            TensorParams({}, ()), stored.dtype, stored.dtype, out)
-        rows = _rows_per_chunk(plan, job, _bytes_per_element(checkpoints, job, workers), budget, workers)
+            job = TensorJob(
+                name,
+                tuple(stored.shape),
+                None,
+                (Source(checkpoint, tensor),),
+                False,
+                (),
+                TensorParams({}, ()),
+                stored.dtype,
+                stored.dtype,
+                out,
+            )
+        rows = _rows_per_chunk(
+            plan, job, _bytes_per_element(checkpoints, job, workers), budget, workers
+        )
         layer = layer_index(name)
         by_layer.setdefault(-1 if layer is None and is_pre_layer(name) else layer, []).append(
-            replace(job, rows_per_chunk=rows))
+            replace(job, rows_per_chunk=rows)
+        )
 
     base = checkpoints[0]
     for name in base.tensors:
@@ -238,12 +343,22 @@ def _schedule(plan: MergePlan, config: MoEConfig, inputs: _Inputs, arch: OutputA
                     add(arch.shared(i, proj), c, _mlp(i, proj), (n + s, expert))
     order = sorted(by_layer, key=lambda k: (k is None, k if k is not None else 0))
     jobs = [j for k in order for j in by_layer[k]]
-    return _finish(plan, EXPERT, checkpoints, jobs, [], (), 0, [(None, layers)], None, CPU, None, workers)
+    return _finish(
+        plan, EXPERT, checkpoints, jobs, [], (), 0, [(None, layers)], None, CPU, None, workers
+    )
 
 
-def _run(sched: Schedule, staged: StagedOutput, config_file: str | Path, config: MoEConfig,
-         arch: OutputArchitecture, out_dtype: torch.dtype | None, write_model_card: bool, quiet: bool,
-         started: float) -> MergeResult:
+def _run(
+    sched: Schedule,
+    staged: StagedOutput,
+    config_file: str | Path,
+    config: MoEConfig,
+    arch: OutputArchitecture,
+    out_dtype: torch.dtype | None,
+    write_model_card: bool,
+    quiet: bool,
+    started: float,
+) -> MergeResult:
     """Write the schedule (resuming a partial one), the model's files and the manifest, then commit."""
     from streammerge import __version__
 
@@ -256,23 +371,47 @@ def _run(sched: Schedule, staged: StagedOutput, config_file: str | Path, config:
         report, downloading, merging = merge_weights(sched, staged, quiet, journal)
         write_model_files(sched, staged, __version__)  # the index and the tokenizer files
         dtype = out_dtype or sched.jobs[0].out_dtype
-        staged.write_json("config.json", output_config(arch, sched.checkpoints[0].path, config, dtype,
-                                                       len(config.shared_experts or [])))
+        staged.write_json(
+            "config.json",
+            output_config(
+                arch, sched.checkpoints[0].path, config, dtype, len(config.shared_experts or [])
+            ),
+        )
         if write_model_card:  # mergekit-moe's card: the config it was built from
-            staged.write_text("mergekit_moe_config.yml", Path(config_file).read_text(encoding="utf-8"))
+            staged.write_text(
+                "mergekit_moe_config.yml", Path(config_file).read_text(encoding="utf-8")
+            )
         staged.write_json(MANIFEST, manifest(sched, journal.entries, journal.identity))
     except StreamMergeError as e:
-        raise type(e)(f"{e} (the partial output is kept in {staged.staging}: the same command resumes it, "
-                      "--restart discards it)") from None
+        raise type(e)(
+            f"{e} (the partial output is kept in {staged.staging}: the same command resumes it, "
+            "--restart discards it)"
+        ) from None
     finally:
         journal.close()
     discard_journals(staged.staging)
     shutil.rmtree(staged.path(COMPUTED))
     committed = time.perf_counter()
     staged.commit()
-    notes = (f"output architecture: {arch.name}, {len(config.experts)} experts",
-             *((f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",) if resumed else ()))
-    return MergeResult(staged.destination, len(sched.jobs), len(sched.shards), sched.read_bytes, sched.write_bytes,
-                       time.perf_counter() - started, report.sync_seconds + time.perf_counter() - committed,
-                       (*notes, *report.notes), sched.device.description, inputs=tuple(str(c.path) for c in sched.checkpoints[:-1]),
-                       download_seconds=downloading, merge_seconds=merging)
+    notes = (
+        f"output architecture: {arch.name}, {len(config.experts)} experts",
+        *(
+            (f"resumed: {resumed} of {len(sched.jobs)} tensors were already written",)
+            if resumed
+            else ()
+        ),
+    )
+    return MergeResult(
+        staged.destination,
+        len(sched.jobs),
+        len(sched.shards),
+        sched.read_bytes,
+        sched.write_bytes,
+        time.perf_counter() - started,
+        report.sync_seconds + time.perf_counter() - committed,
+        (*notes, *report.notes),
+        sched.device.description,
+        inputs=tuple(str(c.path) for c in sched.checkpoints[:-1]),
+        download_seconds=downloading,
+        merge_seconds=merging,
+    )

@@ -25,7 +25,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -43,13 +43,15 @@ HIDDEN_MODES = ("hidden", "hidden_avg", "hidden_last")
 class Expert(BaseModel):
     """One dense model whose MLP becomes an expert of every layer."""
 
-    model_config = ConfigDict(extra="ignore")  # as mergekit: unknown keys are not read (load_config warns)
+    model_config = ConfigDict(
+        extra="ignore"
+    )  # as mergekit: unknown keys are not read (load_config warns)
 
     source_model: str
-    positive_prompts: Optional[list[str]] = None
-    negative_prompts: Optional[list[str]] = None
-    noise_scale: Optional[float] = None
-    residual_scale: Optional[float] = None
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    noise_scale: float | None = None
+    residual_scale: float | None = None
 
 
 class MoEConfig(BaseModel):
@@ -59,21 +61,25 @@ class MoEConfig(BaseModel):
 
     base_model: str
     experts: list[Expert] = Field(min_length=1)
-    gate_mode: Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random",
-                       "uniform_random"] = "hidden"
-    dtype: Optional[Literal["bfloat16", "float16", "float32", "float64"]] = None
+    gate_mode: Literal[
+        "hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"
+    ] = "hidden"
+    dtype: Literal["bfloat16", "float16", "float32", "float64"] | None = None
     experts_per_token: int = 2
-    shared_experts: Optional[list[Expert]] = None
-    architecture: Optional[str] = None
-    tokenizer_source: Optional[str] = None
-    tokenizer: Optional[Any] = None  # mergekit-yaml's tokenizer block; only its `source` is read here
+    shared_experts: list[Expert] | None = None
+    architecture: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: Any | None = None  # mergekit-yaml's tokenizer block; only its `source` is read here
 
     @property
     def gated(self) -> list[Expert]:
         """The experts a router row is computed for, in row order (mergekit-moe's ``need_gates``):
         the routed experts, then the shared ones when they have prompts or the gates are random."""
         shared = self.shared_experts or []
-        if shared and (any(e.positive_prompts for e in shared) or self.gate_mode in ("random", "uniform_random")):
+        if shared and (
+            any(e.positive_prompts for e in shared)
+            or self.gate_mode in ("random", "uniform_random")
+        ):
             return [*self.experts, *shared]
         return list(self.experts)
 
@@ -113,8 +119,11 @@ def load_config(source: str | Path | dict, allow_all_same: bool = False) -> MoEC
         raise PlanError(f"{where}: {describe_error(e)}") from None
     _check(config, where, allow_all_same)
     for key in _unknown_keys(raw):
-        warnings.warn(f"{where}: {key}: not a mergekit-moe key; ignored (as mergekit-moe ignores it)",
-                      PlanWarning, stacklevel=2)
+        warnings.warn(
+            f"{where}: {key}: not a mergekit-moe key; ignored (as mergekit-moe ignores it)",
+            PlanWarning,
+            stacklevel=2,
+        )
     return config
 
 
@@ -123,32 +132,51 @@ def _unknown_keys(raw: dict) -> list[str]:
     unknown = [str(k) for k in raw if k not in known]
     for section in ("experts", "shared_experts"):
         for k, e in enumerate(raw.get(section) or []):
-            unknown += [f"{section}[{k}].{x}" for x in (e if isinstance(e, dict) else {}) if x not in per_expert]
+            unknown += [
+                f"{section}[{k}].{x}"
+                for x in (e if isinstance(e, dict) else {})
+                if x not in per_expert
+            ]
     return unknown
 
 
 def _check(config: MoEConfig, where: str, allow_all_same: bool) -> None:
     """mergekit's ``is_bad_config``: what would give a model that cannot route."""
     if config.experts_per_token < 1:
-        raise PlanError(f"{where}: experts_per_token is {config.experts_per_token}; it must be at least 1")
+        raise PlanError(
+            f"{where}: experts_per_token is {config.experts_per_token}; it must be at least 1"
+        )
     if len(config.experts) < config.experts_per_token:
-        raise PlanError(f"{where}: {len(config.experts)} experts but experts_per_token "
-                        f"{config.experts_per_token}; give at least as many experts")
+        raise PlanError(
+            f"{where}: {len(config.experts)} experts but experts_per_token "
+            f"{config.experts_per_token}; give at least as many experts"
+        )
     if config.gate_mode in ("random", "uniform_random"):
         return  # the prompts are not read
     for k, expert in enumerate(config.experts):
         if not expert.positive_prompts:
-            raise PlanError(f"{where}: experts[{k}] ({expert.source_model}) has no positive_prompts; "
-                            f"gate_mode {config.gate_mode} computes its router row from them")
+            raise PlanError(
+                f"{where}: experts[{k}] ({expert.source_model}) has no positive_prompts; "
+                f"gate_mode {config.gate_mode} computes its router row from them"
+            )
 
     def prompts(e: Expert) -> tuple:
         return tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ())
 
-    if len(config.experts) > 1 and all(prompts(e) == prompts(config.experts[0]) for e in config.experts):
-        raise PlanError(f"{where}: every expert has the same positive_prompts and negative_prompts, so "
-                        "every router row would be the same; give each expert prompts of its own")
-    if (not allow_all_same and len(config.experts) > 1
-            and all(e.source_model == config.experts[0].source_model for e in config.experts)):
-        raise PlanError(f"{where}: every expert is {config.experts[0].source_model}: the MoE would compute "
-                        "the same as that model at a multiple of the cost; pass "
-                        "--i-understand-this-is-not-useful-without-training to build it anyway")
+    if len(config.experts) > 1 and all(
+        prompts(e) == prompts(config.experts[0]) for e in config.experts
+    ):
+        raise PlanError(
+            f"{where}: every expert has the same positive_prompts and negative_prompts, so "
+            "every router row would be the same; give each expert prompts of its own"
+        )
+    if (
+        not allow_all_same
+        and len(config.experts) > 1
+        and all(e.source_model == config.experts[0].source_model for e in config.experts)
+    ):
+        raise PlanError(
+            f"{where}: every expert is {config.experts[0].source_model}: the MoE would compute "
+            "the same as that model at a multiple of the cost; pass "
+            "--i-understand-this-is-not-useful-without-training to build it anyway"
+        )

@@ -33,7 +33,9 @@ def _scaled(chunk: Chunk, stats: Stats) -> torch.Tensor:
     w = chunk.models[0]
     noise, residual = chunk.params.globals["noise_scale"], chunk.params.globals["residual_scale"]
     if noise is not None:
-        z = standard_normal(chunk.seed, chunk.name, chunk.model_ids[0], chunk.element_start, w.numel())
+        z = standard_normal(
+            chunk.seed, chunk.name, chunk.model_ids[0], chunk.element_start, w.numel()
+        )
         w = w + z.view(w.shape).to(w.dtype) * noise  # randn_like(w) * noise_scale, in w's dtype
     if residual is not None:
         w = w * residual
@@ -41,9 +43,14 @@ def _scaled(chunk: Chunk, stats: Stats) -> torch.Tensor:
 
 
 EXPERT = MergeMethod(
-    name="moe_expert", merge=_scaled, params=(), base="optional", precision="load",
+    name="moe_expert",
+    merge=_scaled,
+    params=(),
+    base="optional",
+    precision="load",
     paper="mergekit-moe (Goddard et al., 2024, arXiv:2403.13257)",
-    doc="One expert's weight with mergekit-moe's noise_scale and residual_scale applied.")
+    doc="One expert's weight with mergekit-moe's noise_scale and residual_scale applied.",
+)
 
 
 def expert_params(noise_scale: float | None, residual_scale: float | None) -> TensorParams:

@@ -42,12 +42,21 @@ from streammerge.forward import Batch, LayerStream
 from streammerge.forward.weights import Source
 from streammerge.moe.config import HIDDEN_MODES, Expert, MoEConfig
 
-ACTIVATION_BUDGET = 64 << 20  # the prompts' hidden states held in memory; beyond it they spill to disk
+ACTIVATION_BUDGET = (
+    64 << 20
+)  # the prompts' hidden states held in memory; beyond it they spill to disk
 _EPS = 1e-8
 
 
-def gate_vectors(config: MoEConfig, base_dir: Path, base: Source, seed: int, *, spill_dir: str | None = None,
-                 progress: bool = False) -> torch.Tensor:
+def gate_vectors(
+    config: MoEConfig,
+    base_dir: Path,
+    base: Source,
+    seed: int,
+    *,
+    spill_dir: str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """W [layers, experts, hidden] for ``config.gated`` (routed experts, then gated shared ones):
     float32, or bfloat16 for the hidden modes."""
     text = _text_config(base_dir)
@@ -59,13 +68,16 @@ def gate_vectors(config: MoEConfig, base_dir: Path, base: Source, seed: int, *, 
         return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 * scale - scale
     _check_prompts(config, base_dir)
     tokenizer = _prompt_tokenizer(base_dir)
-    batches = [(e, [_tokenize(tokenizer, p) for p in (e.positive_prompts, e.negative_prompts) if p])
-               for e in config.gated]
+    batches = [
+        (e, [_tokenize(tokenizer, p) for p in (e.positive_prompts, e.negative_prompts) if p])
+        for e in config.gated
+    ]
     if config.gate_mode == "cheap_embed":
         embed = _CheapEmbedding(base, shape[0], text["vocab_size"])
         return _normalized(batches, embed)
-    states = _hidden_states(base_dir, base, [b for _, bs in batches for b in bs], config.gate_mode,
-                            spill_dir, progress)
+    states = _hidden_states(
+        base_dir, base, [b for _, bs in batches for b in bs], config.gate_mode, spill_dir, progress
+    )
     it = iter(states)
     return _normalized([(e, [next(it) for _ in bs]) for e, bs in batches], lambda x: x)
 
@@ -85,17 +97,26 @@ def _check_prompts(config: MoEConfig, base_dir: Path) -> None:
     missing = [k for k, e in enumerate(config.gated) if not e.positive_prompts]
     if missing:
         k = missing[0]
-        which = f"experts[{k}]" if k < len(config.experts) else f"shared_experts[{k - len(config.experts)}]"
-        raise PlanError(f"{which}: no positive_prompts; gate_mode {config.gate_mode} computes its router row "
-                        f"from them with {base_dir} (give prompts, or use gate_mode random)")
+        which = (
+            f"experts[{k}]"
+            if k < len(config.experts)
+            else f"shared_experts[{k - len(config.experts)}]"
+        )
+        raise PlanError(
+            f"{which}: no positive_prompts; gate_mode {config.gate_mode} computes its router row "
+            f"from them with {base_dir} (give prompts, or use gate_mode random)"
+        )
 
 
 def _text_config(base_dir: Path) -> dict[str, Any]:
     from streammerge.forward.skeleton import import_transformers
 
     config = import_transformers().AutoConfig.from_pretrained(base_dir).get_text_config()
-    return {"num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-            "vocab_size": config.vocab_size}
+    return {
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+    }
 
 
 def _prompt_tokenizer(base_dir: Path) -> Any:
@@ -109,8 +130,12 @@ def _prompt_tokenizer(base_dir: Path) -> Any:
 
 
 def _tokenize(tokenizer: Any, prompts: list[str]) -> Batch:
-    enc = tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
+    enc = tokenizer(
+        [(tokenizer.bos_token or "") + p for p in prompts],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     return Batch(enc["input_ids"], enc["attention_mask"])
 
 
@@ -122,30 +147,49 @@ class _CheapEmbedding:
         self.base, self.layers, self.vocab = base, layers, vocab
         self.name = "model.embed_tokens.weight"
         if self.name not in base.tensors:
-            raise PlanError(f"gate_mode cheap_embed: the base model has no {self.name!r} to embed the prompts with")
+            raise PlanError(
+                f"gate_mode cheap_embed: the base model has no {self.name!r} to embed the prompts with"
+            )
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         ids = batch.ids
         if ids.numel() and int(ids.max()) >= self.vocab:
-            raise PlanError(f"gate_mode cheap_embed: token id {int(ids.max())} is outside the base's "
-                            f"vocabulary of {self.vocab}; the tokenizer does not match the model")
+            raise PlanError(
+                f"gate_mode cheap_embed: token id {int(ids.max())} is outside the base's "
+                f"vocabulary of {self.vocab}; the tokenizer does not match the model"
+            )
         used = torch.unique(ids)
         # only the prompts' rows are read: a one-hot product with the whole matrix gives the same rows
-        rows = torch.cat([self.base.read(self.name, slice(t, t + 1)).float() for t in used.tolist()])
+        rows = torch.cat(
+            [self.base.read(self.name, slice(t, t + 1)).float() for t in used.tolist()]
+        )
         h = rows[torch.searchsorted(used, ids)]  # [prompts, positions, hidden]
         s = (h * batch.attention_mask.unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
         return (s / s.norm(dim=-1, keepdim=True).clamp(min=_EPS)).repeat(self.layers, 1)
 
 
-def _hidden_states(base_dir: Path, base: Source, batches: list[Batch], mode: str, spill_dir: str | None,
-                   progress: bool) -> list[torch.Tensor]:
+def _hidden_states(
+    base_dir: Path,
+    base: Source,
+    batches: list[Batch],
+    mode: str,
+    spill_dir: str | None,
+    progress: bool,
+) -> list[torch.Tensor]:
     """Per batch, f [layers, hidden]: the mean over its prompts of each layer's input at the last
     position (``hidden``, ``hidden_last``) or averaged over positions (``hidden_avg``), bfloat16."""
     assert mode in HIDDEN_MODES
-    stream = LayerStream(base_dir, base, dtype=torch.bfloat16, activation_budget=ACTIVATION_BUDGET,
-                         spill_dir=spill_dir)
+    stream = LayerStream(
+        base_dir,
+        base,
+        dtype=torch.bfloat16,
+        activation_budget=ACTIVATION_BUDGET,
+        spill_dir=spill_dir,
+    )
     stream.progress = progress
-    taken: list[list[torch.Tensor]] = [[] for _ in batches]  # per batch, per layer: [prompts, hidden]
+    taken: list[list[torch.Tensor]] = [
+        [] for _ in batches
+    ]  # per batch, per layer: [prompts, hidden]
 
     @contextlib.contextmanager
     def capture(index: int, layer: nn.Module) -> Iterator[None]:
@@ -154,7 +198,9 @@ def _hidden_states(base_dir: Path, base: Source, batches: list[Batch], mode: str
         def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs["hidden_states"]
             # mergekit: stack(hidden_states)[:, :, -1, :], or .sum(dim=2) / positions
-            taken[next(seen)].append(x[:, -1, :].clone() if mode != "hidden_avg" else x.sum(dim=1) / x.shape[1])
+            taken[next(seen)].append(
+                x[:, -1, :].clone() if mode != "hidden_avg" else x.sum(dim=1) / x.shape[1]
+            )
 
         handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
         try:
