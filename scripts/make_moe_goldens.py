@@ -80,7 +80,9 @@ def main(mergekit_moe: str) -> None:
             tensors = load_file(str(out / "model.safetensors"))
             dest = GOLDEN / name
             dest.mkdir(parents=True)
-            shutil.copyfile(out / "config.json", dest / "config.json")
+            config_json = json.loads((out / "config.json").read_text())
+            config_json.pop("_name_or_path", None)  # DeepSeek's: this run's temporary path
+            (dest / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
             routers = {
                 k: v
                 for k, v in tensors.items()

@@ -92,6 +92,16 @@ CASES = {
             architecture="qwen",
             output_type="qwen2_moe",
         ),
+        Case(  # Qwen2-MoE from a Llama: zero attention biases
+            "llama_qwen_shared",
+            "llama",
+            "cheap_embed",
+            experts=2,
+            shared=1,
+            shared_prompts=True,
+            architecture="qwen",
+            output_type="qwen2_moe",
+        ),
         Case(
             "qwen3_cheap_embed",
             "qwen3",
