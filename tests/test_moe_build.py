@@ -404,3 +404,17 @@ def test_tokenizer_source_and_unknown_keys(built: dict, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="merge_method: not a mergekit-moe key"):
         build_moe(_write(tmp_path / "t.yml", doc), tmp_path / "out", quiet=True)
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {"marker": "donor"}
+
+
+def test_a_base_without_tokenizer_is_named(built: dict, tmp_path: Path) -> None:
+    import shutil
+
+    config, _ = built["llama_cheap_embed"]
+    doc = yaml.safe_load(config.read_text())
+    bare = tmp_path / "bare"
+    shutil.copytree(Path(doc["base_model"]), bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    cfg = _write(tmp_path / "b.yml", doc | {"base_model": str(bare)})
+    line = _error(["moe", str(cfg), str(tmp_path / "out")])
+    assert str(bare) in line and "tokenized with the base's tokenizer" in line
+    random = _write(tmp_path / "r.yml", doc | {"base_model": str(bare), "gate_mode": "random"})
+    build_moe(random, tmp_path / "out", quiet=True)  # random gates need no tokenizer

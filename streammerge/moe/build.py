@@ -12,6 +12,7 @@ input), a killed build resumes where it stopped, and ``streammerge verify`` chec
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -225,7 +226,9 @@ def _computed(
         if arch.needs_attention_bias:
             tensors |= _zero_biases(base, layers)
         directory.mkdir(exist_ok=True)
-        save_file(tensors, str(weights), metadata={"moe_config": fingerprint})
+        fresh = weights.with_suffix(".partial")  # renamed once whole: a kill leaves no torn file
+        save_file(tensors, str(fresh), metadata={"moe_config": fingerprint})
+        os.replace(fresh, weights)
     return Checkpoint(directory)
 
 

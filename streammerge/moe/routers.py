@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from streammerge.errors import PlanError
+from streammerge.errors import CheckpointError, PlanError
 from streammerge.evaluation.evaluate import load_tokenizer
 from streammerge.forward import Batch, LayerStream
 from streammerge.forward.weights import Source
@@ -121,7 +121,11 @@ def _text_config(base_dir: Path) -> dict[str, Any]:
 
 def _prompt_tokenizer(base_dir: Path) -> Any:
     """The base's tokenizer, set up as mergekit-moe sets it: left padding with BOS (else EOS)."""
-    tokenizer = load_tokenizer(base_dir)
+    try:
+        tokenizer = load_tokenizer(base_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the routers' prompts are tokenized with the base's tokenizer "
+                              "(or use gate_mode random)") from None
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
