@@ -418,3 +418,26 @@ def test_a_base_without_tokenizer_is_named(built: dict, tmp_path: Path) -> None:
     assert str(bare) in line and "tokenized with the base's tokenizer" in line
     random = _write(tmp_path / "r.yml", doc | {"base_model": str(bare), "gate_mode": "random"})
     build_moe(random, tmp_path / "out", quiet=True)  # random gates need no tokenizer
+
+
+def test_an_impossible_budget_fails_before_writing_and_the_one_it_names_builds(built: dict,
+                                                                              tmp_path: Path) -> None:
+    """--max-memory bounds a build as it bounds a merge: too small a budget fails at planning,
+    naming the smallest that works, which then builds (in fresh processes, as a user runs them)."""
+    import re
+
+    config, whole = built["llama_cheap_embed"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def moe(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "streammerge", "moe", str(config), *args], check=False,
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    refused = moe(str(tmp_path / "a"), "--max-memory", "1000")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    smallest = re.search(r"pass --max-memory (\d+)MiB or more", refused.stderr)
+    assert smallest, refused.stderr
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+    done = moe(str(tmp_path / "b"), "--max-memory", f"{smallest.group(1)}MiB", "-q")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()

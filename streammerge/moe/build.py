@@ -119,23 +119,10 @@ def build_moe(
                     f"{destination}: the output may not be an input model directory or inside one"
                 )
         staged = StagedOutput(destination, overwrite, restart)
-        computed = _computed(config, inputs, arch, layers, staged, seed, quiet)
-        plan = MergePlan.model_validate(
-            {
-                "merge_method": "passthrough",
-                "models": [{"model": p} for p in [*inputs.paths, str(computed.path)]],
-                "seed": seed,
-                "copy_tokenizer": copy_tokenizer,
-                "write_model_card": False,
-                "tokenizer_source": config.tokenizer_donor,
-                "output": str(destination),
-                **({"shard_size": shard_size} if shard_size is not None else {}),
-                **({"max_memory": max_memory} if max_memory is not None else {}),
-                **({"chunk_size": chunk_size} if chunk_size is not None else {}),
-            }
-        )
-        checkpoints = (*inputs.checkpoints, computed)
-        sched = _schedule(plan, config, inputs, arch, checkpoints, layers, out_dtype)
+        options = {"seed": seed, "copy_tokenizer": copy_tokenizer, "output": str(destination),
+                   "tokenizer_source": config.tokenizer_donor, "shard_size": shard_size,
+                   "max_memory": max_memory, "chunk_size": chunk_size}
+        sched = _staged_schedule(staged, options, config, inputs, arch, layers, out_dtype, quiet)
         return _run(
             sched, staged, config_file, config, arch, out_dtype, write_model_card, quiet, started
         )
@@ -145,6 +132,31 @@ def build_moe(
         else:
             for c in inputs.checkpoints:
                 c.close()
+
+
+def _staged_schedule(staged: StagedOutput, options: dict[str, Any], config: MoEConfig,
+                     inputs: _Inputs, arch: OutputArchitecture, layers: int,
+                     out_dtype: torch.dtype | None, quiet: bool) -> Schedule:
+    """The routers computed into the staging directory, and the schedule that copies everything.
+    A staging directory this call created is removed again if either fails (too small a
+    --max-memory, say): nothing is left behind until the first tensor is written."""
+    fresh = not any(staged.staging.iterdir())
+    try:
+        computed = _computed(config, inputs, arch, layers, staged, options["seed"], quiet)
+        try:
+            plan = MergePlan.model_validate(
+                {"merge_method": "passthrough", "write_model_card": False,
+                 "models": [{"model": p} for p in [*inputs.paths, str(computed.path)]],
+                 **{k: v for k, v in options.items() if v is not None}})
+            return _schedule(plan, config, inputs, arch, (*inputs.checkpoints, computed), layers,
+                             out_dtype)
+        except BaseException:
+            computed.close()
+            raise
+    except BaseException:
+        if fresh:
+            shutil.rmtree(staged.staging, ignore_errors=True)
+        raise
 
 
 def _open_inputs(config: MoEConfig, root: Path, cache_dir: str | None) -> _Inputs:
