@@ -281,60 +281,26 @@ def _schedule(
     """The copies, layer by layer: the base's tensors of the layer, its router (and shared gate),
     then every expert's projections."""
     computed = len(checkpoints) - 1
-    budget, workers = (
-        _working_budget(plan),
-        1,
-    )  # copies: the engine's reader and writer threads do the work
+    workers = 1  # copies: the engine's reader and writer threads do the work
+    budget = _working_budget(plan)
     by_layer: dict[int | None, list[TensorJob]] = {}
 
-    def add(
-        name: str, checkpoint: int, tensor: str, expert: tuple[int, Expert] | None = None
-    ) -> None:
+    def add(name: str, checkpoint: int, tensor: str, expert: tuple[int, Expert] | None = None) -> None:
+        """Output ``name`` from ``tensor`` of ``checkpoints[checkpoint]``; an expert's weights get
+        its noise (and its residual scale for down_proj), in the stored dtype as mergekit does."""
         stored = checkpoints[checkpoint].tensors[tensor]
-        out = (
-            out_dtype if out_dtype is not None and stored.dtype.is_floating_point else stored.dtype
-        )
-        scaled = expert is not None and (
-            expert[1].noise_scale is not None
-            or (expert[1].residual_scale is not None and "down_proj" in tensor)
-        )
-        if scaled:
-            k, e = expert
-            params = expert_params(
-                e.noise_scale, e.residual_scale if "down_proj" in tensor else None
-            )
-            job = TensorJob(
-                name,
-                tuple(stored.shape),
-                EXPERT,
-                (Source(checkpoint, tensor),),
-                False,
-                (k,),
-                params,
-                stored.dtype,
-                stored.dtype,
-                out,
-            )
-        else:
-            job = TensorJob(
-                name,
-                tuple(stored.shape),
-                None,
-                (Source(checkpoint, tensor),),
-                False,
-                (),
-                TensorParams({}, ()),
-                stored.dtype,
-                stored.dtype,
-                out,
-            )
-        rows = _rows_per_chunk(
-            plan, job, _bytes_per_element(checkpoints, job, workers), budget, workers
-        )
+        out = out_dtype if out_dtype is not None and stored.dtype.is_floating_point else stored.dtype
+        noise = expert[1].noise_scale if expert else None
+        residual = expert[1].residual_scale if expert and "down_proj" in tensor else None
+        method, ids, params = None, (), TensorParams({}, ())
+        if expert and (noise is not None or residual is not None):
+            method, ids, params = EXPERT, (expert[0],), expert_params(noise, residual)
+        job = TensorJob(name, tuple(stored.shape), method, (Source(checkpoint, tensor),), False, ids,
+                        params, stored.dtype, stored.dtype, out)
+        per_element = _bytes_per_element(checkpoints, job, workers)
+        job = replace(job, rows_per_chunk=_rows_per_chunk(plan, job, per_element, budget, workers))
         layer = layer_index(name)
-        by_layer.setdefault(-1 if layer is None and is_pre_layer(name) else layer, []).append(
-            replace(job, rows_per_chunk=rows)
-        )
+        by_layer.setdefault(-1 if layer is None and is_pre_layer(name) else layer, []).append(job)
 
     base = checkpoints[0]
     for name in base.tensors:

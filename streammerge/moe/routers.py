@@ -42,9 +42,8 @@ from streammerge.forward import Batch, LayerStream
 from streammerge.forward.weights import Source
 from streammerge.moe.config import HIDDEN_MODES, Expert, MoEConfig
 
-ACTIVATION_BUDGET = (
-    64 << 20
-)  # the prompts' hidden states held in memory; beyond it they spill to disk
+# the prompts' hidden states held in memory; beyond it they spill to disk
+ACTIVATION_BUDGET = 64 << 20
 _EPS = 1e-8
 
 
@@ -83,7 +82,7 @@ def gate_vectors(
 
 
 def _normalized(batches: list[tuple[Expert, list[Any]]], f: Any) -> torch.Tensor:
-    """Per expert (f(positive) - f(negative)) / its norm per layer, stacked to [layers, experts, hidden]."""
+    """Per expert (f(positive) - f(negative)) / its norm, per layer: [layers, experts, hidden]."""
     rows = []
     for _, parts in batches:
         v = f(parts[0])
