@@ -441,3 +441,13 @@ def test_an_impossible_budget_fails_before_writing_and_the_one_it_names_builds(b
     done = moe(str(tmp_path / "b"), "--max-memory", f"{smallest.group(1)}MiB", "-q")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_degenerate_routers_are_named() -> None:
+    """mergekit-moe's warning: a layer whose router rows are nearly parallel (condition number > 5)."""
+    from streammerge.moe.routers import degenerate_layers
+
+    g = torch.Generator().manual_seed(0)
+    fine = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
+    alike = torch.stack([fine[0], fine[0] + 0.01 * fine[1], fine[2]])
+    assert degenerate_layers(torch.stack([fine, alike, fine])) == [1]

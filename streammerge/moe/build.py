@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ from streammerge.moe.architecture import (
 )
 from streammerge.moe.config import Expert, MoEConfig, load_config
 from streammerge.moe.expert import EXPERT, expert_params
-from streammerge.moe.routers import gate_vectors
+from streammerge.moe.routers import degenerate_layers, gate_vectors
 from streammerge.plan.architecture import is_pre_layer, layer_index
-from streammerge.plan.load import resolve_model
+from streammerge.plan.load import PlanWarning, resolve_model
 from streammerge.plan.schema import MergePlan
 from streammerge.schedule import (
     DTYPES,
@@ -229,6 +230,11 @@ def _computed(
         gates = gate_vectors(
             config, base.path, base, seed, spill_dir=str(staged.staging), progress=not quiet
         )
+        degenerate = degenerate_layers(gates)
+        if degenerate and not quiet:
+            warnings.warn(f"the routers of layers {', '.join(map(str, degenerate))} are degenerate "
+                          "(condition number above 5): the prompts may be too similar, and some "
+                          "experts will be rarely used", PlanWarning, stacklevel=2)
         n = len(config.experts)
         tensors = {}
         for i in range(layers):

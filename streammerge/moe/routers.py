@@ -81,6 +81,12 @@ def gate_vectors(
     return _normalized([(e, [next(it) for _ in bs]) for e, bs in batches], lambda x: x)
 
 
+def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
+    """The layers whose router [experts, hidden] has a condition number σ_max/σ_min above
+    ``threshold``: rows so alike that some experts would rarely win (mergekit-moe's warning)."""
+    return [i for i in range(gates.shape[0]) if torch.linalg.cond(gates[i].float()).item() > threshold]
+
+
 def _normalized(batches: list[tuple[Expert, list[Any]]], f: Any) -> torch.Tensor:
     """Per expert (f(positive) - f(negative)) / its norm, per layer: [layers, experts, hidden]."""
     rows = []
