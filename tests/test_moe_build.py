@@ -451,3 +451,14 @@ def test_degenerate_routers_are_named() -> None:
     fine = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
     alike = torch.stack([fine[0], fine[0] + 0.01 * fine[1], fine[2]])
     assert degenerate_layers(torch.stack([fine, alike, fine])) == [1]
+
+
+def test_hidden_gates_run_within_max_memory(built: dict, tmp_path: Path) -> None:
+    """gate_mode hidden's layer stream is held to --max-memory too: refused below two layers'
+    worth, and under a budget that fits, the same bytes."""
+    config, whole = built["llama_hidden"]
+    with pytest.raises(PlanError, match="below what running this model takes"):
+        build_moe(config, tmp_path / "small", quiet=True, max_memory=1000)
+    assert list(tmp_path.iterdir()) == []
+    build_moe(config, tmp_path / "out", quiet=True, max_memory=64 << 30)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()

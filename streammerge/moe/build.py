@@ -143,7 +143,8 @@ def _staged_schedule(staged: StagedOutput, options: dict[str, Any], config: MoEC
     --max-memory, say): nothing is left behind until the first tensor is written."""
     fresh = not any(staged.staging.iterdir())
     try:
-        computed = _computed(config, inputs, arch, layers, staged, options["seed"], quiet)
+        computed = _computed(config, inputs, arch, layers, staged, options["seed"], quiet,
+                             options["max_memory"])
         try:
             plan = MergePlan.model_validate(
                 {"merge_method": "passthrough", "write_model_card": False,
@@ -218,6 +219,7 @@ def _computed(
     staged: StagedOutput,
     seed: int,
     quiet: bool,
+    max_memory: int | None,
 ) -> Checkpoint:
     """The checkpoint of what no input holds: per layer the router and the shared expert's gate, and
     for Qwen2-MoE from a base without attention biases, zero biases. Reused by a resumed build
@@ -227,9 +229,8 @@ def _computed(
     fingerprint = config.fingerprint(seed)
     if not _holds(weights, fingerprint):
         base = inputs.checkpoints[0]
-        gates = gate_vectors(
-            config, base.path, base, seed, spill_dir=str(staged.staging), progress=not quiet
-        )
+        gates = gate_vectors(config, base.path, base, seed, spill_dir=str(staged.staging),
+                             progress=not quiet, max_memory=max_memory)
         degenerate = degenerate_layers(gates)
         if degenerate and not quiet:
             warnings.warn(f"the routers of layers {', '.join(map(str, degenerate))} are degenerate "

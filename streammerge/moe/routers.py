@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from streammerge.errors import CheckpointError, PlanError
+from streammerge.evaluation.evaluate import _activation_budget as activation_budget
 from streammerge.evaluation.evaluate import load_tokenizer
 from streammerge.forward import Batch, LayerStream
 from streammerge.forward.weights import Source
@@ -55,9 +56,10 @@ def gate_vectors(
     *,
     spill_dir: str | None = None,
     progress: bool = False,
+    max_memory: int | None = None,
 ) -> torch.Tensor:
     """W [layers, experts, hidden] for ``config.gated`` (routed experts, then gated shared ones):
-    float32, or bfloat16 for the hidden modes."""
+    float32, or bfloat16 for the hidden modes, whose layer stream keeps within ``max_memory``."""
     text = _text_config(base_dir)
     shape = (text["num_hidden_layers"], len(config.gated), text["hidden_size"])
     if config.gate_mode == "random":
@@ -75,8 +77,8 @@ def gate_vectors(
         embed = _CheapEmbedding(base, shape[0], text["vocab_size"])
         return _normalized(batches, embed)
     states = _hidden_states(
-        base_dir, base, [b for _, bs in batches for b in bs], config.gate_mode, spill_dir, progress
-    )
+        base_dir, base, [b for _, bs in batches for b in bs], config.gate_mode, spill_dir, progress,
+        max_memory)
     it = iter(states)
     return _normalized([(e, [next(it) for _ in bs]) for e, bs in batches], lambda x: x)
 
@@ -184,17 +186,17 @@ def _hidden_states(
     mode: str,
     spill_dir: str | None,
     progress: bool,
+    max_memory: int | None,
 ) -> list[torch.Tensor]:
     """Per batch, f [layers, hidden]: the mean over its prompts of each layer's input at the last
     position (``hidden``, ``hidden_last``) or averaged over positions (``hidden_avg``), bfloat16."""
     assert mode in HIDDEN_MODES
-    stream = LayerStream(
-        base_dir,
-        base,
-        dtype=torch.bfloat16,
-        activation_budget=ACTIVATION_BUDGET,
-        spill_dir=spill_dir,
-    )
+    stream = LayerStream(base_dir, base, dtype=torch.bfloat16, activation_budget=0, spill_dir=spill_dir)
+    # what --max-memory leaves after two layers and a batch's working memory (an error if nothing),
+    # as for `streammerge eval`; without a budget, ACTIVATION_BUDGET in memory and the rest spilled
+    tokens = max(b.ids.numel() for b in batches)
+    stream.activation_budget = (ACTIVATION_BUDGET if max_memory is None
+                                else activation_budget(stream, max_memory, tokens))
     stream.progress = progress
     taken: list[list[torch.Tensor]] = [
         [] for _ in batches
