@@ -97,6 +97,15 @@ def _mlp(i: int) -> str:
     return f"model.layers.{i}.mlp"
 
 
+def _expert(i: int, e: int, proj: str) -> str:
+    """Qwen's and DeepSeek's expert names: the dense MLP's, under ``experts.{e}``."""
+    return f"{_mlp(i)}.experts.{e}.{proj}.weight"
+
+
+def _router(i: int) -> str:
+    return f"{_mlp(i)}.gate.weight"
+
+
 MIXTRAL = OutputArchitecture(
     "Mixtral",
     _mixtral_refusal,
@@ -108,15 +117,15 @@ MIXTRAL = OutputArchitecture(
 DEEPSEEK = OutputArchitecture(
     "DeepSeek MoE",
     _deepseek_refusal,
-    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight",
-    router=lambda i: f"{_mlp(i)}.gate.weight",
+    expert=_expert,
+    router=_router,
     shared=lambda i, p: f"{_mlp(i)}.shared_experts.{p}.weight",
 )
 QWEN = OutputArchitecture(
     "Qwen MoE",
     _qwen_refusal,
-    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight",
-    router=lambda i: f"{_mlp(i)}.gate.weight",
+    expert=_expert,
+    router=_router,
     shared=lambda i, p: f"{_mlp(i)}.shared_expert.{p}.weight",
     shared_router=lambda i: f"{_mlp(i)}.shared_expert_gate.weight",
     needs_attention_bias=True,
@@ -124,8 +133,8 @@ QWEN = OutputArchitecture(
 QWEN3 = OutputArchitecture(
     "Qwen3 MoE",
     _qwen3_refusal,
-    expert=lambda i, e, p: f"{_mlp(i)}.experts.{e}.{p}.weight",
-    router=lambda i: f"{_mlp(i)}.gate.weight",
+    expert=_expert,
+    router=_router,
 )
 # mergekit's order: the first that fits is taken when the config names none (Mixtral preferred).
 ARCHITECTURES = (MIXTRAL, DEEPSEEK, QWEN, QWEN3)
