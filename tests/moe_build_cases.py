@@ -81,7 +81,9 @@ CASES = {
         Case("mistral_random", "mistral", "random", experts=2, dtype="bfloat16", seed=7),
         Case("llama_uniform_random", "llama", "uniform_random", experts=2, seed=3),
         Case("llama_hidden", "llama", "hidden"),
-        Case("llama_noise", "llama", "cheap_embed", experts=2, extra={"noise_scale": 0.25}),
+        Case("mistral_hidden_avg", "mistral", "hidden_avg", experts=2, dtype="bfloat16"),
+        # seeded so that the golden is reproducible: mergekit draws the noise after its seed
+        Case("llama_noise", "llama", "cheap_embed", experts=2, seed=5, extra={"noise_scale": 0.25}),
         Case(
             "qwen2_shared_hidden",
             "qwen2",
