@@ -404,6 +404,11 @@ def test_tokenizer_source_and_unknown_keys(built: dict, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="merge_method: not a mergekit-moe key"):
         build_moe(_write(tmp_path / "t.yml", doc), tmp_path / "out", quiet=True)
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {"marker": "donor"}
+    del doc["merge_method"]
+    union = _write(tmp_path / "u.yml", doc | {"tokenizer_source": "union"})
+    with pytest.raises(PlanError, match="tokenizer_source: union builds a vocabulary"):
+        build_moe(union, tmp_path / "out2", quiet=True)
+    assert not (tmp_path / "out2").exists() and not (tmp_path / ".out2.streammerge-partial").exists()
 
 
 def test_a_base_without_tokenizer_is_named(built: dict, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from streammerge.device import CPU
 from streammerge.engine import MergeResult
-from streammerge.errors import CheckpointError, OutputError, StreamMergeError
+from streammerge.errors import CheckpointError, OutputError, PlanError, StreamMergeError
 from streammerge.executors.local import merge_weights
 from streammerge.finalize import write_model_files
 from streammerge.io.reader import Checkpoint
@@ -119,9 +119,10 @@ def build_moe(
                 raise OutputError(
                     f"{destination}: the output may not be an input model directory or inside one"
                 )
+        donor = _tokenizer_donor(config, root, cache_dir)
         staged = StagedOutput(destination, overwrite, restart)
         options = {"seed": seed, "copy_tokenizer": copy_tokenizer, "output": str(destination),
-                   "tokenizer_source": config.tokenizer_donor, "shard_size": shard_size,
+                   "tokenizer_source": donor, "shard_size": shard_size,
                    "max_memory": max_memory, "chunk_size": chunk_size}
         sched = _staged_schedule(staged, options, config, inputs, arch, layers, out_dtype, quiet)
         return _run(
@@ -173,6 +174,16 @@ def _open_inputs(config: MoEConfig, root: Path, cache_dir: str | None) -> _Input
     index = [paths.index(r) for r in resolved]
     n = len(config.experts)
     return _Inputs(paths, checkpoints, index[1 : 1 + n], index[1 + n :])
+
+
+def _tokenizer_donor(config: MoEConfig, root: Path, cache_dir: str | None) -> str | None:
+    """The model whose tokenizer files the output gets (None: the base's). The MoE keeps the
+    base's embeddings, so a built vocabulary (``union``) cannot apply."""
+    donor = config.tokenizer_donor
+    if donor == "union":
+        raise PlanError("tokenizer_source: union builds a vocabulary, but a MoE keeps the base's embeddings; "
+                        "use base, or a model with the base's vocabulary")
+    return None if donor is None else resolve_model(donor, cache_dir, root)
 
 
 def _mlp(layer: int, proj: str) -> str:
