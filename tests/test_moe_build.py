@@ -467,3 +467,19 @@ def test_hidden_gates_run_within_max_memory(built: dict, tmp_path: Path) -> None
     assert list(tmp_path.iterdir()) == []
     build_moe(config, tmp_path / "out", quiet=True, max_memory=64 << 30)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_a_base_named_on_the_hub(built: dict, tmp_path: Path) -> None:
+    """base_model: org/name resolves through huggingface_hub (here its cache, offline) as in a plan;
+    its config and tokenizer come with it."""
+    from conftest import hub_cache
+
+    config, whole = built["llama_cheap_embed"]
+    doc = yaml.safe_load(config.read_text())
+    home = hub_cache(tmp_path / "hf", "acme/moe-base", {"1" * 40: Path(doc["base_model"])}, {"main": "1" * 40})
+    cfg = _write(tmp_path / "hub.yml", doc | {"base_model": "acme/moe-base"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "streammerge", "moe", str(cfg), str(tmp_path / "out"), "-q"],
+                          check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
