@@ -9,10 +9,11 @@ plus a word-level tokenizer of its vocabulary (tests/arch_builder.py's). Each bu
 process measured as workload.py measures (ru_maxrss via wait4, sampled RSS, wall, CPU), the inputs
 evicted from the page cache first; the output is about 2.7x one input model (4 MLPs per layer).
 
-    python benchmarks/moe_build.py --layers 8 --cache-dir /work/bench-cache \\
+    python benchmarks/moe_build.py --layers 4 8 --cache-dir /work/bench-cache \\
         --mergekit /work/venv-mergekit/bin/mergekit-moe [--max-memory 1GiB] [--json moe.json]
 
-``--dims 64 96 128`` builds tiny-width inputs instead (a smoke run of the script itself).
+``--dims 64 96 128`` builds tiny-width inputs instead (a smoke run of the script itself). Several
+``--layers`` show whether the peak stays flat as the model (and the output) grows.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,15 +40,17 @@ PROMPTS = [
 
 
 def tokenized_base(base: Path, work: Path, vocab: int) -> Path:
-    """``base``'s files, linked, with a word-level tokenizer of ``vocab`` entries written beside them."""
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from arch_builder import write_word_tokenizer
-
+    """``base``'s files, linked, with a word-level tokenizer of ``vocab`` entries written beside them
+    (by a child: arch_builder imports torch, and the measuring parent must stay small)."""
     out = work / "base"
     out.mkdir(parents=True)
     for f in base.iterdir():
         (out / f.name).symlink_to(f)
-    write_word_tokenizer(out, vocab, add_bos=True)
+    tests = str(HERE.parent / "tests")
+    code = (f"import sys; sys.path.insert(0, {tests!r}); from pathlib import Path; "
+            f"from arch_builder import write_word_tokenizer; "
+            f"write_word_tokenizer(Path({str(out)!r}), {vocab}, add_bos=True)")
+    subprocess.run([sys.executable, "-c", code], check=True)
     return out
 
 
@@ -64,113 +68,62 @@ def config(base: Path, experts: list[Path], path: Path) -> Path:
     return path
 
 
+def build(root: Path, layers: int, args: argparse.Namespace) -> list[dict]:
+    """Both tools on the ``layers``-layer inputs under ``root``: one measured row each."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moe-build-", dir=root.parent) as tmp:
+        work = Path(tmp)
+        base = tokenized_base(root / "base", work, args.dims[2])
+        experts = [root / "ft1", root / "ft2", root / "ft1", root / "ft2"]
+        cfg = config(base, experts, work / "moe.yml")
+        limit = ["--max-memory", args.max_memory] if args.max_memory else []
+        tools = {"streammerge": [sys.executable, "-m", "streammerge", "moe", str(cfg), "OUT", "-q", *limit]}
+        if args.mergekit:
+            tools["mergekit-moe"] = [str(args.mergekit), str(cfg), "OUT"]
+        for tool, cmd in tools.items():
+            out, log = work / f"out-{tool}", work / f"{tool}.log"
+            evict([root / m for m in MODELS])
+            row = {"tool": tool, "layers": layers, **measure([str(out) if c == "OUT" else c for c in cmd], log)}
+            if row["exit_code"] != 0:
+                sys.exit(f"{tool} failed (exit {row['exit_code']}):\n{log.read_text()[-4000:]}")
+            row["output_gib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / GiB
+            row["input_gib"] = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors")) / GiB
+            del row["timeline"]
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  {layers} layers, {tool}: peak RSS {row['peak_rss_gib']:.2f} GiB, {row['wall_s']:.1f} s",
+                  file=sys.stderr)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the 7B-shaped model")
-    ap.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path("/tmp/streammerge-bench"),
-        help="generated inputs (shared with compare.py)",
-    )
-    ap.add_argument(
-        "--dims",
-        type=int,
-        nargs=3,
-        default=list(FULL),
-        metavar=("HIDDEN", "INTERMEDIATE", "VOCAB"),
-        help="widths of the generated inputs (default Llama-2-7B's)",
-    )
-    ap.add_argument(
-        "--mergekit",
-        type=Path,
-        help="a mergekit-moe executable (scripts/mergekit_venv.sh makes one)",
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[8],
+                    help="decoder layers of the 7B-shaped model; several show whether the peak is flat")
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/streammerge-bench"),
+                    help="generated inputs (shared with compare.py)")
+    ap.add_argument("--dims", type=int, nargs=3, default=list(FULL), metavar=("HIDDEN", "INTERMEDIATE", "VOCAB"),
+                    help="widths of the generated inputs (default Llama-2-7B's)")
+    ap.add_argument("--mergekit", type=Path, help="a mergekit-moe executable (scripts/mergekit_venv.sh makes one)")
     ap.add_argument("--max-memory", help="streammerge's --max-memory (default: none)")
     ap.add_argument("--json", type=Path, help="also write the measurements here")
     args = ap.parse_args()
-    cache = args.cache_dir.resolve()
-    root = ensure_inputs(cache, args.layers, dims=tuple(args.dims))
-    model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+    if args.mergekit is None:
+        print("mergekit: not installed (give --mergekit PATH; scripts/mergekit_venv.sh installs it)", file=sys.stderr)
     # this checkout's streammerge in the children, whatever is installed
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
-    )
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="moe-build-", dir=cache) as tmp:
-        work = Path(tmp)
-        base = tokenized_base(root / "base", work, args.dims[2])
-        cfg = config(
-            base, [root / "ft1", root / "ft2", root / "ft1", root / "ft2"], work / "moe.yml"
-        )
-        limit = ["--max-memory", args.max_memory] if args.max_memory else []
-        tools = {
-            "streammerge": [
-                sys.executable,
-                "-m",
-                "streammerge",
-                "moe",
-                str(cfg),
-                "OUT",
-                "-q",
-                *limit,
-            ]
-        }
-        if args.mergekit:
-            tools["mergekit-moe"] = [str(args.mergekit), str(cfg), "OUT"]
-        else:
-            print(
-                "mergekit: not installed (give --mergekit PATH; scripts/mergekit_venv.sh installs it)",
-                file=sys.stderr,
-            )
-        for tool, cmd in tools.items():
-            out = work / f"out-{tool}"
-            evict([root / m for m in MODELS])
-            row = {
-                "tool": tool,
-                **measure([str(out) if c == "OUT" else c for c in cmd], work / f"{tool}.log"),
-            }
-            if row["exit_code"] != 0:
-                print(
-                    f"{tool} failed (exit {row['exit_code']}):\n{(work / f'{tool}.log').read_text()[-4000:]}",
-                    file=sys.stderr,
-                )
-                sys.exit(1)
-            row["output_gib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / GiB
-            del row["timeline"]
-            shutil.rmtree(out, ignore_errors=True)
-            print(
-                f"  {tool}: peak RSS {row['peak_rss_gib']:.2f} GiB, {row['wall_s']:.1f} s",
-                file=sys.stderr,
-            )
-            rows.append(row)
-    print(
-        f"{args.layers} layers, widths {tuple(args.dims)}; one input model {model_bytes / GiB:.2f} GiB (bf16); "
-        "4 experts, cheap_embed\n"
-    )
-    print(
-        "| tool | peak RSS (ru_maxrss, GiB) | peak anon (GiB) | peak file (GiB) | output (GiB) | wall s | CPU s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    cache = args.cache_dir.resolve()
+    rows = [r for layers in args.layers
+            for r in build(ensure_inputs(cache, layers, dims=tuple(args.dims)), layers, args)]
+    print(f"widths {tuple(args.dims)}, bf16; 4 experts (ft1, ft2, ft1, ft2), gate_mode cheap_embed\n")
+    print("| layers | tool | one input (GiB) | output (GiB) | peak RSS (ru_maxrss, GiB) | peak anon (GiB) "
+          "| peak file (GiB) | wall s | CPU s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(
-            f"| {r['tool']} | {r['peak_rss_gib']:.2f} | {r['peak_anon_gib']:.2f} | {r['peak_file_gib']:.2f} "
-            f"| {r['output_gib']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} |"
-        )
+        print(f"| {r['layers']} | {r['tool']} | {r['input_gib']:.2f} | {r['output_gib']:.2f} | {r['peak_rss_gib']:.2f} "
+              f"| {r['peak_anon_gib']:.2f} | {r['peak_file_gib']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} |")
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "layers": args.layers,
-                    "dims": args.dims,
-                    "model_bytes": model_bytes,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+        args.json.write_text(json.dumps({"dims": args.dims, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
