@@ -23,6 +23,7 @@ from streammerge.inspect.commands import check_command, stats_command
 from streammerge.lora.extract_command import extract_lora_command
 from streammerge.inspect.stats import output_statistics, summary_table, write_merge_stats
 from streammerge.methods import get_method, method_names
+from streammerge.moe.command import moe_command, moe_main
 from streammerge.plan.load import read_documents
 
 
@@ -345,6 +346,7 @@ main.add_command(compare_command)
 main.add_command(check_command)
 main.add_command(stats_command)
 main.add_command(extract_lora_command)
+main.add_command(moe_command)
 
 if __name__ == "__main__":
     main()

@@ -304,7 +304,7 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
             raise PlanError(f"select.layers: model has {total_layers} layers (0-{total_layers - 1}), got {bad[0]}")
     reference = resolved[0].checkpoints[0] if plan.donor is None else index[plan.donor]
     gpu = device_budget(device, plan.max_gpu_memory)  # first: it starts the CUDA context, part of the host baseline
-    budget = _working_budget(plan)
+    budget = working_budget(plan)
     gpu_budget = None if gpu is None else int(gpu * (1 - ALLOCATOR_SLACK))
     workers = 1 if device.is_cuda else torch.get_num_threads()  # a GPU runs one chunk's kernels at a time anyway
     model_type = checkpoints[reference].config().get("model_type")
@@ -355,10 +355,10 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         else:  # copied unchanged from the donor (rounded to the output dtype)
             donor = sources[sl.donor] if plan.donor is None else lent(out_name, shape)
             job = TensorJob(out_name, shape, None, (donor,), False, (), TensorParams({}, ()), info.dtype, info.dtype, out)
-        per_elem = _bytes_per_element(checkpoints, job, workers)
-        rows = _rows_per_chunk(plan, job, per_elem, budget, workers)
+        per_elem = bytes_per_element(checkpoints, job, workers)
+        rows = chunk_rows(plan, job, per_elem, budget, workers)
         if gpu_budget is not None and job.method is not None:  # the same working set, on the GPU (host buffers stay within the host budget)
-            rows = min(rows, _rows_per_chunk(plan, job, per_elem, gpu_budget, workers))
+            rows = min(rows, chunk_rows(plan, job, per_elem, gpu_budget, workers))
         jobs.append(replace(job, rows_per_chunk=rows))
 
     def lent(name: str, shape: tuple[int, ...]) -> Source:
@@ -415,8 +415,8 @@ def _build(plan: MergePlan, method: MergeMethod, groups: list[_Group], checkpoin
         jobs = [_rechunked(plan, checkpoints, j, budget, gpu_budget, workers) if j.statistics else j
                 for j in jobs]
     try:
-        return _finish(plan, method, checkpoints, jobs, notes, statistics, reference, layer_counts, vocab, device,
-                       gpu_budget, workers)
+        return finish_schedule(plan, method, checkpoints, jobs, notes, statistics, reference, layer_counts,
+                               vocab, device, gpu_budget, workers)
     except BaseException:
         for st in statistics:
             if st is not None:
@@ -430,10 +430,10 @@ def _rechunked(plan: MergePlan, checkpoints: tuple[Checkpoint, ...], job: Tensor
     method prepares from the others is held beside its chunks. That preparation comes out of a
     budget the user set; without one, it adds to the peak instead of shrinking the default working
     set (a 7B down_proj's 462 MiB Gram left sparsegpt importance 7-row chunks: 32 s, not 19 s)."""
-    per_elem = _bytes_per_element(checkpoints, job, workers)
+    per_elem = bytes_per_element(checkpoints, job, workers)
     host = budget if plan.max_memory is None else max(MIN_WORKING_BYTES, budget - _statistics_bytes(job))
     device = None if gpu_budget is None else max(MIN_WORKING_BYTES, gpu_budget - _statistics_bytes(job))
-    rows = min(_rows_per_chunk(plan, job, per_elem, b, workers) for b in (host, device) if b is not None)
+    rows = min(chunk_rows(plan, job, per_elem, b, workers) for b in (host, device) if b is not None)
     return replace(job, rows_per_chunk=rows)
 
 
@@ -450,12 +450,14 @@ def _read_bytes(checkpoints: tuple[Checkpoint, ...], jobs: Iterable[TensorJob]) 
                for j in jobs for s in j.inputs)
 
 
-def _finish(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...], jobs: list[TensorJob],
-            notes: list[str], statistics: tuple[ModelStatistics | None, ...], reference: int,
-            layer_counts: list[tuple[str | None, int]], vocab: Vocabulary | None, device: Device,
-            gpu_budget: int | None, workers: int) -> Schedule:
+def finish_schedule(plan: MergePlan, method: MergeMethod, checkpoints: tuple[Checkpoint, ...],
+                    jobs: list[TensorJob], notes: list[str], statistics: tuple[ModelStatistics | None, ...],
+                    reference: int, layer_counts: list[tuple[str | None, int]], vocab: Vocabulary | None,
+                    device: Device, gpu_budget: int | None, workers: int) -> Schedule:
+    """The schedule of ``jobs``: placed in shards, its peak working memory checked against
+    ``max_memory`` (a MoE build's schedule is finished here too)."""
     shards, jobs = _place(jobs, plan.shard_size)
-    peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * _bytes_per_element(checkpoints, j, workers)
+    peak = max(j.rows_per_chunk * (math.prod(j.shape) // j.rows) * bytes_per_element(checkpoints, j, workers)
                + _statistics_bytes(j) for j in jobs)
     read_bytes = _read_bytes(checkpoints, jobs)
     template = resolve_chat_template(plan.chat_template, [c.path for c in checkpoints]) if plan.chat_template else None
@@ -659,7 +661,7 @@ def _compute_dtype(plan: MergePlan, method: MergeMethod, load: torch.dtype) -> t
     return torch.float64 if load == torch.float64 else torch.float32
 
 
-def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob, workers: int) -> int:
+def bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob, workers: int) -> int:
     """Working bytes per element of a chunk: the raw inputs of the chunks handed to the workers,
     of those read ahead and of the one being read, each worker's compute copies and temporaries
     (deltas, stacked copies, masks, keys, the output), and the merged chunks waiting for the writer
@@ -673,7 +675,7 @@ def _bytes_per_element(checkpoints: tuple[Checkpoint, ...], job: TensorJob, work
     return raw * (READ_AHEAD_CHUNKS + 1 + in_flight(workers)) + workers * working + written
 
 
-def _working_budget(plan: MergePlan) -> int:
+def working_budget(plan: MergePlan) -> int:
     """Bytes for chunks: what the process leaves of ``max_memory``, less the allocator's slack
     (freed chunks of different sizes do not always fit each other's holes: on a 7B-shaped TIES
     merge with two workers the heap grew 440 MiB for a planned working set of 193 MiB, of which at
@@ -699,7 +701,9 @@ def _budget_too_small(plan: MergePlan, budget: int, baseline: int, working: int)
             f"pass --max-memory {smallest}MiB or more")
 
 
-def _rows_per_chunk(plan: MergePlan, job: TensorJob, per_elem: int, budget: int, workers: int) -> int:
+def chunk_rows(plan: MergePlan, job: TensorJob, per_elem: int, budget: int, workers: int) -> int:
+    """Rows of ``job`` per chunk: ``chunk_size`` elements when the plan gives it, else as many as
+    fit ``budget`` at ``per_elem`` working bytes per element."""
     row_numel = math.prod(job.shape) // job.rows if job.rows else 0
     if row_numel == 0:
         return max(job.rows, 1)
