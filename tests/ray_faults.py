@@ -34,13 +34,14 @@ def exit_mid_write() -> None:
 
 def slow_writes() -> None:
     """Each chunk written takes ``SMR_WRITE_SECONDS`` longer, so that tasks are still running when
-    a test removes a node, and first touches ``SMR_TRACE_DIR/<node id>``: a task is writing there."""
+    a test removes a node, and first touches ``SMR_TRACE_DIR/<node id>.<shard>``: a task is
+    writing that shard there."""
     import ray
 
     pause, trace = float(os.environ["SMR_WRITE_SECONDS"]), Path(os.environ["SMR_TRACE_DIR"])
 
     def write(self: ShardWriter, offset: int, tensor) -> None:
-        (trace / ray.get_runtime_context().get_node_id()).touch()
+        (trace / f"{ray.get_runtime_context().get_node_id()}.{self.path.name}").touch()
         time.sleep(pause)
         _write(self, offset, tensor)
 

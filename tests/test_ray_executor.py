@@ -186,8 +186,9 @@ def test_a_worker_killed_mid_write_is_retried_and_resumes(cluster, fp32_family: 
     assert retried.resumed == 1  # its journal: the first tensor was written and checked, not redone
 
 
-def test_a_node_removed_mid_run_leaves_the_others_to_finish(cluster, fp32_family: Family,
-                                                            tmp_path: Path) -> None:
+def test_a_node_removed_mid_run_is_survived(cluster, fp32_family: Family, tmp_path: Path) -> None:
+    """The run finishes on the other nodes (a task the lost node was writing is run again
+    elsewhere), or, should Ray give that task up, fails in one line and resumes."""
     plan = _ties(fp32_family, shard_size=8_000)
     streammerge.merge(plan, tmp_path / "local", quiet=True)
     victim = cluster.add_node(**NODE)
@@ -197,7 +198,7 @@ def test_a_node_removed_mid_run_leaves_the_others_to_finish(cluster, fp32_family
     def merge() -> None:
         try:
             outcome["result"] = streammerge.merge(plan, tmp_path / "ray", quiet=True, executor="ray")
-        except BaseException as e:  # handed to the test thread
+        except StreamMergeError as e:  # handed to the test thread
             outcome["error"] = e
 
     trace = tmp_path / "writing"
@@ -206,13 +207,22 @@ def test_a_node_removed_mid_run_leaves_the_others_to_finish(cluster, fp32_family
         thread = threading.Thread(target=merge)
         thread.start()
         deadline = time.monotonic() + STARTUP_SECONDS
-        while not (trace / victim.node_id).exists():  # a task is writing on the victim
+        while not any(trace.glob(f"{victim.node_id}.*")):  # a task is writing on the victim
             assert time.monotonic() < deadline and thread.is_alive(), "no task ran on the new node"
             time.sleep(0.02)
-        cluster.remove_node(victim, allow_graceful=False)  # within the write's 0.3 s
+        cluster.remove_node(victim, allow_graceful=False)
         thread.join(timeout=300)
-    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
-    assert victim.node_id not in {t.node for t in outcome["result"].tasks}  # its task ran again elsewhere
+    assert not thread.is_alive()
+    if "error" in outcome:
+        message = str(outcome["error"])
+        assert "\n" not in message and "the partial output is kept in" in message, message
+        result = streammerge.merge(plan, tmp_path / "ray", quiet=True, executor="ray")
+        assert any(t.resumed for t in result.tasks)
+    else:
+        started_there = {p.name.split(".", 1)[1] for p in trace.glob(f"{victim.node_id}.*")}
+        nodes = {s: t.node for t in outcome["result"].tasks for s in t.shards}
+        # a shard the victim was writing when it went was written again on another node
+        assert any(nodes[s] != victim.node_id for s in started_there), (started_there, nodes)
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
 
 

@@ -26,7 +26,7 @@ from streammerge.calibration.statsdir import (FORMAT, KINDS, MANIFEST, Provenanc
                                               source_identity)
 from streammerge.errors import DataError, OutputError, PlanError
 from streammerge.evaluation.data import read_documents
-from streammerge.evaluation.evaluate import (BATCH_TOKENS, activation_budget, _batches, _run_dtype,
+from streammerge.evaluation.evaluate import (BATCH_TOKENS, default_activation_budget, _batches, _run_dtype,
                                              load_tokenizer, open_model)
 from streammerge.evaluation.windows import Protocol, Window, cut_windows, tokenize
 from streammerge.forward import Batch, LayerStream
@@ -105,7 +105,7 @@ def _compute(stream: LayerStream, windows: list[Window], kinds: list[str], prove
     # inputs and outputs (128 MiB each on 7B shapes at 32 × 512 tokens; every layer's for the
     # Fisher) would stay in it beside two layers and their statistics. They are all spilled
     # instead: on 7B shapes a layer computes for 50 s or more, its spill I/O takes < 1 s.
-    budget = 0 if max_memory is None else activation_budget(stream, max_memory, batch_tokens)
+    budget = 0 if max_memory is None else default_activation_budget(stream, max_memory, batch_tokens)
     if max_memory is not None:
         held = _stats_bytes(stream, kinds)
         if budget < held:

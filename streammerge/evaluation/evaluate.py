@@ -84,7 +84,7 @@ def _run_dtype(checkpoint: Source, dtype: str) -> torch.dtype:
     return floats.most_common(1)[0][0] if floats else torch.float32  # as stored, as from_pretrained loads it
 
 
-def activation_budget(stream: LayerStream, max_memory: int | None, batch_tokens: int) -> int:
+def default_activation_budget(stream: LayerStream, max_memory: int | None, batch_tokens: int) -> int:
     """What the activations may hold in memory: the budget left after the process as it stands, two
     layers (one running, one being read) and a batch's working memory."""
     text = stream.skeleton.model.config.get_text_config()
@@ -169,7 +169,7 @@ def evaluate(model: str | Path, data: str | Path | list[str] | None = None, *, s
                 documents = list(data) if isinstance(data, list) else read_documents(str(data), text_field)
                 windows = cut_windows(tokenize(tokenizer, documents, protocol.join), protocol)
             stream.activation_budget = (activation_budget if activation_budget is not None
-                                        else activation_budget(stream, max_memory, batch_tokens))
+                                        else default_activation_budget(stream, max_memory, batch_tokens))
             stream.progress = progress
             total, count = score(stream, windows, batch_tokens) if windows else (0.0, 0)
             stream.progress = False  # generation shows one bar over its tokens instead

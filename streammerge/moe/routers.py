@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from streammerge.errors import CheckpointError, PlanError
-from streammerge.evaluation.evaluate import activation_budget
+from streammerge.evaluation.evaluate import default_activation_budget
 from streammerge.evaluation.evaluate import load_tokenizer
 from streammerge.forward import Batch, LayerStream
 from streammerge.forward.weights import Source
@@ -196,7 +196,7 @@ def _hidden_states(
     # as for `streammerge eval`; without a budget, ACTIVATION_BUDGET in memory and the rest spilled
     tokens = max(b.ids.numel() for b in batches)
     stream.activation_budget = (ACTIVATION_BUDGET if max_memory is None
-                                else activation_budget(stream, max_memory, tokens))
+                                else default_activation_budget(stream, max_memory, tokens))
     stream.progress = progress
     taken: list[list[torch.Tensor]] = [
         [] for _ in batches
