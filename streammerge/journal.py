@@ -191,7 +191,8 @@ def _resumable(staging: Path, records: dict[Path, dict[str, dict[str, Any]]],
         shard = schedule.shards[job.shard].filename
         for recorded in records.values():
             rec = recorded.get(job.name)
-            if rec is None or (rec.get("shard"), rec.get("offset"), rec.get("nbytes")) != (shard, job.offset, job.out_bytes):
+            where = (shard, job.offset, job.out_bytes)
+            if rec is None or (rec.get("shard"), rec.get("offset"), rec.get("nbytes")) != where:
                 continue
             entry = Entry(shard, job.offset, job.out_bytes, rec.get("sha256"))
             if _on_disk(staging / shard, entry):
