@@ -17,7 +17,8 @@ def exit_mid_write() -> None:
     """The first worker to write chunk ``SMR_CRASH_AT`` of shard ``SMR_CRASH_SHARD`` exits at once
     after it, as a killed process would; ``SMR_CRASH_MARKER`` (created then) keeps every later
     attempt from crashing."""
-    marker, shard, at = Path(os.environ["SMR_CRASH_MARKER"]), os.environ["SMR_CRASH_SHARD"], int(os.environ["SMR_CRASH_AT"])
+    marker, shard = Path(os.environ["SMR_CRASH_MARKER"]), os.environ["SMR_CRASH_SHARD"]
+    at = int(os.environ["SMR_CRASH_AT"])
     writes = 0
 
     def write(self: ShardWriter, offset: int, tensor) -> None:

@@ -476,7 +476,8 @@ def test_a_base_named_on_the_hub(built: dict, tmp_path: Path) -> None:
 
     config, whole = built["llama_cheap_embed"]
     doc = yaml.safe_load(config.read_text())
-    home = hub_cache(tmp_path / "hf", "acme/moe-base", {"1" * 40: Path(doc["base_model"])}, {"main": "1" * 40})
+    commit = "1" * 40
+    home = hub_cache(tmp_path / "hf", "acme/moe-base", {commit: Path(doc["base_model"])}, {"main": commit})
     cfg = _write(tmp_path / "hub.yml", doc | {"base_model": "acme/moe-base"})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "streammerge", "moe", str(cfg), str(tmp_path / "out"), "-q"],

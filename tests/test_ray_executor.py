@@ -274,7 +274,8 @@ def test_without_a_cluster_the_run_starts_one_and_stops_it(fp32_family: Family, 
         assert run.returncode == 0, run.stderr[-3000:]
         assert re.search(r"Ray task\(s\) on 1 node\(s\)", run.stderr)
         assert _files(tmp_path / "ray") == _files(tmp_path / "local")
-        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+        left = [p.pid for p in psutil.process_iter(["cmdline"])
+                if str(temp) in " ".join(p.info["cmdline"] or [])]
         assert not left, f"Ray processes left running: {left}"
     finally:
         shutil.rmtree(temp, ignore_errors=True)
@@ -291,9 +292,9 @@ def test_a_task_that_fails_stops_the_run_in_one_line_and_resumes(cluster, fp32_f
                                                                  tmp_path: Path) -> None:
     tensor = "model.layers.1.mlp.down_proj.weight"
     nan = _with_nan(fp32_family, tmp_path / "nan", tensor)
-    plan = _ties(fp32_family) | {"models": [{"model": str(nan), "parameters": {"weight": 0.5, "density": 0.5}},
-                                            {"model": str(fp32_family.models[1]),
-                                             "parameters": {"weight": 0.5, "density": 0.5}}]}
+    half = {"weight": 0.5, "density": 0.5}
+    plan = _ties(fp32_family) | {"models": [{"model": str(nan), "parameters": half},
+                                            {"model": str(fp32_family.models[1]), "parameters": half}]}
     sched = streammerge.schedule(plan)
     shard = sched.shards[next(j.shard for j in sched.jobs if j.name == tensor)].filename
     sched.close()
