@@ -187,8 +187,8 @@ def test_a_worker_killed_mid_write_is_retried_and_resumes(cluster, fp32_family: 
 
 
 def test_a_node_removed_mid_run_is_survived(cluster, fp32_family: Family, tmp_path: Path) -> None:
-    """The run finishes on the other nodes (a task the lost node was writing is run again
-    elsewhere), or, should Ray give that task up, fails in one line and resumes."""
+    """The run finishes on the other nodes, or, should Ray give a task up, fails in one line and
+    resumes; either way the output is the local run's."""
     plan = _ties(fp32_family, shard_size=8_000)
     streammerge.merge(plan, tmp_path / "local", quiet=True)
     victim = cluster.add_node(**NODE)
@@ -210,6 +210,7 @@ def test_a_node_removed_mid_run_is_survived(cluster, fp32_family: Family, tmp_pa
         while not any(trace.glob(f"{victim.node_id}.*")):  # a task is writing on the victim
             assert time.monotonic() < deadline and thread.is_alive(), "no task ran on the new node"
             time.sleep(0.02)
+        started_there = {p.name.split(".", 1)[1] for p in trace.glob(f"{victim.node_id}.*")}
         cluster.remove_node(victim, allow_graceful=False)
         thread.join(timeout=300)
     assert not thread.is_alive()
@@ -218,11 +219,11 @@ def test_a_node_removed_mid_run_is_survived(cluster, fp32_family: Family, tmp_pa
         assert "\n" not in message and "the partial output is kept in" in message, message
         result = streammerge.merge(plan, tmp_path / "ray", quiet=True, executor="ray")
         assert any(t.resumed for t in result.tasks)
-    else:
-        started_there = {p.name.split(".", 1)[1] for p in trace.glob(f"{victim.node_id}.*")}
+    else:  # a task the victim was running may still have reported (workers report to the driver
+        # directly); none started there after it went, and the others finished the run
         nodes = {s: t.node for t in outcome["result"].tasks for s in t.shards}
-        # a shard the victim was writing when it went was written again on another node
-        assert any(nodes[s] != victim.node_id for s in started_there), (started_there, nodes)
+        assert {s for s, n in nodes.items() if n == victim.node_id} <= started_there, nodes
+        assert len(set(nodes.values()) - {victim.node_id}) >= 2
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
 
 
