@@ -37,6 +37,9 @@ _LO_BINS = 1 << 16
 
 Values = Callable[[Chunk, Stats], list[torch.Tensor]]
 Counts = Callable[[Chunk, Stats], list[int | None]]  # k may depend on earlier passes
+# Per model wanted, the 2¹⁵-bin histogram of the 16-bit keys of the values, computed without forming
+# them (a compiled kernel); None where it cannot, and the values are formed and counted instead.
+Histograms = Callable[[Chunk, Stats, list[bool]], list[torch.Tensor | None] | None]
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,14 @@ def _from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
 def _key_counts(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct keys, ascending, and how often each occurs."""
     if keys.dtype == torch.int16:  # 2¹⁵ possible keys (|x| has no sign bit): a histogram costs less than sorting
-        hist = torch.bincount(keys, minlength=_HI_BINS)
-        present = hist.nonzero().reshape(-1)
-        return present.to(torch.int32), hist[present]
+        return _present(torch.bincount(keys, minlength=_HI_BINS))
     return torch.unique(keys.to(torch.int32), return_counts=True)
+
+
+def _present(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys a histogram counts, ascending, and their counts."""
+    present = hist.nonzero().reshape(-1)
+    return present.to(torch.int32), hist[present]
 
 
 def _found(threshold: int, keep_equal: int, equal_here: list[int], row_starts: list[int]) -> dict:
@@ -83,14 +90,21 @@ def _found(threshold: int, keep_equal: int, equal_here: list[int], row_starts: l
             "equal_before": dict(zip(row_starts, before)), "equal_here": dict(zip(row_starts, equal_here))}
 
 
-def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = False) -> tuple[StatPass, ...]:
+def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = False,
+                 histograms: Histograms | None = None) -> tuple[StatPass, ...]:
     """Passes that find, per model, the threshold keeping exactly ``counts(chunk, stats)[i]`` elements of
     ``values(chunk)[i]`` by magnitude (``None`` = keep all). Results live in ``stats[key]``.
     ``elementwise``: each value depends only on the inputs at its own position, so the sample's
-    values are computed from the sampled inputs alone."""
+    values are computed from the sampled inputs alone. ``histograms``: counts the 16-bit keys itself."""
 
     def first_collect(chunk: Chunk, stats: Stats) -> dict:
         """16-bit keys: every key, counted (the band is all of them). 32-bit keys: the sample."""
+        if histograms is not None and chunk.models[0].dtype == torch.bfloat16:
+            wanted = [k is not None for k in counts(chunk, stats)]
+            hists = histograms(chunk, stats, wanted)
+            if hists is not None:
+                inside = [None if h is None else _present(h) for h in hists]
+                return {"above": [0] * len(wanted), "inside": inside, "row_start": chunk.row_start}
         s = _stride(chunk)
         first = -chunk.element_start % s  # the flat indices ≡ 0 mod s, whatever the chunking
         if elementwise:

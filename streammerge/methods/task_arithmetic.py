@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from streammerge.methods import bitpack, float_bits, importance
+from streammerge.methods import bitpack, float_bits, gta_kernels, importance
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.random import Stream
 from streammerge.methods.registry import register
@@ -49,6 +49,8 @@ _CLAMP = (Param("clamp_min", float, doc="lower bound on each element of λ Σ w_
 MASK_CACHE_BYTES = 64 << 20
 
 Keep = Callable[[Chunk, Stats, int, torch.Tensor], torch.Tensor]  # (chunk, stats, model i, δ_i) → keep mask
+# Model i's keep mask as the compiled kernel takes it, without δ_i, or None where only Keep can tell.
+FusedKeep = Callable[[Chunk, Stats, int], gta_kernels.Keep | None]
 Sparsify = Callable[[Chunk, Stats, list[torch.Tensor]], list[torch.Tensor]]
 Passes = Callable[[TensorParams], tuple[StatPass, ...]]
 
@@ -163,6 +165,13 @@ def _bernoulli(chunk: Chunk, i: int, d: torch.Tensor, p: float | torch.Tensor) -
 
 # --- TIES (Yadav et al., arXiv:2306.01708) -------------------------------------------------------
 
+def _delta_histograms(chunk: Chunk, stats: Stats, wanted: list[bool]) -> list[torch.Tensor | None] | None:
+    """TIES's first pass by ``gta_kernels``, where it applies."""
+    if not gta_kernels.supports(chunk.base):
+        return None
+    return gta_kernels.delta_histograms(chunk.base, chunk.models, wanted)
+
+
 def _keep_count(chunk: Chunk, stats: Stats) -> list[int | None]:
     """TIES keeps k = int(density · numel) entries (at least one) of each task vector."""
     return [None if _whole(d) else max(1, int(d * chunk.numel)) for d in chunk.params.per_model("density")]
@@ -172,10 +181,30 @@ def _top_k_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Te
     return top_k_mask(importance.score(chunk, i, d), i, chunk, stats, "topk")
 
 
+def _top_k_fused(chunk: Chunk, stats: Stats, i: int) -> gta_kernels.Keep | None:
+    """A magnitude threshold; the one chunk per tensor where the kept equal keys run out gets its
+    mask from ``_top_k_keep``."""
+    if importance.ranked(chunk.params):
+        return None
+    f = stats["topk"]["found"][i]
+    remaining = f["keep_equal"] - f["equal_before"][chunk.row_start]
+    if remaining >= f["equal_here"][chunk.row_start]:
+        return gta_kernels.Keep(gta_kernels.KEEP_AT_LEAST, f["threshold"])
+    if remaining <= 0:
+        return gta_kernels.Keep(gta_kernels.KEEP_ABOVE, f["threshold"])
+    d = chunk.models[i] - chunk.base
+    return gta_kernels.Keep(gta_kernels.KEEP_MASKED, mask=_top_k_keep(chunk, stats, i, d))
+
+
 # --- DARE: keep each entry with probability density (Yu et al., arXiv:2311.03099) ---------------
 
 def _dare_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
     return _bernoulli(chunk, i, d, chunk.params.models[i]["density"])
+
+
+def _dare_fused(chunk: Chunk, stats: Stats, i: int) -> gta_kernels.Keep:
+    """DARE's mask does not depend on δ: the base stands in for its shape."""
+    return gta_kernels.Keep(gta_kernels.KEEP_MASKED, mask=_kept(chunk, stats, _dare_keep, i, chunk.base))
 
 
 # --- Breadcrumbs (Davari & Belilovsky, arXiv:2312.06795) -----------------------------------------
@@ -262,14 +291,46 @@ def _della_check(params: TensorParams) -> str | None:
 
 # --- the recipe ----------------------------------------------------------------------------------
 
-def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats], torch.Tensor]:
+def _weights(chunk: Chunk) -> list[float]:
+    """mergekit multiplies by a weight tensor of the working dtype: each weight rounded to it."""
+    return torch.tensor(chunk.params.per_model("weight"), dtype=chunk.base.dtype, device="cpu").tolist()
+
+
+def _fused(chunk: Chunk, stats: Stats, keep: FusedKeep | None, consensus: bool) -> torch.Tensor | None:
+    """The merge by ``gta_kernels`` (the same bits in one pass), or None where it does not apply."""
+    g = chunk.params.globals
+    if (not chunk.models or not gta_kernels.supports(chunk.base) or g.get("clamp_min") is not None
+            or g.get("clamp_max") is not None):
+        return None
+    keeps, scales = [], []
+    for i, p in enumerate(chunk.params.models):
+        whole = keep is None or _whole(p["density"])
+        k = gta_kernels.Keep() if whole else keep(chunk, stats, i)
+        if k is None:
+            return None
+        keeps.append(k)
+        scales.append(stats["l1_scale"][i] if not whole and "l1_scale" in stats else 1.0)
+    weights = _weights(chunk)
+    divide = 0.0
+    if g["normalize"] and not consensus:
+        total = torch.tensor(weights, dtype=chunk.base.dtype, device="cpu").sum().item()
+        divide = total if abs(total) >= 1e-8 else 1.0
+    return gta_kernels.merge(chunk.base, chunk.models, keeps, scales, weights, consensus, g["normalize"],
+                             divide, g["lambda"])
+
+
+def _gta(sparsify: Sparsify | None, consensus: bool,
+         fused_keep: FusedKeep | None) -> Callable[[Chunk, Stats], torch.Tensor]:
     def merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
+        if sparsify is None or fused_keep is not None:
+            fused = _fused(chunk, stats, fused_keep, consensus)
+            if fused is not None:
+                return fused.reshape(chunk.base.shape)
         deltas = task_vectors(chunk, stats)
         if sparsify is not None:
             deltas = sparsify(chunk, stats, deltas)
-        # mergekit multiplies by a weight tensor of the working dtype: round each weight to it first.
         # Per-model products, not a stacked tensor times broadcast weights: same rounding, a fifth of the time.
-        weights = torch.tensor(chunk.params.per_model("weight"), dtype=deltas[0].dtype, device="cpu").tolist()
+        weights = _weights(chunk)
         weighted = [d.mul_(w) for d, w in zip(deltas, weights)]  # the deltas are this merge's own
         normalize = chunk.params.globals["normalize"]
         if consensus:
@@ -281,7 +342,8 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
         else:
             mixed = sum_models(weighted)
             if normalize:
-                total = torch.tensor(weights, dtype=mixed.dtype, device="cpu").sum().item()  # rounded as mergekit's sum of its weight tensor
+                # rounded as mergekit's sum of its weight tensor
+                total = torch.tensor(weights, dtype=mixed.dtype, device="cpu").sum().item()
                 mixed /= total if abs(total) >= 1e-8 else 1
         if chunk.params.globals["lambda"] != 1:
             mixed *= chunk.params.globals["lambda"]
@@ -295,16 +357,20 @@ def _gta(sparsify: Sparsify | None, consensus: bool) -> Callable[[Chunk, Stats],
 
 def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: bool,
               passes: tuple[StatPass, ...] | Passes, params: tuple[Param, ...],
-              check: Callable[[TensorParams], str | None] | None = None, ranks: bool = False) -> None:
-    """``ranks``: the method keeps entries by a ranking ``importance`` may take from calibration statistics."""
+              check: Callable[[TensorParams], str | None] | None = None, ranks: bool = False,
+              fused_keep: FusedKeep | None = None) -> None:
+    """``ranks``: the method keeps entries by a ranking ``importance`` may take from calibration statistics.
+    ``fused_keep``: the keep mask for ``gta_kernels`` (methods without one merge on the torch path)."""
     ranking = (importance.IMPORTANCE, importance.DAMP) if ranks else ()
-    register(MergeMethod(name=name, merge=_gta(None if keep is None else _sparsifier(keep), consensus),
+    merge = _gta(None if keep is None else _sparsifier(keep), consensus, fused_keep)
+    register(MergeMethod(name=name, merge=merge,
                          params=(_WEIGHT, *params, _LAMBDA, _INT8_MASK, *ranking),
                          base="required", precision="load", paper=paper, passes=passes, doc=doc, check=check,
                          min_models=0, statistics=importance.STATISTICS if ranks else None))
 
 
-_TOPK = _with_rescale(_by_importance(top_k_passes(task_vectors, _keep_count, "topk", elementwise=True),
+_TOPK = _with_rescale(_by_importance(top_k_passes(task_vectors, _keep_count, "topk", elementwise=True,
+                                                  histograms=_delta_histograms),
                                      top_k_passes(_scores, _keep_count, "topk")), _top_k_keep)
 _DARE = _with_rescale((), _dare_keep)
 # one selection over the model list twice: entries [0, n) find the top n_top, [n, 2n) the top n_top + target
@@ -324,11 +390,12 @@ def _clamp_check(params: TensorParams) -> str | None:
 _register("task_arithmetic", "arXiv:2212.04089", "base + λ Σ w_i δ_i, optionally clamped elementwise (Ilharco et al., ICLR 2023)",
           None, False, (), (_normalize(False), _rescale(False), *_CLAMP), _clamp_check)  # nothing is dropped: rescale is the identity
 _register("ties", "arXiv:2306.01708", "top-k magnitude trim, sign election by mass, disjoint mean (Yadav et al., NeurIPS 2023)",
-          _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True), _rescale(False)), ranks=True)
+          _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True), _rescale(False)), ranks=True,
+          fused_keep=_top_k_fused)
 _register("dare_ties", "arXiv:2311.03099", "random drop + L1 rescale, then TIES sign election (Yu et al., ICML 2024)",
-          _dare_keep, True, _DARE, (_DENSITY, _normalize(False), _rescale(True)))
+          _dare_keep, True, _DARE, (_DENSITY, _normalize(False), _rescale(True)), fused_keep=_dare_fused)
 _register("dare_linear", "arXiv:2311.03099", "random drop + L1 rescale, then a weighted sum (Yu et al., ICML 2024)",
-          _dare_keep, False, _DARE, (_DENSITY, _normalize(False), _rescale(True)))
+          _dare_keep, False, _DARE, (_DENSITY, _normalize(False), _rescale(True)), fused_keep=_dare_fused)
 _register("breadcrumbs", "arXiv:2312.06795", "drop the largest γ and the smallest |δ| so density stays, then a weighted sum (Davari & Belilovsky, 2023)",
           _band_keep, False, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)), ranks=True)
 _register("breadcrumbs_ties", "arXiv:2312.06795", "breadcrumbs trim, then TIES sign election (Davari & Belilovsky, 2023)",
