@@ -2,7 +2,7 @@
 
     python benchmarks/compare.py --layers 2 4 8 --methods linear task_arithmetic ties dare_ties slerp \\
         [--repeat 3] [--max-memory 512M] [--mergekit .venv-mergekit/bin/mergekit-yaml] [--cgroup-limit 2GiB] \\
-        [--json out.json] [--png rss.png]
+        [--before REF] [--skip-naive] [--json out.json] [--png rss.png]
 
 For each layer count it generates (once, cached) base, ft1 and ft2 with Llama-2-7B tensor shapes
 (hidden 4096, intermediate 11008, vocab 32000, bf16, 2 GB shards like Hugging Face checkpoints;
@@ -24,6 +24,13 @@ the run records peak RSS (the child's ru_maxrss, and anonymous + file-backed RSS
   allocator's peaks vary from run to run by more than the targets' margins. Every repeat's output
   must be byte-identical to the first.
 - ``--max-memory``: streammerge again with that budget; its output must be byte-identical.
+- ``--before REF``: streammerge as of git commit REF too (checked out in a temporary worktree, run
+  with ``PYTHONPATH`` pointing at it), the same runs as the current code (with ``--max-memory`` as
+  well), in the same session: before and after, on the same disk and page cache. Its output must
+  be byte-identical to the current code's.
+- CPU: user and system seconds, CPU seconds per GB of input and cores busy (CPU seconds over wall
+  seconds) per run: on two cores a merge keeps up with a disk reading 1 GB/s only below about
+  1.8 CPU-s per GB.
 - ``--cgroup-limit``: the ties merge at the largest layer count once more inside a memory cgroup
   with that limit (page cache counts against it), where the machine allows one.
 """
@@ -31,6 +38,7 @@ the run records peak RSS (the child's ru_maxrss, and anonymous + file-backed RSS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -43,12 +51,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from workload import GiB, MODELS, ensure_inputs, evict, fsync_tree, measure  # noqa: E402
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
-TARGET_FLOOR = {"linear": 1.5, "task_arithmetic": 1.5, "ties": 2.5, "dare_ties": 2.5, "slerp": 2.5}
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "della", "slerp")
+TARGET_FLOOR = 1.2  # wall time to a durable output, over the same run's I/O floor
+TARGET_CPU_PER_GB = {"linear": 1.0, "task_arithmetic": 1.0, "slerp": 1.0,
+                     "ties": 1.6, "dare_ties": 1.6, "della": 1.6}
+TARGET_PEAK_GIB = 0.5
 TARGET_VS_MERGEKIT = {"ties": 0.2, "dare_ties": 0.2}
 BLOCK = 8 << 20
 
@@ -64,6 +76,8 @@ def plan(method: str, base: Path, ft1: Path, ft2: Path) -> dict:
         return {"merge_method": "slerp", "base_model": str(base), "models": [model(base), model(ft1)],
                 "parameters": {"t": 0.5}, "dtype": "bfloat16"}
     sparse = {"density": 0.5} if method in ("ties", "dare_ties") else {}
+    if method == "della":
+        sparse = {"density": 0.5, "epsilon": 0.1}
     return {"merge_method": method, "base_model": str(base), "models": [model(p, weight=0.5, **sparse) for p in (ft1, ft2)],
             "dtype": "bfloat16"}
 
@@ -127,10 +141,11 @@ def shard_hashes(out: Path) -> dict[str, str]:
     return hashes
 
 
-def run_tool(tool: str, cmd: list[str], out: Path, inputs: list[Path], work: Path, cgroup: Path | None = None) -> dict:
+def run_tool(tool: str, cmd: list[str], out: Path, inputs: list[Path], work: Path, cgroup: Path | None = None,
+             env: dict[str, str] | None = None) -> dict:
     evict(inputs)
-    log = work / f"{tool}.log"
-    row = {"tool": tool, **measure(cmd, log, cgroup)}
+    log = work / f"{tool.replace('/', '_')}.log"
+    row = {"tool": tool, **measure(cmd, log, cgroup, env)}
     text = log.read_text(errors="replace")
     row["ok"] = row["exit_code"] == 0 and any(out.rglob("*.safetensors"))
     if not row["ok"]:
@@ -179,29 +194,39 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
         info = {"layers": layers, "method": method, "floor_s": floor, "input_gb": sum(map(safetensors_bytes, ins)) / 1e9}
         out = args.cache_dir / "out" / f"{method}-{layers}L"
         sm = [sys.executable, "-m", "streammerge", "run", str(plan_file), str(out), "--overwrite"]
-        runs = [("streammerge", sm)]
         compare = args.compare_layers is None or layers in args.compare_layers
-        if args.max_memory and compare:
-            runs.append((f"streammerge --max-memory {args.max_memory}", sm + ["--max-memory", args.max_memory]))
-        if compare:
+        runs = []
+        versions = [("", None)]
+        if args.before:
+            versions.append((f" (before: {args.before})", {"PYTHONPATH": str(args.before_tree)}))
+        for label, env in versions:
+            runs.append((f"streammerge{label}", sm, env))
+            if args.max_memory and compare:
+                budget = ["--max-memory", args.max_memory]
+                runs.append((f"streammerge --max-memory {args.max_memory}{label}", sm + budget, env))
+        if compare and not args.skip_naive:
             runs.append(("naive", [sys.executable, str(Path(__file__).parent / "naive_merge.py"), method,
-                                   str(out / "model.safetensors"), *map(str, ins)]))
+                                   str(out / "model.safetensors"), *map(str, ins)], None))
         if args.mergekit and compare:
-            runs.append(("mergekit", [str(args.mergekit), str(plan_file), str(out), "--random-seed", "0"]))
+            mergekit = [str(args.mergekit), str(plan_file), str(out), "--random-seed", "0"]
+            runs.append(("mergekit", mergekit, None))
         reference = None
-        for tool, cmd in runs:
+        for tool, cmd, env in runs:
             repeated = []
-            for _ in range(args.repeat if tool == "streammerge" else 1):
+            repeats = args.repeat if tool in ("streammerge", f"streammerge (before: {args.before})") else 1
+            for _ in range(repeats):
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "naive":
                     out.mkdir(parents=True)
-                row = {**info, **run_tool(tool, cmd, out, ins, work)}
-                if tool.startswith("streammerge") and row["ok"] and (args.max_memory and compare or args.repeat > 1):
+                row = {**info, **run_tool(tool, cmd, out, ins, work, env=env)}
+                checked = args.max_memory and compare or args.repeat > 1 or args.before
+                if tool.startswith("streammerge") and row["ok"] and checked:
                     hashes = shard_hashes(out)
                     reference = reference or hashes
                     row["identical_to_default"] = hashes == reference
-                print(f"  {layers}L {method:<15} {tool:<28} {row['durable_s']:7.1f} s  peak {row['peak_anon_file_gib']:.2f} GiB",
-                      file=sys.stderr)
+                per_gb = row["cpu_s"] / row["input_gb"]
+                print(f"  {layers}L {method:<15} {tool:<28} {row['durable_s']:7.1f} s  "
+                      f"{per_gb:.2f} CPU-s/GB  peak {row['peak_anon_file_gib']:.2f} GiB", file=sys.stderr)
                 repeated.append(row)
             rows.append(median_row(repeated) if len(repeated) > 1 else repeated[0])
         shutil.rmtree(out, ignore_errors=True)
@@ -256,8 +281,9 @@ def _size(text: str) -> int:
 def table(rows: list[dict]) -> str:
     mk = {(r["layers"], r["method"]): r["durable_s"] for r in rows if r["tool"] == "mergekit" and r["ok"]}
     lines = ["| layers | method | tool | peak RSS GiB (ru_maxrss) | peak anon+file GiB | wall s (durable) | wall s (no final sync) "
-             "| CPU s | × I/O floor | × mergekit | page cache growth GiB |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| × I/O floor | CPU s | system s | CPU-s per GB in | cores busy | × mergekit "
+             "| page cache growth GiB |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tool = r["tool"] + ("" if r["ok"] else f" (FAILED, exit {r['exit_code']})")
         if r.get("repeats", 1) > 1:
@@ -267,8 +293,10 @@ def table(rows: list[dict]) -> str:
         vs = mk.get((r["layers"], r["method"]))
         ratio = f"{r['durable_s'] / vs:.2f}" if vs else "–"
         lines.append(f"| {r['layers']} | {r['method']} | {tool} | {r['peak_rss_gib']:.2f} | {r['peak_anon_file_gib']:.2f} "
-                     f"| {r['durable_s']:.1f} | {r['no_final_sync_s']:.1f} | {r['cpu_s']:.1f} | {r['durable_s'] / r['floor_s']:.2f} "
-                     f"| {ratio} | {r['cache_growth_gib']:.2f} |")
+                     f"| {r['durable_s']:.1f} | {r['no_final_sync_s']:.1f} "
+                     f"| {r['durable_s'] / r['floor_s']:.2f} "
+                     f"| {r['cpu_s']:.1f} | {r['sys_s']:.1f} | {r['cpu_s'] / r['input_gb']:.2f} "
+                     f"| {r['cpu_s'] / r['wall_s']:.2f} | {ratio} | {r['cache_growth_gib']:.2f} |")
     return "\n".join(lines)
 
 
@@ -281,37 +309,45 @@ def _spread(rows: list[dict], key: str, unit: str) -> str:
 
 
 def verdicts(rows: list[dict], mergekit: bool) -> list[str]:
-    """Each target of the memory-and-speed issue, met or not, with the numbers."""
+    """Each target of the full-scale issue, met or not, with the numbers: per streammerge run of
+    the current code, CPU-s per GB, wall over the floor, peak RSS, and the bytes against the
+    default run (and the code before, with ``--before``)."""
     out = []
-    sm = [r for r in rows if r["tool"] == "streammerge"]
-    for method in dict.fromkeys(r["method"] for r in sm):
-        mine = sorted((r for r in sm if r["method"] == method), key=lambda r: r["layers"])
-        peaks = [r["peak_anon_file_gib"] for r in mine]
-        flat = max(peaks) / min(peaks) if min(peaks) else float("inf")
-        out.append(f"{method}: peak anon+file {', '.join(f'{p:.2f}' for p in peaks)} GiB at {', '.join(str(r['layers']) for r in mine)} "
-                   f"layers: <= 1 GiB {'yes' if max(peaks) <= 1 else 'NO'}, flat within 10% {'yes' if flat <= 1.1 else 'NO'} "
-                   f"(max/min {flat:.2f})" + _spread(mine, "peak_anon_file_gib", "GiB"))
-        floor_target = TARGET_FLOOR.get(method)
-        for r in mine:
-            x = r["durable_s"] / r["floor_s"]
-            line = (f"  {r['layers']}L: {x:.2f}x the I/O floor (target <= {floor_target}x: {'met' if floor_target and x <= floor_target else 'NOT met'})"
-                    + _spread([r], "durable_s", "s"))
-            mk = next((m for m in rows if m["tool"] == "mergekit" and m["ok"] and m["layers"] == r["layers"] and m["method"] == method), None)
-            if mk:
-                v = r["durable_s"] / mk["durable_s"]
-                want = TARGET_VS_MERGEKIT.get(method, 1.0)
-                line += f"; {v:.2f}x mergekit's time (target < {want}: {'met' if v < want or (want < 1 and v <= want) else 'NOT met'})"
-            elif not mergekit:
-                line += "; mergekit: not installed"
-            out.append(line)
-        for r in rows:
-            if r["method"] == method and r["tool"].startswith("streammerge --max-memory"):
-                budget = _size(r["tool"].split()[-1]) / GiB
-                within = r["peak_anon_file_gib"] <= budget * 1.1
-                out.append(f"  {r['layers']}L {r['tool']}: peak {r['peak_anon_file_gib']:.2f} GiB "
-                           f"(within 10% of {budget:.2f} GiB: {'yes' if within else 'NO'}), "
-                           f"bytes {'identical to' if r.get('identical_to_default') else 'DIFFERENT from'} the default run")
+    for r in rows:
+        if not r["tool"].startswith("streammerge") or "(before:" in r["tool"] or not r["ok"]:
+            continue
+        cpu, x, peak = r["cpu_s"] / r["input_gb"], r["durable_s"] / r["floor_s"], r["peak_anon_file_gib"]
+        want = TARGET_CPU_PER_GB[r["method"]]
+        line = (f"{r['layers']}L {r['method']} {r['tool']}: {cpu:.2f} CPU-s/GB (target <= {want}: "
+                f"{'met' if cpu <= want else 'NOT met'}), {x:.2f}x the I/O floor (target <= {TARGET_FLOOR}: "
+                f"{'met' if x <= TARGET_FLOOR else 'NOT met'}), peak {peak:.2f} GiB (<= {TARGET_PEAK_GIB}: "
+                f"{'met' if peak <= TARGET_PEAK_GIB else 'NOT met'})" + _spread([r], "durable_s", "s"))
+        before = next((b for b in rows if b["tool"] == f"{r['tool']} (before: {args_before(rows)})"
+                       and b["layers"] == r["layers"] and b["method"] == r["method"] and b["ok"]), None)
+        if before is not None:
+            b_cpu, b_floor = before["cpu_s"] / before["input_gb"], before["durable_s"] / before["floor_s"]
+            cpu_x, wall_x = r["cpu_s"] / before["cpu_s"], r["durable_s"] / before["durable_s"]
+            line += f"; before {b_cpu:.2f} CPU-s/GB, {b_floor:.2f}x"
+            line += f" ({cpu_x:.2f}x the CPU, {wall_x:.2f}x the wall)"
+        if "identical_to_default" in r or "identical_to_default" in (before or {}):
+            same = r.get("identical_to_default", True) and (before or {}).get("identical_to_default", True)
+            line += f"; bytes {'identical' if same else 'DIFFERENT'} across runs"
+        mk = next((m for m in rows if m["tool"] == "mergekit" and m["ok"] and m["layers"] == r["layers"]
+                   and m["method"] == r["method"]), None)
+        if mk:
+            line += f"; {r['durable_s'] / mk['durable_s']:.2f}x mergekit's time"
+        elif not mergekit:
+            line += "; mergekit: not installed"
+        out.append(line)
     return out
+
+
+def args_before(rows: list[dict]) -> str | None:
+    """The ``--before`` ref the rows were measured against, if any."""
+    for r in rows:
+        if "(before: " in r["tool"]:
+            return r["tool"].split("(before: ", 1)[1].split(")")[0]
+    return None
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -337,6 +373,22 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+@contextlib.contextmanager
+def before_tree(ref: str | None) -> Iterator[Path | None]:
+    """A detached worktree of this repository at ``ref``, removed afterwards (None without a ref)."""
+    if ref is None:
+        yield None
+        return
+    repo = Path(__file__).resolve().parent.parent
+    tree = Path(tempfile.mkdtemp(prefix="streammerge-before-"))
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), ref], check=True,
+                   capture_output=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layer counts")
@@ -348,6 +400,9 @@ def main() -> None:
                     help="layer counts at which to run the naive merge, mergekit and --max-memory too (default: all)")
     ap.add_argument("--mergekit", type=Path, help="a mergekit-yaml executable (scripts/mergekit_venv.sh makes one)")
     ap.add_argument("--cgroup-limit", help="also run the ties merge at the largest layer count in a memory cgroup, e.g. 2GiB")
+    ap.add_argument("--before", help="also run streammerge as of this git commit (a temporary worktree)")
+    ap.add_argument("--skip-naive", action="store_true",
+                    help="no naive in-memory merge (it needs every model in RAM)")
     ap.add_argument("--json", type=Path, help="write every measurement here")
     ap.add_argument("--png", type=Path, help="plot RSS over time per tool here (needs matplotlib)")
     args = ap.parse_args()
@@ -356,7 +411,8 @@ def main() -> None:
         print("mergekit: not installed (give --mergekit PATH; scripts/mergekit_venv.sh installs it)", file=sys.stderr)
     rows: list[dict] = []
     cgroup = None
-    with tempfile.TemporaryDirectory(prefix="streammerge-compare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="streammerge-compare-") as tmp, before_tree(args.before) as tree:
+        args.before_tree = tree
         for layers in sorted(args.layers):
             rows += bench(layers, args.methods, args, Path(tmp))
         print(table(rows), flush=True)

@@ -164,8 +164,9 @@ def cached_kib() -> int:
     return 0
 
 
-def measure(cmd: list[str], log: Path, cgroup: Path | None = None) -> dict:
-    """Run ``cmd`` as a child (inside ``cgroup``, a memory cgroup directory, when given): exit code,
+def measure(cmd: list[str], log: Path, cgroup: Path | None = None, env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd`` as a child (inside ``cgroup``, a memory cgroup directory, when given; with ``env``
+    added to the environment): exit code,
     ru_maxrss, sampled RSS peaks and timeline, page-cache growth, wall and CPU time."""
     peaks = {"anon": 0, "file": 0, "sum": 0}
     timeline: list[tuple[float, float]] = []
@@ -188,7 +189,9 @@ def measure(cmd: list[str], log: Path, cgroup: Path | None = None) -> dict:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=enter_cgroup if cgroup else None)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=enter_cgroup if cgroup else None,
+                                env=None if env is None else {**os.environ, **env})
     sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -205,6 +208,8 @@ def measure(cmd: list[str], log: Path, cgroup: Path | None = None) -> dict:
         "cache_growth_gib": (cache_peak[0] - cache_start) * 1024 / GiB,
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
         "timeline": timeline,
     }
 
