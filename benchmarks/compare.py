@@ -45,6 +45,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -407,6 +408,7 @@ def main() -> None:
     ap.add_argument("--png", type=Path, help="plot RSS over time per tool here (needs matplotlib)")
     args = ap.parse_args()
     args.cache_dir = args.cache_dir.resolve()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still removes its worktree
     if args.mergekit is None:
         print("mergekit: not installed (give --mergekit PATH; scripts/mergekit_venv.sh installs it)", file=sys.stderr)
     rows: list[dict] = []

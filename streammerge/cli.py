@@ -22,7 +22,7 @@ from streammerge.frontdoors import linear, mergekit_cli
 from streammerge.inspect.commands import check_command, stats_command
 from streammerge.lora.extract_command import extract_lora_command
 from streammerge.inspect.stats import output_statistics, summary_table, write_merge_stats
-from streammerge.methods import get_method, method_names
+from streammerge.methods import compiled, get_method, method_names
 from streammerge.moe.command import moe_command, moe_main
 from streammerge.plan.load import read_documents
 
@@ -183,10 +183,12 @@ def _report(result: MergeResult, quiet: bool) -> None:
            else f", peak GPU memory {result.peak_gpu_bytes / 2**30:.2f} GiB")
     downloads = ("" if not result.download_seconds else
                  f"; downloads {result.download_seconds:.1f} s, merge {result.merge_seconds:.1f} s")
+    off = compiled.unavailable() if result.device.startswith("cpu") else None
+    kernels = "" if off is None else f" (compiled kernels off: {off}; torch ops merge instead, at more CPU)"
     click.echo(f"wrote {result.output}: {result.tensors} tensors in {result.shards} shard(s), "
                f"{result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s "
                f"({result.sync_seconds:.1f} s of it syncing to disk{downloads}); "
-               f"device: {result.device}{gpu}",
+               f"device: {result.device}{gpu}{kernels}",
                err=True)
     if result.tasks:
         click.echo(task_summary(result.tasks, result.seconds), err=True)

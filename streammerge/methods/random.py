@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from streammerge.methods import float_bits
+from streammerge.methods import compiled, float_bits
 
 _SPAN = 1 << 32
 _UNIT = 1 << 24  # a uniform is the top 24 bits of a draw, exact in float32
@@ -60,6 +60,11 @@ def _cpu_weyl() -> torch.Tensor:
 def _piece_size(count: int, device: torch.device) -> int:
     """The most draws hashed at once: on a CPU a cache-sized piece, elsewhere all of them."""
     return min(count, _CPU_PIECE) if device.type == "cpu" else count
+
+
+def _start(key: int, first: int) -> int:
+    """The first draw's counter, first·φ + key mod 2³², as the compiled loops take it."""
+    return (first * 0x9E3779B9 + key) % _SPAN
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,23 @@ class Stream:
         if limit <= 0 or limit >= _UNIT:
             return torch.full((count,), limit > 0, dtype=torch.bool, device=device)
         out = torch.empty(count, dtype=torch.bool, device=device)
+        if device.type == "cpu" and compiled.unavailable() is None:  # the same draws, in one compiled loop
+            for key, first, n, at in self._pieces(start, count, device):
+                compiled.stream_below(_start(key, first), limit * 256, out[at : at + n])
+            return out
         size = _piece_size(count, device)
         x, tmp = torch.empty(size, dtype=torch.int32, device=device), torch.empty(size, dtype=torch.int32, device=device)
         for key, first, n, at in self._pieces(start, count, device):
             self._hash(x[:n], key, first, tmp[:n])
             float_bits.compare(torch.lt, x[:n].bitwise_xor_(-(1 << 31)), limit * 256 - (1 << 31), out[at : at + n])
+        return out
+
+    def below_each(self, p: torch.Tensor, start: int) -> torch.Tensor:
+        """The mask ``uniform(start, p.numel()) < p`` for float64 ``p``, elementwise (flat)."""
+        p = p.reshape(-1)
+        if p.device.type != "cpu" or compiled.unavailable() is not None:
+            return self.uniform(start, p.numel(), p.device) < p
+        out = torch.empty(p.numel(), dtype=torch.bool, device=p.device)
+        for key, first, n, at in self._pieces(start, p.numel(), p.device):
+            compiled.stream_uniform_below(_start(key, first), p[at : at + n], out[at : at + n])
         return out

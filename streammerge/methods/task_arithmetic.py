@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from streammerge.methods import bitpack, float_bits, gta_kernels, importance
+from streammerge.methods import bitpack, compiled, float_bits, importance, selection
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.random import Stream
 from streammerge.methods.registry import register
@@ -50,7 +50,7 @@ MASK_CACHE_BYTES = 64 << 20
 
 Keep = Callable[[Chunk, Stats, int, torch.Tensor], torch.Tensor]  # (chunk, stats, model i, δ_i) → keep mask
 # Model i's keep mask as the compiled kernel takes it, without δ_i, or None where only Keep can tell.
-FusedKeep = Callable[[Chunk, Stats, int], gta_kernels.Keep | None]
+FusedKeep = Callable[[Chunk, Stats, int], compiled.Keep | None]
 Sparsify = Callable[[Chunk, Stats, list[torch.Tensor]], list[torch.Tensor]]
 Passes = Callable[[TensorParams], tuple[StatPass, ...]]
 
@@ -94,10 +94,16 @@ def _row_sums(chunk: Chunk, a: torch.Tensor) -> torch.Tensor:
     return chunk.per_row(a.reshape(chunk.row_stop - chunk.row_start, -1).sum(1).double())
 
 
+def _packed_mask(chunk: Chunk, stats: Stats, i: int) -> torch.Tensor | None:
+    """Model i's keep mask of this chunk as the L1 pass packed it, if it did."""
+    packed = stats.get("packed_masks", {}).get(chunk.row_start, {}).get(i)
+    return None if packed is None else bitpack.unpack(packed, chunk.base.shape)
+
+
 def _kept(chunk: Chunk, stats: Stats, keep: Keep, i: int, d: torch.Tensor) -> torch.Tensor:
     """Model i's keep mask: as the L1 pass packed it, else computed."""
-    packed = stats.get("packed_masks", {}).get(chunk.row_start, {}).get(i)
-    return keep(chunk, stats, i, d) if packed is None else bitpack.unpack(packed, d.shape)
+    packed = _packed_mask(chunk, stats, i)
+    return keep(chunk, stats, i, d) if packed is None else packed
 
 
 def _cached(chunk: Chunk, i: int, m: torch.Tensor) -> bool:
@@ -123,11 +129,17 @@ def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, deltas: list[torch.Tensor],
 
 
 def _l1_pass(keep: Keep) -> StatPass:
-    def finish(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
-        return {**_l1_finish(totals, chunk, stats), "packed_masks": dict(zip(totals["row_start"], totals["packed"]))}
+    return StatPass(lambda chunk, stats: _l1_rows(chunk, stats, keep, task_vectors(chunk, stats), pack=True),
+                    _l1_finish_packed, per_chunk=_PACKED)
 
-    return StatPass(lambda chunk, stats: _l1_rows(chunk, stats, keep, task_vectors(chunk, stats), pack=True), finish,
-                    per_chunk=frozenset({"packed", "row_start"}))
+
+_PACKED = frozenset({"packed", "row_start"})  # the L1 pass's partials kept per chunk
+
+
+def _l1_finish_packed(totals: dict, chunk: Chunk, stats: Stats) -> Stats:
+    """``_l1_finish``, and the keep masks the pass packed, by chunk."""
+    masks = dict(zip(totals["row_start"], totals["packed"]))
+    return {**_l1_finish(totals, chunk, stats), "packed_masks": masks}
 
 
 def _l1_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
@@ -160,16 +172,16 @@ def _bernoulli(chunk: Chunk, i: int, d: torch.Tensor, p: float | torch.Tensor) -
     stream = Stream(chunk.seed, chunk.name, chunk.model_ids[i])
     if isinstance(p, float):
         return stream.below(p, chunk.element_start, d.numel(), d.device).reshape(d.shape)
-    return stream.uniform(chunk.element_start, d.numel(), d.device).reshape(d.shape) < p
+    return stream.below_each(p.to(torch.float64), chunk.element_start).reshape(d.shape)
 
 
 # --- TIES (Yadav et al., arXiv:2306.01708) -------------------------------------------------------
 
 def _delta_histograms(chunk: Chunk, stats: Stats, wanted: list[bool]) -> list[torch.Tensor | None] | None:
-    """TIES's first pass by ``gta_kernels``, where it applies."""
-    if not gta_kernels.supports(chunk.base):
+    """TIES's first pass by ``compiled``, where it applies."""
+    if not compiled.supports(chunk.base):
         return None
-    return gta_kernels.delta_histograms(chunk.base, chunk.models, wanted)
+    return compiled.delta_histograms(chunk.base, chunk.models, wanted)
 
 
 def _keep_count(chunk: Chunk, stats: Stats) -> list[int | None]:
@@ -181,7 +193,7 @@ def _top_k_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Te
     return top_k_mask(importance.score(chunk, i, d), i, chunk, stats, "topk")
 
 
-def _top_k_fused(chunk: Chunk, stats: Stats, i: int) -> gta_kernels.Keep | None:
+def _top_k_fused(chunk: Chunk, stats: Stats, i: int) -> compiled.Keep | None:
     """A magnitude threshold; the one chunk per tensor where the kept equal keys run out gets its
     mask from ``_top_k_keep``."""
     if importance.ranked(chunk.params):
@@ -189,11 +201,11 @@ def _top_k_fused(chunk: Chunk, stats: Stats, i: int) -> gta_kernels.Keep | None:
     f = stats["topk"]["found"][i]
     remaining = f["keep_equal"] - f["equal_before"][chunk.row_start]
     if remaining >= f["equal_here"][chunk.row_start]:
-        return gta_kernels.Keep(gta_kernels.KEEP_AT_LEAST, f["threshold"])
+        return compiled.Keep(compiled.KEEP_AT_LEAST, f["threshold"])
     if remaining <= 0:
-        return gta_kernels.Keep(gta_kernels.KEEP_ABOVE, f["threshold"])
+        return compiled.Keep(compiled.KEEP_ABOVE, f["threshold"])
     d = chunk.models[i] - chunk.base
-    return gta_kernels.Keep(gta_kernels.KEEP_MASKED, mask=_top_k_keep(chunk, stats, i, d))
+    return compiled.Keep(compiled.KEEP_MASKED, mask=_top_k_keep(chunk, stats, i, d))
 
 
 # --- DARE: keep each entry with probability density (Yu et al., arXiv:2311.03099) ---------------
@@ -202,9 +214,9 @@ def _dare_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Ten
     return _bernoulli(chunk, i, d, chunk.params.models[i]["density"])
 
 
-def _dare_fused(chunk: Chunk, stats: Stats, i: int) -> gta_kernels.Keep:
+def _dare_fused(chunk: Chunk, stats: Stats, i: int) -> compiled.Keep:
     """DARE's mask does not depend on δ: the base stands in for its shape."""
-    return gta_kernels.Keep(gta_kernels.KEEP_MASKED, mask=_kept(chunk, stats, _dare_keep, i, chunk.base))
+    return compiled.Keep(compiled.KEEP_MASKED, mask=_kept(chunk, stats, _dare_keep, i, chunk.base))
 
 
 # --- Breadcrumbs (Davari & Belilovsky, arXiv:2312.06795) -----------------------------------------
@@ -249,27 +261,56 @@ def _rank_norm(a: torch.Tensor, dim: int) -> torch.Tensor:
     return a.abs().argsort(dim=dim, stable=True).argsort(dim=dim).to(torch.float64) / (m - 1)
 
 
+def _counting_keys(score: torch.Tensor) -> torch.Tensor | None:
+    """The magnitude keys of a bfloat16 matrix whose rows ``compiled.della_probabilities`` ranks as
+    ``_rank_norm`` does; None where torch must (other dtypes, a lone column, NaN, whose payloads
+    torch sorts as equal)."""
+    if score.dim() != 2 or score.shape[1] < 2 or score.dtype != torch.bfloat16:
+        return None
+    if not compiled.supports(score):
+        return None
+    keys = selection.magnitude_keys(score).reshape(score.shape)
+    return keys if int(keys.max()) <= 0x7F80 else None
+
+
 def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
     """Keep with p = density − ε + 2ε·rank_norm, ranking |δ| (or the importance) along dim 1
     (mergekit's ``della_magprune``; a tensor below 2-D is one row, ranked whole by ``_della_finish``)."""
     p = chunk.params.models[i]
+    low, eps = p["density"] - p["epsilon"], p["epsilon"]
+    score = importance.score(chunk, i, d)
+    keys = _counting_keys(score)
+    if keys is not None:
+        return _bernoulli(chunk, i, d, compiled.della_probabilities(keys, low, eps))
     if d.dim() >= 2:
-        rank = _rank_norm(importance.score(chunk, i, d), 1)
+        rank = _rank_norm(score, 1)
     else:
         rank = stats["della_rank"][i][chunk.row_start : chunk.row_stop].reshape(d.shape)
-    return _bernoulli(chunk, i, d, (p["density"] - p["epsilon"]) + rank * 2 * p["epsilon"])
+    return _bernoulli(chunk, i, d, low + rank * 2 * eps)
+
+
+def _della_fused(chunk: Chunk, stats: Stats, i: int) -> compiled.Keep:
+    """DELLA's mask as the L1 pass packed it, else from ranking δ_i, formed here for it (and again in
+    the kernel: a subtraction)."""
+    mask = _packed_mask(chunk, stats, i)
+    if mask is None:
+        mask = _della_keep(chunk, stats, i, chunk.models[i] - chunk.base)
+    return compiled.Keep(compiled.KEEP_MASKED, mask=mask)
 
 
 def _della_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     if len(chunk.shape) < 2:  # one engine row per element: gather |δ| to rank the whole tensor
         return {"magnitude": torch.stack([_row_sums(chunk, d.abs()) for d in task_vectors(chunk, stats)])}
-    return _l1_rows(chunk, stats, _della_keep, task_vectors(chunk, stats)) if chunk.params.globals["rescale"] else {}
+    if not chunk.params.globals["rescale"]:
+        return {}
+    # the masks are kept for the merge: ranking a row costs more than the rest of the merge
+    return _l1_rows(chunk, stats, _della_keep, task_vectors(chunk, stats), pack=True)
 
 
 def _della_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
     """Ranks of a tensor below 2-D, and the L1 rescale: one pass, so rescaling reads the data once."""
     if "magnitude" not in totals:
-        return _l1_finish(totals, chunk, stats) if totals else stats
+        return _l1_finish_packed(totals, chunk, stats) if totals else stats
     stats = {**stats, "della_rank": [_rank_norm(a, 0) for a in totals["magnitude"]]}
     if not chunk.params.globals["rescale"]:
         return stats
@@ -277,7 +318,7 @@ def _della_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -
     return _l1_finish(_l1_rows(whole, stats, _della_keep, list(totals["magnitude"])), chunk, stats)
 
 
-_DELLA = (StatPass(_della_collect, _della_finish),)
+_DELLA = (StatPass(_della_collect, _della_finish, per_chunk=_PACKED),)
 
 
 def _della_check(params: TensorParams) -> str | None:
@@ -297,15 +338,15 @@ def _weights(chunk: Chunk) -> list[float]:
 
 
 def _fused(chunk: Chunk, stats: Stats, keep: FusedKeep | None, consensus: bool) -> torch.Tensor | None:
-    """The merge by ``gta_kernels`` (the same bits in one pass), or None where it does not apply."""
+    """The merge by ``compiled`` (the same bits in one pass), or None where it does not apply."""
     g = chunk.params.globals
-    if (not chunk.models or not gta_kernels.supports(chunk.base) or g.get("clamp_min") is not None
+    if (not chunk.models or not compiled.supports(chunk.base) or g.get("clamp_min") is not None
             or g.get("clamp_max") is not None):
         return None
     keeps, scales = [], []
     for i, p in enumerate(chunk.params.models):
         whole = keep is None or _whole(p["density"])
-        k = gta_kernels.Keep() if whole else keep(chunk, stats, i)
+        k = compiled.Keep() if whole else keep(chunk, stats, i)
         if k is None:
             return None
         keeps.append(k)
@@ -315,7 +356,7 @@ def _fused(chunk: Chunk, stats: Stats, keep: FusedKeep | None, consensus: bool) 
     if g["normalize"] and not consensus:
         total = torch.tensor(weights, dtype=chunk.base.dtype, device="cpu").sum().item()
         divide = total if abs(total) >= 1e-8 else 1.0
-    return gta_kernels.merge(chunk.base, chunk.models, keeps, scales, weights, consensus, g["normalize"],
+    return compiled.merge(chunk.base, chunk.models, keeps, scales, weights, consensus, g["normalize"],
                              divide, g["lambda"])
 
 
@@ -360,7 +401,7 @@ def _register(name: str, paper: str, doc: str, keep: Keep | None, consensus: boo
               check: Callable[[TensorParams], str | None] | None = None, ranks: bool = False,
               fused_keep: FusedKeep | None = None) -> None:
     """``ranks``: the method keeps entries by a ranking ``importance`` may take from calibration statistics.
-    ``fused_keep``: the keep mask for ``gta_kernels`` (methods without one merge on the torch path)."""
+    ``fused_keep``: the keep mask for ``compiled`` (methods without one merge on the torch path)."""
     ranking = (importance.IMPORTANCE, importance.DAMP) if ranks else ()
     merge = _gta(None if keep is None else _sparsifier(keep), consensus, fused_keep)
     register(MergeMethod(name=name, merge=merge,
@@ -402,7 +443,7 @@ _register("breadcrumbs_ties", "arXiv:2312.06795", "breadcrumbs trim, then TIES s
           _band_keep, True, _BAND, (_DENSITY, _GAMMA, _normalize(False), _rescale(False)), ranks=True)
 _register("della", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then TIES sign election (Deep et al., 2024)",
           _della_keep, True, _DELLA, (_DENSITY, _EPSILON, _normalize(True), _rescale(True)), _della_check,
-          ranks=True)
+          ranks=True, fused_keep=_della_fused)
 _register("della_linear", "arXiv:2406.11617", "random drop with keep probability rising with |δ| rank + L1 rescale, then a weighted sum (Deep et al., 2024)",
           _della_keep, False, _DELLA, (_DENSITY, _EPSILON, _normalize(False), _rescale(True)), _della_check,
-          ranks=True)
+          ranks=True, fused_keep=_della_fused)

@@ -1,4 +1,4 @@
-/* The task-arithmetic family's passes over a chunk, each in one loop; see gta_kernels.py.
+/* The task-arithmetic family's passes over a chunk, each in one loop; see compiled.py.
  *
  * Every value is held as the float32 it widens to; each operation is computed in float32 and
  * rounded to the working dtype after it (ROUND), as torch's CPU kernels do for bfloat16 and
@@ -165,4 +165,61 @@ int gta_histograms_bf16(const uint16_t *base, const uint16_t *const *models, int
     }
     free(scratch);
     return clean;
+}
+
+/* random.Stream.below: out[j] = [draw < bound], draw = murmur3's fmix32 of start + j·φ (mod 2^32),
+ * where start = first·φ + key; bound = ⌈p·2^24⌉·2^8. Eight times fewer passes than the torch ops. */
+void stream_below(uint32_t start, int64_t count, uint32_t bound, uint8_t *out) {
+    for (int64_t j = 0; j < count; j++) {
+        uint32_t x = start + (uint32_t)j * 0x9E3779B9u;
+        x ^= x >> 16;
+        x *= 0x85EBCA6Bu;
+        x ^= x >> 13;
+        x *= 0xC2B2AE35u;
+        x ^= x >> 16;
+        out[j] = x < bound;
+    }
+}
+
+/* DELLA's keep probabilities: per row of 15-bit magnitude keys (rows × cols), with rank the
+ * element's 0-based position in the row sorted ascending, equal keys in index order (torch's
+ * argsort(stable=True).argsort()), p = low + ((rank / (cols − 1)) · 2) · ε in float64, in
+ * task_arithmetic's order. Ranks by a counting sort over the row's range of keys (|δ| of one row
+ * spans few exponents): a pass to count, one to place, where torch's comparison sort took 45-65 ns
+ * an element, twice. */
+int della_probabilities(const uint16_t *keys, int64_t rows, int64_t cols, double low, double eps,
+                        double *p) {
+    int64_t *count = malloc(sizeof(int64_t) << 15);
+    if (!count) return -1;
+    double last = (double)(cols - 1);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *k = keys + r * cols;
+        double *out = p + r * cols;
+        uint16_t lo = 0x7FFF, hi = 0;
+        for (int64_t j = 0; j < cols; j++) {
+            lo = k[j] < lo ? k[j] : lo;
+            hi = k[j] > hi ? k[j] : hi;
+        }
+        int64_t *c = count - lo;
+        memset(count, 0, sizeof(int64_t) * (size_t)(hi - lo + 1));
+        for (int64_t j = 0; j < cols; j++) c[k[j]]++;
+        for (int64_t b = lo, at = 0; b <= hi; b++) { int64_t n = c[b]; c[b] = at; at += n; }
+        for (int64_t j = 0; j < cols; j++) out[j] = low + (((double)c[k[j]]++ / last) * 2.0) * eps;
+    }
+    free(count);
+    return 0;
+}
+
+/* random.Stream.uniform(...) < p elementwise: u = (draw >> 8)·2^-24 (exact in float32, and in the
+ * double it is compared as) against float64 p[j] */
+void stream_uniform_below(uint32_t start, int64_t count, const double *p, uint8_t *out) {
+    for (int64_t j = 0; j < count; j++) {
+        uint32_t x = start + (uint32_t)j * 0x9E3779B9u;
+        x ^= x >> 16;
+        x *= 0x85EBCA6Bu;
+        x ^= x >> 13;
+        x *= 0xC2B2AE35u;
+        x ^= x >> 16;
+        out[j] = (double)(x >> 8) * 0x1p-24 < p[j];
+    }
 }

@@ -1,14 +1,16 @@
-"""Compiled kernels for the task-arithmetic family: each pass over a chunk in one loop (C).
+"""Compiled kernels (C) for the methods' hottest loops, each bit for bit its torch path.
 
-The torch path (``task_arithmetic._gta``) runs mergekit's recipe one operation at a time, each a
+- ``merge`` and ``delta_histograms``: the task-arithmetic family's merge and TIES's first pass.
+  The torch path (``task_arithmetic._gta``) runs mergekit's recipe one operation at a time, each a
 full pass over the chunk with its own temporary: δ_i = x_i − B, the keep mask, the weight, the
-election's sum, the masked sum, the divisor, the division, the base. ``gta_kernels.c`` runs the same
+election's sum, the masked sum, the divisor, the division, the base. ``compiled.c`` runs the same
 operations per block of 2048 elements, in cache, and TIES's first pass (a histogram of |δ_i|'s
-bfloat16 keys) in the same loop that forms δ_i.
-
-Bit for bit the torch path (see the C file for how), so a chunk merges the same on either; a chunk
+bfloat16 keys) in the same loop that forms δ_i. Bit for bit (see the C file for how); a chunk
 whose task vectors or result hold NaN or Inf is handed back (``None``) for the torch path, whose
 vectorized and scalar loops write NaN with different bits.
+- ``stream_below``, ``stream_uniform_below``: DARE's and DELLA's keep masks from ``random.Stream``'s
+  counter-based draws.
+- ``della_probabilities``: DELLA's keep probabilities from magnitude ranks along rows of bfloat16.
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``) for this
 machine's CPU, into ``$XDG_CACHE_HOME/streammerge`` (``~/.cache``), keyed by the source, the flags
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("gta_kernels.c")
+_SOURCE = Path(__file__).with_name("compiled.c")
 # -ffp-contract=off: no fused multiply-adds, which round once where torch rounds twice.
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC")
 _SUFFIX = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
@@ -91,7 +93,7 @@ def _library() -> ctypes.CDLL | str:
     key = hashlib.sha256(
         source + " ".join((cc, *_FLAGS, platform.machine(), _cpu_id())).encode()
     ).hexdigest()[:16]
-    lib = _cache_dir() / f"gta_kernels-{key}.so"
+    lib = _cache_dir() / f"compiled-{key}.so"
     if not lib.is_file():
         try:
             lib.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,18 @@ def _library() -> ctypes.CDLL | str:
     for suffix in _SUFFIX.values():
         getattr(dll, f"gta_merge_{suffix}").argtypes = _MERGE_ARGS
     dll.gta_histograms_bf16.argtypes = (_p, _p, ctypes.c_int, ctypes.c_int64, _p, _p)
+    dll.stream_below.argtypes = (ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint32, _p)
+    dll.stream_below.restype = None
+    dll.stream_uniform_below.argtypes = (ctypes.c_uint32, ctypes.c_int64, _p, _p)
+    dll.stream_uniform_below.restype = None
+    dll.della_probabilities.argtypes = (
+        _p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_double,
+        ctypes.c_double,
+        _p,
+    )
     return dll
 
 
@@ -168,7 +182,7 @@ def merge(
         out.data_ptr(),
     )
     if clean < 0:
-        raise MemoryError("gta_kernels: out of memory for a block's scratch")
+        raise MemoryError("compiled: out of memory for a block's scratch")
     return out if clean else None
 
 
@@ -179,7 +193,7 @@ def delta_histograms(
     inputs. None when a δ is not finite."""
     base = base.contiguous()
     models = [x.contiguous() for x in models]
-    hists = torch.zeros((len(models), 1 << 15), dtype=torch.int64)
+    hists = torch.zeros((len(models), 1 << 15), dtype=torch.int64, device=base.device)
     clean = _library().gta_histograms_bf16(
         base.data_ptr(),
         _pointers(models),
@@ -189,5 +203,30 @@ def delta_histograms(
         hists.data_ptr(),
     )
     if clean < 0:
-        raise MemoryError("gta_kernels: out of memory for a block's scratch")
+        raise MemoryError("compiled: out of memory for a block's scratch")
     return [h if w else None for h, w in zip(hists, wanted)] if clean else None
+
+
+def stream_below(start: int, bound: int, out: torch.Tensor) -> None:
+    """``out`` (bool, contiguous) = [fmix32(start + j·φ mod 2³²) < bound] (``random.Stream.below``)."""
+    _library().stream_below(start, out.numel(), bound, out.data_ptr())
+
+
+def stream_uniform_below(start: int, p: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` (bool) = [uniform j < p[j]] for float64 ``p`` (``random.Stream.below_each``)."""
+    _library().stream_uniform_below(start, out.numel(), p.contiguous().data_ptr(), out.data_ptr())
+
+
+def della_probabilities(keys: torch.Tensor, low: float, eps: float) -> torch.Tensor:
+    """For 2-D int16 magnitude keys, float64 ``low + (rank / (cols - 1)) * 2 * eps`` with rank
+    ``keys.argsort(dim=1, stable=True).argsort(dim=1)``: DELLA's keep probabilities."""
+    keys = keys.contiguous()
+    p = torch.empty(keys.shape, dtype=torch.float64, device=keys.device)
+    if (
+        _library().della_probabilities(
+            keys.data_ptr(), keys.shape[0], keys.shape[1], low, eps, p.data_ptr()
+        )
+        < 0
+    ):
+        raise MemoryError("compiled: out of memory for a row's counts")
+    return p

@@ -1,4 +1,4 @@
-"""The compiled task-arithmetic kernels (``gta_kernels``) against the torch path, bit for bit."""
+"""The compiled task-arithmetic kernels (``compiled``) against the torch path, bit for bit."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge.methods import get_method, gta_kernels
+from streammerge.methods import compiled, get_method
 from streammerge.methods.base import Chunk, TensorParams, run_passes
+from streammerge.methods.random import Stream
+from streammerge.methods.selection import magnitude_keys
+from streammerge.methods.task_arithmetic import _rank_norm
 
 pytestmark = pytest.mark.skipif(
-    gta_kernels.unavailable() is not None,
-    reason=f"compiled kernels unavailable: {gta_kernels.unavailable()}",
+    compiled.unavailable() is not None,
+    reason=f"compiled kernels unavailable: {compiled.unavailable()}",
 )
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-METHODS = ["ties", "dare_ties", "dare_linear", "task_arithmetic"]
+METHODS = ["ties", "dare_ties", "dare_linear", "task_arithmetic", "della", "della_linear"]
 # magnitudes from subnormal to near float16's largest, zeros of both signs
 SPECIAL = [0.0, -0.0, 1e-7, -3e-8, 6e-5, 1.0, -2.5, 65000.0, -60000.0, 1e-3]
 
@@ -36,7 +39,7 @@ def _merge(
     """The method over row chunks, as the engine runs it, with the compiled kernels or without."""
     with monkeypatch.context() as m:
         if not kernels:
-            m.setattr(gta_kernels, "supports", lambda x: False)
+            m.setattr(compiled, "supports", lambda x: False)
         spec = get_method(method)
         defaults = {p.name: p.default for p in spec.params if not p.per_model}
         per = tuple({**{p.name: p.default for p in spec.params if p.per_model}, **pm} for pm in per_model)
@@ -97,11 +100,14 @@ def test_kernels_merge_the_same_bits_as_the_torch_path(
     per_model = [{"weight": data.draw(weight)} for _ in range(n)]
     glob = {"lambda": data.draw(st.sampled_from([1.0, 0.7, 2.0]))}
     if method != "task_arithmetic":
+        densities = (
+            [1.0, 0.5, 0.3] if method.startswith("della") else [1.0, 0.5, 0.2, 0.9]
+        )  # della: density ± 0.15 in (0, 1)
         for p in per_model:
-            p["density"] = data.draw(st.sampled_from([1.0, 0.5, 0.2, 0.9]))
-    if method != "dare_linear":
+            p["density"] = data.draw(st.sampled_from(densities))
+    if method not in ("dare_linear", "della_linear"):
         glob["normalize"] = data.draw(st.booleans())
-    if method.startswith("dare"):
+    if method.startswith(("dare", "della")):
         glob["rescale"] = data.draw(st.booleans())
     rows_per_chunk = data.draw(st.integers(1, rows))
     want = _merge(method, base, models, per_model, glob, rows_per_chunk, False, monkeypatch)
@@ -114,8 +120,8 @@ def test_every_finite_half_and_bfloat16_round_trips_through_the_kernel() -> None
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
         x = x[torch.isfinite(x)]
-        out = gta_kernels.merge(
-            torch.zeros_like(x), [x], [gta_kernels.Keep()], [1.0], [1.0], False, False, 0.0, 1.0
+        out = compiled.merge(
+            torch.zeros_like(x), [x], [compiled.Keep()], [1.0], [1.0], False, False, 0.0, 1.0
         )
         want = x + 0  # -0 - 0 is +0 in torch too
         assert torch.equal(_bits(out), _bits(want))
@@ -130,8 +136,8 @@ def test_products_round_like_torch_across_the_whole_range(dtype: torch.dtype) ->
     x = x[torch.isfinite(x)].to(dtype)
     for w in (0.1, 3.0, -1 / 3, 1e-3, 7.5e3):
         wr = torch.tensor(w, dtype=dtype).item()
-        out = gta_kernels.merge(
-            torch.zeros_like(x), [x], [gta_kernels.Keep()], [1.0], [wr], False, False, 0.0, 1.0
+        out = compiled.merge(
+            torch.zeros_like(x), [x], [compiled.Keep()], [1.0], [wr], False, False, 0.0, 1.0
         )
         want = (x * wr) + 0
         finite = torch.isfinite(want)
@@ -146,8 +152,8 @@ def test_a_chunk_with_infinity_is_handed_back_and_merged_by_torch(monkeypatch: p
     x = torch.full((4, 8), 0.5, dtype=torch.bfloat16)
     x[1, 3] = float("inf")
     assert (
-        gta_kernels.merge(
-            base.reshape(-1), [x.reshape(-1)], [gta_kernels.Keep()], [1.0], [1.0], True, True, 0.0, 1.0
+        compiled.merge(
+            base.reshape(-1), [x.reshape(-1)], [compiled.Keep()], [1.0], [1.0], True, True, 0.0, 1.0
         )
         is None
     )
@@ -162,33 +168,33 @@ def test_without_a_compiler_the_reason_is_named_and_torch_merges(
 ) -> None:
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    gta_kernels._library.cache_clear()
+    compiled._library.cache_clear()
     try:
-        assert gta_kernels.unavailable() == "no C compiler (no-such-cc) on PATH"
-        assert not gta_kernels.supports(torch.zeros(2))
+        assert compiled.unavailable() == "no C compiler (no-such-cc) on PATH"
+        assert not compiled.supports(torch.zeros(2))
         base = torch.zeros(2, 3, dtype=torch.bfloat16)
         out = _merge("task_arithmetic", base, [base + 1], [{"weight": 0.5}], {}, 1, True, monkeypatch)
         assert torch.equal(out, torch.full((2, 3), 0.5, dtype=torch.bfloat16))
         assert not any(tmp_path.iterdir())
     finally:
-        gta_kernels._library.cache_clear()
+        compiled._library.cache_clear()
 
 
 def test_the_library_is_compiled_once_into_the_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    gta_kernels._library.cache_clear()
+    compiled._library.cache_clear()
     try:
-        assert gta_kernels.unavailable() is None
+        assert compiled.unavailable() is None
         built = list((tmp_path / "streammerge").iterdir())
-        assert len(built) == 1 and built[0].name.startswith("gta_kernels-") and built[0].suffix == ".so"
+        assert len(built) == 1 and built[0].name.startswith("compiled-") and built[0].suffix == ".so"
         stamp = built[0].stat().st_mtime_ns
-        gta_kernels._library.cache_clear()
-        assert gta_kernels.unavailable() is None
+        compiled._library.cache_clear()
+        assert compiled.unavailable() is None
         assert [p.stat().st_mtime_ns for p in (tmp_path / "streammerge").iterdir()] == [stamp]
     finally:
-        gta_kernels._library.cache_clear()
+        compiled._library.cache_clear()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -196,14 +202,14 @@ def test_ordinary_chunks_are_merged_by_the_kernels(method: str, monkeypatch: pyt
     """On finite inputs every chunk's merge (and TIES's first pass) runs compiled, not on torch."""
     calls = {"merge": 0, "histograms": 0}
     for name in calls:
-        real = getattr(gta_kernels, {"merge": "merge", "histograms": "delta_histograms"}[name])
+        real = getattr(compiled, {"merge": "merge", "histograms": "delta_histograms"}[name])
 
         def spy(*args, _real=real, _name=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
             out = _real(*args, **kwargs)
             calls[_name] += out is not None
             return out
 
-        monkeypatch.setattr(gta_kernels, {"merge": "merge", "histograms": "delta_histograms"}[name], spy)
+        monkeypatch.setattr(compiled, {"merge": "merge", "histograms": "delta_histograms"}[name], spy)
     g = torch.Generator().manual_seed(1)
     base = (torch.randn(8, 64, generator=g) * 0.02).bfloat16()
     models = [(base.float() + torch.randn(8, 64, generator=g) * 2e-3).bfloat16() for _ in range(2)]
@@ -213,3 +219,60 @@ def test_ordinary_chunks_are_merged_by_the_kernels(method: str, monkeypatch: pyt
     _merge(method, base, models, per_model, {}, 2, True, monkeypatch)
     assert calls["merge"] == 4
     assert calls["histograms"] == (4 if method == "ties" else 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.001, 0.999), st.integers(0, 2**33), st.integers(1, 5000), st.integers(0, 2**31))
+def test_compiled_draws_are_the_torch_draws(p: float, start: int, count: int, seed: int) -> None:
+    """``below`` and ``below_each`` (float and per-element probabilities), across a 2³² key block too."""
+    stream = Stream(seed, "model.layers.0.mlp.up_proj.weight", 3)
+    fast = stream.below(p, start, count)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(count, generator=g, dtype=torch.float64)
+    probs[::3] = (
+        torch.randint(0, 1 << 24, (len(probs[::3]),), generator=g).double() / 2**24
+    )  # equal to some u
+    fast_each = stream.below_each(probs, start)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(compiled, "unavailable", lambda: "off")
+        assert torch.equal(fast, stream.below(p, start, count))
+        assert torch.equal(fast_each, stream.uniform(start, count) < probs)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(2, 300),
+    st.sampled_from([(0.35, 0.15), (0.4, 0.1), (0.05, 0.3)]),
+    st.data(),
+)
+def test_della_probabilities_rank_as_a_stable_double_argsort(
+    rows: int, cols: int, low_eps: tuple[float, float], data: st.DataObject
+) -> None:
+    flat = data.draw(st.lists(values | st.just(float("inf")), min_size=rows * cols, max_size=rows * cols))
+    x = torch.tensor(flat, dtype=torch.float32).to(torch.bfloat16).reshape(rows, cols)
+    low, eps = low_eps
+    got = compiled.della_probabilities(magnitude_keys(x).reshape(rows, cols), low, eps)
+    assert torch.equal(got, low + _rank_norm(x, 1) * 2 * eps)
+
+
+def test_a_run_without_a_compiler_says_so_in_its_summary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from checkpoint_builder import Arch, write_family
+    from streammerge.cli import main
+
+    family = write_family(tmp_path, Arch(hidden=16, intermediate=32, layers=1, vocab=32), n=2)
+    plan = tmp_path / "plan.yaml"
+    models = [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in family.models]
+    plan.write_text(f"merge_method: ties\nbase_model: {family.base}\nmodels: {models}\ndtype: bfloat16\n")
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    compiled._library.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["run", str(plan), str(tmp_path / "out")])
+    finally:
+        compiled._library.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "device: cpu" in result.output
+    assert "(compiled kernels off: no C compiler (no-such-cc) on PATH; torch ops merge instead" in result.output
