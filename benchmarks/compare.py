@@ -143,10 +143,13 @@ def shard_hashes(out: Path) -> dict[str, str]:
 
 
 def run_tool(tool: str, cmd: list[str], out: Path, inputs: list[Path], work: Path, cgroup: Path | None = None,
-             env: dict[str, str] | None = None) -> dict:
+             tree: Path | None = None) -> dict:
+    """``tree``: run streammerge as checked out there (in it: ``python -m`` puts the working
+    directory first on sys.path, before PYTHONPATH)."""
     evict(inputs)
     log = work / f"{tool.replace('/', '_')}.log"
-    row = {"tool": tool, **measure(cmd, log, cgroup, env)}
+    env = None if tree is None else {"PYTHONPATH": str(tree)}
+    row = {"tool": tool, **measure(cmd, log, cgroup, env, cwd=tree)}
     text = log.read_text(errors="replace")
     row["ok"] = row["exit_code"] == 0 and any(out.rglob("*.safetensors"))
     if not row["ok"]:
@@ -199,12 +202,12 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
         runs = []
         versions = [("", None)]
         if args.before:
-            versions.append((f" (before: {args.before})", {"PYTHONPATH": str(args.before_tree)}))
-        for label, env in versions:
-            runs.append((f"streammerge{label}", sm, env))
+            versions.append((f" (before: {args.before})", args.before_tree))
+        for label, tree in versions:
+            runs.append((f"streammerge{label}", sm, tree))
             if args.max_memory and compare:
                 budget = ["--max-memory", args.max_memory]
-                runs.append((f"streammerge --max-memory {args.max_memory}{label}", sm + budget, env))
+                runs.append((f"streammerge --max-memory {args.max_memory}{label}", sm + budget, tree))
         if compare and not args.skip_naive:
             runs.append(("naive", [sys.executable, str(Path(__file__).parent / "naive_merge.py"), method,
                                    str(out / "model.safetensors"), *map(str, ins)], None))
@@ -212,14 +215,14 @@ def bench(layers: int, methods: list[str], args: argparse.Namespace, work: Path)
             mergekit = [str(args.mergekit), str(plan_file), str(out), "--random-seed", "0"]
             runs.append(("mergekit", mergekit, None))
         reference = None
-        for tool, cmd, env in runs:
+        for tool, cmd, tree in runs:
             repeated = []
             repeats = args.repeat if tool in ("streammerge", f"streammerge (before: {args.before})") else 1
             for _ in range(repeats):
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "naive":
                     out.mkdir(parents=True)
-                row = {**info, **run_tool(tool, cmd, out, ins, work, env=env)}
+                row = {**info, **run_tool(tool, cmd, out, ins, work, tree=tree)}
                 checked = args.max_memory and compare or args.repeat > 1 or args.before
                 if tool.startswith("streammerge") and row["ok"] and checked:
                     hashes = shard_hashes(out)

@@ -164,9 +164,10 @@ def cached_kib() -> int:
     return 0
 
 
-def measure(cmd: list[str], log: Path, cgroup: Path | None = None, env: dict[str, str] | None = None) -> dict:
+def measure(cmd: list[str], log: Path, cgroup: Path | None = None, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> dict:
     """Run ``cmd`` as a child (inside ``cgroup``, a memory cgroup directory, when given; with ``env``
-    added to the environment): exit code,
+    added to the environment, in ``cwd``): exit code,
     ru_maxrss, sampled RSS peaks and timeline, page-cache growth, wall and CPU time."""
     peaks = {"anon": 0, "file": 0, "sum": 0}
     timeline: list[tuple[float, float]] = []
@@ -191,7 +192,7 @@ def measure(cmd: list[str], log: Path, cgroup: Path | None = None, env: dict[str
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
                                 preexec_fn=enter_cgroup if cgroup else None,
-                                env=None if env is None else {**os.environ, **env})
+                                env=None if env is None else {**os.environ, **env}, cwd=cwd)
     sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
