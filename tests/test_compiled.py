@@ -217,7 +217,7 @@ def test_ordinary_chunks_are_merged_by_the_kernels(method: str, monkeypatch: pyt
         {"weight": 0.5} | ({} if method == "task_arithmetic" else {"density": 0.4}) for _ in models
     ]
     _merge(method, base, models, per_model, {}, 2, True, monkeypatch)
-    assert calls["merge"] == 4
+    assert calls["merge"] == (0 if method == "task_arithmetic" else 4)  # torch's four ops are faster there
     assert calls["histograms"] == (4 if method == "ties" else 0)
 
 

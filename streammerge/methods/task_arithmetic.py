@@ -337,7 +337,7 @@ def _weights(chunk: Chunk) -> list[float]:
     return torch.tensor(chunk.params.per_model("weight"), dtype=chunk.base.dtype, device="cpu").tolist()
 
 
-def _fused(chunk: Chunk, stats: Stats, keep: FusedKeep | None, consensus: bool) -> torch.Tensor | None:
+def _fused(chunk: Chunk, stats: Stats, keep: FusedKeep, consensus: bool) -> torch.Tensor | None:
     """The merge by ``compiled`` (the same bits in one pass), or None where it does not apply."""
     g = chunk.params.globals
     if (not chunk.models or not compiled.supports(chunk.base) or g.get("clamp_min") is not None
@@ -345,7 +345,7 @@ def _fused(chunk: Chunk, stats: Stats, keep: FusedKeep | None, consensus: bool) 
         return None
     keeps, scales = [], []
     for i, p in enumerate(chunk.params.models):
-        whole = keep is None or _whole(p["density"])
+        whole = _whole(p["density"])
         k = compiled.Keep() if whole else keep(chunk, stats, i)
         if k is None:
             return None
@@ -363,7 +363,9 @@ def _fused(chunk: Chunk, stats: Stats, keep: FusedKeep | None, consensus: bool) 
 def _gta(sparsify: Sparsify | None, consensus: bool,
          fused_keep: FusedKeep | None) -> Callable[[Chunk, Stats], torch.Tensor]:
     def merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
-        if sparsify is None or fused_keep is not None:
+        # Not for plain task arithmetic: its four torch ops on a chunk in cache took 0.38 ns an input
+        # element against the kernel's 0.64, and 1.28-1.31 CPU-s per GB at 32 layers against 1.37-1.45.
+        if fused_keep is not None:
             fused = _fused(chunk, stats, fused_keep, consensus)
             if fused is not None:
                 return fused.reshape(chunk.base.shape)
