@@ -167,18 +167,20 @@ int gta_histograms_bf16(const uint16_t *base, const uint16_t *const *models, int
     return clean;
 }
 
-/* random.Stream.below: out[j] = [draw < bound], draw = murmur3's fmix32 of start + j·φ (mod 2^32),
- * where start = first·φ + key; bound = ⌈p·2^24⌉·2^8. Eight times fewer passes than the torch ops. */
+/* random.Stream's j-th draw from start = first·φ + key: murmur3's fmix32 of start + j·φ (mod 2^32) */
+static inline uint32_t draw(uint32_t start, int64_t j) {
+    uint32_t x = start + (uint32_t)j * 0x9E3779B9u;
+    x ^= x >> 16;
+    x *= 0x85EBCA6Bu;
+    x ^= x >> 13;
+    x *= 0xC2B2AE35u;
+    return x ^ (x >> 16);
+}
+
+/* random.Stream.below: out[j] = [draw < bound], bound = ⌈p·2^24⌉·2^8, in one loop where torch
+ * made eight passes */
 void stream_below(uint32_t start, int64_t count, uint32_t bound, uint8_t *out) {
-    for (int64_t j = 0; j < count; j++) {
-        uint32_t x = start + (uint32_t)j * 0x9E3779B9u;
-        x ^= x >> 16;
-        x *= 0x85EBCA6Bu;
-        x ^= x >> 13;
-        x *= 0xC2B2AE35u;
-        x ^= x >> 16;
-        out[j] = x < bound;
-    }
+    for (int64_t j = 0; j < count; j++) out[j] = draw(start, j) < bound;
 }
 
 /* DELLA's keep probabilities: per row of 15-bit magnitude keys (rows × cols), with rank the
@@ -213,13 +215,5 @@ int della_probabilities(const uint16_t *keys, int64_t rows, int64_t cols, double
 /* random.Stream.uniform(...) < p elementwise: u = (draw >> 8)·2^-24 (exact in float32, and in the
  * double it is compared as) against float64 p[j] */
 void stream_uniform_below(uint32_t start, int64_t count, const double *p, uint8_t *out) {
-    for (int64_t j = 0; j < count; j++) {
-        uint32_t x = start + (uint32_t)j * 0x9E3779B9u;
-        x ^= x >> 16;
-        x *= 0x85EBCA6Bu;
-        x ^= x >> 13;
-        x *= 0xC2B2AE35u;
-        x ^= x >> 16;
-        out[j] = (double)(x >> 8) * 0x1p-24 < p[j];
-    }
+    for (int64_t j = 0; j < count; j++) out[j] = (double)(draw(start, j) >> 8) * 0x1p-24 < p[j];
 }

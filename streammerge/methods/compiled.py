@@ -157,7 +157,8 @@ def merge(
     divide: float,
     lam: float,
 ) -> torch.Tensor | None:
-    """out = B + λ·mixed, mixed as ``_gta`` computes it from δ_i = keep_i ⊙ (x_i − B) · scale_i · w_i:
+    """out = B + λ·mixed, mixed as ``_gta`` computes it from
+    δ_i = keep_i ⊙ (x_i − B) · scale_i · w_i:
     with ``consensus``, Σ_i of the δ agreeing with the sign of Σ_i δ_i (divided, with ``normalize``,
     by the agreeing models' Σ w_i, zero read as one); else Σ_i δ_i (divided by ``divide`` unless 0).
     ``weights`` are already rounded to the working dtype. None when a value is not finite."""
