@@ -3,9 +3,10 @@
 The engine knows nothing about any method: it runs the method's statistics passes over the row
 chunks, then its merge, and writes each merged chunk at its precomputed offset. Every read the run
 will make is known from the schedule, so a reader thread performs them in that order, a few chunks
-ahead of the merge (``pread`` and torch release the GIL); on the CPU, workers merge several
-chunks at once (``streammerge.workers``); and a writer thread checks, hashes and writes each merged
-chunk while the next ones merge: reading and writing hide behind compute. While a tensor merges,
+ahead of the merge (it maps them; torch and the compiled kernels release the GIL); on the CPU,
+workers merge several chunks at once (``streammerge.workers``); and a writer thread checks,
+hashes and writes each merged chunk while the next ones merge: reading and writing hide behind
+compute. While a tensor merges,
 a prefetch thread has the disk read the next ones' inputs into the page cache. On a GPU the
 reader thread also starts each chunk's copy to the device, and results come back through pinned
 buffers (``streammerge.transfer``). A tensor whose merge runs out of memory is merged again in
