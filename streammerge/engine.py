@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from streammerge.errors import CheckpointError, OutputError, StreamMergeError
+from streammerge.io.reader import aligned_buffer, direct_room
 from streammerge.io.rows import read_mapped
 from streammerge.io.write_behind import WriteBehind
 from streammerge.io.writer import ShardWriter, StagingDirectory
@@ -83,8 +84,8 @@ def _row_ranges(job: TensorJob) -> list[tuple[int, int]]:
 
 def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, stop: int,
                  into: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows [start, stop) of one input (in ``into`` if it is read as stored); rows past a shorter
-    input's end come from ``inputs[0]``."""
+    """Rows [start, stop) of one input (read into ``into``, if given, where the reader can); rows
+    past a shorter input's end come from ``inputs[0]``."""
     ckpt = schedule.checkpoints[src.checkpoint]
     if not job.shape:
         return ckpt.read(src.tensor)
@@ -119,13 +120,27 @@ def _statistics_bytes(job: TensorJob, rows: int) -> list[int]:
     return [rows * row * 4] * (len(_row_statistics(job)) * len(job.merged_inputs))
 
 
+def _reads_once(job: TensorJob) -> bool:
+    """Whether every input byte of ``job`` is read once (one pass over its rows, or one chunk), and
+    as stored: then it is read into the reader's buffers past the page cache, not prefetched."""
+    once = job.method is None or job.rows <= job.rows_per_chunk or not job.method.passes_for(job.params)
+    return once and all(s.rows is None and s.row_map is None for s in job.inputs)
+
+
+def _input_layout(schedule: Schedule, job: TensorJob, rows: int) -> tuple[list[int], int]:
+    """Where each input of a chunk of ``rows`` rows lands in the reader's buffer, with room for a
+    read widened to whole pages (``direct_room``), and the buffer's size."""
+    return chunk_layout([direct_room(n) for n in _chunk_bytes(schedule, job, rows)])
+
+
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool, buffer: torch.Tensor) -> list[torch.Tensor]:
-    """The chunk's raw inputs, read into ``buffer`` where it has room, then its rows of each merged
-    model's weight-shaped statistics (float32); with ``check``, refused if an input holds NaN or Inf."""
-    offsets, total = chunk_layout(_chunk_bytes(schedule, job, stop - start))
+    """The chunk's raw inputs, read into ``buffer`` if they are read once, then its rows of each
+    merged model's weight-shaped statistics (float32); with ``check``, refused if an input holds NaN or Inf."""
+    offsets, total = _input_layout(schedule, job, stop - start)
+    into = _reads_once(job) and total <= buffer.numel()
     out = []
     for src, at in zip(job.inputs, offsets):
-        raw = _read_source(schedule, job, src, start, stop, buffer[at:] if total <= buffer.numel() else None)
+        raw = _read_source(schedule, job, src, start, stop, buffer[at:] if into else None)
         if check and not schedule.plan.allow_nonfinite and not _all_finite(raw):
             ckpt = schedule.checkpoints[src.checkpoint]
             raise CheckpointError(f"{ckpt.file_of(src.tensor)}: tensor {src.tensor!r} holds NaN or Inf; "
@@ -150,10 +165,11 @@ class _ChunkReader:
     ``depth`` chunks ahead of the consumer. ``request(job)`` asks for one pass over the job's rows.
     With ``to_device`` the inputs of merged tensors are sent on to the GPU as they are read.
 
-    Each chunk is read into a buffer of ``buffer_bytes`` (the largest chunk) that the consumer
-    allocated when it took the chunk before: made in the merging thread between its chunks, all of
-    one size, these buffers reuse each other's memory instead of landing between the merge's
-    temporaries, where the reader thread's own allocations fragmented the heap.
+    A job read once (``_reads_once``) is read into a page-aligned buffer of ``buffer_bytes`` (the
+    largest chunk) that the consumer allocated when it took the chunk before: made in the merging
+    thread between its chunks, all of one size, these buffers reuse each other's memory instead of
+    landing between the merge's temporaries, where the reader thread's own allocations fragmented
+    the heap. A job read again by later passes is mapped from the page cache instead.
 
     With a ``feed``, each job's Hub shards are waited for before its first read."""
 
@@ -165,7 +181,7 @@ class _ChunkReader:
         self._buffer_bytes = buffer_bytes
         self._buffers: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(depth + 1):  # the chunks read ahead, and the one being read
-            self._buffers.put(torch.empty(buffer_bytes, dtype=torch.uint8))
+            self._buffers.put(aligned_buffer(buffer_bytes))
         self._requests: queue.Queue = queue.Queue()
         self._chunks: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -213,7 +229,7 @@ class _ChunkReader:
 
     def next(self) -> list[torch.Tensor]:
         item = self._chunks.get()
-        self._buffers.put(torch.empty(self._buffer_bytes, dtype=torch.uint8))
+        self._buffers.put(aligned_buffer(self._buffer_bytes))
         if isinstance(item, BaseException):
             raise item
         return item.arrive() if isinstance(item, InFlight) else item
@@ -404,7 +420,7 @@ def _prefetching(schedule: Schedule) -> Iterator[Callable[[TensorJob], None]]:
 
     def prefetch(job: TensorJob) -> None:
         for src in job.inputs:
-            pool.submit(schedule.checkpoints[src.checkpoint].prefetch, src.tensor, stop)
+            pool.submit(schedule.checkpoints[src.checkpoint].prefetch, src.tensor, stop, _reads_once(job))
 
     try:
         yield prefetch
@@ -459,7 +475,7 @@ def _largest_chunk(schedule: Schedule) -> tuple[int, int]:
     inputs = out = 0
     for j in schedule.jobs:
         rows = min(j.rows_per_chunk, j.rows)
-        inputs = max(inputs, chunk_layout(_chunk_bytes(schedule, j, rows) + _statistics_bytes(j, rows))[1])
+        inputs = max(inputs, _input_layout(schedule, j, rows)[1] + chunk_layout(_statistics_bytes(j, rows))[1])
         out = max(out, rows * (math.prod(j.shape[1:]) if j.shape else 1) * j.out_dtype.itemsize)
     return inputs, out
 

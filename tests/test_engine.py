@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -17,6 +19,8 @@ from checkpoint_builder import Family
 from streammerge.cli import main
 from streammerge.engine import SWITCH_INTERVAL, _prefetch_order, run_schedule
 from streammerge.errors import CheckpointError
+from streammerge.io import reader as reader_module
+from streammerge.io.reader import ShardReader
 from streammerge.io.writer import StagedOutput
 
 
@@ -40,12 +44,19 @@ def test_thread_count_does_not_change_a_byte(fp32_family: Family, tmp_path: Path
     assert _shards(tmp_path / "1") == _shards(tmp_path / "2")
 
 
-def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(fp32_family: Family, tmp_path: Path) -> None:
+def _linear(family: Family) -> dict:
+    return {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (family.base, *family.models)]}
+
+
+@pytest.mark.parametrize("method", [_ties, _linear])  # inputs mapped (read twice) / read into buffers (once)
+def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(fp32_family: Family, tmp_path: Path,
+                                                                         method: Callable[[Family], dict]) -> None:
     """A shard cut short after the schedule was built (its header was valid): the reader thread's
     error reaches the caller, names the file, and the run neither hangs nor leaves a thread behind."""
     family = tmp_path / "family"
     shutil.copytree(fp32_family.base.parent, family)
-    plan = _ties(Family(family / fp32_family.base.name, [family / m.name for m in fp32_family.models], {}, fp32_family.arch))
+    plan = method(Family(family / fp32_family.base.name, [family / m.name for m in fp32_family.models], {}, fp32_family.arch))
     sched = streammerge.schedule(plan, chunk_size=32)
     try:
         victim = sched.checkpoints[1].file_of(sched.jobs[-1].inputs[1].tensor)
@@ -57,6 +68,37 @@ def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(fp32_fa
         assert threading.active_count() == before
     finally:
         sched.close()
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read/pread calls so far (Linux); mapped reads are not counted."""
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("chunk_size", [32, 10**9])
+def test_one_pass_merges_read_into_buffers_and_two_pass_merges_map(fp32_family: Family, tmp_path: Path, chunk_size: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """linear reads every input byte once, with preads into the reader's buffers (past the page cache
+    where the filesystem allows it); TIES reads its matrices of several chunks twice, so it maps them
+    from the page cache, and reads its tensors of one chunk into buffers."""
+    data = sum(sum(e.nbytes for e in ShardReader(f).entries.values())
+               for m in (fp32_family.base, *fp32_family.models) for f in m.glob("*.safetensors"))
+    sched = streammerge.schedule(_ties(fp32_family), chunk_size=chunk_size)
+    chunked = sum(math.prod(j.shape) * 4 * len(j.inputs) for j in sched.jobs if j.rows > j.rows_per_chunk)
+    sched.close()
+    assert (chunked > data / 2) == (chunk_size == 32)
+    mapped = []
+    real = reader_module._mapped
+    monkeypatch.setattr(reader_module, "_mapped", lambda fd, offset, n, path: mapped.append(n) or real(fd, offset, n, path))
+    for method in (_linear, _ties):
+        mapped.clear()
+        before = _rchar()
+        streammerge.merge(method(fp32_family), tmp_path / method.__name__, quiet=True, chunk_size=chunk_size)
+        read = _rchar() - before
+        if method is _linear:
+            assert not mapped and read >= data
+        else:  # a pass over the rows maps every byte of the chunked tensors; the rest is read
+            assert sum(mapped) % max(chunked, 1) == 0 and sum(mapped) >= 2 * chunked and read >= data - chunked
 
 
 def test_the_gil_changes_hands_promptly_during_a_merge_only(fp32_family: Family, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from streammerge.errors import CheckpointError
-from streammerge.io.reader import Checkpoint, ShardReader
+from streammerge.io.reader import Checkpoint, ShardReader, aligned_buffer, direct_room
 from streammerge.io.safetensors_format import build_header, parse_header
 
 ALL_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
@@ -299,3 +299,87 @@ def test_a_failed_open_leaves_no_file_descriptor(fp32_family, tmp_path: Path) ->
     with pytest.raises(CheckpointError):
         streammerge.merge(plan, tmp_path / "out", quiet=True)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _evicted(path: Path) -> None:
+    """None of ``path``'s pages left in the page cache (where the filesystem lets them go)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # dirty pages cannot be dropped
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(path))
+    _evicted(path)
+
+
+def _odd_tensors() -> dict[str, torch.Tensor]:
+    """Tensors whose offsets and sizes fall anywhere within a page; the last one ends the file."""
+    g = torch.Generator().manual_seed(1)
+    return {f"t{i}": torch.randn(rows, 1000 + 7 * i, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+            for i, rows in enumerate((3, 97, 1, 640, 13))}
+
+
+def test_a_read_into_a_buffer_goes_past_the_page_cache_and_reads_the_same_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "odd.safetensors"
+    tensors = _odd_tensors()
+    _written(path, tensors)
+    r = ShardReader(path)  # reading the header caches the file's first pages (and readahead)
+    size = path.stat().st_size
+    before, t3 = _cached_fraction(path, 0, size), r.entries["t3"]
+    if _cached_fraction(path, t3.offset, t3.nbytes) > 0.01:
+        pytest.skip("this filesystem keeps its pages in memory (tmpfs?)")
+    for name, want in tensors.items():
+        for rows in (None, slice(0, 1), slice(want.shape[0] // 3, want.shape[0])):
+            _, _, nbytes = r.entries[name].rows(rows)
+            got = r.read(name, rows, into=aligned_buffer(direct_room(nbytes)))
+            assert got.dtype == want.dtype and torch.equal(got, want if rows is None else want[rows]), (name, rows)
+        r.prefetch(name, once=True)  # a read made once is not prefetched either
+    assert _cached_fraction(path, 0, size) == before and _cached_fraction(path, t3.offset, t3.nbytes) == 0
+    r.close()
+
+
+def test_reads_are_mapped_where_the_filesystem_refuses_direct_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused at open (tmpfs before Linux 6.6) or at the first read (EINVAL): the same bytes, mapped,
+    and a tensor read once is prefetched again, as the mapped read needs."""
+    path = tmp_path / "odd.safetensors"
+    tensors = _odd_tensors()
+    _written(path, tensors)
+    real_open, real_preadv = os.open, os.preadv
+
+    def refuse_open(file, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(file, flags, *args)
+
+    def refuse_read(fd, buffers, offset):
+        raise OSError(22, "Invalid argument")
+
+    for refuse in ("open", "read"):
+        with monkeypatch.context() as m:
+            m.setattr(os, "open", refuse_open) if refuse == "open" else m.setattr(os, "preadv", refuse_read)
+            r = ShardReader(path)
+            for name, want in tensors.items():
+                assert torch.equal(r.read(name, into=aligned_buffer(direct_room(r.entries[name].nbytes))), want), refuse
+        _evicted(path)
+        if _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) > 0.01:
+            pytest.skip("this filesystem keeps its pages in memory (tmpfs?)")
+        r.prefetch("t3", once=True)
+        deadline = time.monotonic() + 20
+        while _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) < 0.9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) > 0.9, refuse
+        r.close()
+    assert real_preadv is os.preadv
+
+
+def test_a_direct_read_of_a_file_cut_short_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "odd.safetensors"
+    tensors = _odd_tensors()
+    _written(path, tensors)
+    r = ShardReader(path)
+    os.truncate(path, r.entries["t4"].offset + 100)
+    e = r.entries["t4"]
+    with pytest.raises(CheckpointError, match=f"{path}: unexpected end of file at byte {e.offset + 100} "):
+        r.read("t4", into=aligned_buffer(direct_room(e.nbytes)))
+    r.close()

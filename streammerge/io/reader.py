@@ -1,15 +1,19 @@
 """Lazy readers for Hugging Face checkpoints: one tensor, or a row range of it, at a time.
 
-``ShardReader`` parses a safetensors header itself and maps each read (a tensor, or a row range
-of it) on its own, copy-on-write: the tensor it returns is the page cache's pages, not a copy of
-them, and its mapping lives as long as it does; ``release`` tells the kernel the pages may be
-dropped from the page cache (cgroup-limited sessions count the cache against their memory).
+``ShardReader`` parses a safetensors header itself. A read its caller makes once (one pass over
+a tensor) goes into the caller's buffer past the page cache (``O_DIRECT``); a read repeated by
+later passes is mapped on its own, copy-on-write: the tensor it returns is the page cache's pages,
+not a copy of them, and its mapping lives as long as it does. ``prefetch`` has the disk fill the
+page cache ahead of mapped reads and ``release`` lets the kernel drop those pages again
+(cgroup-limited sessions count the cache against their memory).
 ``Checkpoint`` resolves a model directory: ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, or PyTorch ``.bin`` files (loaded with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import mmap
@@ -38,6 +42,23 @@ _PREFETCH_PIECE = 2 << 20
 # Tensors that only quantized checkpoints carry (GPTQ/AWQ packed weights, bitsandbytes state).
 _QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4",
                        ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")
+
+
+# O_DIRECT needs the file offset, the length and the buffer's address in whole logical blocks
+# (512 B or 4 KiB): reads are widened to pages and land in page-aligned buffers.
+_DIRECT_ALIGN = 4096
+
+
+def direct_room(nbytes: int) -> int:
+    """Bytes of buffer a read of ``nbytes`` at any offset needs: the range widened to whole pages."""
+    return -(-nbytes // _DIRECT_ALIGN) * _DIRECT_ALIGN + _DIRECT_ALIGN
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` uninitialized bytes starting on a page boundary, for ``ShardReader.read``'s ``into``."""
+    raw = torch.empty(nbytes + _DIRECT_ALIGN, dtype=torch.uint8)
+    start = -raw.data_ptr() % _DIRECT_ALIGN
+    return raw[start:start + nbytes]
 
 
 # madvise(MADV_POPULATE_READ), Linux 5.14 (Python's mmap module has no name for it): the reader
@@ -79,23 +100,59 @@ class ShardReader:
         self.entries, self.metadata = parse_header(header, size, str(path))
         self.size = size
         self.header_sha256 = hashlib.sha256(header).hexdigest()
+        self._direct_fd: int | None = None  # opened with O_DIRECT; None where the filesystem refuses it
+        if hasattr(os, "O_DIRECT"):
+            with contextlib.suppress(OSError):  # tmpfs before Linux 6.6, some FUSE filesystems
+                self._direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
 
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``name`` (or rows ``rows`` of its first dimension), mapped; ``into`` (the
-        buffer a streamed Hub shard reads into) is not needed."""
+        """The tensor ``name`` (or rows ``rows`` of its first dimension). With ``into`` (a read made
+        once: page-aligned, ``direct_room`` bytes) it is read into ``into`` past the page cache where
+        the filesystem allows it; otherwise, and without ``into``, it is mapped from the page cache.
+
+        Every byte a buffered read brings in is later dropped from the cache again: at 32 layers
+        the readahead, the mapping and the drop cost a linear merge 0.65 CPU-s per GB of input
+        (system time); a direct read costs 0.05."""
         e = self.entries[name]
         shape, offset, nbytes = e.rows(rows)
-        buf = _mapped(self._fd, offset, nbytes, self.path) if nbytes else torch.empty(0, dtype=torch.uint8)
+        buf = None
+        if into is not None and nbytes and self._direct_fd is not None:
+            buf = self._read_direct(offset, nbytes, into)
+        if buf is None:
+            buf = _mapped(self._fd, offset, nbytes, self.path) if nbytes else torch.empty(0, dtype=torch.uint8)
         return buf.view(e.dtype).reshape(shape)
+
+    def _read_direct(self, offset: int, nbytes: int, into: torch.Tensor) -> torch.Tensor | None:
+        """Bytes [offset, offset + nbytes) read into ``into`` with O_DIRECT, or None (and no direct
+        reads from now on) if the filesystem refuses the read."""
+        start = offset - offset % _DIRECT_ALIGN
+        end = -(-(offset + nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        view = memoryview(into[:end - start].numpy())
+        done = 0
+        try:
+            while done < end - start and (n := os.preadv(self._direct_fd, [view[done:]], start + done)):
+                done += n
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            os.close(self._direct_fd)
+            self._direct_fd = None
+            return None
+        if done < offset + nbytes - start:  # the file ends before the tensor does
+            raise CheckpointError(f"{self.path}: unexpected end of file at byte {start + done} (truncated?)")
+        return into[offset - start:offset - start + nbytes]
 
     def sha256(self, name: str) -> str:
         e = self.entries[name]
         return sha256_range(self._fd, e.offset, e.nbytes, self.path)
 
-    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:
+    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
         """Queue reads of this tensor into the page cache, piece by piece until ``stop`` is set. The
-        disk reads in the background, but queueing blocks while the device's queue is full."""
+        disk reads in the background, but queueing blocks while the device's queue is full.
+        ``once``: the tensor will be read once, into a buffer; then it bypasses the cache instead."""
         e = self.entries[name]
+        if once and self._direct_fd is not None:
+            return
         if hasattr(os, "POSIX_FADV_WILLNEED"):
             for at in range(e.offset, e.offset + e.nbytes, _PREFETCH_PIECE):
                 if stop is not None and stop.is_set():
@@ -110,6 +167,8 @@ class ShardReader:
 
     def close(self) -> None:
         os.close(self._fd)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
 
 
 class BinReader:
@@ -144,8 +203,8 @@ class BinReader:
         t = self._load()[name]  # ``into`` unused: the mapping's pages are copied once either way
         return (t[rows] if rows is not None and t.dim() else t).clone()
 
-    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:  # records of a zip are not worth locating for a hint
-        pass
+    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
+        pass  # records of a zip are not worth locating for a hint
 
     def release(self, name: str) -> None:  # the mapping is already gone after read()
         pass
@@ -269,8 +328,8 @@ class Checkpoint:
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         return self._where[name].read(name, rows, into)
 
-    def prefetch(self, name: str, stop: threading.Event | None = None) -> None:
-        self._where[name].prefetch(name, stop)
+    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
+        self._where[name].prefetch(name, stop, once)
 
     def release(self, name: str) -> None:
         self._where[name].release(name)
