@@ -7,15 +7,15 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
+from checkpoint_builder import Family
 from click.testing import CliRunner
 
 import streammerge
-from checkpoint_builder import Family
 from streammerge.cli import main
 from streammerge.engine import SWITCH_INTERVAL, _prefetch_order, run_schedule
 from streammerge.errors import CheckpointError
