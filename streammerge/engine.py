@@ -152,12 +152,11 @@ def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool
     return out
 
 
-def _to_compute(schedule: Schedule, job: TensorJob, raw: torch.Tensor) -> torch.Tensor:
-    if job.method is None:
-        return raw
+def _loaded(schedule: Schedule, job: TensorJob, raw: torch.Tensor) -> torch.Tensor:
+    """An input as the method loads it: rounded to the plan's dtype (``Chunk`` widens it on use)."""
     if schedule.plan.compute_dtype == "auto":
-        raw = raw.to(job.load_dtype)  # mergekit rounds inputs to `dtype` on load
-    return raw.to(job.compute_dtype)
+        return raw.to(job.load_dtype)  # mergekit rounds inputs to `dtype` on load
+    return raw
 
 
 class _ChunkReader:
@@ -244,11 +243,12 @@ class _ChunkReader:
 
 def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: int, stop: int,
            prepared: tuple[dict[str, Any], ...] = ()) -> Chunk:
-    """The chunk a method sees: inputs in the compute dtype (converted here, not in the reader
-    thread, so read-ahead holds the smaller raw bytes), and per model its statistics: what the
-    method prepared for the tensor and this chunk's rows of the weight-shaped ones."""
+    """The chunk a method sees: inputs as loaded, widened to the compute dtype when the method
+    reads them (in a worker, not in the reader thread, so read-ahead holds the smaller raw bytes),
+    and per model its statistics: what the method prepared for the tensor and this chunk's rows of
+    the weight-shaped ones."""
     n = len(job.inputs)
-    tensors = [_to_compute(schedule, job, t) for t in raw[:n]]
+    tensors = [_loaded(schedule, job, t) for t in raw[:n]]
     base = tensors[0] if job.has_base else None
     models = tensors[1:] if job.has_base else tensors
     calibration: tuple[dict[str, Any], ...] = ()
@@ -258,7 +258,8 @@ def _chunk(schedule: Schedule, job: TensorJob, raw: list[torch.Tensor], start: i
             for i, c in enumerate(calibration):
                 c[kind] = raw[n + k * len(models) + i]
     return Chunk(job.name, job.shape, base, models, job.params, start, stop, schedule.plan.seed,
-                 job.model_ids, wide=schedule.plan.compute_dtype != "auto", calibration=calibration)
+                 job.model_ids, wide=schedule.plan.compute_dtype != "auto", calibration=calibration,
+                 compute_dtype=job.compute_dtype)
 
 
 def _with_kept_rows(job: TensorJob, raw: list[torch.Tensor], start: int, stop: int,

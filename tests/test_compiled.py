@@ -279,3 +279,37 @@ def test_a_run_without_a_compiler_says_so_in_its_summary(
     assert "device: cpu" in result.output
     off = "(compiled kernels off: no C compiler (no-such-cc) on PATH; torch ops merge instead"
     assert off in result.output
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(DTYPES), st.integers(1, 4), st.integers(1, 300), st.booleans(), st.data())
+def test_linear_kernel_merges_the_same_bits_as_the_torch_path(
+    dtype: torch.dtype, n: int, numel: int, normalize: bool, data: st.DataObject
+) -> None:
+    """From inputs as loaded (bfloat16, float16, float32) to float32, as the engine hands them over;
+    lengths of 1-300 cover the vector loops and their tails, signed zeros and huge values included."""
+    if compiled._addcmul_fused() is None:
+        pytest.skip("this torch's addcmul_ rounds neither fused nor unfused throughout")
+    wide = values | st.sampled_from([3e38, -3e38, 1e30])
+    models = [torch.tensor(data.draw(st.lists(wide, min_size=numel, max_size=numel))).to(dtype) for _ in range(n)]
+    weights = [data.draw(st.sampled_from([1.0, 0.5, -0.3, 0.0, 1 / 3]) | st.floats(-2, 2, allow_nan=False)) for _ in range(n)]
+    params = TensorParams({"normalize": normalize}, tuple({"weight": w} for w in weights))
+    chunk = Chunk("w", (numel,), None, models, params, 0, numel, 0, tuple(range(n)), compute_dtype=torch.float32)
+    linear = get_method("linear")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(compiled, "supports", lambda x: False)
+        want = linear.merge(chunk, {})
+    got = compiled.linear(models, weights, normalize)
+    assert (got is None) == (not bool(torch.isfinite(want).all()))  # not finite: the torch path's NaN bits
+    assert torch.equal(_bits(linear.merge(chunk, {})), _bits(want))
+    if got is not None:
+        assert got.dtype == torch.float32 and torch.equal(_bits(got), _bits(want))
+
+
+def test_a_chunk_widens_its_inputs_once_and_only_when_read() -> None:
+    x = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
+    chunk = Chunk("w", (2,), x, [x], TensorParams({}, ({},)), 0, 2, 0, (0,), compute_dtype=torch.float32)
+    assert "models" not in vars(chunk) and "base" not in vars(chunk)
+    assert chunk.models[0].dtype == torch.float32 and chunk.models[0] is chunk.models[0]
+    assert chunk.base.dtype == torch.float32 and torch.equal(chunk.base, x.float())
+    assert chunk.loaded_models[0] is x

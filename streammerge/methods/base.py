@@ -13,6 +13,7 @@ where adding zeros is exact. ``finish`` then reduces the rows in a fixed order.
 
 from __future__ import annotations
 
+import functools
 import mmap
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -35,18 +36,23 @@ class TensorParams:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows ``[row_start, row_stop)`` of one output tensor's inputs, in the compute dtype.
+    """Rows ``[row_start, row_stop)`` of one output tensor's inputs.
 
-    ``models`` excludes the base for methods that take one. ``model_ids`` are stable per-model keys
-    (the model's position in the plan) for counter-based randomness. ``wide``: an explicit
-    ``compute_dtype`` asks for float64 statistics; otherwise (``auto``) methods follow mergekit's
-    dtypes and order of operations (``reductions``).
+    ``base`` and ``models`` are the inputs in the compute dtype; ``models`` excludes the base for
+    methods that take one. The engine hands them over as loaded (``loaded_base``,
+    ``loaded_models``, in the plan's load dtype) with the ``compute_dtype`` to widen them to, and
+    they are widened on first use: a compiled kernel that widens each value as it loads it reads
+    the loaded inputs and never makes the widened copies (for a bfloat16 linear merge in float32,
+    torch's widening alone took longer than the merge after it). ``model_ids`` are stable
+    per-model keys (the model's position in the plan) for counter-based randomness. ``wide``: an
+    explicit ``compute_dtype`` asks for float64 statistics; otherwise (``auto``) methods follow
+    mergekit's dtypes and order of operations (``reductions``).
     """
 
     name: str
     shape: tuple[int, ...]
-    base: torch.Tensor | None
-    models: list[torch.Tensor]
+    loaded_base: torch.Tensor | None
+    loaded_models: list[torch.Tensor]
     params: TensorParams
     row_start: int
     row_stop: int
@@ -54,6 +60,18 @@ class Chunk:
     model_ids: tuple[int, ...]
     wide: bool = False
     calibration: tuple[Mapping[str, Any], ...] = ()
+    compute_dtype: torch.dtype | None = None  # None: the loaded inputs are in it already
+
+    @functools.cached_property
+    def base(self) -> torch.Tensor | None:
+        return None if self.loaded_base is None else self._widened(self.loaded_base)
+
+    @functools.cached_property
+    def models(self) -> list[torch.Tensor]:
+        return [self._widened(x) for x in self.loaded_models]
+
+    def _widened(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.compute_dtype is None else x.to(self.compute_dtype)
 
     @property
     def total_rows(self) -> int:

@@ -1,4 +1,4 @@
-/* The task-arithmetic family's passes over a chunk, each in one loop; see compiled.py.
+/* The task-arithmetic family's passes over a chunk, each in one loop, and linear's; see compiled.py.
  *
  * Every value is held as the float32 it widens to; each operation is computed in float32 and
  * rounded to the working dtype after it (ROUND), as torch's CPU kernels do for bfloat16 and
@@ -145,6 +145,37 @@ DELTAS(uint32_t, f32)
 MERGE(uint16_t, bf16)
 MERGE(uint16_t, f16)
 MERGE(uint32_t, f32)
+
+/* linear_merge in float32 from inputs of type T: out = ((+0 + x_0·w_0) + x_1·w_1 + …) / divisor
+ * (no division unless normalize), each step as torch's addcmul_ rounds it on this machine: one
+ * fused multiply-add (fused), or a rounded product then a rounded sum. Widened as loaded, where
+ * torch first widened every input in a pass of its own. */
+#define LINEAR(T, K)                                                                                 \
+    int linear_##K(const T *const *models, int n, int64_t size, const float *w, int fused,           \
+                   int normalize, float divisor, float *out) {                                      \
+        int clean = 1;                                                                              \
+        for (int64_t s = 0; s < size; s += BLOCK) {                                                 \
+            int m = size - s < BLOCK ? (int)(size - s) : BLOCK;                                     \
+            float *o = out + s;                                                                     \
+            for (int j = 0; j < m; j++) o[j] = 0.0f;                                                \
+            for (int i = 0; i < n; i++) {                                                           \
+                const T *x = models[i] + s;                                                         \
+                float wi = w[i];                                                                    \
+                if (fused)                                                                          \
+                    for (int j = 0; j < m; j++) o[j] = __builtin_fmaf(load_##K(x[j]), wi, o[j]);    \
+                else                                                                                \
+                    for (int j = 0; j < m; j++) o[j] = o[j] + load_##K(x[j]) * wi;                  \
+            }                                                                                       \
+            if (normalize)                                                                          \
+                for (int j = 0; j < m; j++) o[j] = o[j] / divisor;                                  \
+            for (int j = 0; j < m; j++) clean &= finite(o[j]);                                      \
+        }                                                                                           \
+        return clean;                                                                               \
+    }
+
+LINEAR(uint16_t, bf16)
+LINEAR(uint16_t, f16)
+LINEAR(uint32_t, f32)
 
 /* Per wanted model, counts of the bfloat16 magnitude keys of x_i − B (hists: n × 2^15 int64) */
 int gta_histograms_bf16(const uint16_t *base, const uint16_t *const *models, int n, int64_t size,

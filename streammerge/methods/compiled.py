@@ -8,6 +8,7 @@ operations per block of 2048 elements, in cache, and TIES's first pass (a histog
 bfloat16 keys) in the same loop that forms δ_i. Bit for bit (see the C file for how); a chunk
 whose task vectors or result hold NaN or Inf is handed back (``None``) for the torch path, whose
 vectorized and scalar loops write NaN with different bits.
+- ``linear``: linear's float32 weighted sum, widening bfloat16 or float16 inputs as it loads them.
 - ``stream_below``, ``stream_uniform_below``: DARE's and DELLA's keep masks from ``random.Stream``'s
   counter-based draws.
 - ``della_probabilities``: DELLA's keep probabilities from magnitude ranks along rows of bfloat16.
@@ -112,6 +113,8 @@ def _library() -> ctypes.CDLL | str:
     dll = ctypes.CDLL(str(lib))  # ctypes releases the GIL for the call: workers merge side by side
     for suffix in _SUFFIX.values():
         getattr(dll, f"gta_merge_{suffix}").argtypes = _MERGE_ARGS
+        getattr(dll, f"linear_{suffix}").argtypes = (_p, ctypes.c_int, ctypes.c_int64, _p, ctypes.c_int,
+                                                     ctypes.c_int, ctypes.c_float, _p)
     dll.gta_histograms_bf16.argtypes = (_p, _p, ctypes.c_int, ctypes.c_int64, _p, _p)
     dll.stream_below.argtypes = (ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint32, _p)
     dll.stream_below.restype = None
@@ -184,6 +187,40 @@ def merge(
     )
     if clean < 0:
         raise MemoryError("compiled: out of memory for a block's scratch")
+    return out if clean else None
+
+
+@functools.cache
+def _addcmul_fused() -> bool | None:
+    """Whether torch's float32 ``addcmul_`` rounds once (a fused multiply-add) on this machine,
+    in its vectorized loop and its scalar one alike; None if they differ or it is neither.
+
+    It depends on the torch build and the CPU kernels it dispatches to (x86-64 builds with FMA
+    fuse). The probe is c + a·a with a = 1 + 2⁻¹², c = −(1 + 2⁻¹¹): exactly 2⁻²⁴ when fused, 0 when
+    the product is rounded first; 67 elements cover the vector body and the scalar tail."""
+    a = 1 + 2**-12
+    out = torch.full((67,), -(1 + 2**-11), device="cpu").addcmul_(torch.full((67,), a, device="cpu"),
+                                                                  torch.tensor(a, device="cpu"))
+    for fused, want in ((True, 2**-24), (False, 0.0)):
+        if bool((out == want).all()):
+            return fused
+    return None
+
+
+def linear(models: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor | None:
+    """``linear_merge``'s torch path in float32 from inputs of one dtype as loaded:
+    Σ_i x_i·w_i by ``addcmul_`` from zero, divided by Σ_i w_i (summed by torch, in float32) when
+    ``normalize``. None when a result is not finite or this machine's torch rounds ``addcmul_``
+    in a way the kernel does not know."""
+    fused = _addcmul_fused()
+    if fused is None:
+        return None
+    models = [x.contiguous() for x in models]
+    w = torch.tensor(weights, dtype=torch.float32, device="cpu")
+    out = torch.empty(models[0].shape, dtype=torch.float32, device="cpu")
+    clean = getattr(_library(), f"linear_{_SUFFIX[models[0].dtype]}")(
+        _pointers(models), len(models), out.numel(), w.data_ptr(), fused, normalize, w.sum().item(), out.data_ptr()
+    )
     return out if clean else None
 
 
