@@ -23,7 +23,8 @@ import queue
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 SWITCH_INTERVAL = 2e-4  # seconds a thread may hold the GIL while another waits for it, during a merge
 PREFETCH_AHEAD_BYTES = 64 << 20  # inputs queued for the page cache beyond the tensor merging
+READ_THREADS = 2  # chunks read at once (``_ChunkReader``)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,10 @@ class _ChunkReader:
     ``depth`` chunks ahead of the consumer. ``request(job)`` asks for one pass over the job's rows.
     With ``to_device`` the inputs of merged tensors are sent on to the GPU as they are read.
 
+    ``READ_THREADS`` chunks are read at once. A direct read has no readahead behind it: read one at
+    a time, the disk idled while the reader thread waited for the GIL between reads, and an 8-layer
+    7B-shaped task_arithmetic merge read at 0.8 GB/s (16.4-16.6 s); two at a time, 13.1-13.7 s.
+
     A job read once (``_reads_once``) is read into a page-aligned buffer of ``buffer_bytes`` (the
     largest chunk) that the consumer allocated when it took the chunk before: made in the merging
     thread between its chunks, all of one size, these buffers reuse each other's memory instead of
@@ -201,22 +207,41 @@ class _ChunkReader:
 
     def _run(self) -> None:
         checked = None  # the job whose inputs were checked: its later passes read the same bytes
+        reading: deque[tuple[Future, TensorJob]] = deque()  # chunks being read, in request order
+        pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="streammerge-read")
         try:
-            while (job := self._requests.get()) is not None:
+            while (job := self._next_request(reading)) is not None:
                 if self._feed is not None:
                     self._feed.wait(job, self._stop)
                 check, checked = job.name != checked, job.name
                 for start, stop in _row_ranges(job):
                     if (buffer := self._buffer()) is None:
                         return
-                    chunk: list[torch.Tensor] | InFlight = _read(self._schedule, job, start, stop, check, buffer)
+                    reading.append((pool.submit(_read, self._schedule, job, start, stop, check, buffer), job))
                     del buffer  # the chunk's tensors hold it while they live
-                    if self._to_device is not None and job.method is not None:
-                        chunk = self._to_device.send(chunk)
-                    if not self._put(chunk):
+                    if len(reading) == READ_THREADS and not self._hand_over(*reading.popleft()):
                         return
         except BaseException as e:  # handed to the consumer, raised where the data is wanted
             self._put(e)
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    def _next_request(self, reading: deque[tuple[Future, TensorJob]]) -> TensorJob | None:
+        """The next job to read; before waiting for one, every chunk being read is handed over."""
+        try:
+            return self._requests.get_nowait()
+        except queue.Empty:
+            while reading:
+                if not self._hand_over(*reading.popleft()):
+                    return None
+            return self._requests.get()
+
+    def _hand_over(self, read: Future, job: TensorJob) -> bool:
+        """Queue a chunk for the consumer once read (on a GPU, once its copy there has started)."""
+        chunk: list[torch.Tensor] | InFlight = read.result()
+        if self._to_device is not None and job.method is not None:
+            chunk = self._to_device.send(chunk)
+        return self._put(chunk)
 
     def _buffer(self) -> torch.Tensor | None:
         while not self._stop.is_set():

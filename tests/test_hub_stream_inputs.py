@@ -88,15 +88,17 @@ def test_a_500_and_a_drop_mid_range_are_retried_and_resumed(hub: HubServer, shar
     streammerge.merge(_streamed(*REPOS), out, quiet=True)
     assert _shards(out) == _local(sharded_family, tmp_path / "local")
     reads = _tensor_reads(hub, sharded_family)
+    # the engine reads two chunks at once: a retry is the next request for the same bytes, not the next request
     failed = [k for k, r in enumerate(reads) if r.status == 500]
-    assert len(failed) == 2 and reads[failed[1] + 1].range == reads[failed[0]].range
-    assert reads[failed[1] + 1].status == 206
+    assert len(failed) == 2
+    for k in failed:  # each failed range is asked for again and served
+        assert any((r.repo, r.range, r.status) == (reads[k].repo, reads[k].range, 206) for r in reads[k + 1:])
     dropped = next(k for k, r in enumerate(reads) if r.sent < _range(r)[1] - _range(r)[0] + 1
                    and r.status == 206)
     first, last = _range(reads[dropped])
     assert reads[dropped].sent == 100 and reads[dropped].repo == "acme/ft2"
-    again = reads[dropped + 1]
-    assert (again.repo, again.file, _range(again)) == ("acme/ft2", FILE, (first + 100, last))
+    again = next(r for r in reads[dropped + 1:] if (r.repo, r.file, _range(r)[1]) == ("acme/ft2", FILE, last))
+    assert _range(again) == (first + 100, last)
 
 
 def test_a_budget_that_holds_only_the_output_needs_stream_inputs(

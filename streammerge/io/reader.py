@@ -104,6 +104,7 @@ class ShardReader:
         if hasattr(os, "O_DIRECT"):
             with contextlib.suppress(OSError):  # tmpfs before Linux 6.6, some FUSE filesystems
                 self._direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        self._direct = self._direct_fd is not None  # false too once a direct read was refused
 
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``name`` (or rows ``rows`` of its first dimension). With ``into`` (a read made
@@ -116,7 +117,7 @@ class ShardReader:
         e = self.entries[name]
         shape, offset, nbytes = e.rows(rows)
         buf = None
-        if into is not None and nbytes and self._direct_fd is not None:
+        if into is not None and nbytes and self._direct:
             buf = self._read_direct(offset, nbytes, into)
         if buf is None:
             buf = _mapped(self._fd, offset, nbytes, self.path) if nbytes else torch.empty(0, dtype=torch.uint8)
@@ -135,8 +136,7 @@ class ShardReader:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            os.close(self._direct_fd)
-            self._direct_fd = None
+            self._direct = False  # the descriptor stays open: another thread may be reading with it
             return None
         if done < offset + nbytes - start:  # the file ends before the tensor does
             raise CheckpointError(f"{self.path}: unexpected end of file at byte {start + done} (truncated?)")
@@ -151,7 +151,7 @@ class ShardReader:
         disk reads in the background, but queueing blocks while the device's queue is full.
         ``once``: the tensor will be read once, into a buffer; then it bypasses the cache instead."""
         e = self.entries[name]
-        if once and self._direct_fd is not None:
+        if once and self._direct:
             return
         if hasattr(os, "POSIX_FADV_WILLNEED"):
             for at in range(e.offset, e.offset + e.nbytes, _PREFETCH_PIECE):

@@ -132,7 +132,8 @@ class HubShard:
         buf = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
         began = time.perf_counter()
         fetch_range(self.snapshot, self.path.name, offset, memoryview(buf.numpy()), self.size)
-        self.stream_seconds += time.perf_counter() - began  # one reader thread: no race
+        with self._lock:  # the engine reads several chunks at once
+            self.stream_seconds += time.perf_counter() - began
         return buf.view(e.dtype).reshape(shape)
 
     def sha256(self, name: str) -> str:
