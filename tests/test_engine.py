@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import streammerge
 from streammerge.cli import main
-from streammerge.engine import SWITCH_INTERVAL, _prefetch_order, run_schedule
+from streammerge.engine import SWITCH_INTERVAL, _prefetch_order, _reads_direct, run_schedule
 from streammerge.errors import CheckpointError
 from streammerge.io import reader as reader_module
 from streammerge.io.reader import ShardReader
@@ -76,11 +76,11 @@ def _rchar() -> int:
 
 
 @pytest.mark.parametrize("chunk_size", [32, 10**9])
-def test_one_pass_merges_read_into_buffers_and_two_pass_merges_map(fp32_family: Family, tmp_path: Path, chunk_size: int,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """linear reads every input byte once, with preads into the reader's buffers (past the page cache
-    where the filesystem allows it); TIES reads its matrices of several chunks twice, so it maps them
-    from the page cache, and reads its tensors of one chunk into buffers."""
+def test_merges_on_the_cpu_read_every_pass_into_buffers(fp32_family: Family, tmp_path: Path, chunk_size: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """linear reads every input byte once and TIES its matrices of several chunks once per pass, all
+    with preads into the reader's buffers (past the page cache where the filesystem allows it):
+    nothing is mapped."""
     data = sum(sum(e.nbytes for e in ShardReader(f).entries.values())
                for m in (fp32_family.base, *fp32_family.models) for f in m.glob("*.safetensors"))
     sched = streammerge.schedule(_ties(fp32_family), chunk_size=chunk_size)
@@ -90,15 +90,23 @@ def test_one_pass_merges_read_into_buffers_and_two_pass_merges_map(fp32_family: 
     mapped = []
     real = reader_module._mapped
     monkeypatch.setattr(reader_module, "_mapped", lambda fd, offset, n, path: mapped.append(n) or real(fd, offset, n, path))
-    for method in (_linear, _ties):
-        mapped.clear()
+    for method, passes in ((_linear, 1), (_ties, 2)):
         before = _rchar()
         streammerge.merge(method(fp32_family), tmp_path / method.__name__, quiet=True, chunk_size=chunk_size)
-        read = _rchar() - before
-        if method is _linear:
-            assert not mapped and read >= data
-        else:  # a pass over the rows maps every byte of the chunked tensors; the rest is read
-            assert sum(mapped) % max(chunked, 1) == 0 and sum(mapped) >= 2 * chunked and read >= data - chunked
+        assert not mapped and _rchar() - before >= data + (passes - 1) * chunked
+
+
+def test_on_a_gpu_only_tensors_read_once_skip_the_page_cache(fp32_family: Family) -> None:
+    """A GPU merge waits on the disk, not the CPU: a tensor read by several passes is read once into
+    the page cache and mapped from it; on the CPU every tensor is read into buffers."""
+    sched = streammerge.schedule(_ties(fp32_family), chunk_size=32)
+    try:
+        for job in sched.jobs:
+            assert _reads_direct(job, on_gpu=False)
+            assert _reads_direct(job, on_gpu=True) == (job.rows <= job.rows_per_chunk), job.name
+        assert not all(_reads_direct(job, on_gpu=True) for job in sched.jobs)
+    finally:
+        sched.close()
 
 
 def test_the_gil_changes_hands_promptly_during_a_merge_only(fp32_family: Family, tmp_path: Path) -> None:

@@ -334,14 +334,14 @@ def test_a_read_into_a_buffer_goes_past_the_page_cache_and_reads_the_same_bytes(
             _, _, nbytes = r.entries[name].rows(rows)
             got = r.read(name, rows, into=aligned_buffer(direct_room(nbytes)))
             assert got.dtype == want.dtype and torch.equal(got, want if rows is None else want[rows]), (name, rows)
-        r.prefetch(name, once=True)  # a read made once is not prefetched either
+        r.prefetch(name, direct=True)  # a tensor read into buffers is not prefetched either
     assert _cached_fraction(path, 0, size) == before and _cached_fraction(path, t3.offset, t3.nbytes) == 0
     r.close()
 
 
 def test_reads_are_mapped_where_the_filesystem_refuses_direct_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused at open (tmpfs before Linux 6.6) or at the first read (EINVAL): the same bytes, mapped,
-    and a tensor read once is prefetched again, as the mapped read needs."""
+    and a tensor read into buffers is prefetched again, as the mapped read needs."""
     path = tmp_path / "odd.safetensors"
     tensors = _odd_tensors()
     _written(path, tensors)
@@ -364,7 +364,7 @@ def test_reads_are_mapped_where_the_filesystem_refuses_direct_reads(tmp_path: Pa
         _evicted(path)
         if _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) > 0.01:
             pytest.skip("this filesystem keeps its pages in memory (tmpfs?)")
-        r.prefetch("t3", once=True)
+        r.prefetch("t3", direct=True)
         deadline = time.monotonic() + 20
         while _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) < 0.9 and time.monotonic() < deadline:
             time.sleep(0.05)

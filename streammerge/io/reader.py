@@ -1,11 +1,10 @@
 """Lazy readers for Hugging Face checkpoints: one tensor, or a row range of it, at a time.
 
-``ShardReader`` parses a safetensors header itself. A read its caller makes once (one pass over
-a tensor) goes into the caller's buffer past the page cache (``O_DIRECT``); a read repeated by
-later passes is mapped on its own, copy-on-write: the tensor it returns is the page cache's pages,
-not a copy of them, and its mapping lives as long as it does. ``prefetch`` has the disk fill the
-page cache ahead of mapped reads and ``release`` lets the kernel drop those pages again
-(cgroup-limited sessions count the cache against their memory).
+``ShardReader`` parses a safetensors header itself. A read into the caller's buffer goes past the
+page cache (``O_DIRECT``); any other read is mapped on its own, copy-on-write: the tensor it
+returns is the page cache's pages, not a copy of them, and its mapping lives as long as it does.
+``prefetch`` has the disk fill the page cache ahead of mapped reads and ``release`` lets the
+kernel drop those pages again (cgroup-limited sessions count the cache against their memory).
 ``Checkpoint`` resolves a model directory: ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, or PyTorch ``.bin`` files (loaded with ``weights_only=True``).
 """
@@ -107,9 +106,9 @@ class ShardReader:
         self._direct = self._direct_fd is not None  # false too once a direct read was refused
 
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``name`` (or rows ``rows`` of its first dimension). With ``into`` (a read made
-        once: page-aligned, ``direct_room`` bytes) it is read into ``into`` past the page cache where
-        the filesystem allows it; otherwise, and without ``into``, it is mapped from the page cache.
+        """The tensor ``name`` (or rows ``rows`` of its first dimension). With ``into`` (page-aligned,
+        ``direct_room`` bytes) it is read into ``into`` past the page cache where the filesystem
+        allows it; otherwise, and without ``into``, it is mapped from the page cache.
 
         Every byte a buffered read brings in is later dropped from the cache again: at 32 layers
         the readahead, the mapping and the drop cost a linear merge 0.65 CPU-s per GB of input
@@ -146,12 +145,12 @@ class ShardReader:
         e = self.entries[name]
         return sha256_range(self._fd, e.offset, e.nbytes, self.path)
 
-    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
+    def prefetch(self, name: str, stop: threading.Event | None = None, direct: bool = False) -> None:
         """Queue reads of this tensor into the page cache, piece by piece until ``stop`` is set. The
         disk reads in the background, but queueing blocks while the device's queue is full.
-        ``once``: the tensor will be read once, into a buffer; then it bypasses the cache instead."""
+        ``direct``: the caller will read it into buffers, which go past the cache where they can."""
         e = self.entries[name]
-        if once and self._direct:
+        if direct and self._direct:
             return
         if hasattr(os, "POSIX_FADV_WILLNEED"):
             for at in range(e.offset, e.offset + e.nbytes, _PREFETCH_PIECE):
@@ -203,7 +202,7 @@ class BinReader:
         t = self._load()[name]  # ``into`` unused: the mapping's pages are copied once either way
         return (t[rows] if rows is not None and t.dim() else t).clone()
 
-    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
+    def prefetch(self, name: str, stop: threading.Event | None = None, direct: bool = False) -> None:
         pass  # records of a zip are not worth locating for a hint
 
     def release(self, name: str) -> None:  # the mapping is already gone after read()
@@ -328,8 +327,8 @@ class Checkpoint:
     def read(self, name: str, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         return self._where[name].read(name, rows, into)
 
-    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
-        self._where[name].prefetch(name, stop, once)
+    def prefetch(self, name: str, stop: threading.Event | None = None, direct: bool = False) -> None:
+        self._where[name].prefetch(name, stop, direct)
 
     def release(self, name: str) -> None:
         self._where[name].release(name)

@@ -47,8 +47,8 @@ class SharedCheckpoint(Checkpoint):
                     self._recent.popitem(last=False)
             return self._recent[key]  # shared by every reader: methods never modify their inputs
 
-    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
-        super().prefetch(name, stop)  # ``once`` does not apply: shared reads are mapped, never read into a buffer
+    def prefetch(self, name: str, stop: threading.Event | None = None, direct: bool = False) -> None:
+        super().prefetch(name, stop)  # ``direct`` does not apply: shared reads are mapped, never read into a buffer
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -91,8 +91,8 @@ class AdaptedCheckpoint:
         """The base's files and the adapter's (keyed by the adapter's path): whether either changed."""
         return {**self.base.fingerprint(), **{f"{self.adapter.path}/{f}": v for f, v in self.adapter.fingerprint().items()}}
 
-    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
-        self.base.prefetch(name, stop)  # ``once`` does not apply: ``read`` never reads into a buffer
+    def prefetch(self, name: str, stop: threading.Event | None = None, direct: bool = False) -> None:
+        self.base.prefetch(name, stop)  # ``direct`` does not apply: ``read`` never reads into a buffer
 
     def release(self, name: str) -> None:
         self._factors.pop(name, None)

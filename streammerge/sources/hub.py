@@ -139,10 +139,10 @@ class HubShard:
     def sha256(self, name: str) -> str:
         return self.download().sha256(name)
 
-    def prefetch(self, name: str, stop: threading.Event | None = None, once: bool = False) -> None:
+    def prefetch(self, name: str, stop: threading.Event | None = None, direct: bool = False) -> None:
         with self._lock:  # a hint: it never starts a download, nor races ``detach``
             if self._local is not None:
-                self._local.prefetch(name, stop, once)
+                self._local.prefetch(name, stop, direct)
 
     def release(self, name: str) -> None:
         with self._lock:
