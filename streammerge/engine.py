@@ -143,8 +143,9 @@ def _input_layout(schedule: Schedule, job: TensorJob, rows: int) -> tuple[list[i
 
 
 def _read(schedule: Schedule, job: TensorJob, start: int, stop: int, check: bool, buffer: torch.Tensor) -> list[torch.Tensor]:
-    """The chunk's raw inputs, read into ``buffer`` if they are read past the page cache, then its rows of each
-    merged model's weight-shaped statistics (float32); with ``check``, refused if an input holds NaN or Inf."""
+    """The chunk's raw inputs, read into ``buffer`` if they are read past the page cache, then its
+    rows of each merged model's weight-shaped statistics (float32); with ``check``, refused if an
+    input holds NaN or Inf."""
     offsets, total = _input_layout(schedule, job, stop - start)
     into = _reads_direct(job, schedule.device.is_cuda) and total <= buffer.numel()
     out = []
@@ -509,7 +510,8 @@ def _largest_chunk(schedule: Schedule) -> tuple[int, int]:
     inputs = out = 0
     for j in schedule.jobs:
         rows = min(j.rows_per_chunk, j.rows)
-        inputs = max(inputs, _input_layout(schedule, j, rows)[1] + chunk_layout(_statistics_bytes(j, rows))[1])
+        statistics = chunk_layout(_statistics_bytes(j, rows))[1]
+        inputs = max(inputs, _input_layout(schedule, j, rows)[1] + statistics)
         out = max(out, rows * (math.prod(j.shape[1:]) if j.shape else 1) * j.out_dtype.itemsize)
     return inputs, out
 

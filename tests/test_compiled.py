@@ -291,10 +291,13 @@ def test_linear_kernel_merges_the_same_bits_as_the_torch_path(
     if compiled._addcmul_fused() is None:
         pytest.skip("this torch's addcmul_ rounds neither fused nor unfused throughout")
     wide = values | st.sampled_from([3e38, -3e38, 1e30])
-    models = [torch.tensor(data.draw(st.lists(wide, min_size=numel, max_size=numel))).to(dtype) for _ in range(n)]
-    weights = [data.draw(st.sampled_from([1.0, 0.5, -0.3, 0.0, 1 / 3]) | st.floats(-2, 2, allow_nan=False)) for _ in range(n)]
+    elements = st.lists(wide, min_size=numel, max_size=numel)
+    models = [torch.tensor(data.draw(elements)).to(dtype) for _ in range(n)]
+    weight = st.sampled_from([1.0, 0.5, -0.3, 0.0, 1 / 3]) | st.floats(-2, 2, allow_nan=False)
+    weights = [data.draw(weight) for _ in range(n)]
     params = TensorParams({"normalize": normalize}, tuple({"weight": w} for w in weights))
-    chunk = Chunk("w", (numel,), None, models, params, 0, numel, 0, tuple(range(n)), compute_dtype=torch.float32)
+    chunk = Chunk("w", (numel,), None, models, params, 0, numel, 0, tuple(range(n)),
+                  compute_dtype=torch.float32)
     linear = get_method("linear")
     with pytest.MonkeyPatch.context() as m:
         m.setattr(compiled, "supports", lambda x: False)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checkpoint_builder import Family
 from click.testing import CliRunner
 
 import streammerge
+from checkpoint_builder import Family
 from streammerge.cli import main
 from streammerge.engine import SWITCH_INTERVAL, _prefetch_order, _reads_direct, run_schedule
 from streammerge.errors import CheckpointError
@@ -46,17 +46,19 @@ def test_thread_count_does_not_change_a_byte(fp32_family: Family, tmp_path: Path
 
 def _linear(family: Family) -> dict:
     return {"merge_method": "linear", "dtype": "float32",
-            "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (family.base, *family.models)]}
+            "models": [{"model": str(m), "parameters": {"weight": 1.0}}
+                       for m in (family.base, *family.models)]}
 
 
-@pytest.mark.parametrize("method", [_ties, _linear])  # inputs mapped (read twice) / read into buffers (once)
-def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(fp32_family: Family, tmp_path: Path,
-                                                                         method: Callable[[Family], dict]) -> None:
+@pytest.mark.parametrize("method", [_ties, _linear])  # two passes over each matrix, and one
+def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(
+        fp32_family: Family, tmp_path: Path, method: Callable[[Family], dict]) -> None:
     """A shard cut short after the schedule was built (its header was valid): the reader thread's
     error reaches the caller, names the file, and the run neither hangs nor leaves a thread behind."""
     family = tmp_path / "family"
     shutil.copytree(fp32_family.base.parent, family)
-    plan = method(Family(family / fp32_family.base.name, [family / m.name for m in fp32_family.models], {}, fp32_family.arch))
+    copied = [family / m.name for m in fp32_family.models]
+    plan = method(Family(family / fp32_family.base.name, copied, {}, fp32_family.arch))
     sched = streammerge.schedule(plan, chunk_size=32)
     try:
         victim = sched.checkpoints[1].file_of(sched.jobs[-1].inputs[1].tensor)
@@ -72,7 +74,8 @@ def test_a_read_failing_in_the_reader_thread_is_raised_and_stops_the_run(fp32_fa
 
 def _rchar() -> int:
     """Bytes this process has read through read/pread calls so far (Linux); mapped reads are not counted."""
-    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+    io = Path("/proc/self/io").read_text().splitlines()
+    return int(next(line for line in io if line.startswith("rchar")).split()[1])
 
 
 @pytest.mark.parametrize("chunk_size", [32, 10**9])
@@ -89,7 +92,8 @@ def test_merges_on_the_cpu_read_every_pass_into_buffers(fp32_family: Family, tmp
     assert (chunked > data / 2) == (chunk_size == 32)
     mapped = []
     real = reader_module._mapped
-    monkeypatch.setattr(reader_module, "_mapped", lambda fd, offset, n, path: mapped.append(n) or real(fd, offset, n, path))
+    monkeypatch.setattr(reader_module, "_mapped",
+                        lambda fd, offset, n, path: mapped.append(n) or real(fd, offset, n, path))
     for method, passes in ((_linear, 1), (_ties, 2)):
         before = _rchar()
         streammerge.merge(method(fp32_family), tmp_path / method.__name__, quiet=True, chunk_size=chunk_size)

@@ -88,7 +88,8 @@ def test_a_500_and_a_drop_mid_range_are_retried_and_resumed(hub: HubServer, shar
     streammerge.merge(_streamed(*REPOS), out, quiet=True)
     assert _shards(out) == _local(sharded_family, tmp_path / "local")
     reads = _tensor_reads(hub, sharded_family)
-    # the engine reads two chunks at once: a retry is the next request for the same bytes, not the next request
+    # the engine reads two chunks at once: a retry is the next request for the same bytes, not the
+    # next request
     failed = [k for k, r in enumerate(reads) if r.status == 500]
     assert len(failed) == 2
     for k in failed:  # each failed range is asked for again and served

@@ -316,7 +316,8 @@ def _written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def _odd_tensors() -> dict[str, torch.Tensor]:
     """Tensors whose offsets and sizes fall anywhere within a page; the last one ends the file."""
     g = torch.Generator().manual_seed(1)
-    return {f"t{i}": torch.randn(rows, 1000 + 7 * i, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+    dtypes = (torch.float32, torch.bfloat16)
+    return {f"t{i}": torch.randn(rows, 1000 + 7 * i, generator=g).to(dtypes[i % 2])
             for i, rows in enumerate((3, 97, 1, 640, 13))}
 
 
@@ -333,13 +334,15 @@ def test_a_read_into_a_buffer_goes_past_the_page_cache_and_reads_the_same_bytes(
         for rows in (None, slice(0, 1), slice(want.shape[0] // 3, want.shape[0])):
             _, _, nbytes = r.entries[name].rows(rows)
             got = r.read(name, rows, into=aligned_buffer(direct_room(nbytes)))
-            assert got.dtype == want.dtype and torch.equal(got, want if rows is None else want[rows]), (name, rows)
+            expected = want if rows is None else want[rows]
+            assert got.dtype == want.dtype and torch.equal(got, expected), (name, rows)
         r.prefetch(name, direct=True)  # a tensor read into buffers is not prefetched either
     assert _cached_fraction(path, 0, size) == before and _cached_fraction(path, t3.offset, t3.nbytes) == 0
     r.close()
 
 
-def test_reads_are_mapped_where_the_filesystem_refuses_direct_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_are_mapped_where_the_filesystem_refuses_direct_reads(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused at open (tmpfs before Linux 6.6) or at the first read (EINVAL): the same bytes, mapped,
     and a tensor read into buffers is prefetched again, as the mapped read needs."""
     path = tmp_path / "odd.safetensors"
@@ -360,15 +363,16 @@ def test_reads_are_mapped_where_the_filesystem_refuses_direct_reads(tmp_path: Pa
             m.setattr(os, "open", refuse_open) if refuse == "open" else m.setattr(os, "preadv", refuse_read)
             r = ShardReader(path)
             for name, want in tensors.items():
-                assert torch.equal(r.read(name, into=aligned_buffer(direct_room(r.entries[name].nbytes))), want), refuse
+                into = aligned_buffer(direct_room(r.entries[name].nbytes))
+                assert torch.equal(r.read(name, into=into), want), refuse
         _evicted(path)
         if _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) > 0.01:
             pytest.skip("this filesystem keeps its pages in memory (tmpfs?)")
         r.prefetch("t3", direct=True)
-        deadline = time.monotonic() + 20
-        while _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) < 0.9 and time.monotonic() < deadline:
+        t3, deadline = r.entries["t3"], time.monotonic() + 20
+        while _cached_fraction(path, t3.offset, t3.nbytes) < 0.9 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _cached_fraction(path, r.entries["t3"].offset, r.entries["t3"].nbytes) > 0.9, refuse
+        assert _cached_fraction(path, t3.offset, t3.nbytes) > 0.9, refuse
         r.close()
     assert real_preadv is os.preadv
 

@@ -118,8 +118,10 @@ class ShardReader:
         buf = None
         if into is not None and nbytes and self._direct:
             buf = self._read_direct(offset, nbytes, into)
+        if buf is None and nbytes:
+            buf = _mapped(self._fd, offset, nbytes, self.path)
         if buf is None:
-            buf = _mapped(self._fd, offset, nbytes, self.path) if nbytes else torch.empty(0, dtype=torch.uint8)
+            buf = torch.empty(0, dtype=torch.uint8)
         return buf.view(e.dtype).reshape(shape)
 
     def _read_direct(self, offset: int, nbytes: int, into: torch.Tensor) -> torch.Tensor | None:

@@ -48,7 +48,7 @@ class SharedCheckpoint(Checkpoint):
             return self._recent[key]  # shared by every reader: methods never modify their inputs
 
     def prefetch(self, name: str, stop: threading.Event | None = None, direct: bool = False) -> None:
-        super().prefetch(name, stop)  # ``direct`` does not apply: shared reads are mapped, never read into a buffer
+        super().prefetch(name, stop)  # ``direct`` does not apply: shared reads are mapped
 
     def release(self, name: str) -> None:
         with self._lock:

@@ -219,7 +219,8 @@ def linear(models: list[torch.Tensor], weights: list[float], normalize: bool) ->
     w = torch.tensor(weights, dtype=torch.float32, device="cpu")
     out = torch.empty(models[0].shape, dtype=torch.float32, device="cpu")
     clean = getattr(_library(), f"linear_{_SUFFIX[models[0].dtype]}")(
-        _pointers(models), len(models), out.numel(), w.data_ptr(), fused, normalize, w.sum().item(), out.data_ptr()
+        _pointers(models), len(models), out.numel(), w.data_ptr(), fused, normalize, w.sum().item(),
+        out.data_ptr(),
     )
     return out if clean else None
 

@@ -108,8 +108,9 @@ def top_k_passes(values: Values, counts: Counts, key: str, elementwise: bool = F
         s = _stride(chunk)
         first = -chunk.element_start % s  # the flat indices ≡ 0 mod s, whatever the chunking
         if elementwise:
-            sampled = replace(chunk, loaded_base=None if chunk.base is None else chunk.base.reshape(-1)[first::s],
-                              loaded_models=[x.reshape(-1)[first::s] for x in chunk.models], compute_dtype=None)
+            base = None if chunk.base is None else chunk.base.reshape(-1)[first::s]
+            sampled = replace(chunk, loaded_base=base, compute_dtype=None,
+                              loaded_models=[x.reshape(-1)[first::s] for x in chunk.models])
             keys = [magnitude_keys(v) for v in values(sampled, stats)]
             if keys[0].dtype != torch.int16:
                 return {"sample": keys}
