@@ -128,10 +128,11 @@ def _reads_direct(job: TensorJob, on_gpu: bool) -> bool:
     on a GPU only when every byte is read once (one pass, or one chunk).
 
     A statistics pass and the merge read each input twice. On the CPU, reading it twice from the disk
-    cost less than the page cache's work (readahead, mapping, dropping) for the same wall time: a
-    32-layer 7B-shaped TIES merge took 61.3 s and 1.88 CPU-s per GB against 63.9 s and 2.32, slerp
-    54.5 s and 3.12 against 57.3 s and 3.45. On a GPU, where the disk and not the CPU sets the pace,
-    the second pass reads from the page cache."""
+    cost 16-24% less CPU than the page cache's work (readahead, mapping, dropping), for a wall time
+    within this VM's noise: a 32-layer 7B-shaped TIES merge 1.79-1.88 against 2.35 CPU-s per GB and
+    4-13% longer in the README's benchmark (61.3 s against 63.9 s, shorter, in another pair), slerp
+    3.25-3.29 against 3.46-3.57 and 3-4% shorter. On a GPU, where the disk and not the CPU sets the
+    pace, the second pass reads from the page cache."""
     once = job.method is None or job.rows <= job.rows_per_chunk or not job.method.passes_for(job.params)
     return (once or not on_gpu) and all(s.rows is None and s.row_map is None for s in job.inputs)
 

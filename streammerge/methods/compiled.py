@@ -196,8 +196,8 @@ def _addcmul_fused() -> bool | None:
     in its vectorized loop and its scalar one alike; None if they differ or it is neither.
 
     It depends on the torch build and the CPU kernels it dispatches to (x86-64 builds with FMA
-    fuse). The probe is c + a·a with a = 1 + 2⁻¹², c = −(1 + 2⁻¹¹): exactly 2⁻²⁴ when fused, 0 when
-    the product is rounded first; 67 elements cover the vector body and the scalar tail."""
+    fuse). The probe is c + a*a with a = 1 + 2**-12, c = -(1 + 2**-11): exactly 2**-24 when fused,
+    0 when the product is rounded first; 67 elements cover the vector body and the scalar tail."""
     a = 1 + 2**-12
     out = torch.full((67,), -(1 + 2**-11), device="cpu").addcmul_(torch.full((67,), a, device="cpu"),
                                                                   torch.tensor(a, device="cpu"))
