@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import math
 import queue
 import sys
@@ -38,7 +39,7 @@ from streammerge.io.reader import aligned_buffer, direct_room
 from streammerge.io.rows import read_mapped
 from streammerge.io.write_behind import WriteBehind
 from streammerge.io.writer import ShardWriter, StagingDirectory
-from streammerge.methods import Chunk, run_passes
+from streammerge.methods import Chunk, compiled, run_passes
 from streammerge.schedule import READ_AHEAD_CHUNKS, Schedule, Source, TensorJob
 from streammerge.sources.feed import ShardFeed
 from streammerge.statistics import WEIGHT_SHAPED, JobStatistics
@@ -101,9 +102,15 @@ def _read_source(schedule: Schedule, job: TensorJob, src: Source, start: int, st
 
 
 def _all_finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in ``x``. Any of them makes the sum non-finite, and a sum is ~20x cheaper than
-    ``isfinite``; only a sum that overflows on its own needs the exact check."""
-    return not x.is_floating_point() or bool(x.sum().isfinite()) or bool(torch.isfinite(x).all())
+    """No NaN or Inf in ``x``: compiled, a comparison of each exponent field (0.026 ns an element of
+    a bfloat16 chunk, against 0.065 for torch's sum); else any of them makes the sum non-finite,
+    and a sum is ~20x cheaper than ``isfinite``; only a sum that overflows on its own needs the
+    exact check."""
+    if not x.is_floating_point():
+        return True
+    if compiled.supports(x):
+        return compiled.all_finite(x)
+    return bool(x.sum().isfinite()) or bool(torch.isfinite(x).all())
 
 
 def _chunk_bytes(schedule: Schedule, job: TensorJob, rows: int) -> list[int]:
@@ -396,6 +403,20 @@ def _reuse_freed_memory() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Python's cyclic garbage collector leaves the objects alive before the merge alone (``gc.freeze``)
+    until it ends: every chunk makes a few hundred objects, and each full collection walked the
+    hundreds of thousands torch's import made as well: 3.6% of an 8-layer task_arithmetic merge's
+    CPU time (``gc_collect_main`` and its visits, in ``perf``)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
 def _large_blocks_mapped() -> Iterator[None]:
     """While a method prepares whole-tensor statistics, blocks of 32 MiB (glibc's largest mmap
     threshold) and more get mappings of their own again, returned to the system when freed.
@@ -541,7 +562,7 @@ def run_schedule(schedule: Schedule, staged: StagingDirectory, quiet: bool = Fal
     writers = {k: ShardWriter(staged.path(schedule.shards[k].filename), schedule.shards[k].header,
                               schedule.shards[k].size) for k in sorted({j.shard for j in jobs})}
     notes: list[str] = []
-    with (_reuse_freed_memory(), _prompt_thread_switches(), chunk_workers(schedule.workers) as workers,
+    with (_frozen_heap(), _reuse_freed_memory(), _prompt_thread_switches(), chunk_workers(schedule.workers) as workers,
           _prefetching(schedule) as prefetch):
         read_bytes, out_bytes = _largest_chunk(schedule)
         to_device, writes = _transfers(schedule, read_bytes, out_bytes)

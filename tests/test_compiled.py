@@ -127,6 +127,27 @@ def test_every_finite_half_and_bfloat16_round_trips_through_the_kernel() -> None
         assert torch.equal(_bits(out), _bits(want))
 
 
+def test_all_finite_tells_every_16_bit_pattern_and_float32_exponent_as_isfinite() -> None:
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randint(-(1 << 31), 1 << 31, (4096,), generator=g, dtype=torch.int64).to(torch.int32)
+    wide[::7] |= 0x7F800000  # all-ones exponents: infinities and NaNs of both signs
+    for x in (patterns.view(torch.bfloat16), patterns.view(torch.float16), wide.view(torch.float32)):
+        got = [compiled.all_finite(x[k : k + 1]) for k in range(x.numel())]
+        assert got == torch.isfinite(x).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("at", [0, 2047, 2048, 9999])
+def test_all_finite_finds_one_bad_value_in_any_block(dtype: torch.dtype, at: int) -> None:
+    x = torch.randn(10_000).to(dtype)
+    assert compiled.all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[at] = bad
+        assert not compiled.all_finite(y)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_products_round_like_torch_across_the_whole_range(dtype: torch.dtype) -> None:
     """x·w for random 16-bit patterns (subnormals and overflow included) and awkward weights."""
@@ -217,7 +238,7 @@ def test_ordinary_chunks_are_merged_by_the_kernels(method: str, monkeypatch: pyt
         {"weight": 0.5} | ({} if method == "task_arithmetic" else {"density": 0.4}) for _ in models
     ]
     _merge(method, base, models, per_model, {}, 2, True, monkeypatch)
-    assert calls["merge"] == (0 if method == "task_arithmetic" else 4)  # torch's four ops are faster there
+    assert calls["merge"] == 4
     assert calls["histograms"] == (4 if method == "ties" else 0)
 
 
@@ -316,3 +337,4 @@ def test_a_chunk_widens_its_inputs_once_and_only_when_read() -> None:
     assert chunk.models[0].dtype == torch.float32 and chunk.models[0] is chunk.models[0]
     assert chunk.base.dtype == torch.float32 and torch.equal(chunk.base, x.float())
     assert chunk.loaded_models[0] is x
+

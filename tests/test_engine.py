@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -124,6 +125,19 @@ def test_the_gil_changes_hands_promptly_during_a_merge_only(fp32_family: Family,
         sched.close()
     assert seen and all(v == pytest.approx(SWITCH_INTERVAL) for v in seen) and SWITCH_INTERVAL < before  # stored in µs
     assert sys.getswitchinterval() == before
+
+
+def test_the_objects_alive_before_a_merge_are_frozen_for_it_only(fp32_family: Family, tmp_path: Path) -> None:
+    """The collector leaves them alone during the merge, and may collect them again after it."""
+    seen = []
+    sched = streammerge.schedule(_ties(fp32_family), chunk_size=32)
+    try:
+        run_schedule(sched, StagedOutput(tmp_path / "out", overwrite=False), quiet=True,
+                     done=lambda job, writer: seen.append(gc.get_freeze_count()))
+    finally:
+        sched.close()
+    assert seen and min(seen) > 10_000  # torch's import alone leaves more than that
+    assert gc.get_freeze_count() == 0
 
 
 def test_prefetch_looks_past_tiny_tensors_to_the_next_large_one() -> None:

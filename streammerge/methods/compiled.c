@@ -146,6 +146,44 @@ MERGE(uint16_t, bf16)
 MERGE(uint16_t, f16)
 MERGE(uint32_t, f32)
 
+/* gta_merge without keep masks, scales or sign election (plain task arithmetic): the same
+ * roundings in one pass per model over a block, not four, and no scratch per model. */
+#define TASK_SUM(T, K)                                                                               \
+    int task_sum_##K(const T *base, const T *const *models, int n, int64_t size,                    \
+                     const float *weights, float divide, float lam, T *out) {                       \
+        float b[BLOCK], t[BLOCK];                                                                   \
+        uint32_t bad = 0; /* OR of every exponent field that is all ones (not finite) */           \
+        for (int64_t s = 0; s < size; s += BLOCK) {                                                 \
+            int m = size - s < BLOCK ? (int)(size - s) : BLOCK;                                     \
+            for (int j = 0; j < m; j++) b[j] = load_##K(base[s + j]);                               \
+            for (int i = 0; i < n; i++) {                                                           \
+                const T *x = models[i] + s;                                                         \
+                float wi = weights[i];                                                              \
+                for (int j = 0; j < m; j++) {                                                       \
+                    float d = round_##K(load_##K(x[j]) - b[j]);                                     \
+                    bad |= ~u_of(d) & 0x7F800000u ? 0u : 1u;                                        \
+                    d = round_##K(d * wi);                                                          \
+                    t[j] = i == 0 ? d : t[j] + d;                                                   \
+                }                                                                                   \
+            }                                                                                       \
+            for (int j = 0; j < m; j++) t[j] = round_##K(t[j]);                                     \
+            if (divide != 0.0f)                                                                     \
+                for (int j = 0; j < m; j++) t[j] = round_##K(t[j] / divide);                        \
+            if (lam != 1.0f)                                                                        \
+                for (int j = 0; j < m; j++) t[j] = round_##K(t[j] * lam);                           \
+            for (int j = 0; j < m; j++) {                                                           \
+                t[j] = round_##K(t[j] + b[j]);                                                      \
+                bad |= ~u_of(t[j]) & 0x7F800000u ? 0u : 1u;                                         \
+            }                                                                                       \
+            for (int j = 0; j < m; j++) out[s + j] = store_##K(t[j]);                               \
+        }                                                                                           \
+        return !bad;                                                                                \
+    }
+
+TASK_SUM(uint16_t, bf16)
+TASK_SUM(uint16_t, f16)
+TASK_SUM(uint32_t, f32)
+
 /* linear_merge in float32 from inputs of type T: out = ((+0 + x_0·w_0) + x_1·w_1 + …) / divisor
  * (no division unless normalize), each step as torch's addcmul_ rounds it on this machine: one
  * fused multiply-add (fused), or a rounded product then a rounded sum. Widened as loaded, where
@@ -248,3 +286,20 @@ int della_probabilities(const uint16_t *keys, int64_t rows, int64_t cols, double
 void stream_uniform_below(uint32_t start, int64_t count, const double *p, uint8_t *out) {
     for (int64_t j = 0; j < count; j++) out[j] = (double)(draw(start, j) >> 8) * 0x1p-24 < p[j];
 }
+
+/* 1 when no element of x (bfloat16, float16 or float32 bits) is NaN or Inf: an exponent field
+ * of all ones. A comparison per element, where torch's sum widened each one first. */
+#define ALL_FINITE(T, K, EXP)                                                                        \
+    int all_finite_##K(const T *x, int64_t size) {                                                  \
+        T bad = 0;                                                                                  \
+        for (int64_t s = 0; s < size; s += BLOCK) {                                                 \
+            int64_t m = size - s < BLOCK ? size - s : BLOCK;                                        \
+            for (int64_t j = 0; j < m; j++) bad |= (T)((x[s + j] & EXP) == EXP);                    \
+            if (bad) return 0;                                                                      \
+        }                                                                                           \
+        return 1;                                                                                   \
+    }
+
+ALL_FINITE(uint16_t, bf16, 0x7F80u)
+ALL_FINITE(uint16_t, f16, 0x7C00u)
+ALL_FINITE(uint32_t, f32, 0x7F800000u)

@@ -1,6 +1,7 @@
 """Compiled kernels (C) for the methods' hottest loops, each bit for bit its torch path.
 
 - ``merge`` and ``delta_histograms``: the task-arithmetic family's merge and TIES's first pass.
+  Plain task arithmetic (nothing dropped, no sign election) has a leaner kernel of its own.
   The torch path (``task_arithmetic._gta``) runs mergekit's recipe one operation at a time, each a
 full pass over the chunk with its own temporary: δ_i = x_i − B, the keep mask, the weight, the
 election's sum, the masked sum, the divisor, the division, the base. ``compiled.c`` runs the same
@@ -9,6 +10,7 @@ bfloat16 keys) in the same loop that forms δ_i. Bit for bit (see the C file for
 whose task vectors or result hold NaN or Inf is handed back (``None``) for the torch path, whose
 vectorized and scalar loops write NaN with different bits.
 - ``linear``: linear's float32 weighted sum, widening bfloat16 or float16 inputs as it loads them.
+- ``all_finite``: the engine's check that an input or a result holds no NaN or Inf.
 - ``stream_below``, ``stream_uniform_below``: DARE's and DELLA's keep masks from ``random.Stream``'s
   counter-based draws.
 - ``della_probabilities``: DELLA's keep probabilities from magnitude ranks along rows of bfloat16.
@@ -113,8 +115,11 @@ def _library() -> ctypes.CDLL | str:
     dll = ctypes.CDLL(str(lib))  # ctypes releases the GIL for the call: workers merge side by side
     for suffix in _SUFFIX.values():
         getattr(dll, f"gta_merge_{suffix}").argtypes = _MERGE_ARGS
+        getattr(dll, f"task_sum_{suffix}").argtypes = (_p, _p, ctypes.c_int, ctypes.c_int64, _p, ctypes.c_float,
+                                                       ctypes.c_float, _p)
         getattr(dll, f"linear_{suffix}").argtypes = (_p, ctypes.c_int, ctypes.c_int64, _p, ctypes.c_int,
                                                      ctypes.c_int, ctypes.c_float, _p)
+        getattr(dll, f"all_finite_{suffix}").argtypes = (_p, ctypes.c_int64)
     dll.gta_histograms_bf16.argtypes = (_p, _p, ctypes.c_int, ctypes.c_int64, _p, _p)
     dll.stream_below.argtypes = (ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint32, _p)
     dll.stream_below.restype = None
@@ -167,8 +172,13 @@ def merge(
     ``weights`` are already rounded to the working dtype. None when a value is not finite."""
     base = base.contiguous()
     models = [x.contiguous() for x in models]
-    masks = [k.mask.contiguous().view(torch.uint8) if k.mode == KEEP_MASKED else base for k in keep]
     out = torch.empty_like(base)
+    if not consensus and all(k.mode == KEEP_ALL for k in keep) and all(s == 1.0 for s in scales):
+        clean = getattr(_library(), f"task_sum_{_SUFFIX[base.dtype]}")(
+            base.data_ptr(), _pointers(models), len(models), base.numel(),
+            _array(ctypes.c_float, weights), divide, lam, out.data_ptr())
+        return out if clean else None
+    masks = [k.mask.contiguous().view(torch.uint8) if k.mode == KEEP_MASKED else base for k in keep]
     clean = getattr(_library(), f"gta_merge_{_SUFFIX[base.dtype]}")(
         base.data_ptr(),
         _pointers(models),
@@ -244,6 +254,12 @@ def delta_histograms(
     if clean < 0:
         raise MemoryError("compiled: out of memory for a block's scratch")
     return [h if w else None for h, w in zip(hists, wanted)] if clean else None
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x`` (of a dtype ``supports``)."""
+    x = x.contiguous()
+    return getattr(_library(), f"all_finite_{_SUFFIX[x.dtype]}")(x.data_ptr(), x.numel()) == 1
 
 
 def stream_below(start: int, bound: int, out: torch.Tensor) -> None:
