@@ -1,4 +1,4 @@
-"""The compiled task-arithmetic kernels (``compiled``) against the torch path, bit for bit."""
+"""The compiled kernels (``compiled``) against the torch path, bit for bit."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge.methods import compiled, get_method
+from streammerge.methods import compiled, get_method, slerp
 from streammerge.methods.base import Chunk, TensorParams, run_passes
 from streammerge.methods.random import Stream
 from streammerge.methods.selection import magnitude_keys
+from streammerge.methods.slerp import collect_dots
 from streammerge.methods.task_arithmetic import _rank_norm
 
 pytestmark = pytest.mark.skipif(
@@ -280,9 +281,9 @@ def test_della_probabilities_rank_as_a_stable_double_argsort(
 def test_a_run_without_a_compiler_says_so_in_its_summary(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from checkpoint_builder import Arch, write_family
     from click.testing import CliRunner
 
-    from checkpoint_builder import Arch, write_family
     from streammerge.cli import main
 
     family = write_family(tmp_path, Arch(hidden=16, intermediate=32, layers=1, vocab=32), n=2)
@@ -338,3 +339,41 @@ def test_a_chunk_widens_its_inputs_once_and_only_when_read() -> None:
     assert chunk.base.dtype == torch.float32 and torch.equal(chunk.base, x.float())
     assert chunk.loaded_models[0] is x
 
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(DTYPES), st.integers(1, 5), st.integers(1, 300), st.floats(0, 1), st.data())
+def test_slerp_kernel_merges_the_same_bits_as_the_torch_path(
+    dtype: torch.dtype, rows: int, cols: int, t: float, data: st.DataObject
+) -> None:
+    """Both passes over row chunks from inputs as loaded, bit for bit: the dot pass's float64 row
+    sums (magnitudes from 1e-30 to 1e4 in a row, where the order of a sum shows) and the merge."""
+    monkeypatch = pytest.MonkeyPatch()
+    numel = rows * cols
+    wide = st.sampled_from([1e-30, 1e-12, 1e-5, 1.0, 1e4]) if dtype != torch.float16 else st.just(1.0)
+    v0, v1 = ((torch.tensor(data.draw(st.lists(values, min_size=numel, max_size=numel)))
+               * torch.tensor(data.draw(st.lists(wide, min_size=numel, max_size=numel))))
+              .to(dtype).reshape(rows, cols) for _ in range(2))
+    spec = get_method("slerp")
+    params = TensorParams({"t": t}, ({},))
+    step = data.draw(st.integers(1, rows))
+    products_bytes = data.draw(st.sampled_from([1, 24 * cols * 2, 1 << 20]))
+    merged, dots = [], []
+    for kernels in (False, True):
+        with monkeypatch.context() as m:
+            if not kernels:
+                m.setattr(compiled, "supports", lambda x: False)
+            m.setattr(slerp, "_PRODUCTS_BYTES", products_bytes)  # the products of one row at a time, or all
+
+            def chunks() -> list[Chunk]:
+                return [Chunk("w", (rows, cols), v0[s : s + step], [v1[s : s + step]], params, s,
+                              min(s + step, rows), 0, (0,), compute_dtype=torch.float32)
+                        for s in range(0, rows, step)]
+
+            dots.append([collect_dots(c, {}) for c in chunks()])
+            stats = run_passes(spec.passes_for(params), chunks)
+            merged.append(torch.cat([spec.merge(c, stats) for c in chunks()]))
+    for torch_dots, compiled_dots in zip(*dots):
+        assert all(torch.equal(torch_dots[k].view(torch.int64), compiled_dots[k].view(torch.int64))
+                   for k in ("dot", "n0", "n1"))
+    assert merged[0].dtype == merged[1].dtype == torch.float32
+    assert torch.equal(_bits(merged[1]), _bits(merged[0]))

@@ -250,3 +250,22 @@ def test_multislerp_balanced_opposite_directions_fail(fp32_family: Family, tmp_p
 def test_errors(plan: Callable[[Family], dict], message: str, fp32_family: Family, tmp_path: Path) -> None:
     with pytest.raises(PlanError, match=message):
         streammerge.merge(plan(fp32_family), tmp_path / "out", quiet=True)
+
+
+@pytest.mark.parametrize("loaded, compute", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.bfloat16), (torch.float64, torch.float32),
+                                             (torch.bfloat16, torch.float64), (torch.float32, None)])
+def test_slerp_dots_from_loaded_inputs_equal_those_of_the_widened_copies(loaded: torch.dtype,
+                                                                         compute: torch.dtype | None) -> None:
+    """The dot pass widens the inputs as loaded where that is exact, and the compute copies where not."""
+    from streammerge.methods.base import Chunk, TensorParams
+    from streammerge.methods.slerp import collect_dots
+
+    g = torch.Generator().manual_seed(5)
+    v0, v1 = ((torch.randn(6, 50, generator=g, dtype=torch.float64) * 1e-2 + 1e-4).to(loaded) for _ in range(2))
+    chunk = Chunk("w", (10, 50), v0, [v1], TensorParams({"t": 0.3}, ({},)), 2, 8, 0, (0,), compute_dtype=compute)
+    got = collect_dots(chunk, {})
+    w0, w1 = (x.to(torch.float64) for x in (chunk.base, chunk.models[0]))  # the dtype the merge sees
+    want = {"dot": (w0 * w1).sum(1), "n0": (w0 * w0).sum(1), "n1": (w1 * w1).sum(1)}
+    for key, rows in want.items():
+        assert torch.equal(got[key][2:8], rows) and not got[key][:2].any() and not got[key][8:].any()

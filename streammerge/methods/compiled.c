@@ -215,6 +215,33 @@ LINEAR(uint16_t, bf16)
 LINEAR(uint16_t, f16)
 LINEAR(uint32_t, f32)
 
+/* slerp_merge in float32 from two inputs of type T: out = s0·v0 + s1·v1, the weights rounded to
+ * float32 as torch rounds a Python scalar for a float32 tensor, each product rounded. */
+#define SLERP(T, K)                                                                                  \
+    void slerp_##K(const T *v0, const T *v1, int64_t size, float s0, float s1, float *out) {        \
+        for (int64_t j = 0; j < size; j++) out[j] = s0 * load_##K(v0[j]) + s1 * load_##K(v1[j]);   \
+    }
+
+/* slerp's dot pass: the terms of ⟨v0, v1⟩, ‖v0‖² and ‖v1‖², each a float64 product of values
+ * widened from T (exactly), into out[0, size), [size, 2·size) and [2·size, 3·size) for torch to
+ * sum row by row; torch took a pass to widen each input and one per product. */
+#define PRODUCTS(T, K)                                                                               \
+    void products_##K(const T *v0, const T *v1, int64_t size, double *out) {                        \
+        for (int64_t j = 0; j < size; j++) {                                                        \
+            double a = load_##K(v0[j]), b = load_##K(v1[j]);                                        \
+            out[j] = a * b;                                                                         \
+            out[size + j] = a * a;                                                                  \
+            out[2 * size + j] = b * b;                                                              \
+        }                                                                                           \
+    }
+
+SLERP(uint16_t, bf16)
+SLERP(uint16_t, f16)
+SLERP(uint32_t, f32)
+PRODUCTS(uint16_t, bf16)
+PRODUCTS(uint16_t, f16)
+PRODUCTS(uint32_t, f32)
+
 /* Per wanted model, counts of the bfloat16 magnitude keys of x_i − B (hists: n × 2^15 int64) */
 int gta_histograms_bf16(const uint16_t *base, const uint16_t *const *models, int n, int64_t size,
                         const uint8_t *wanted, int64_t *hists) {

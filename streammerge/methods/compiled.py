@@ -10,6 +10,7 @@ bfloat16 keys) in the same loop that forms δ_i. Bit for bit (see the C file for
 whose task vectors or result hold NaN or Inf is handed back (``None``) for the torch path, whose
 vectorized and scalar loops write NaN with different bits.
 - ``linear``: linear's float32 weighted sum, widening bfloat16 or float16 inputs as it loads them.
+- ``slerp`` and ``products``: slerp's weighted sum, widening as it loads, and its dot pass's terms.
 - ``all_finite``: the engine's check that an input or a result holds no NaN or Inf.
 - ``stream_below``, ``stream_uniform_below``: DARE's and DELLA's keep masks from ``random.Stream``'s
   counter-based draws.
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from streammerge.methods.base import Chunk
 
 _SOURCE = Path(__file__).with_name("compiled.c")
 # -ffp-contract=off: no fused multiply-adds, which round once where torch rounds twice.
@@ -120,6 +123,10 @@ def _library() -> ctypes.CDLL | str:
         getattr(dll, f"linear_{suffix}").argtypes = (_p, ctypes.c_int, ctypes.c_int64, _p, ctypes.c_int,
                                                      ctypes.c_int, ctypes.c_float, _p)
         getattr(dll, f"all_finite_{suffix}").argtypes = (_p, ctypes.c_int64)
+        getattr(dll, f"slerp_{suffix}").argtypes = (_p, _p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _p)
+        getattr(dll, f"slerp_{suffix}").restype = None
+        getattr(dll, f"products_{suffix}").argtypes = (_p, _p, ctypes.c_int64, _p)
+        getattr(dll, f"products_{suffix}").restype = None
     dll.gta_histograms_bf16.argtypes = (_p, _p, ctypes.c_int, ctypes.c_int64, _p, _p)
     dll.stream_below.argtypes = (ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint32, _p)
     dll.stream_below.restype = None
@@ -144,6 +151,15 @@ def unavailable() -> str | None:
 
 def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _SUFFIX and unavailable() is None
+
+
+def computes_float32(chunk: Chunk, loaded: list[torch.Tensor]) -> bool:
+    """Whether a float32 kernel here computes ``chunk`` from ``loaded`` (its inputs as loaded) as its
+    torch path does from them widened: mergekit's float32 order (not ``wide``), on the CPU, from
+    inputs of one dtype and shape."""
+    in_float32 = (chunk.compute_dtype or loaded[0].dtype) == torch.float32
+    return (not chunk.wide and in_float32 and supports(loaded[0])
+            and all(x.dtype == loaded[0].dtype and x.shape == loaded[0].shape for x in loaded))
 
 
 def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
@@ -254,6 +270,25 @@ def delta_histograms(
     if clean < 0:
         raise MemoryError("compiled: out of memory for a block's scratch")
     return [h if w else None for h, w in zip(hists, wanted)] if clean else None
+
+
+def slerp(v0: torch.Tensor, v1: torch.Tensor, s0: float, s1: float) -> torch.Tensor:
+    """``s0 * v0 + s1 * v1`` as torch computes it with ``v0``, ``v1`` widened to float32."""
+    v0, v1 = v0.contiguous(), v1.contiguous()
+    out = torch.empty(v0.shape, dtype=torch.float32, device="cpu")
+    getattr(_library(), f"slerp_{_SUFFIX[v0.dtype]}")(v0.data_ptr(), v1.data_ptr(), v0.numel(), s0, s1,
+                                                       out.data_ptr())
+    return out
+
+
+def products(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """float64 ``[v0 * v1, v0 * v0, v1 * v1]`` (stacked, each shaped as ``v0``) of ``v0``, ``v1``
+    widened to float64."""
+    v0, v1 = v0.contiguous(), v1.contiguous()
+    out = torch.empty((3, *v0.shape), dtype=torch.float64, device="cpu")
+    getattr(_library(), f"products_{_SUFFIX[v0.dtype]}")(v0.data_ptr(), v1.data_ptr(), v0.numel(),
+                                                          out.data_ptr())
+    return out
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -14,7 +14,8 @@ def linear_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
 
     Model soups: Wortsman et al., "Model soups", ICML 2022 (arXiv 2203.05482).
     """
-    if _compiles(chunk):  # the same bits from the inputs as loaded, with no widened copies of them
+    # the same bits from the inputs as loaded, with no widened copies of them
+    if compiled.computes_float32(chunk, chunk.loaded_models):
         weights, normalize = chunk.params.per_model("weight"), chunk.params.globals["normalize"]
         out = compiled.linear(chunk.loaded_models, weights, normalize)
         if out is not None:
@@ -30,15 +31,6 @@ def linear_merge(chunk: Chunk, stats: Stats) -> torch.Tensor:
     if chunk.params.globals["normalize"]:
         out.div_(weights.sum())
     return out
-
-
-def _compiles(chunk: Chunk) -> bool:
-    """Whether ``compiled.linear`` computes this chunk: mergekit's float32 order (not ``wide``), on
-    the CPU, from inputs of one dtype and shape."""
-    loaded = chunk.loaded_models
-    in_float32 = (chunk.compute_dtype or loaded[0].dtype) == torch.float32
-    return (not chunk.wide and in_float32 and compiled.supports(loaded[0])
-            and all(x.dtype == loaded[0].dtype and x.shape == loaded[0].shape for x in loaded))
 
 
 register(
