@@ -407,8 +407,8 @@ def _frozen_heap() -> Iterator[None]:
     """Python's cyclic garbage collector leaves the objects alive before the merge alone (``gc.freeze``)
     until it ends: every chunk makes a few hundred objects, and each full collection walked the
     hundreds of thousands torch's import made as well: 3.6% of an 8-layer task_arithmetic merge's
-    CPU time (``gc_collect_main`` and its visits, in ``perf``)."""
-    gc.collect()
+    CPU time (``gc_collect_main`` and its visits, in ``perf``). No collection first: in a process
+    that merges many times (the test suite) a full one per merge added minutes."""
     gc.freeze()
     try:
         yield
@@ -562,7 +562,8 @@ def run_schedule(schedule: Schedule, staged: StagingDirectory, quiet: bool = Fal
     writers = {k: ShardWriter(staged.path(schedule.shards[k].filename), schedule.shards[k].header,
                               schedule.shards[k].size) for k in sorted({j.shard for j in jobs})}
     notes: list[str] = []
-    with (_frozen_heap(), _reuse_freed_memory(), _prompt_thread_switches(), chunk_workers(schedule.workers) as workers,
+    with (_frozen_heap(), _reuse_freed_memory(), _prompt_thread_switches(),
+          chunk_workers(schedule.workers) as workers,
           _prefetching(schedule) as prefetch):
         read_bytes, out_bytes = _largest_chunk(schedule)
         to_device, writes = _transfers(schedule, read_bytes, out_bytes)

@@ -262,8 +262,10 @@ def test_slerp_dots_from_loaded_inputs_equal_those_of_the_widened_copies(loaded:
     from streammerge.methods.slerp import collect_dots
 
     g = torch.Generator().manual_seed(5)
-    v0, v1 = ((torch.randn(6, 50, generator=g, dtype=torch.float64) * 1e-2 + 1e-4).to(loaded) for _ in range(2))
-    chunk = Chunk("w", (10, 50), v0, [v1], TensorParams({"t": 0.3}, ({},)), 2, 8, 0, (0,), compute_dtype=compute)
+    v0, v1 = ((torch.randn(6, 50, generator=g, dtype=torch.float64) * 1e-2 + 1e-4).to(loaded)
+              for _ in range(2))
+    chunk = Chunk("w", (10, 50), v0, [v1], TensorParams({"t": 0.3}, ({},)), 2, 8, 0, (0,),
+                  compute_dtype=compute)
     got = collect_dots(chunk, {})
     w0, w1 = (x.to(torch.float64) for x in (chunk.base, chunk.models[0]))  # the dtype the merge sees
     want = {"dot": (w0 * w1).sum(1), "n0": (w0 * w0).sum(1), "n1": (w1 * w1).sum(1)}

@@ -1,4 +1,5 @@
-/* The task-arithmetic family's passes over a chunk, each in one loop, and linear's; see compiled.py.
+/* The task-arithmetic family's passes over a chunk, each in one loop, linear's and slerp's, and the
+ * engine's NaN/Inf check; see compiled.py.
  *
  * Every value is held as the float32 it widens to; each operation is computed in float32 and
  * rounded to the working dtype after it (ROUND), as torch's CPU kernels do for bfloat16 and

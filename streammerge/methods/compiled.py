@@ -118,12 +118,13 @@ def _library() -> ctypes.CDLL | str:
     dll = ctypes.CDLL(str(lib))  # ctypes releases the GIL for the call: workers merge side by side
     for suffix in _SUFFIX.values():
         getattr(dll, f"gta_merge_{suffix}").argtypes = _MERGE_ARGS
-        getattr(dll, f"task_sum_{suffix}").argtypes = (_p, _p, ctypes.c_int, ctypes.c_int64, _p, ctypes.c_float,
-                                                       ctypes.c_float, _p)
+        getattr(dll, f"task_sum_{suffix}").argtypes = (_p, _p, ctypes.c_int, ctypes.c_int64, _p,
+                                                       ctypes.c_float, ctypes.c_float, _p)
         getattr(dll, f"linear_{suffix}").argtypes = (_p, ctypes.c_int, ctypes.c_int64, _p, ctypes.c_int,
                                                      ctypes.c_int, ctypes.c_float, _p)
         getattr(dll, f"all_finite_{suffix}").argtypes = (_p, ctypes.c_int64)
-        getattr(dll, f"slerp_{suffix}").argtypes = (_p, _p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _p)
+        getattr(dll, f"slerp_{suffix}").argtypes = (_p, _p, ctypes.c_int64, ctypes.c_float,
+                                                    ctypes.c_float, _p)
         getattr(dll, f"slerp_{suffix}").restype = None
         getattr(dll, f"products_{suffix}").argtypes = (_p, _p, ctypes.c_int64, _p)
         getattr(dll, f"products_{suffix}").restype = None

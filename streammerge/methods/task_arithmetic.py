@@ -431,7 +431,8 @@ def _clamp_check(params: TensorParams) -> str | None:
 
 
 _register("task_arithmetic", "arXiv:2212.04089", "base + λ Σ w_i δ_i, optionally clamped elementwise (Ilharco et al., ICLR 2023)",
-          None, False, (), (_normalize(False), _rescale(False), *_CLAMP), _clamp_check,  # nothing is dropped: rescale is the identity
+          # nothing is dropped: rescale is the identity
+          None, False, (), (_normalize(False), _rescale(False), *_CLAMP), _clamp_check,
           fused_keep=lambda chunk, stats, i: compiled.Keep())
 _register("ties", "arXiv:2306.01708", "top-k magnitude trim, sign election by mass, disjoint mean (Yadav et al., NeurIPS 2023)",
           _top_k_keep, True, _TOPK, (_DENSITY, _normalize(True), _rescale(False)), ranks=True,
