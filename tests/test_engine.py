@@ -114,28 +114,28 @@ def test_on_a_gpu_only_tensors_read_once_skip_the_page_cache(fp32_family: Family
         sched.close()
 
 
-def test_the_gil_changes_hands_promptly_during_a_merge_only(fp32_family: Family, tmp_path: Path) -> None:
-    before = sys.getswitchinterval()
+def _during_merge(family: Family, tmp_path: Path, probe: Callable[[], object]) -> list:
+    """``probe()`` after each tensor of a chunked TIES merge, in the writer thread."""
     seen = []
-    sched = streammerge.schedule(_ties(fp32_family), chunk_size=32)
+    sched = streammerge.schedule(_ties(family), chunk_size=32)
     try:
         run_schedule(sched, StagedOutput(tmp_path / "out", overwrite=False), quiet=True,
-                     done=lambda job, writer: seen.append(sys.getswitchinterval()))
+                     done=lambda job, writer: seen.append(probe()))
     finally:
         sched.close()
+    return seen
+
+
+def test_the_gil_changes_hands_promptly_during_a_merge_only(fp32_family: Family, tmp_path: Path) -> None:
+    before = sys.getswitchinterval()
+    seen = _during_merge(fp32_family, tmp_path, sys.getswitchinterval)
     assert seen and all(v == pytest.approx(SWITCH_INTERVAL) for v in seen) and SWITCH_INTERVAL < before  # stored in µs
     assert sys.getswitchinterval() == before
 
 
 def test_the_objects_alive_before_a_merge_are_frozen_for_it_only(fp32_family: Family, tmp_path: Path) -> None:
     """The collector leaves them alone during the merge, and may collect them again after it."""
-    seen = []
-    sched = streammerge.schedule(_ties(fp32_family), chunk_size=32)
-    try:
-        run_schedule(sched, StagedOutput(tmp_path / "out", overwrite=False), quiet=True,
-                     done=lambda job, writer: seen.append(gc.get_freeze_count()))
-    finally:
-        sched.close()
+    seen = _during_merge(fp32_family, tmp_path, gc.get_freeze_count)
     assert seen and min(seen) > 10_000  # torch's import alone leaves more than that
     assert gc.get_freeze_count() == 0
 

@@ -25,8 +25,8 @@ def _exact_inputs(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def collect_dots(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
-    """⟨v0, v1⟩, ‖v0‖² and ‖v1‖² per row in float64 (v0 the base, v1 the model), for a finish to add.
-    The compiled products are summed by torch as its own are, row by row: the same bits."""
+    """⟨v0, v1⟩, ‖v0‖² and ‖v1‖² per row in float64 (v0 the base, v1 the model), for a finish
+    to add. The compiled products are summed by torch as its own are, row by row: the same bits."""
     rows = chunk.row_stop - chunk.row_start
     v0, v1 = (v.reshape(rows, -1) for v in _exact_inputs(chunk))
     if compiled.supports(v0) and v1.dtype == v0.dtype:
