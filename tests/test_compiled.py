@@ -266,16 +266,22 @@ def test_compiled_draws_are_the_torch_draws(p: float, start: int, count: int, se
     st.integers(1, 6),
     st.integers(2, 300),
     st.sampled_from([(0.35, 0.15), (0.4, 0.1), (0.05, 0.3)]),
+    st.booleans(),
     st.data(),
 )
-def test_della_probabilities_rank_as_a_stable_double_argsort(
-    rows: int, cols: int, low_eps: tuple[float, float], data: st.DataObject
+def test_della_keep_ranks_as_a_stable_double_argsort_and_draws_as_the_stream(
+    rows: int, cols: int, low_eps: tuple[float, float], crosses: bool, data: st.DataObject
 ) -> None:
+    """Ties, zeros (a bucket of their own), infinities, wide and narrow rows, and a chunk that
+    crosses a 2³² key block (two runs of draws)."""
     flat = data.draw(st.lists(values | st.just(float("inf")), min_size=rows * cols, max_size=rows * cols))
     x = torch.tensor(flat, dtype=torch.float32).to(torch.bfloat16).reshape(rows, cols)
     low, eps = low_eps
-    got = compiled.della_probabilities(magnitude_keys(x).reshape(rows, cols), low, eps)
-    assert torch.equal(got, low + _rank_norm(x, 1) * 2 * eps)
+    start = 2**32 - data.draw(st.integers(1, x.numel() - 1)) if crosses else data.draw(st.integers(0, 2**33))
+    stream = Stream(7, "model.layers.0.mlp.up_proj.weight", 1)
+    got = compiled.della_keep(magnitude_keys(x).reshape(rows, cols), low, eps, stream.runs(start, x.numel()))
+    p = low + _rank_norm(x, 1) * 2 * eps
+    assert torch.equal(got.reshape(-1), stream.uniform(start, x.numel()) < p.reshape(-1))
 
 
 def test_a_run_without_a_compiler_says_so_in_its_summary(

@@ -7,6 +7,7 @@
  * where torch rounds twice. Returns 0 when a task vector or a result is not finite (the caller
  * merges that chunk on the torch path), else 1.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -280,32 +281,56 @@ void stream_below(uint32_t start, int64_t count, uint32_t bound, uint8_t *out) {
     for (int64_t j = 0; j < count; j++) out[j] = draw(start, j) < bound;
 }
 
-/* DELLA's keep probabilities: per row of 15-bit magnitude keys (rows × cols), with rank the
- * element's 0-based position in the row sorted ascending, equal keys in index order (torch's
+/* DELLA's keep mask: per row of 15-bit magnitude keys (rows × cols), rank is the element's 0-based
+ * position in the row sorted ascending, equal keys in index order (torch's
  * argsort(stable=True).argsort()), p = low + ((rank / (cols − 1)) · 2) · ε in float64, in
- * task_arithmetic's order. Ranks by a counting sort over the row's range of keys (|δ| of one row
- * spans few exponents): a pass to count, one to place, where torch's comparison sort took 45-65 ns
- * an element, twice. */
-int della_probabilities(const uint16_t *keys, int64_t rows, int64_t cols, double low, double eps,
-                        double *p) {
+ * task_arithmetic's order, and out[j] = [u_j < p] with u_j = m·2^-24, m = draw >> 8, random.Stream's
+ * uniform: that is m < ⌈p·2^24⌉, exactly. Element j draws from the last run with offsets[run] ≤ j:
+ * draw(starts[run], j − offsets[run]), a run per key block the chunk spans.
+ *
+ * Ranks by a counting sort over the row's range of keys, a pass to count and one to place, where
+ * torch's comparison sort took 45-65 ns an element, twice. Key 0 (δ = 0) gets the bucket below the
+ * row's least nonzero key: |δ| of a row spans few exponents, 0 aside. p depends on the rank alone,
+ * so all rows share one table of bounds, and the draws are compared in a loop of their own, which
+ * vectorizes; a float64 p per element, written and then read to draw, cost more than the ranking. */
+int della_keep(const uint16_t *keys, int64_t rows, int64_t cols, double low, double eps,
+               const int64_t *offsets, const uint32_t *starts, int runs, uint8_t *out) {
     int64_t *count = malloc(sizeof(int64_t) << 15);
-    if (!count) return -1;
+    uint32_t *bound = malloc(sizeof(uint32_t) * (size_t)cols); /* ⌈p·2^24⌉ by rank */
+    uint32_t *rank = malloc(sizeof(uint32_t) * (size_t)cols);
+    if (!count || !bound || !rank) { free(count); free(bound); free(rank); return -1; }
     double last = (double)(cols - 1);
+    for (int64_t r = 0; r < cols; r++) {
+        double q = ceil((low + (((double)r / last) * 2.0) * eps) * 0x1p24);
+        bound[r] = q <= 0 ? 0u : q >= 0x1p24 ? 1u << 24 : (uint32_t)q;
+    }
+    int run = 0;
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *k = keys + r * cols;
-        double *out = p + r * cols;
         uint16_t lo = 0x7FFF, hi = 0;
         for (int64_t j = 0; j < cols; j++) {
-            lo = k[j] < lo ? k[j] : lo;
+            uint16_t nonzero = k[j] ? k[j] : 0x7FFF;
+            lo = nonzero < lo ? nonzero : lo;
             hi = k[j] > hi ? k[j] : hi;
         }
-        int64_t *c = count - lo;
-        memset(count, 0, sizeof(int64_t) * (size_t)(hi - lo + 1));
-        for (int64_t j = 0; j < cols; j++) c[k[j]]++;
-        for (int64_t b = lo, at = 0; b <= hi; b++) { int64_t n = c[b]; c[b] = at; at += n; }
-        for (int64_t j = 0; j < cols; j++) out[j] = low + (((double)c[k[j]]++ / last) * 2.0) * eps;
+        lo = lo > hi ? hi : lo; /* a row of zeros */
+#define BUCKET(x) ((x) ? (x) - lo + 1 : 0)
+        memset(count, 0, sizeof(int64_t) * (size_t)(hi - lo + 2));
+        for (int64_t j = 0; j < cols; j++) count[BUCKET(k[j])]++;
+        for (int64_t b = 0, at = 0; b <= hi - lo + 1; b++) { int64_t n = count[b]; count[b] = at; at += n; }
+        for (int64_t j = 0; j < cols; j++) rank[j] = (uint32_t)count[BUCKET(k[j])]++;
+#undef BUCKET
+        for (int64_t j = 0, flat = r * cols; j < cols;) { /* a piece of the row within one run */
+            while (run + 1 < runs && flat + j >= offsets[run + 1]) run++;
+            int64_t end = run + 1 < runs && offsets[run + 1] - flat < cols ? offsets[run + 1] - flat : cols;
+            uint32_t start = starts[run];
+            int64_t first = flat - offsets[run];
+            for (; j < end; j++) out[flat + j] = (draw(start, first + j) >> 8) < bound[rank[j]];
+        }
     }
     free(count);
+    free(bound);
+    free(rank);
     return 0;
 }
 

@@ -14,7 +14,7 @@ vectorized and scalar loops write NaN with different bits.
 - ``all_finite``: the engine's check that an input or a result holds no NaN or Inf.
 - ``stream_below``, ``stream_uniform_below``: DARE's and DELLA's keep masks from ``random.Stream``'s
   counter-based draws.
-- ``della_probabilities``: DELLA's keep probabilities from magnitude ranks along rows of bfloat16.
+- ``della_keep``: DELLA's keep mask, from magnitude ranks along rows of bfloat16 and those draws.
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``) for this
 machine's CPU, into ``$XDG_CACHE_HOME/streammerge`` (``~/.cache``), keyed by the source, the flags
@@ -133,14 +133,8 @@ def _library() -> ctypes.CDLL | str:
     dll.stream_below.restype = None
     dll.stream_uniform_below.argtypes = (ctypes.c_uint32, ctypes.c_int64, _p, _p)
     dll.stream_uniform_below.restype = None
-    dll.della_probabilities.argtypes = (
-        _p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_double,
-        ctypes.c_double,
-        _p,
-    )
+    dll.della_keep.argtypes = (_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double,
+                               _p, _p, ctypes.c_int, _p)
     return dll
 
 
@@ -308,16 +302,16 @@ def stream_uniform_below(start: int, p: torch.Tensor, out: torch.Tensor) -> None
     _library().stream_uniform_below(start, out.numel(), p.contiguous().data_ptr(), out.data_ptr())
 
 
-def della_probabilities(keys: torch.Tensor, low: float, eps: float) -> torch.Tensor:
-    """For 2-D int16 magnitude keys, float64 ``low + (rank / (cols - 1)) * 2 * eps`` with rank
-    ``keys.argsort(dim=1, stable=True).argsort(dim=1)``: DELLA's keep probabilities."""
+def della_keep(keys: torch.Tensor, low: float, eps: float, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """For 2-D int16 magnitude keys, the bool mask [u < low + (rank / (cols - 1)) * 2 * eps] with rank
+    ``keys.argsort(dim=1, stable=True).argsort(dim=1)`` and u the uniforms of ``runs``
+    (``random.Stream.runs`` of the flat elements): DELLA's keep mask."""
     keys = keys.contiguous()
-    p = torch.empty(keys.shape, dtype=torch.float64, device=keys.device)
-    if (
-        _library().della_probabilities(
-            keys.data_ptr(), keys.shape[0], keys.shape[1], low, eps, p.data_ptr()
-        )
-        < 0
-    ):
+    out = torch.empty(keys.shape, dtype=torch.bool)
+    offsets = _array(ctypes.c_int64, [at for at, _ in runs])
+    starts = _array(ctypes.c_uint32, [start for _, start in runs])
+    rows, cols = keys.shape
+    done = _library().della_keep(keys.data_ptr(), rows, cols, low, eps, offsets, starts, len(runs), out.data_ptr())
+    if done < 0:
         raise MemoryError("compiled: out of memory for a row's counts")
-    return p
+    return out

@@ -79,10 +79,9 @@ class Stream:
         digest = hashlib.blake2b(f"{self.seed}\0{self.tensor}\0{self.model_id}\0{block}".encode(), digest_size=4).digest()
         return int.from_bytes(digest, "little")
 
-    def _pieces(self, start: int, count: int, device: torch.device) -> Iterator[tuple[int, int, int, int]]:
+    def _pieces(self, start: int, count: int, step: int) -> Iterator[tuple[int, int, int, int]]:
         """(key, first counter, length, offset in the output) of each piece hashed at once: within one
-        key block and at most ``_piece_size`` long."""
-        step = _piece_size(count, device)
+        key block and at most ``step`` long."""
         at, end = start, start + count
         while at < end:
             block = at // _SPAN
@@ -100,12 +99,17 @@ class Stream:
         x.mul_(_M2)
         _xor_shr(x, 16, tmp)
 
+    def runs(self, start: int, count: int) -> list[tuple[int, int]]:
+        """(offset, first counter) of each run of elements ``start .. start + count - 1`` within one
+        key block, as a compiled loop takes them: element offset + j draws from counter + j·φ."""
+        return [(at, _start(key, first)) for key, first, _, at in self._pieces(start, count, count)]
+
     def bits(self, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """int32 draws for element indices ``start .. start + count - 1``."""
         device = torch.device(device)
         out = torch.empty(count, dtype=torch.int32, device=device)
         tmp = torch.empty(_piece_size(count, device), dtype=torch.int32, device=device)
-        for key, first, n, at in self._pieces(start, count, device):
+        for key, first, n, at in self._pieces(start, count, _piece_size(count, device)):
             self._hash(out[at : at + n], key, first, tmp[:n])
         return out
 
@@ -123,12 +127,12 @@ class Stream:
             return torch.full((count,), limit > 0, dtype=torch.bool, device=device)
         out = torch.empty(count, dtype=torch.bool, device=device)
         if device.type == "cpu" and compiled.unavailable() is None:  # the same draws, in one compiled loop
-            for key, first, n, at in self._pieces(start, count, device):
+            for key, first, n, at in self._pieces(start, count, _piece_size(count, device)):
                 compiled.stream_below(_start(key, first), limit * 256, out[at : at + n])
             return out
         size = _piece_size(count, device)
         x, tmp = torch.empty(size, dtype=torch.int32, device=device), torch.empty(size, dtype=torch.int32, device=device)
-        for key, first, n, at in self._pieces(start, count, device):
+        for key, first, n, at in self._pieces(start, count, _piece_size(count, device)):
             self._hash(x[:n], key, first, tmp[:n])
             float_bits.compare(torch.lt, x[:n].bitwise_xor_(-(1 << 31)), limit * 256 - (1 << 31), out[at : at + n])
         return out
@@ -139,6 +143,6 @@ class Stream:
         if p.device.type != "cpu" or compiled.unavailable() is not None:
             return self.uniform(start, p.numel(), p.device) < p
         out = torch.empty(p.numel(), dtype=torch.bool, device=p.device)
-        for key, first, n, at in self._pieces(start, p.numel(), p.device):
+        for key, first, n, at in self._pieces(start, p.numel(), _piece_size(p.numel(), p.device)):
             compiled.stream_uniform_below(_start(key, first), p[at : at + n], out[at : at + n])
         return out

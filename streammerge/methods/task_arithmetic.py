@@ -262,7 +262,7 @@ def _rank_norm(a: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _counting_keys(score: torch.Tensor) -> torch.Tensor | None:
-    """The magnitude keys of a bfloat16 matrix whose rows ``compiled.della_probabilities`` ranks as
+    """The magnitude keys of a bfloat16 matrix whose rows ``compiled.della_keep`` ranks as
     ``_rank_norm`` does; None where torch must (other dtypes, a lone column, NaN, whose payloads
     torch sorts as equal)."""
     if score.dim() != 2 or score.shape[1] < 2 or score.dtype != torch.bfloat16:
@@ -281,7 +281,8 @@ def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Te
     score = importance.score(chunk, i, d)
     keys = _counting_keys(score)
     if keys is not None:
-        return _bernoulli(chunk, i, d, compiled.della_probabilities(keys, low, eps))
+        runs = Stream(chunk.seed, chunk.name, chunk.model_ids[i]).runs(chunk.element_start, d.numel())
+        return compiled.della_keep(keys, low, eps, runs).reshape(d.shape)
     if d.dim() >= 2:
         rank = _rank_norm(score, 1)
     else:
