@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from streammerge.methods import compiled, get_method, slerp
 from streammerge.methods.base import Chunk, TensorParams, run_passes
 from streammerge.methods.random import Stream
-from streammerge.methods.selection import magnitude_keys
 from streammerge.methods.slerp import collect_dots
 from streammerge.methods.task_arithmetic import _rank_norm
 
@@ -150,6 +149,25 @@ def test_all_finite_finds_one_bad_value_in_any_block(dtype: torch.dtype, at: int
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_abs_delta_is_torchs_sub_then_abs_and_refuses_what_is_not_finite(dtype: torch.dtype) -> None:
+    """|x − B| for random bit patterns of both (subnormals, ±0, overflow to infinity, NaN)."""
+    g = torch.Generator().manual_seed(5)
+    wide = dtype == torch.float32
+    lo, hi = (-(1 << 31), 1 << 31) if wide else (-(1 << 15), 1 << 15)
+    bits = torch.randint(lo, hi, (2, 50_000), generator=g, dtype=torch.int64)
+    x, base = bits.to(torch.int32 if wide else torch.int16).view(dtype)
+    finite = torch.isfinite(x) & torch.isfinite(base) & torch.isfinite(x - base)
+    x, base = x[finite], base[finite]
+    assert torch.equal(_bits(compiled.abs_delta(base, x)), _bits((x - base).abs()))
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[4097] = bad
+        assert compiled.abs_delta(base, y) is None
+    big = torch.tensor([torch.finfo(dtype).max], dtype=dtype)
+    assert compiled.abs_delta(-big, big) is None  # finite inputs whose difference overflows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_products_round_like_torch_across_the_whole_range(dtype: torch.dtype) -> None:
     """x·w for random 16-bit patterns (subnormals and overflow included) and awkward weights."""
     g = torch.Generator().manual_seed(0)
@@ -272,14 +290,18 @@ def test_compiled_draws_are_the_torch_draws(p: float, start: int, count: int, se
 def test_della_keep_ranks_as_a_stable_double_argsort_and_draws_as_the_stream(
     rows: int, cols: int, low_eps: tuple[float, float], crosses: bool, data: st.DataObject
 ) -> None:
-    """Ties, zeros (a bucket of their own), infinities, wide and narrow rows, and a chunk that
-    crosses a 2³² key block (two runs of draws)."""
-    flat = data.draw(st.lists(values | st.just(float("inf")), min_size=rows * cols, max_size=rows * cols))
+    """Ties, zeros (a bucket of their own), infinities, NaN (refused), wide and narrow rows, and a
+    chunk that crosses a 2³² key block (two runs of draws)."""
+    special = st.sampled_from([float("inf"), float("nan")])
+    flat = data.draw(st.lists(values | special, min_size=rows * cols, max_size=rows * cols))
     x = torch.tensor(flat, dtype=torch.float32).to(torch.bfloat16).reshape(rows, cols)
     low, eps = low_eps
     start = 2**32 - data.draw(st.integers(1, x.numel() - 1)) if crosses else data.draw(st.integers(0, 2**33))
     stream = Stream(7, "model.layers.0.mlp.up_proj.weight", 1)
-    got = compiled.della_keep(magnitude_keys(x).reshape(rows, cols), low, eps, stream.runs(start, x.numel()))
+    got = compiled.della_keep(x, low, eps, stream.runs(start, x.numel()))
+    if x.isnan().any():  # torch ranks NaN payloads as equal: it ranks them itself
+        assert got is None
+        return
     p = low + _rank_norm(x, 1) * 2 * eps
     assert torch.equal(got.reshape(-1), stream.uniform(start, x.numel()) < p.reshape(-1))
 

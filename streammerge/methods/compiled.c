@@ -186,6 +186,24 @@ TASK_SUM(uint16_t, bf16)
 TASK_SUM(uint16_t, f16)
 TASK_SUM(uint32_t, f32)
 
+/* |δ| = |x − B| of one model, the subtraction rounded to T and the sign bit cleared, as torch's sub
+ * then abs: one pass where torch took two, each with a temporary (DARE's and DELLA's L1 pass).
+ * Returns 0 when a δ is not finite. */
+#define ABS_DELTA(T, K, SIGN)                                                                        \
+    int abs_delta_##K(const T *base, const T *x, int64_t size, T *out) {                            \
+        uint32_t bad = 0;                                                                           \
+        for (int64_t j = 0; j < size; j++) {                                                        \
+            float d = round_##K(load_##K(x[j]) - load_##K(base[j]));                                \
+            bad |= ~u_of(d) & 0x7F800000u ? 0u : 1u;                                                \
+            out[j] = store_##K(d) & (T)~SIGN;                                                       \
+        }                                                                                           \
+        return !bad;                                                                                \
+    }
+
+ABS_DELTA(uint16_t, bf16, 0x8000u)
+ABS_DELTA(uint16_t, f16, 0x8000u)
+ABS_DELTA(uint32_t, f32, 0x80000000u)
+
 /* linear_merge in float32 from inputs of type T: out = ((+0 + x_0·w_0) + x_1·w_1 + …) / divisor
  * (no division unless normalize), each step as torch's addcmul_ rounds it on this machine: one
  * fused multiply-add (fused), or a rounded product then a rounded sum. Widened as loaded, where
@@ -281,8 +299,8 @@ void stream_below(uint32_t start, int64_t count, uint32_t bound, uint8_t *out) {
     for (int64_t j = 0; j < count; j++) out[j] = draw(start, j) < bound;
 }
 
-/* DELLA's keep mask: per row of 15-bit magnitude keys (rows × cols), rank is the element's 0-based
- * position in the row sorted ascending, equal keys in index order (torch's
+/* DELLA's keep mask: per row of bfloat16 scores (rows × cols), rank is the element's 0-based
+ * position in the row sorted by |score| ascending (the 15 bits below the sign as the key), equal keys in index order (torch's
  * argsort(stable=True).argsort()), p = low + ((rank / (cols − 1)) · 2) · ε in float64, in
  * task_arithmetic's order, and out[j] = [u_j < p] with u_j = m·2^-24, m = draw >> 8, random.Stream's
  * uniform: that is m < ⌈p·2^24⌉, exactly. Element j draws from the last run with offsets[run] ≤ j:
@@ -292,34 +310,39 @@ void stream_below(uint32_t start, int64_t count, uint32_t bound, uint8_t *out) {
  * torch's comparison sort took 45-65 ns an element, twice. Key 0 (δ = 0) gets the bucket below the
  * row's least nonzero key: |δ| of a row spans few exponents, 0 aside. p depends on the rank alone,
  * so all rows share one table of bounds, and the draws are compared in a loop of their own, which
- * vectorizes; a float64 p per element, written and then read to draw, cost more than the ranking. */
-int della_keep(const uint16_t *keys, int64_t rows, int64_t cols, double low, double eps,
+ * vectorizes; a float64 p per element, written and then read to draw, cost more than the ranking.
+ * Returns 0 where a score is NaN (a key above 0x7F80), whose payloads torch sorts as equal, else 1. */
+int della_keep(const uint16_t *scores, int64_t rows, int64_t cols, double low, double eps,
                const int64_t *offsets, const uint32_t *starts, int runs, uint8_t *out) {
     int64_t *count = malloc(sizeof(int64_t) << 15);
     uint32_t *bound = malloc(sizeof(uint32_t) * (size_t)cols); /* ⌈p·2^24⌉ by rank */
     uint32_t *rank = malloc(sizeof(uint32_t) * (size_t)cols);
     if (!count || !bound || !rank) { free(count); free(bound); free(rank); return -1; }
     double last = (double)(cols - 1);
-    for (int64_t r = 0; r < cols; r++) {
-        double q = ceil((low + (((double)r / last) * 2.0) * eps) * 0x1p24);
-        bound[r] = q <= 0 ? 0u : q >= 0x1p24 ? 1u << 24 : (uint32_t)q;
+    for (int64_t at = 0; at < cols; at++) {
+        double q = ceil((low + (((double)at / last) * 2.0) * eps) * 0x1p24);
+        bound[at] = q <= 0 ? 0u : q >= 0x1p24 ? 1u << 24 : (uint32_t)q;
     }
     int run = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *k = keys + r * cols;
+    int64_t r = 0;
+    for (; r < rows; r++) {
+        const uint16_t *k = scores + r * cols;
+#define KEY(j) (k[j] & 0x7FFF) /* |score|'s bits order as |score| */
         uint16_t lo = 0x7FFF, hi = 0;
         for (int64_t j = 0; j < cols; j++) {
-            uint16_t nonzero = k[j] ? k[j] : 0x7FFF;
+            uint16_t key = KEY(j), nonzero = key ? key : 0x7FFF;
             lo = nonzero < lo ? nonzero : lo;
-            hi = k[j] > hi ? k[j] : hi;
+            hi = key > hi ? key : hi;
         }
+        if (hi > 0x7F80) break; /* NaN */
         lo = lo > hi ? hi : lo; /* a row of zeros */
 #define BUCKET(x) ((x) ? (x) - lo + 1 : 0)
         memset(count, 0, sizeof(int64_t) * (size_t)(hi - lo + 2));
-        for (int64_t j = 0; j < cols; j++) count[BUCKET(k[j])]++;
+        for (int64_t j = 0; j < cols; j++) count[BUCKET(KEY(j))]++;
         for (int64_t b = 0, at = 0; b <= hi - lo + 1; b++) { int64_t n = count[b]; count[b] = at; at += n; }
-        for (int64_t j = 0; j < cols; j++) rank[j] = (uint32_t)count[BUCKET(k[j])]++;
+        for (int64_t j = 0; j < cols; j++) rank[j] = (uint32_t)count[BUCKET(KEY(j))]++;
 #undef BUCKET
+#undef KEY
         for (int64_t j = 0, flat = r * cols; j < cols;) { /* a piece of the row within one run */
             while (run + 1 < runs && flat + j >= offsets[run + 1]) run++;
             int64_t end = run + 1 < runs && offsets[run + 1] - flat < cols ? offsets[run + 1] - flat : cols;
@@ -331,7 +354,7 @@ int della_keep(const uint16_t *keys, int64_t rows, int64_t cols, double low, dou
     free(count);
     free(bound);
     free(rank);
-    return 0;
+    return r == rows;
 }
 
 /* random.Stream.uniform(...) < p elementwise: u = (draw >> 8)·2^-24 (exact in float32, and in the

@@ -11,6 +11,7 @@ whose task vectors or result hold NaN or Inf is handed back (``None``) for the t
 vectorized and scalar loops write NaN with different bits.
 - ``linear``: linear's float32 weighted sum, widening bfloat16 or float16 inputs as it loads them.
 - ``slerp`` and ``products``: slerp's weighted sum, widening as it loads, and its dot pass's terms.
+- ``abs_delta``: |x − B|, DARE's and DELLA's L1 pass.
 - ``all_finite``: the engine's check that an input or a result holds no NaN or Inf.
 - ``stream_below``, ``stream_uniform_below``: DARE's and DELLA's keep masks from ``random.Stream``'s
   counter-based draws.
@@ -123,6 +124,7 @@ def _library() -> ctypes.CDLL | str:
         getattr(dll, f"linear_{suffix}").argtypes = (_p, ctypes.c_int, ctypes.c_int64, _p, ctypes.c_int,
                                                      ctypes.c_int, ctypes.c_float, _p)
         getattr(dll, f"all_finite_{suffix}").argtypes = (_p, ctypes.c_int64)
+        getattr(dll, f"abs_delta_{suffix}").argtypes = (_p, _p, ctypes.c_int64, _p)
         getattr(dll, f"slerp_{suffix}").argtypes = (_p, _p, ctypes.c_int64, ctypes.c_float,
                                                     ctypes.c_float, _p)
         getattr(dll, f"slerp_{suffix}").restype = None
@@ -286,6 +288,16 @@ def products(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def abs_delta(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """|x − B| as torch's ``(x - base).abs()`` computes it (both of a dtype ``supports``, one shape),
+    or None when x − B holds NaN or Inf."""
+    base, x = base.contiguous(), x.contiguous()
+    out = torch.empty_like(base)
+    clean = getattr(_library(), f"abs_delta_{_SUFFIX[base.dtype]}")(base.data_ptr(), x.data_ptr(), base.numel(),
+                                                                   out.data_ptr())
+    return out if clean == 1 else None
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or Inf in ``x`` (of a dtype ``supports``)."""
     x = x.contiguous()
@@ -302,11 +314,12 @@ def stream_uniform_below(start: int, p: torch.Tensor, out: torch.Tensor) -> None
     _library().stream_uniform_below(start, out.numel(), p.contiguous().data_ptr(), out.data_ptr())
 
 
-def della_keep(keys: torch.Tensor, low: float, eps: float, runs: list[tuple[int, int]]) -> torch.Tensor:
-    """For 2-D int16 magnitude keys, the bool mask [u < low + (rank / (cols - 1)) * 2 * eps] with rank
-    ``keys.argsort(dim=1, stable=True).argsort(dim=1)`` and u the uniforms of ``runs``
-    (``random.Stream.runs`` of the flat elements): DELLA's keep mask."""
-    keys = keys.contiguous()
+def della_keep(score: torch.Tensor, low: float, eps: float, runs: list[tuple[int, int]]) -> torch.Tensor | None:
+    """For a bfloat16 matrix, the bool mask [u < low + (rank / (cols - 1)) * 2 * eps] with rank
+    ``score.abs().argsort(dim=1, stable=True).argsort(dim=1)`` and u the uniforms of ``runs``
+    (``random.Stream.runs`` of the flat elements): DELLA's keep mask; None where a score is NaN,
+    whose payloads torch sorts as equal."""
+    keys = score.contiguous().view(torch.int16)
     out = torch.empty(keys.shape, dtype=torch.bool)
     offsets = _array(ctypes.c_int64, [at for at, _ in runs])
     starts = _array(ctypes.c_uint32, [start for _, start in runs])
@@ -314,4 +327,4 @@ def della_keep(keys: torch.Tensor, low: float, eps: float, runs: list[tuple[int,
     done = _library().della_keep(keys.data_ptr(), rows, cols, low, eps, offsets, starts, len(runs), out.data_ptr())
     if done < 0:
         raise MemoryError("compiled: out of memory for a row's counts")
-    return out
+    return out if done == 1 else None

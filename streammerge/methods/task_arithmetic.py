@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from streammerge.methods import bitpack, compiled, float_bits, importance, selection
+from streammerge.methods import bitpack, compiled, float_bits, importance
 from streammerge.methods.base import Chunk, MergeMethod, Param, StatPass, Stats, TensorParams
 from streammerge.methods.random import Stream
 from streammerge.methods.registry import register
@@ -111,16 +111,25 @@ def _cached(chunk: Chunk, i: int, m: torch.Tensor) -> bool:
     return bitpack.packable(m.numel()) and (i + 1) * chunk.numel // 8 <= MASK_CACHE_BYTES
 
 
-def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, deltas: list[torch.Tensor], pack: bool = False) -> dict:
-    """‖δ_i‖₁ and ‖m_i ⊙ δ_i‖₁ per row, for ``_l1_finish``; with ``pack``, the masks too."""
+def _magnitudes(chunk: Chunk) -> list[torch.Tensor]:
+    """|δ_i| for each model: compiled, a pass each, where it applies; else torch's sub and abs."""
+    if compiled.supports(chunk.base):
+        found = [compiled.abs_delta(chunk.base, x) for x in chunk.models]
+        if all(a is not None for a in found):
+            return found
+    return [d.abs_() for d in task_vectors(chunk)]
+
+
+def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, magnitudes: list[torch.Tensor], pack: bool = False) -> dict:
+    """‖δ_i‖₁ and ‖m_i ⊙ δ_i‖₁ per row, for ``_l1_finish``, from |δ_i| (which stands for δ_i in the
+    keep masks: every one ranks by magnitude or ignores δ); with ``pack``, the masks too."""
     full, kept, packed = [], [], {}
-    for i, d in enumerate(deltas):
-        a = d.abs()
+    for i, a in enumerate(magnitudes):
         full.append(_row_sums(chunk, a))
         if _whole(chunk.params.models[i]["density"]):
             kept.append(full[-1])
             continue
-        m = keep(chunk, stats, i, d)
+        m = keep(chunk, stats, i, a)
         if pack and _cached(chunk, i, m):
             packed[i] = bitpack.pack(m)
         kept.append(_row_sums(chunk, float_bits.select_(a, float_bits.mask(m, a.dtype))))
@@ -129,7 +138,7 @@ def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, deltas: list[torch.Tensor],
 
 
 def _l1_pass(keep: Keep) -> StatPass:
-    return StatPass(lambda chunk, stats: _l1_rows(chunk, stats, keep, task_vectors(chunk, stats), pack=True),
+    return StatPass(lambda chunk, stats: _l1_rows(chunk, stats, keep, _magnitudes(chunk), pack=True),
                     _l1_finish_packed, per_chunk=_PACKED)
 
 
@@ -261,16 +270,10 @@ def _rank_norm(a: torch.Tensor, dim: int) -> torch.Tensor:
     return a.abs().argsort(dim=dim, stable=True).argsort(dim=dim).to(torch.float64) / (m - 1)
 
 
-def _counting_keys(score: torch.Tensor) -> torch.Tensor | None:
-    """The magnitude keys of a bfloat16 matrix whose rows ``compiled.della_keep`` ranks as
-    ``_rank_norm`` does; None where torch must (other dtypes, a lone column, NaN, whose payloads
-    torch sorts as equal)."""
-    if score.dim() != 2 or score.shape[1] < 2 or score.dtype != torch.bfloat16:
-        return None
-    if not compiled.supports(score):
-        return None
-    keys = selection.magnitude_keys(score).reshape(score.shape)
-    return keys if int(keys.max()) <= 0x7F80 else None
+def _ranks_compiled(score: torch.Tensor) -> bool:
+    """Whether ``compiled.della_keep`` ranks the rows of ``score`` (as ``_rank_norm`` does): a
+    bfloat16 matrix, rows of two or more."""
+    return score.dim() == 2 and score.shape[1] >= 2 and score.dtype == torch.bfloat16 and compiled.supports(score)
 
 
 def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
@@ -279,10 +282,11 @@ def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Te
     p = chunk.params.models[i]
     low, eps = p["density"] - p["epsilon"], p["epsilon"]
     score = importance.score(chunk, i, d)
-    keys = _counting_keys(score)
-    if keys is not None:
+    if _ranks_compiled(score):
         runs = Stream(chunk.seed, chunk.name, chunk.model_ids[i]).runs(chunk.element_start, d.numel())
-        return compiled.della_keep(keys, low, eps, runs).reshape(d.shape)
+        mask = compiled.della_keep(score, low, eps, runs)
+        if mask is not None:
+            return mask.reshape(d.shape)
     if d.dim() >= 2:
         rank = _rank_norm(score, 1)
     else:
@@ -301,11 +305,11 @@ def _della_fused(chunk: Chunk, stats: Stats, i: int) -> compiled.Keep:
 
 def _della_collect(chunk: Chunk, stats: Stats) -> dict[str, torch.Tensor]:
     if len(chunk.shape) < 2:  # one engine row per element: gather |δ| to rank the whole tensor
-        return {"magnitude": torch.stack([_row_sums(chunk, d.abs()) for d in task_vectors(chunk, stats)])}
+        return {"magnitude": torch.stack([_row_sums(chunk, a) for a in _magnitudes(chunk)])}
     if not chunk.params.globals["rescale"]:
         return {}
     # the masks are kept for the merge: ranking a row costs more than the rest of the merge
-    return _l1_rows(chunk, stats, _della_keep, task_vectors(chunk, stats), pack=True)
+    return _l1_rows(chunk, stats, _della_keep, _magnitudes(chunk), pack=True)
 
 
 def _della_finish(totals: dict[str, torch.Tensor], chunk: Chunk, stats: Stats) -> Stats:
