@@ -300,11 +300,12 @@ void stream_below(uint32_t start, int64_t count, uint32_t bound, uint8_t *out) {
 }
 
 /* DELLA's keep mask: per row of bfloat16 scores (rows × cols), rank is the element's 0-based
- * position in the row sorted by |score| ascending (the 15 bits below the sign as the key), equal keys in index order (torch's
- * argsort(stable=True).argsort()), p = low + ((rank / (cols − 1)) · 2) · ε in float64, in
- * task_arithmetic's order, and out[j] = [u_j < p] with u_j = m·2^-24, m = draw >> 8, random.Stream's
- * uniform: that is m < ⌈p·2^24⌉, exactly. Element j draws from the last run with offsets[run] ≤ j:
- * draw(starts[run], j − offsets[run]), a run per key block the chunk spans.
+ * position in the row sorted by |score| ascending (the 15 bits below the sign as the key), equal
+ * keys in index order (torch's argsort(stable=True).argsort()), p = low + ((rank / (cols − 1)) · 2)
+ * · ε in float64, in task_arithmetic's order, and out[j] = [u_j < p] with u_j = m·2^-24,
+ * m = draw >> 8, random.Stream's uniform: that is m < ⌈p·2^24⌉, exactly. Element j draws from the
+ * last run with offsets[run] ≤ j: draw(starts[run], j − offsets[run]), a run per key block the
+ * chunk spans.
  *
  * Ranks by a counting sort over the row's range of keys, a pass to count and one to place, where
  * torch's comparison sort took 45-65 ns an element, twice. Key 0 (δ = 0) gets the bucket below the

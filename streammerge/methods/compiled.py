@@ -293,8 +293,8 @@ def abs_delta(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     or None when x − B holds NaN or Inf."""
     base, x = base.contiguous(), x.contiguous()
     out = torch.empty_like(base)
-    clean = getattr(_library(), f"abs_delta_{_SUFFIX[base.dtype]}")(base.data_ptr(), x.data_ptr(), base.numel(),
-                                                                   out.data_ptr())
+    kernel = getattr(_library(), f"abs_delta_{_SUFFIX[base.dtype]}")
+    clean = kernel(base.data_ptr(), x.data_ptr(), base.numel(), out.data_ptr())
     return out if clean == 1 else None
 
 
@@ -314,7 +314,9 @@ def stream_uniform_below(start: int, p: torch.Tensor, out: torch.Tensor) -> None
     _library().stream_uniform_below(start, out.numel(), p.contiguous().data_ptr(), out.data_ptr())
 
 
-def della_keep(score: torch.Tensor, low: float, eps: float, runs: list[tuple[int, int]]) -> torch.Tensor | None:
+def della_keep(
+    score: torch.Tensor, low: float, eps: float, runs: list[tuple[int, int]]
+) -> torch.Tensor | None:
     """For a bfloat16 matrix, the bool mask [u < low + (rank / (cols - 1)) * 2 * eps] with rank
     ``score.abs().argsort(dim=1, stable=True).argsort(dim=1)`` and u the uniforms of ``runs``
     (``random.Stream.runs`` of the flat elements): DELLA's keep mask; None where a score is NaN,
@@ -324,7 +326,8 @@ def della_keep(score: torch.Tensor, low: float, eps: float, runs: list[tuple[int
     offsets = _array(ctypes.c_int64, [at for at, _ in runs])
     starts = _array(ctypes.c_uint32, [start for _, start in runs])
     rows, cols = keys.shape
-    done = _library().della_keep(keys.data_ptr(), rows, cols, low, eps, offsets, starts, len(runs), out.data_ptr())
+    done = _library().della_keep(keys.data_ptr(), rows, cols, low, eps, offsets, starts, len(runs),
+                                 out.data_ptr())
     if done < 0:
         raise MemoryError("compiled: out of memory for a row's counts")
     return out if done == 1 else None

@@ -120,7 +120,9 @@ def _magnitudes(chunk: Chunk) -> list[torch.Tensor]:
     return [d.abs_() for d in task_vectors(chunk)]
 
 
-def _l1_rows(chunk: Chunk, stats: Stats, keep: Keep, magnitudes: list[torch.Tensor], pack: bool = False) -> dict:
+def _l1_rows(
+    chunk: Chunk, stats: Stats, keep: Keep, magnitudes: list[torch.Tensor], pack: bool = False
+) -> dict:
     """‖δ_i‖₁ and ‖m_i ⊙ δ_i‖₁ per row, for ``_l1_finish``, from |δ_i| (which stands for δ_i in the
     keep masks: every one ranks by magnitude or ignores δ); with ``pack``, the masks too."""
     full, kept, packed = [], [], {}
@@ -273,7 +275,8 @@ def _rank_norm(a: torch.Tensor, dim: int) -> torch.Tensor:
 def _ranks_compiled(score: torch.Tensor) -> bool:
     """Whether ``compiled.della_keep`` ranks the rows of ``score`` (as ``_rank_norm`` does): a
     bfloat16 matrix, rows of two or more."""
-    return score.dim() == 2 and score.shape[1] >= 2 and score.dtype == torch.bfloat16 and compiled.supports(score)
+    matrix = score.dim() == 2 and score.shape[1] >= 2
+    return matrix and score.dtype == torch.bfloat16 and compiled.supports(score)
 
 
 def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Tensor:
