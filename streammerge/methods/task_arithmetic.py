@@ -48,7 +48,8 @@ _CLAMP = (Param("clamp_min", float, doc="lower bound on each element of λ Σ w_
 # 7B model's 131 M-element embedding; a tensor past that draws the masks of later models again.
 MASK_CACHE_BYTES = 64 << 20
 
-Keep = Callable[[Chunk, Stats, int, torch.Tensor], torch.Tensor]  # (chunk, stats, model i, δ_i) → keep mask
+# (chunk, stats, model i, δ_i) → keep mask; a mask depends on |δ_i| alone, so |δ_i| may stand for δ_i
+Keep = Callable[[Chunk, Stats, int, torch.Tensor], torch.Tensor]
 # Model i's keep mask as the compiled kernel takes it, without δ_i, or None where only Keep can tell.
 FusedKeep = Callable[[Chunk, Stats, int], compiled.Keep | None]
 Sparsify = Callable[[Chunk, Stats, list[torch.Tensor]], list[torch.Tensor]]
