@@ -124,8 +124,9 @@ def _magnitudes(chunk: Chunk) -> list[torch.Tensor]:
 def _l1_rows(
     chunk: Chunk, stats: Stats, keep: Keep, magnitudes: list[torch.Tensor], pack: bool = False
 ) -> dict:
-    """‖δ_i‖₁ and ‖m_i ⊙ δ_i‖₁ per row, for ``_l1_finish``, from |δ_i| (which stands for δ_i in the
-    keep masks: every one ranks by magnitude or ignores δ); with ``pack``, the masks too."""
+    """‖δ_i‖₁ and ‖m_i ⊙ δ_i‖₁ per row, for ``_l1_finish``, from |δ_i| (which
+    stands for δ_i in the keep masks: every one ranks by magnitude or ignores δ); with ``pack``,
+    the masks too."""
     full, kept, packed = [], [], {}
     for i, a in enumerate(magnitudes):
         full.append(_row_sums(chunk, a))
