@@ -520,8 +520,8 @@ def _writing(schedule: Schedule, job: TensorJob, writer: ShardWriter, bar: tqdm)
     return write
 
 
-def _handed_over(writes: DeviceToHost | WriteBehind, write: Callable[[int, torch.Tensor], None],
-                 job: TensorJob, row_start: int, tensor: torch.Tensor) -> None:
+def _handed_over(writes: DeviceToHost | WriteBehind, write: Callable[[int, torch.Tensor], None], job: TensorJob,
+                 row_start: int, tensor: torch.Tensor) -> None:
     """``tensor`` handed to the writer thread, placed for a direct write at its file offset."""
     writes.write(write, row_start, tensor, _file_offset(job, row_start))
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 
 def cached_fraction(path: Path, offset: int, nbytes: int) -> float:
-    """Of the pages holding bytes [offset, offset + nbytes) of ``path``, the fraction in the page
-    cache (mincore)."""
+    """Of the pages holding bytes [offset, offset + nbytes) of ``path``, the fraction in the page cache (mincore)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]

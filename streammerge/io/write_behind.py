@@ -51,8 +51,7 @@ class WriteBehind:
         buffer = self._buffers.get()
         if buffer.numel() < tensor.nbytes + DIRECT_ALIGN:
             buffer = aligned_buffer(tensor.nbytes + DIRECT_ALIGN)
-        # a dtype view must start at a multiple of its size
-        start = at % DIRECT_ALIGN if at % tensor.element_size() == 0 else 0
+        start = at % DIRECT_ALIGN if at % tensor.element_size() == 0 else 0  # a view needs its dtype's alignment
         copy = buffer[start:start + tensor.nbytes].view(tensor.dtype).reshape(tensor.shape).copy_(tensor)
         self.put(lambda: write(row_start, copy), release=lambda: self._buffers.put(buffer))
 
