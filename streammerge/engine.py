@@ -502,28 +502,18 @@ def _prompt_thread_switches() -> Iterator[None]:
         sys.setswitchinterval(interval)
 
 
-def _file_offset(job: TensorJob, row_start: int) -> int:
-    """Where row ``row_start`` of ``job``'s output lies in its shard file."""
-    return job.offset + row_start * (math.prod(job.shape[1:]) * job.out_dtype.itemsize if job.shape else 0)
-
-
 def _writing(schedule: Schedule, job: TensorJob, writer: ShardWriter, bar: tqdm) -> Callable[[int, torch.Tensor], None]:
     """``write(row_start, tensor)`` for ``job``'s rows (bound to the job: a writer thread may call it later)."""
+    row_bytes = math.prod(job.shape[1:]) * job.out_dtype.itemsize if job.shape else 0
 
     def write(row_start: int, tensor: torch.Tensor) -> None:
         if not schedule.plan.allow_nonfinite and not _all_finite(tensor):
             raise OutputError(f"tensor {job.name!r}: the merged result holds NaN or Inf (an overflow?); try "
                               "compute_dtype: float32 or a wider out_dtype, or pass --allow-nonfinite to write it")
-        writer.write(_file_offset(job, row_start), tensor)
+        writer.write(job.offset + row_start * row_bytes, tensor)
         bar.update(tensor.numel() * tensor.element_size())
 
     return write
-
-
-def _handed_over(writes: DeviceToHost | WriteBehind, write: Callable[[int, torch.Tensor], None], job: TensorJob,
-                 row_start: int, tensor: torch.Tensor) -> None:
-    """``tensor`` handed to the writer thread, placed for a direct write at its file offset."""
-    writes.write(write, row_start, tensor, _file_offset(job, row_start))
 
 
 def _halved(schedule: Schedule, job: TensorJob) -> TensorJob:
@@ -586,7 +576,8 @@ def run_schedule(schedule: Schedule, staged: StagingDirectory, quiet: bool = Fal
                 bar.update(sum(j.out_bytes for j in schedule.jobs if j.name in finished))
                 for k, job in enumerate(jobs):
                     writer = writers[job.shard]
-                    write = partial(_handed_over, writes, _writing(schedule, job, writer, bar), job)
+                    write = _writing(schedule, job, writer, bar)
+                    write = partial(writes.write, write)
 
                     def request_next(k: int = k) -> None:
                         if k + 1 < len(jobs):

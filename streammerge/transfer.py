@@ -116,9 +116,9 @@ class DeviceToHost:
         self._behind = WriteBehind()  # bounded by the two buffers
         self.then, self.drain, self.close = self._behind.then, self._behind.drain, self._behind.close
 
-    def write(self, write: Write, row_start: int, tensor: torch.Tensor, at: int = 0) -> None:
+    def write(self, write: Write, row_start: int, tensor: torch.Tensor) -> None:
         if not tensor.is_cuda:  # copied tensors never went to the GPU
-            self._behind.write(write, row_start, tensor, at)
+            self._behind.write(write, row_start, tensor)
             return
         pinned = self._free.get()
         host = _as(pinned.take(tensor.nbytes), tensor)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import threading
 import time
 import os
@@ -17,7 +19,6 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from page_cache import cached_fraction as _cached_fraction
 from streammerge.errors import CheckpointError
 from streammerge.io.reader import Checkpoint, ShardReader, aligned_buffer, direct_room
 from streammerge.io.safetensors_format import build_header, parse_header
@@ -232,6 +233,27 @@ def test_reads_leave_no_mapping_and_no_file_pages_resident(tmp_path: Path) -> No
     assert not _mapped(tmp_path / "big.safetensors")
     assert rss_file() - before < 8 << 20
     r.close()
+
+
+def _cached_fraction(path: Path, offset: int, nbytes: int) -> float:
+    """Of the pages holding bytes [offset, offset + nbytes) of ``path``, the fraction in the page cache (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        pages = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        assert libc.mincore(addr, size, pages) == 0, os.strerror(ctypes.get_errno())
+        libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    first, last = offset // mmap.PAGESIZE, (offset + nbytes - 1) // mmap.PAGESIZE
+    return sum(b & 1 for b in pages.raw[first:last + 1]) / (last - first + 1)
 
 
 def test_prefetch_reads_the_whole_tensor_into_the_page_cache(tmp_path: Path) -> None:

@@ -59,19 +59,3 @@ def test_the_first_error_stops_later_writes_and_is_raised() -> None:
         behind.write(write, 3, torch.ones(4))
     behind.close()
     assert written == [0]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
-def test_a_copy_lies_where_its_file_offset_lies_within_a_page(dtype: torch.dtype) -> None:
-    """So that ``ShardWriter`` writes its whole pages straight from it, past the page cache; an
-    offset its dtype cannot start at gets a copy at a page's start (and the writer copies it)."""
-    got: list[tuple[int, int]] = []
-    behind = WriteBehind(chunk_bytes=64 << 10, buffers=2)
-    x = torch.arange(1000).to(dtype)
-    offsets = [0, 1000, 4095 * 4, 8190, 12_345_678, 77]
-    for at in offsets:
-        behind.write(lambda row, t: got.append((t.data_ptr() % 4096, int(torch.equal(t, x)))), 0, x, at)
-    behind.drain()
-    behind.close()
-    size = x.element_size()
-    assert got == [(at % 4096 if at % size == 0 else 0, 1) for at in offsets]

@@ -45,18 +45,18 @@ _QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".absmax", ".quant_map",
 
 # O_DIRECT needs the file offset, the length and the buffer's address in whole logical blocks
 # (512 B or 4 KiB): reads are widened to pages and land in page-aligned buffers.
-DIRECT_ALIGN = 4096
+_DIRECT_ALIGN = 4096
 
 
 def direct_room(nbytes: int) -> int:
     """Bytes of buffer a read of ``nbytes`` at any offset needs: the range widened to whole pages."""
-    return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN + DIRECT_ALIGN
+    return -(-nbytes // _DIRECT_ALIGN) * _DIRECT_ALIGN + _DIRECT_ALIGN
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` uninitialized bytes starting on a page boundary, for ``ShardReader.read``'s ``into``."""
-    raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
-    start = -raw.data_ptr() % DIRECT_ALIGN
+    raw = torch.empty(nbytes + _DIRECT_ALIGN, dtype=torch.uint8)
+    start = -raw.data_ptr() % _DIRECT_ALIGN
     return raw[start:start + nbytes]
 
 
@@ -127,8 +127,8 @@ class ShardReader:
     def _read_direct(self, offset: int, nbytes: int, into: torch.Tensor) -> torch.Tensor | None:
         """Bytes [offset, offset + nbytes) read into ``into`` with O_DIRECT, or None (and no direct
         reads from now on) if the filesystem refuses the read."""
-        start = offset - offset % DIRECT_ALIGN
-        end = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+        start = offset - offset % _DIRECT_ALIGN
+        end = -(-(offset + nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
         view = memoryview(into[:end - start].numpy())
         done = 0
         try:

@@ -18,8 +18,6 @@ from typing import Callable
 
 import torch
 
-from streammerge.io.reader import DIRECT_ALIGN, aligned_buffer
-
 Write = Callable[[int, torch.Tensor], None]  # (row_start, host tensor) -> written
 
 
@@ -36,23 +34,20 @@ class WriteBehind:
         if chunk_bytes is not None:
             self._buffers = queue.Queue()
             for _ in range(buffers):
-                self._buffers.put(aligned_buffer(chunk_bytes + DIRECT_ALIGN))
+                self._buffers.put(torch.empty(chunk_bytes, dtype=torch.uint8))
         self._work: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
         self._thread.start()
 
-    def write(self, write: Write, row_start: int, tensor: torch.Tensor, at: int = 0) -> None:
-        """Hand ``tensor`` to ``write``; a copy lies at the same position within a page as file
-        offset ``at``, where it is written, so that its whole pages can go to the disk directly."""
+    def write(self, write: Write, row_start: int, tensor: torch.Tensor) -> None:
         if self._buffers is None:
             self.put(lambda: write(row_start, tensor))
             return
         buffer = self._buffers.get()
-        if buffer.numel() < tensor.nbytes + DIRECT_ALIGN:
-            buffer = aligned_buffer(tensor.nbytes + DIRECT_ALIGN)
-        start = at % DIRECT_ALIGN if at % tensor.element_size() == 0 else 0  # a view needs its dtype's alignment
-        copy = buffer[start:start + tensor.nbytes].view(tensor.dtype).reshape(tensor.shape).copy_(tensor)
+        if buffer.numel() < tensor.nbytes:
+            buffer = torch.empty(tensor.nbytes, dtype=torch.uint8)
+        copy = buffer[: tensor.nbytes].view(tensor.dtype).reshape(tensor.shape).copy_(tensor)
         self.put(lambda: write(row_start, copy), release=lambda: self._buffers.put(buffer))
 
     def then(self, f: Callable[[], None]) -> None:

@@ -12,20 +12,16 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import contextlib
 import hashlib
 import json
-import mmap
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import torch
 
 from streammerge.errors import OutputError
 from streammerge.io.digest import sha256_range
-from streammerge.io.reader import DIRECT_ALIGN
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -49,29 +45,10 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _LIBC.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
 
 
-_SCRATCH_BYTES = 4 << 20  # a direct write's aligned copy, per writing thread
-_scratch = threading.local()
-
-
-def _aligned_scratch() -> memoryview:
-    """This thread's page-aligned buffer for direct writes (an anonymous mapping, off the heap)."""
-    if not hasattr(_scratch, "buffer"):
-        _scratch.buffer = memoryview(mmap.mmap(-1, _SCRATCH_BYTES))
-    return _scratch.buffer
-
-
 class ShardWriter:
     """One output shard: its exact header, then tensors (or row chunks of them) at known offsets.
 
     An existing file (a resumed run's) is opened as it is: the tensors already in it are kept.
-
-    A write's whole 4 KiB blocks go past the page cache (``O_DIRECT``: from a tensor placed at
-    its file offset's position within a page, as ``WriteBehind`` places them, or from an aligned
-    copy), the partial blocks at its two ends through it, so a block shared by two
-    writes is only ever written through the cache. Through the cache, 3 GB written in 2.5 MB
-    chunks cost this process 0.24-0.28 CPU-s per GB (copying into the cache, starting writeback,
-    dropping the pages) and the machine 0.28-0.32 with the kernel's writeback threads; direct,
-    0.09 and 0.12-0.14. A filesystem that refuses ``O_DIRECT`` is written through the cache.
     """
 
     def __init__(self, path: Path, header: bytes, size: int):
@@ -85,56 +62,18 @@ class ShardWriter:
                 raise OutputError(f"{path}: not enough disk space for {size} bytes; free space and run again") from None
             os.ftruncate(self._fd, size)  # filesystems without fallocate
         _pwrite_all(self._fd, memoryview(header), 0, path)
-        self._direct_fd: int | None = None  # opened with O_DIRECT; None where the filesystem refuses it
-        if hasattr(os, "O_DIRECT"):
-            with contextlib.suppress(OSError):
-                self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         self._hashing: dict[int, tuple[int, "hashlib._Hash"]] = {}  # end offset → (start, running hash)
 
     def write(self, offset: int, tensor: torch.Tensor) -> None:
         """Write at ``offset`` and start its writeback now, so the sync that makes it durable has
         little left to wait for. Consecutive writes (a tensor's row chunks) are hashed as they go."""
-        tensor = tensor.contiguous()
-        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        if not self._write_direct(offset, data, tensor.data_ptr()):
-            _pwrite_all(self._fd, data, offset, self.path)
-            _start_writeback(self._fd, offset, len(data))
+        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        _pwrite_all(self._fd, data, offset, self.path)
+        _start_writeback(self._fd, offset, len(data))
         start, h = self._hashing.pop(offset, (offset, None))
         h = h or hashlib.sha256()
         h.update(data)
         self._hashing[offset + len(data)] = (start, h)
-
-    @property
-    def writes_direct(self) -> bool:
-        return self._direct_fd is not None
-
-    def _write_direct(self, offset: int, data: memoryview, address: int) -> bool:
-        """``data`` (at memory ``address``) written at ``offset``, its whole blocks past the page
-        cache: straight from ``data`` where it lies as the file does within a page, else copied
-        into an aligned buffer first. False (nothing written, and no direct writes from now on)
-        if it has no whole block or the filesystem refuses the write."""
-        first = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
-        last = (offset + len(data)) // DIRECT_ALIGN * DIRECT_ALIGN
-        if self._direct_fd is None or last <= first:
-            return False
-        try:
-            if (address - offset) % DIRECT_ALIGN == 0:
-                _pwrite_all(self._direct_fd, data[first - offset:last - offset], first, self.path)
-            else:
-                scratch = _aligned_scratch()
-                for at in range(first, last, len(scratch)):
-                    n = min(len(scratch), last - at)
-                    scratch[:n] = data[at - offset:at - offset + n]
-                    _pwrite_all(self._direct_fd, scratch[:n], at, self.path)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            os.close(self._direct_fd)
-            self._direct_fd = None  # the caller writes it all through the cache, these blocks again
-            return False
-        _pwrite_all(self._fd, data[:first - offset], offset, self.path)
-        _pwrite_all(self._fd, data[last - offset:], last, self.path)
-        return True
 
     def sync(self) -> None:
         """Make every byte written so far durable, then let the page cache drop it: a cgroup-limited
@@ -155,8 +94,6 @@ class ShardWriter:
     def close(self) -> None:
         os.fsync(self._fd)
         os.close(self._fd)
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
 
 
 def fsync_dir(path: Path) -> None:
