@@ -180,9 +180,14 @@ def _scores(chunk: Chunk, stats: Stats) -> list[torch.Tensor]:
     return [importance.score(chunk, i, d) for i, d in enumerate(task_vectors(chunk, stats))]
 
 
+def _stream(chunk: Chunk, i: int) -> Stream:
+    """Model i's counter-based draws for this tensor: one per (seed, tensor, model, element)."""
+    return Stream(chunk.seed, chunk.name, chunk.model_ids[i])
+
+
 def _bernoulli(chunk: Chunk, i: int, d: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
-    """Keep mask [u < p], u from the counter-based stream of (seed, tensor, model, element)."""
-    stream = Stream(chunk.seed, chunk.name, chunk.model_ids[i])
+    """Keep mask [u < p], u from model i's ``_stream``."""
+    stream = _stream(chunk, i)
     if isinstance(p, float):
         return stream.below(p, chunk.element_start, d.numel(), d.device).reshape(d.shape)
     return stream.below_each(p.to(torch.float64), chunk.element_start).reshape(d.shape)
@@ -288,7 +293,7 @@ def _della_keep(chunk: Chunk, stats: Stats, i: int, d: torch.Tensor) -> torch.Te
     low, eps = p["density"] - p["epsilon"], p["epsilon"]
     score = importance.score(chunk, i, d)
     if _ranks_compiled(score):
-        runs = Stream(chunk.seed, chunk.name, chunk.model_ids[i]).runs(chunk.element_start, d.numel())
+        runs = _stream(chunk, i).runs(chunk.element_start, d.numel())
         mask = compiled.della_keep(score, low, eps, runs)
         if mask is not None:
             return mask.reshape(d.shape)
